@@ -1,0 +1,197 @@
+"""Trio <-> pyzmq: the only place in trioclone that waits on a file descriptor.
+
+The rules (see the design notes) and where each is kept:
+
+1. ``sock.FD`` is an edge notification, not readiness: ``_wait`` reads
+   ``EVENTS`` before every wait and again after every wake-up.
+2. A send, receive or ``EVENTS`` read may consume the edge of the other
+   direction; every socket has one owning task, so only it can be affected,
+   and rule 1 makes that harmless.
+3. One waiter per FD: each ``Socket`` belongs to one task.  Trio itself raises
+   ``BusyResourceError`` if that is ever broken.
+4. Always ``NOBLOCK``, whole multipart messages, no checkpoint between frames.
+   A message taken off the socket is always returned: the only schedule point
+   after taking it is a cancel-shielded one.
+5. ``receive_batch`` drains many messages per schedule point, so a flood costs
+   one trip through the scheduler per batch, and other tasks still run
+   between batches.
+6. PUB drops at its high-water mark (by design of PUB/SUB).  ``send`` on
+   DEALER and on ROUTER with ``ROUTER_MANDATORY`` waits for room instead of
+   dropping, and an unroutable ROUTER message raises ``UnroutableError``.
+7. ``close`` calls ``notify_closing`` first (waiters get
+   ``trio.ClosedResourceError``), then closes with linger; a ``Sockets``
+   group closes every socket before its context is terminated.
+8. No protocol timing in zmq options: timeouts live on Trio's clock.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Iterable, Sequence
+from types import TracebackType
+
+import trio
+import zmq
+
+from trioclone.errors import CloneError
+
+Frames = list[bytes]
+
+#: How long a ROUTER send waits before retrying a peer whose queue is full
+#: while the socket as a whole reports POLLOUT (libzmq sets POLLOUT on a
+#: ROUTER when *any* peer has room, so the FD alone cannot wake us).
+ROUTER_RETRY_INTERVAL = 0.002
+
+
+class UnroutableError(CloneError):
+    """A ROUTER message was addressed to a peer that is not connected."""
+
+
+class Socket:
+    """A pyzmq socket driven from one Trio task."""
+
+    def __init__(self, sock: zmq.Socket[bytes]) -> None:
+        self._sock = sock
+        self._fd: int = sock.FD
+        self._closed = False
+
+    @property
+    def raw(self) -> zmq.Socket[bytes]:
+        """The pyzmq socket, for options; never wait on it directly."""
+        return self._sock
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise trio.ClosedResourceError("socket was closed")
+
+    async def wait(self, flag: int) -> None:
+        """Wait until ``EVENTS`` has ``flag`` (``zmq.POLLIN``/``POLLOUT``)."""
+        self._check_open()
+        while not self._events() & flag:
+            await trio.lowlevel.wait_readable(self._fd)
+            self._check_open()
+
+    def _events(self) -> int:
+        try:
+            return int(self._sock.get(zmq.EVENTS))
+        except zmq.ZMQError as exc:
+            raise trio.ClosedResourceError(str(exc)) from exc
+
+    async def receive(self) -> Frames:
+        """The next whole multipart message."""
+        return (await self.receive_batch(1))[0]
+
+    async def receive_batch(self, max_messages: int = 256) -> list[Frames]:
+        """At least one and at most ``max_messages`` messages."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        self._check_open()
+        batch: list[Frames] = []
+        recv = self._sock.recv_multipart
+        while not batch:
+            try:
+                while len(batch) < max_messages:
+                    batch.append(recv(zmq.NOBLOCK))
+            except zmq.Again:
+                if not batch:
+                    await self.wait(zmq.POLLIN)
+            except zmq.ZMQError as exc:
+                if batch:
+                    break  # hand over what was taken; the next call raises
+                raise trio.ClosedResourceError(str(exc)) from exc
+        await trio.lowlevel.cancel_shielded_checkpoint()
+        return batch
+
+    def try_send(self, frames: Sequence[bytes]) -> bool:
+        """Send without waiting; False if the peer's queue is full."""
+        self._check_open()
+        try:
+            self._sock.send_multipart(frames, zmq.NOBLOCK)
+        except zmq.Again:
+            return False
+        except zmq.ZMQError as exc:
+            if exc.errno == errno.EHOSTUNREACH:
+                raise UnroutableError("peer is not connected") from exc
+            raise trio.ClosedResourceError(str(exc)) from exc
+        return True
+
+    async def send(self, frames: Sequence[bytes]) -> None:
+        """Send a whole message, waiting for room rather than dropping it."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        while not self.try_send(frames):
+            if self._events() & zmq.POLLOUT:
+                await trio.sleep(ROUTER_RETRY_INTERVAL)
+            else:
+                await self.wait(zmq.POLLOUT)
+        await trio.lowlevel.cancel_shielded_checkpoint()
+
+    def close(self, linger: int = 0) -> None:
+        """Close now; a task waiting on this socket gets ClosedResourceError."""
+        if self._closed:
+            return
+        self._closed = True
+        trio.lowlevel.notify_closing(self._fd)
+        self._sock.close(linger)
+
+
+class Sockets:
+    """Makes sockets on one context and closes them all, context last.
+
+    Pass a ``zmq.Context`` to share it (``inproc://`` needs one context);
+    otherwise a private context is made and terminated on ``close``.
+    """
+
+    def __init__(self, context: zmq.Context[zmq.Socket[bytes]] | None = None):
+        self._own_context = context is None
+        self.context = context if context is not None else zmq.Context()
+        self._sockets: list[Socket] = []
+
+    def open(
+        self,
+        kind: int,
+        *,
+        bind: Iterable[str] = (),
+        connect: Iterable[str] = (),
+        subscribe: Iterable[bytes] = (),
+        options: Iterable[tuple[int, int | bytes]] = (),
+    ) -> Socket:
+        """A new socket of ``kind``, configured, bound and connected."""
+        raw: zmq.Socket[bytes] = self.context.socket(kind)
+        try:
+            raw.setsockopt(zmq.LINGER, 0)
+            for option, value in options:
+                raw.setsockopt(option, value)
+            for prefix in subscribe:
+                raw.setsockopt(zmq.SUBSCRIBE, prefix)
+            for endpoint in bind:
+                raw.bind(endpoint)
+            for endpoint in connect:
+                raw.connect(endpoint)
+        except BaseException:
+            raw.close(0)
+            raise
+        sock = Socket(raw)
+        self._sockets = [s for s in self._sockets if not s.closed]
+        self._sockets.append(sock)
+        return sock
+
+    def close(self) -> None:
+        for sock in self._sockets:
+            sock.close()
+        self._sockets.clear()
+        if self._own_context:
+            self.context.term()
+
+    def __enter__(self) -> Sockets:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

@@ -1,0 +1,173 @@
+"""The Clustered Hashmap Protocol (ZeroMQ RFC 12) on the wire.
+
+A kvmsg is five frames: key, sequence (8 bytes, big-endian signed), UUID
+(empty or 16 bytes), properties (``name=value\\n`` lines) and body (empty body
+means delete).  The snapshot request is two frames: ``ICANHAZ?`` and a
+subtree prefix.  ``KTHXBAI`` and ``HUGZ`` are kvmsgs with reserved keys.
+
+Decoders validate everything and raise ``RemoteProtocolError`` naming the
+broken rule; encoders raise ``LocalProtocolError``.  Both are pure functions.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+from trioclone.errors import LocalProtocolError, RemoteProtocolError
+
+ICANHAZ = b"ICANHAZ?"
+KTHXBAI = b"KTHXBAI"
+HUGZ = b"HUGZ"
+TTL = "ttl"
+
+SEQUENCE = struct.Struct("!q")
+NO_PROPERTIES: Mapping[str, str] = MappingProxyType({})
+
+RULE_FRAMES = "a kvmsg has exactly 5 frames"
+RULE_KEY = "a key is not empty"
+RULE_SEQUENCE = "the sequence frame is exactly 8 bytes"
+RULE_UUID = "the uuid frame is empty or exactly 16 bytes"
+RULE_PROPERTY = "a property line is name=value"
+RULE_PROPERTY_TEXT = "properties are UTF-8 text"
+RULE_TTL_NUMBER = "ttl is a number of seconds"
+RULE_TTL_FINITE = "ttl is a finite number"
+RULE_TTL_SIGN = "ttl is not negative"
+RULE_COMMAND = "the only snapshot command is ICANHAZ?"
+RULE_ICANHAZ_FRAMES = "ICANHAZ has exactly 2 frames"
+
+
+@dataclass(frozen=True, slots=True)
+class KVMsg:
+    """One key-value message, as it travels on every CHP socket."""
+
+    key: bytes
+    sequence: int = 0
+    uuid: bytes = b""
+    properties: Mapping[str, str] = field(default_factory=lambda: NO_PROPERTIES)
+    body: bytes = b""
+
+    @property
+    def is_delete(self) -> bool:
+        return not self.body
+
+    @property
+    def ttl(self) -> float | None:
+        """Seconds to live, or None; ``ttl=0`` means no expiry (as the Guide)."""
+        return ttl_seconds(self.properties)
+
+
+def decode_kvmsg(frames: Sequence[bytes]) -> KVMsg:
+    """Decode and validate five frames; raise ``RemoteProtocolError``."""
+    if len(frames) != 5:
+        raise RemoteProtocolError(RULE_FRAMES, f"got {len(frames)}")
+    key, sequence, uuid, properties, body = frames
+    if not key:
+        raise RemoteProtocolError(RULE_KEY)
+    if len(sequence) != 8:
+        raise RemoteProtocolError(RULE_SEQUENCE, f"got {len(sequence)} bytes")
+    if len(uuid) not in (0, 16):
+        raise RemoteProtocolError(RULE_UUID, f"got {len(uuid)} bytes")
+    props = decode_properties(properties) if properties else NO_PROPERTIES
+    if TTL in props:
+        ttl_seconds(props)
+    return KVMsg(key, SEQUENCE.unpack(sequence)[0], uuid, props, body)
+
+
+def encode_kvmsg(msg: KVMsg) -> list[bytes]:
+    """The five frames of ``msg``; raise ``LocalProtocolError`` if invalid."""
+    if not msg.key:
+        raise LocalProtocolError(RULE_KEY)
+    if len(msg.uuid) not in (0, 16):
+        raise LocalProtocolError(RULE_UUID, f"got {len(msg.uuid)} bytes")
+    try:
+        sequence = SEQUENCE.pack(msg.sequence)
+    except struct.error as exc:
+        raise LocalProtocolError("a sequence fits in 64 signed bits") from exc
+    props = encode_properties(msg.properties)
+    return [msg.key, sequence, msg.uuid, props, msg.body]
+
+
+def decode_properties(frame: bytes) -> dict[str, str]:
+    """Parse ``name=value`` lines, splitting each at its first ``=``."""
+    try:
+        text = frame.decode()
+    except UnicodeDecodeError as exc:
+        raise RemoteProtocolError(RULE_PROPERTY_TEXT) from exc
+    lines = text.split("\n")
+    if lines[-1] == "":
+        lines.pop()  # the usual trailing newline; a missing one is tolerated
+    props: dict[str, str] = {}
+    for line in lines:
+        name, equals, value = line.partition("=")
+        if not equals or not name:
+            raise RemoteProtocolError(RULE_PROPERTY, f"line {line[:40]!r}")
+        props[name] = value
+    return props
+
+
+def encode_properties(props: Mapping[str, str]) -> bytes:
+    """Serialise properties as ``name=value\\n`` lines."""
+    lines = []
+    for name, value in props.items():
+        if not name or "=" in name or "\n" in name or "\n" in value:
+            raise LocalProtocolError(RULE_PROPERTY, f"property {name!r}")
+        lines.append(f"{name}={value}\n")
+    return "".join(lines).encode()
+
+
+def ttl_seconds(props: Mapping[str, str]) -> float | None:
+    """The ``ttl`` property in seconds, None when absent or zero."""
+    text = props.get(TTL)
+    if text is None:
+        return None
+    try:
+        ttl = float(text)
+    except ValueError as exc:
+        raise RemoteProtocolError(RULE_TTL_NUMBER, f"got {text[:40]!r}") from exc
+    if not math.isfinite(ttl):
+        raise RemoteProtocolError(RULE_TTL_FINITE, f"got {text[:40]!r}")
+    if ttl < 0:
+        raise RemoteProtocolError(RULE_TTL_SIGN, f"got {text[:40]!r}")
+    return ttl or None
+
+
+def with_ttl(props: Mapping[str, str], ttl: float | None) -> dict[str, str]:
+    """A copy of ``props`` with ``ttl`` set to ``ttl`` seconds (or removed)."""
+    updated = dict(props)
+    if ttl is None:
+        updated.pop(TTL, None)
+    else:
+        updated[TTL] = format_ttl(ttl)
+    return updated
+
+
+def format_ttl(ttl: float) -> str:
+    """Seconds as the shortest text that both reference parsers accept."""
+    return str(int(ttl)) if ttl == int(ttl) else f"{ttl:.6f}"
+
+
+def decode_request(frames: Sequence[bytes]) -> bytes:
+    """Validate a snapshot request; return its subtree prefix."""
+    if frames and frames[0] != ICANHAZ:
+        raise RemoteProtocolError(RULE_COMMAND, f"got {frames[0][:16]!r}")
+    if len(frames) != 2:
+        raise RemoteProtocolError(RULE_ICANHAZ_FRAMES, f"got {len(frames)}")
+    return frames[1]
+
+
+def encode_request(subtree: bytes = b"") -> list[bytes]:
+    return [ICANHAZ, subtree]
+
+
+def kthxbai(sequence: int, subtree: bytes) -> list[bytes]:
+    """End of a snapshot: the server's sequence, the subtree in the body."""
+    return [KTHXBAI, SEQUENCE.pack(sequence), b"", b"", subtree]
+
+
+def hugz(sequence: int) -> list[bytes]:
+    """A heartbeat; carries the current sequence, as the reference servers do."""
+    return [HUGZ, SEQUENCE.pack(sequence), b"", b"", b""]

@@ -1,0 +1,170 @@
+"""The server's map: key -> latest kvmsg, the sequence counter, TTL deadlines.
+
+Memory matters (a server may hold millions of keys), so each entry is one
+packed ``bytes`` record (sequence, UUID, properties, body) rather than an
+object per field.  TTL deadlines live in a side dict plus a min-heap keyed by
+deadline, so expiry costs O(log n) per expired key, never a sweep of the map.
+Heap items made stale by an overwrite or delete are skipped when popped and
+compacted away when they outnumber the live deadlines.
+
+Time is always passed in (``now``, in seconds on the caller's clock).  A key
+with deadline ``d`` is expired from ``now >= d``.
+"""
+
+from __future__ import annotations
+
+import heapq
+import struct
+from collections.abc import Iterator
+
+from trioclone.core.chp import (
+    SEQUENCE,
+    KVMsg,
+    decode_properties,
+    encode_properties,
+    with_ttl,
+)
+
+_HEADER = struct.Struct("!qBI")  # sequence, UUID length, properties length
+
+
+def _pack(sequence: int, uuid: bytes, properties: bytes, body: bytes) -> bytes:
+    return b"".join(
+        (_HEADER.pack(sequence, len(uuid), len(properties)), uuid, properties, body)
+    )
+
+
+def _unpack(record: bytes) -> tuple[int, bytes, bytes, bytes]:
+    sequence, uuid_len, props_len = _HEADER.unpack_from(record)
+    start = _HEADER.size
+    uuid_end = start + uuid_len
+    props_end = uuid_end + props_len
+    return (
+        sequence,
+        record[start:uuid_end],
+        record[uuid_end:props_end],
+        record[props_end:],
+    )
+
+
+class Store:
+    """Key -> kvmsg, with the sequence counter and TTL deadlines."""
+
+    def __init__(self) -> None:
+        self.sequence = 0
+        self._records: dict[bytes, bytes] = {}
+        self._deadlines: dict[bytes, float] = {}
+        self._heap: list[tuple[float, bytes]] = []
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._records
+
+    def next_sequence(self) -> int:
+        self.sequence += 1
+        return self.sequence
+
+    def put(
+        self,
+        key: bytes,
+        sequence: int,
+        uuid: bytes,
+        properties: bytes,
+        body: bytes,
+        ttl: float | None,
+        now: float,
+    ) -> None:
+        """Store a value (or delete the key when ``body`` is empty)."""
+        if not body:
+            self.remove(key)
+            return
+        self._records[key] = _pack(sequence, uuid, properties, body)
+        if ttl:
+            deadline = now + ttl
+            self._deadlines[key] = deadline
+            heapq.heappush(self._heap, (deadline, key))
+            if len(self._heap) > 2 * len(self._deadlines) + 64:
+                self._compact()
+        elif self._deadlines:
+            self._deadlines.pop(key, None)
+
+    def remove(self, key: bytes) -> bool:
+        """Delete ``key``; True if it was there."""
+        self._deadlines.pop(key, None)
+        return self._records.pop(key, None) is not None
+
+    def clear(self) -> None:
+        self.sequence = 0
+        self._records.clear()
+        self._deadlines.clear()
+        self._heap.clear()
+
+    def get(self, key: bytes, now: float | None = None) -> KVMsg | None:
+        """The stored kvmsg; with ``now``, its ``ttl`` is the time remaining."""
+        record = self._records.get(key)
+        if record is None:
+            return None
+        sequence, uuid, properties, body = _unpack(record)
+        props = decode_properties(properties) if properties else {}
+        if now is not None and key in self._deadlines:
+            props = with_ttl(props, max(self._deadlines[key] - now, 0.001))
+        return KVMsg(key, sequence, uuid, props, body)
+
+    def deadline(self, key: bytes) -> float | None:
+        return self._deadlines.get(key)
+
+    def next_deadline(self) -> float | None:
+        """The earliest live deadline, or None when no key has a TTL."""
+        heap = self._heap
+        while heap and self._deadlines.get(heap[0][1]) != heap[0][0]:
+            heapq.heappop(heap)
+        return heap[0][0] if heap else None
+
+    def expire(self, now: float) -> list[bytes]:
+        """Remove and return the keys whose deadline is ``<= now``, oldest first."""
+        expired = []
+        heap = self._heap
+        while heap and heap[0][0] <= now:
+            deadline, key = heapq.heappop(heap)
+            if self._deadlines.get(key) == deadline:
+                del self._deadlines[key]
+                del self._records[key]
+                expired.append(key)
+        return expired
+
+    def keys(self, subtree: bytes = b"") -> list[bytes]:
+        """A point-in-time list of the keys under ``subtree``."""
+        if not subtree:
+            return list(self._records)
+        return [key for key in self._records if key.startswith(subtree)]
+
+    def frames(self, key: bytes, now: float) -> list[bytes] | None:
+        """The five KVSYNC frames for ``key`` (remaining TTL), None if gone."""
+        record = self._records.get(key)
+        if record is None:
+            return None
+        sequence, uuid, properties, body = _unpack(record)
+        deadline = self._deadlines.get(key)
+        if deadline is not None:
+            remaining = max(deadline - now, 0.001)  # ttl=0 would mean "never"
+            properties = encode_properties(
+                with_ttl(decode_properties(properties), remaining)
+            )
+        return [key, SEQUENCE.pack(sequence), uuid, properties, body]
+
+    def snapshot(self, subtree: bytes, now: float) -> Iterator[list[bytes]]:
+        """KVSYNC frames for every key under ``subtree``.
+
+        The key list is taken when iteration starts; keys removed while the
+        snapshot is sent are skipped, keys changed are sent as they are then.
+        """
+        for key in self.keys(subtree):
+            frames = self.frames(key, now)
+            if frames is not None:
+                yield frames
+
+    def _compact(self) -> None:
+        self._heap = [(deadline, key) for key, deadline in self._deadlines.items()]
+        heapq.heapify(self._heap)
