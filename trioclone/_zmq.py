@@ -88,21 +88,26 @@ class Socket:
     async def receive_batch(self, max_messages: int = 256) -> list[Frames]:
         """At least one and at most ``max_messages`` messages."""
         await trio.lowlevel.checkpoint_if_cancelled()
+        batch = self.receive_nowait(max_messages)
+        while not batch:
+            await self.wait(zmq.POLLIN)
+            batch = self.receive_nowait(max_messages)
+        await trio.lowlevel.cancel_shielded_checkpoint()
+        return batch
+
+    def receive_nowait(self, max_messages: int = 256) -> list[Frames]:
+        """Up to ``max_messages`` messages already queued; never waits."""
         self._check_open()
         batch: list[Frames] = []
         recv = self._sock.recv_multipart
-        while not batch:
-            try:
-                while len(batch) < max_messages:
-                    batch.append(recv(zmq.NOBLOCK))
-            except zmq.Again:
-                if not batch:
-                    await self.wait(zmq.POLLIN)
-            except zmq.ZMQError as exc:
-                if batch:
-                    break  # hand over what was taken; the next call raises
+        try:
+            while len(batch) < max_messages:
+                batch.append(recv(zmq.NOBLOCK))
+        except zmq.Again:
+            pass
+        except zmq.ZMQError as exc:
+            if not batch:
                 raise trio.ClosedResourceError(str(exc)) from exc
-        await trio.lowlevel.cancel_shielded_checkpoint()
         return batch
 
     def try_send(self, frames: Sequence[bytes]) -> bool:

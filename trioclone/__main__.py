@@ -1,0 +1,5 @@
+import sys
+
+from trioclone.cli import main
+
+sys.exit(main())

@@ -1,0 +1,180 @@
+"""The ``trioclone`` command: servers (``serve``) and, later, client commands."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+
+import trio
+import zmq
+
+from trioclone.errors import ConfigError
+from trioclone.server.clone import CloneServer
+from trioclone.server.settings import pair_settings
+
+log = logging.getLogger("trioclone")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, args.log_level),
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+    try:
+        code: int = args.run(args)
+    except ConfigError as exc:
+        parser.exit(2, f"trioclone: {exc}\n")
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="trioclone",
+        description="A high-availability key-value map (ZeroMQ Clone, Model Six).",
+    )
+    parser.add_argument(
+        "--log-level",
+        default="INFO",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="log level (default INFO; per-update logging is DEBUG only)",
+    )
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+    add_serve(commands)
+    return parser
+
+
+def add_serve(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    serve = commands.add_parser(
+        "serve",
+        help="run a server: standalone, one side of a pair, or a local pair",
+        description=(
+            "Run a Clone server. Ports P (snapshots), P+1 (updates), P+2 (writes). "
+            "Defaults as the ZeroMQ Guide: primary P=5556 with Binary Star port "
+            "5003, backup P=5566 with 5004."
+        ),
+    )
+    mode = serve.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--standalone", action="store_true", help="one server, no pair")
+    mode.add_argument("--role", choices=["primary", "backup"], help="side of the pair")
+    mode.add_argument(
+        "--pair", action="store_true", help="a primary and a backup on this host"
+    )
+    serve.add_argument("--port", type=int, help="base port P (default by role)")
+    serve.add_argument(
+        "--bind", default="*", help="interface to bind (default: all, '*')"
+    )
+    serve.add_argument("--peer", default="localhost", help="the peer's host")
+    serve.add_argument("--peer-port", type=int, help="the peer's base port P")
+    serve.add_argument("--state-port", type=int, help="our Binary Star port")
+    serve.add_argument(
+        "--peer-state-port", type=int, help="the peer's Binary Star port"
+    )
+    serve.add_argument(
+        "--heartbeat",
+        type=float,
+        default=1.0,
+        help="Binary Star heartbeat in seconds; the same on both (default 1.0)",
+    )
+    serve.add_argument(
+        "--hugz", type=float, default=1.0, help="HUGZ interval in seconds (default 1.0)"
+    )
+    serve.add_argument(
+        "--sync-timeout",
+        type=float,
+        default=5.0,
+        help="passive: seconds of silence before a snapshot is retried (default 5)",
+    )
+    serve.add_argument(
+        "--pending-size", type=int, default=100_000, help="pending list bound"
+    )
+    serve.add_argument(
+        "--pending-age", type=float, default=30.0, help="pending entry max age (s)"
+    )
+    serve.add_argument(
+        "--status-interval",
+        type=float,
+        default=60.0,
+        help="seconds between status lines in the log (default 60)",
+    )
+    serve.set_defaults(run=run_serve)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    if args.pair:
+        return run_local_pair(args)
+    role = "standalone" if args.standalone else args.role
+    settings = pair_settings(
+        role,
+        port=args.port,
+        bind_host=args.bind,
+        peer_host=args.peer,
+        peer_port=args.peer_port,
+        state_port=args.state_port,
+        peer_state_port=args.peer_state_port,
+        heartbeat=args.heartbeat,
+        hugz_interval=args.hugz,
+        sync_timeout=args.sync_timeout,
+        pending_size=args.pending_size,
+        pending_age=args.pending_age,
+        status_interval=args.status_interval,
+    )
+    try:
+        trio.run(serve_until_signalled, CloneServer(settings))
+    except zmq.ZMQError as exc:
+        log.error("cannot start the %s server: %s", role, exc)
+        return 1
+    return 0
+
+
+async def serve_until_signalled(server: CloneServer) -> None:
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.run)
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                log.info("stopping on %s", signal.Signals(signum).name)
+                nursery.cancel_scope.cancel()
+                return
+
+
+def run_local_pair(args: argparse.Namespace) -> int:
+    """Run ``serve --role primary`` and ``--role backup`` as two processes."""
+    common = [
+        "--log-level",
+        args.log_level,
+        "serve",
+        "--heartbeat",
+        str(args.heartbeat),
+        "--hugz",
+        str(args.hugz),
+        "--bind",
+        args.bind,
+    ]
+    commands = [
+        [sys.executable, "-m", "trioclone", *common, "--role", role]
+        for role in ("primary", "backup")
+    ]
+    return trio.run(supervise_children, commands)
+
+
+async def supervise_children(commands: list[list[str]]) -> int:
+    async with trio.open_nursery() as nursery:
+        processes = [await trio.lowlevel.open_process(cmd) for cmd in commands]
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+
+            async def stop_on_signal() -> None:
+                async for _ in signals:
+                    for process in processes:
+                        process.terminate()
+                    return
+
+            nursery.start_soon(stop_on_signal)
+            codes = [await process.wait() for process in processes]
+            nursery.cancel_scope.cancel()
+    return max(codes, key=abs)

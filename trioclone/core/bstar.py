@@ -1,0 +1,190 @@
+"""The Binary Star primary/backup state machine, sans-IO.
+
+Rules
+-----
+States: PRIMARY (1) and BACKUP (2) are where a server starts, waiting for
+its peer; ACTIVE (3) serves clients; PASSIVE (4) mirrors the active.
+Events: PEER_PRIMARY..PEER_PASSIVE (1-4) are the peer's state, heard on the
+heartbeat socket; CLIENT_REQUEST (5) is a snapshot request, a client's vote.
+
+* Every peer state heard pushes the peer's expiry to ``now + expiry``
+  (``expiry`` = 2 heartbeats by default).  The expiry also starts at
+  ``now + expiry`` when the machine is made, so a freshly started primary
+  waits to hear from a peer that may already be active before it accepts a
+  vote (the reference starts at 0 and can make a second active).
+* A vote is accepted by ACTIVE, and by PRIMARY or PASSIVE only once the peer
+  has expired (``now >= peer_expiry``): no peer *and* a client asking is the
+  split-brain guard.  BACKUP never accepts a vote.
+* Failover is automatic, failback is not: ACTIVE is only left through the
+  dual-active rule below.
+* Faults never stop the process.  Dual actives and dual passives converge on
+  the primary being ACTIVE and the backup PASSIVE; both-primary and
+  both-backup are reported (misconfiguration).  Each fault is counted in
+  ``faults`` and returned so the shell can log it as an error.
+
+The table below is the whole behaviour; anything not in it is "no change,
+vote rejected".
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import Counter
+from dataclasses import dataclass
+
+from trioclone.errors import RemoteProtocolError
+
+
+class State(enum.IntEnum):
+    PRIMARY = 1
+    BACKUP = 2
+    ACTIVE = 3
+    PASSIVE = 4
+
+
+class Event(enum.IntEnum):
+    PEER_PRIMARY = 1
+    PEER_BACKUP = 2
+    PEER_ACTIVE = 3
+    PEER_PASSIVE = 4
+    CLIENT_REQUEST = 5
+
+
+# Inputs of the table: the five events, with CLIENT_REQUEST split by whether
+# the peer has expired.
+VOTE_PEER_ALIVE = "vote, peer alive"
+VOTE_PEER_EXPIRED = "vote, peer expired"
+
+#: Stand-in for "ACTIVE on the primary, PASSIVE on the backup".
+PRIMARY_WINS = "primary wins"
+
+DUAL_ACTIVES = "dual actives"
+DUAL_PASSIVES = "dual passives"
+BOTH_PRIMARY = "both servers are configured as primary"
+BOTH_BACKUP = "both servers are configured as backup"
+HEARTBEAT_MISMATCH = "peer heartbeat interval differs from ours"
+
+Input = Event | str
+Next = State | str
+
+
+@dataclass(frozen=True)
+class Row:
+    next: Next
+    accept: bool = False
+    fault: str | None = None
+
+
+# (state, input) -> row
+TABLE: dict[tuple[State, Input], Row] = {
+    (State.PRIMARY, Event.PEER_BACKUP): Row(State.ACTIVE),
+    (State.PRIMARY, Event.PEER_ACTIVE): Row(State.PASSIVE),
+    (State.PRIMARY, Event.PEER_PRIMARY): Row(State.PRIMARY, fault=BOTH_PRIMARY),
+    (State.PRIMARY, VOTE_PEER_EXPIRED): Row(State.ACTIVE, accept=True),
+    (State.BACKUP, Event.PEER_ACTIVE): Row(State.PASSIVE),
+    (State.BACKUP, Event.PEER_BACKUP): Row(State.BACKUP, fault=BOTH_BACKUP),
+    (State.ACTIVE, VOTE_PEER_ALIVE): Row(State.ACTIVE, accept=True),
+    (State.ACTIVE, VOTE_PEER_EXPIRED): Row(State.ACTIVE, accept=True),
+    (State.ACTIVE, Event.PEER_ACTIVE): Row(PRIMARY_WINS, fault=DUAL_ACTIVES),
+    (State.PASSIVE, Event.PEER_PRIMARY): Row(State.ACTIVE),
+    (State.PASSIVE, Event.PEER_BACKUP): Row(State.ACTIVE),
+    (State.PASSIVE, Event.PEER_PASSIVE): Row(PRIMARY_WINS, fault=DUAL_PASSIVES),
+    (State.PASSIVE, VOTE_PEER_EXPIRED): Row(State.ACTIVE, accept=True),
+}
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one event did."""
+
+    previous: State
+    state: State
+    accepted: bool = False
+    fault: str | None = None
+
+    @property
+    def changed(self) -> bool:
+        return self.previous != self.state
+
+
+class BinaryStar:
+    """One server's side of the pair."""
+
+    def __init__(
+        self,
+        primary: bool,
+        now: float,
+        heartbeat: float = 1.0,
+        expiry_heartbeats: float = 2.0,
+    ) -> None:
+        self.primary = primary
+        self.heartbeat = heartbeat
+        self.expiry = heartbeat * expiry_heartbeats
+        self.state = State.PRIMARY if primary else State.BACKUP
+        self.peer_expiry = now + self.expiry
+        self.peer_state: State | None = None
+        self.faults: Counter[str] = Counter()
+        self._last_heard: float | None = None
+        self._odd_intervals = 0
+
+    def peer_expired(self, now: float) -> bool:
+        return now >= self.peer_expiry
+
+    def on_peer(self, peer: State, now: float) -> Outcome:
+        """The peer said it is in state ``peer``."""
+        self.peer_state = peer
+        self.peer_expiry = now + self.expiry
+        mismatch = self._check_interval(now)
+        outcome = self._step(Event(peer))
+        if mismatch and outcome.fault is None:
+            outcome = Outcome(outcome.previous, outcome.state, fault=mismatch)
+            self.faults[mismatch] += 1
+        return outcome
+
+    def on_vote(self, now: float) -> Outcome:
+        """A client asked for a snapshot; ``accepted`` says whether to answer."""
+        return self._step(
+            VOTE_PEER_EXPIRED if self.peer_expired(now) else VOTE_PEER_ALIVE
+        )
+
+    def _step(self, event: Input) -> Outcome:
+        previous = self.state
+        row = TABLE.get((previous, event))
+        if row is None:
+            return Outcome(previous, previous)
+        if isinstance(row.next, State):
+            self.state = row.next
+        else:  # PRIMARY_WINS
+            self.state = State.ACTIVE if self.primary else State.PASSIVE
+        if row.fault:
+            self.faults[row.fault] += 1
+        return Outcome(previous, self.state, row.accept, row.fault)
+
+    def _check_interval(self, now: float) -> str | None:
+        """Report once when three peer intervals in a row are far from ours."""
+        last, self._last_heard = self._last_heard, now
+        if last is None:
+            return None
+        interval = now - last
+        if 0.5 * self.heartbeat <= interval <= 1.5 * self.heartbeat:
+            self._odd_intervals = 0
+            return None
+        self._odd_intervals += 1
+        return HEARTBEAT_MISMATCH if self._odd_intervals == 3 else None
+
+
+def encode_state(state: State) -> bytes:
+    """The heartbeat frame: the state number in decimal ASCII."""
+    return b"%d" % state
+
+
+def decode_state(frames: list[bytes]) -> State:
+    """Parse a peer heartbeat; raise ``RemoteProtocolError`` if malformed."""
+    if len(frames) != 1:
+        raise RemoteProtocolError("a peer heartbeat is one frame", f"got {len(frames)}")
+    try:
+        return State(int(frames[0].decode("ascii")))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise RemoteProtocolError(
+            "a peer heartbeat is a state number 1-4", f"got {frames[0][:16]!r}"
+        ) from exc

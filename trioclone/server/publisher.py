@@ -1,0 +1,58 @@
+"""The single owner of the server's PUB socket, with a gate.
+
+Only the ACTIVE role scope opens the gate.  Updates produced while it is
+closed (the takeover's pending list, client updates applied between the
+Binary Star flip and the start of the ACTIVE scope) are held in order and
+flushed when the gate opens, so nothing is published while the PASSIVE
+scope may still be running.  Stepping down discards what is held: the
+server resyncs from the active anyway.
+
+A PUB socket never blocks (it drops at its high-water mark for a subscriber
+that does not keep up), so publishing is a plain synchronous call and no
+task ever waits on this socket.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+
+from trioclone._zmq import Socket
+
+Frames = list[bytes]
+
+
+class Publisher:
+    def __init__(self, sock: Socket) -> None:
+        self._sock = sock
+        self._open = False
+        self._held: list[Sequence[bytes]] = []
+        self.published = 0
+        #: Called with each message published (tests observe the stream).
+        self.observer: Callable[[Sequence[bytes]], None] | None = None
+
+    @property
+    def is_open(self) -> bool:
+        return self._open
+
+    def publish(self, frames: Sequence[bytes]) -> None:
+        if not self._open:
+            self._held.append(frames)
+            return
+        self._sock.try_send(frames)
+        self.published += 1
+        if self.observer is not None:
+            self.observer(frames)
+
+    def publish_all(self, messages: Iterable[Sequence[bytes]]) -> None:
+        for frames in messages:
+            self.publish(frames)
+
+    def open(self) -> None:
+        self._open = True
+        held, self._held = self._held, []
+        self.publish_all(held)
+
+    def close(self, *, discard: bool = False) -> None:
+        self._open = False
+        if discard:
+            self._held.clear()

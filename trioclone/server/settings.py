@@ -1,0 +1,128 @@
+"""Where a server binds, where its peer is, and its timings and limits."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from trioclone.errors import ConfigError
+
+#: Reference defaults of the Guide's Model Six pair.
+PRIMARY_PORT = 5556
+BACKUP_PORT = 5566
+PRIMARY_STATE_PORT = 5003
+BACKUP_STATE_PORT = 5004
+
+
+@dataclass(frozen=True)
+class Endpoints:
+    """A server's three CHP sockets: snapshot (P), publisher (P+1), collector (P+2)."""
+
+    snapshot: str
+    publisher: str
+    collector: str
+
+    @classmethod
+    def tcp(cls, host: str, port: int) -> Endpoints:
+        check_port(port, span=3)
+        base = f"tcp://{host}:"
+        return cls(f"{base}{port}", f"{base}{port + 1}", f"{base}{port + 2}")
+
+    @classmethod
+    def inproc(cls, name: str) -> Endpoints:
+        base = f"inproc://{name}-"
+        return cls(f"{base}snapshot", f"{base}publisher", f"{base}collector")
+
+
+@dataclass(frozen=True)
+class PairSettings:
+    """This server's side of a Binary Star pair."""
+
+    primary: bool
+    state_bind: str  # our PUB for the Binary Star heartbeat
+    state_peer: str  # the peer's heartbeat PUB
+    peer: Endpoints  # the peer's CHP sockets (the passive syncs from them)
+    heartbeat: float = 1.0
+    expiry_heartbeats: float = 2.0
+
+    def __post_init__(self) -> None:
+        check_positive("heartbeat", self.heartbeat)
+        if self.expiry_heartbeats < 1:
+            raise ConfigError("peer expiry must be at least one heartbeat")
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """Everything a ``CloneServer`` needs; defaults as the Guide's servers."""
+
+    bind: Endpoints
+    pair: PairSettings | None = None
+    hugz_interval: float = 1.0
+    sync_timeout: float = 5.0
+    sync_retry: float = 1.0
+    pending_size: int = 100_000
+    pending_age: float = 30.0
+    applied_window: int = 100_000
+    backlog_limit: int = 1_000_000
+    publisher_hwm: int = 100_000
+    status_interval: float = 60.0
+    name: str = field(default="clone")
+
+    def __post_init__(self) -> None:
+        for name in ("hugz_interval", "sync_timeout", "sync_retry", "pending_age"):
+            check_positive(name, getattr(self, name))
+        for name in ("pending_size", "applied_window", "backlog_limit"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1")
+
+
+def check_port(port: int, span: int = 1) -> None:
+    if not 1 <= port <= 65536 - span:
+        raise ConfigError(f"port {port} is out of range (needs {span} from it)")
+
+
+def check_positive(name: str, value: float) -> None:
+    if not value > 0:
+        raise ConfigError(f"{name} must be a positive number of seconds, got {value}")
+
+
+def pair_settings(
+    role: str,
+    *,
+    port: int | None = None,
+    bind_host: str = "*",
+    peer_host: str = "localhost",
+    peer_port: int | None = None,
+    state_port: int | None = None,
+    peer_state_port: int | None = None,
+    heartbeat: float = 1.0,
+    **options: object,
+) -> ServerSettings:
+    """Settings for ``role`` ("primary", "backup" or "standalone")."""
+    if role not in ("primary", "backup", "standalone"):
+        raise ConfigError(f"role must be primary, backup or standalone, not {role!r}")
+    primary = role != "backup"
+    own, other = (PRIMARY_PORT, BACKUP_PORT) if primary else (BACKUP_PORT, PRIMARY_PORT)
+    own_state, other_state = (
+        (PRIMARY_STATE_PORT, BACKUP_STATE_PORT)
+        if primary
+        else (BACKUP_STATE_PORT, PRIMARY_STATE_PORT)
+    )
+    bind = Endpoints.tcp(bind_host, port if port is not None else own)
+    pair = None
+    if role != "standalone":
+        state_port = state_port if state_port is not None else own_state
+        peer_state_port = (
+            peer_state_port if peer_state_port is not None else other_state
+        )
+        check_port(state_port)
+        check_port(peer_state_port)
+        pair = PairSettings(
+            primary=primary,
+            state_bind=f"tcp://{bind_host}:{state_port}",
+            state_peer=f"tcp://{peer_host}:{peer_state_port}",
+            peer=Endpoints.tcp(
+                peer_host, peer_port if peer_port is not None else other
+            ),
+            heartbeat=heartbeat,
+        )
+    return ServerSettings(bind=bind, pair=pair, name=role, **options)  # type: ignore[arg-type]
