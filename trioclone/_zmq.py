@@ -138,7 +138,10 @@ class Socket:
         if self._closed:
             return
         self._closed = True
-        trio.lowlevel.notify_closing(self._fd)
+        try:
+            trio.lowlevel.notify_closing(self._fd)
+        except RuntimeError:
+            pass  # not in a Trio run: nobody can be waiting on it
         self._sock.close(linger)
 
 

@@ -252,11 +252,6 @@ def test_encode_kvmsg_rejects(msg: KVMsg) -> None:
         encode_kvmsg(msg)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a property with a lone surrogate escapes as UnicodeEncodeError, "
-    "not LocalProtocolError",
-)
 def test_encode_kvmsg_rejects_unencodable_property() -> None:
     with pytest.raises(LocalProtocolError):
         encode_kvmsg(KVMsg(b"k", 1, UUID, {"a": "\ud800"}, b"v"))

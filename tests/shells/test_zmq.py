@@ -85,6 +85,11 @@ def drain_now(sock: Socket) -> list[Frames]:
             return out
 
 
+def events(sock: Socket) -> int:
+    """The socket's ``EVENTS`` (reading it consumes the FD's notification)."""
+    return int(sock.raw.get(zmq.EVENTS))
+
+
 def receiver_of(sock: Socket, method: str) -> Callable[[], Awaitable[list[Frames]]]:
     """``receive`` or ``receive_batch``, both returning a list of messages."""
     if method == "receive":
@@ -96,23 +101,24 @@ def receiver_of(sock: Socket, method: str) -> Callable[[], Awaitable[list[Frames
     return sock.receive_batch
 
 
-class CancelBeforeNextStep(trio.abc.Instrument):
-    """Cancel ``scope`` right before ``task`` next runs.
+class BeforeNextStep(trio.abc.Instrument):
+    """Call ``action`` once, right before ``task`` next runs.
 
-    The task has then already been rescheduled (by its FD becoming readable),
-    so Trio cannot deliver the cancellation until its next checkpoint: this is
-    the "woken with a message, then cancelled" race, made deterministic.
+    Used when the task is parked on its FD and the FD was just made readable:
+    the task has then already been rescheduled, so whatever ``action`` does
+    (cancel, close) lands between the wake-up and the task running. This
+    makes those races deterministic.
     """
 
-    def __init__(self, task: trio.lowlevel.Task, scope: trio.CancelScope) -> None:
+    def __init__(self, task: trio.lowlevel.Task, action: Callable[[], None]) -> None:
         self.task = task
-        self.scope = scope
+        self.action = action
         self.fired = False
 
     def before_task_step(self, task: trio.lowlevel.Task) -> None:
         if task is self.task and not self.fired:
             self.fired = True
-            self.scope.cancel()
+            self.action()
 
 
 RECEIVE_METHODS = pytest.mark.parametrize("method", ["receive", "receive_batch"])
@@ -183,7 +189,7 @@ async def test_receive_woken_then_cancelled_returns_what_it_took(
         async with trio.open_nursery() as nursery:
             task = await nursery.start(waiter)
             await trio.testing.wait_all_tasks_blocked()  # parked on the FD
-            instrument = CancelBeforeNextStep(task, scope)
+            instrument = BeforeNextStep(task, scope.cancel)
             trio.lowlevel.add_instrument(instrument)
             push.raw.send_multipart([b"first"], zmq.NOBLOCK)  # wakes the waiter
             # leaving the nursery waits for the (cancelled) waiter to exit
@@ -208,7 +214,7 @@ async def test_already_cancelled_receive_takes_nothing(
     receive = receiver_of(pull, method)
     with trio.fail_after(GUARD):
         await push.send([b"queued", b"two frames"])
-        assert pull.raw.get(zmq.EVENTS) & zmq.POLLIN  # really receivable
+        assert events(pull) & zmq.POLLIN  # really receivable
 
         reached = False
         with trio.CancelScope() as scope:
@@ -249,10 +255,11 @@ async def test_send_cancelled_while_waiting_for_room_sends_nothing(
     sent: list[int] = []
     with trio.fail_after(GUARD):
         with trio.move_on_after(1) as scope:
-            for i in itertools.count():
+            for i in range(1000):
                 await dealer.send([b"%d" % i])
                 sent.append(i)
-        assert scope.cancelled_caught
+        assert scope.cancelled_caught  # it was waiting for room when cancelled
+        assert len(sent) < 1000
         assert sent == list(range(len(sent)))
         received: list[Frames] = []
         while len(received) < len(sent):
@@ -292,6 +299,36 @@ async def test_close_wakes_receiver_with_closed_resource_error(
     assert pull.raw.closed
 
 
+@RECEIVE_METHODS
+async def test_close_between_wake_up_and_run_raises_closed_resource_error(
+    autojump_clock: trio.abc.Clock,
+    sockets: Sockets,
+    endpoint: Callable[[], str],
+    method: str,
+) -> None:
+    push, pull = push_pull(sockets, endpoint())
+    receive = receiver_of(pull, method)
+    outcome: list[object] = []
+
+    async def waiter(task_status: trio.TaskStatus[trio.lowlevel.Task]) -> None:
+        task_status.started(trio.lowlevel.current_task())
+        try:
+            outcome.append(await receive())
+        except trio.ClosedResourceError:
+            outcome.append("closed")
+
+    with trio.fail_after(GUARD):
+        async with trio.open_nursery() as nursery:
+            task = await nursery.start(waiter)
+            await trio.testing.wait_all_tasks_blocked()  # parked on the FD
+            instrument = BeforeNextStep(task, pull.close)
+            trio.lowlevel.add_instrument(instrument)
+            push.raw.send_multipart([b"wake"], zmq.NOBLOCK)
+        trio.lowlevel.remove_instrument(instrument)
+    assert instrument.fired
+    assert outcome == ["closed"]
+
+
 async def test_close_wakes_blocked_sender_with_closed_resource_error(
     autojump_clock: trio.abc.Clock, sockets: Sockets, endpoint: Callable[[], str]
 ) -> None:
@@ -301,10 +338,13 @@ async def test_close_wakes_blocked_sender_with_closed_resource_error(
     outcome: list[str] = []
 
     async def flood() -> None:
-        with pytest.raises(trio.ClosedResourceError):
-            while True:
+        try:
+            for _ in range(1000):
                 await dealer.send([b"x"])
-        outcome.append("closed")
+        except trio.ClosedResourceError:
+            outcome.append("closed")
+        else:
+            outcome.append("all sent")
 
     with trio.fail_after(GUARD):
         async with trio.open_nursery() as nursery:
@@ -338,6 +378,60 @@ async def test_every_call_after_close_raises_closed_resource_error(
             push.try_send([b"x"])
         with pytest.raises(trio.ClosedResourceError):
             await push.wait(zmq.POLLOUT)
+
+
+# --------------------------------------------------------------------------
+# rule 1: the FD is an edge notification; EVENTS is the truth
+# --------------------------------------------------------------------------
+
+
+async def test_wait_returns_at_once_when_the_edge_was_already_consumed(
+    autojump_clock: trio.abc.Clock, sockets: Sockets, endpoint: Callable[[], str]
+) -> None:
+    push, pull = push_pull(sockets, endpoint())
+    await push.send([b"queued"])
+    # reading EVENTS consumes the FD's notification: the FD is no longer
+    # readable although a message is waiting
+    assert events(pull) & zmq.POLLIN
+    with trio.fail_after(GUARD):
+        await pull.wait(zmq.POLLIN)
+        assert await pull.receive() == [b"queued"]
+
+
+async def test_wait_ignores_wake_ups_for_the_other_direction(
+    autojump_clock: trio.abc.Clock, sockets: Sockets, endpoint: Callable[[], str]
+) -> None:
+    address = endpoint()
+    router = sockets.open(zmq.ROUTER, bind=[address], options=[(zmq.RCVHWM, 2)])
+    dealer = sockets.open(
+        zmq.DEALER,
+        connect=[address],
+        options=[(zmq.SNDHWM, 2), (zmq.IDENTITY, b"dealer")],
+    )
+    sent = 0
+    while dealer.try_send([b"%d" % sent]):
+        sent += 1
+        assert sent < 1000
+    assert not events(dealer) & zmq.POLLOUT
+    woke: list[int] = []
+
+    async def waiter() -> None:
+        await dealer.wait(zmq.POLLIN)
+        woke.append(events(dealer))
+
+    with trio.fail_after(GUARD):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(waiter)
+            await trio.testing.wait_all_tasks_blocked()
+            # the ROUTER reading makes the dealer's FD fire for POLLOUT
+            received: list[Frames] = []
+            while len(received) < sent:
+                received.extend(await router.receive_batch())
+            await trio.testing.wait_all_tasks_blocked()
+            assert woke == []  # woken for POLLOUT, went back to waiting
+            await router.send([b"dealer", b"reply"])
+        assert woke and woke[0] & zmq.POLLIN
+    assert await dealer.receive() == [b"reply"]
 
 
 # --------------------------------------------------------------------------
@@ -406,6 +500,21 @@ async def test_receive_batch_returns_between_one_and_max_messages(
             assert len(batch) == min(max_messages, total - len(received))
             received.extend(batch)
     assert received == [[b"%d" % i, b"frame 2"] for i in range(total)]
+
+
+async def test_receive_nowait_takes_only_what_is_queued(
+    autojump_clock: trio.abc.Clock, sockets: Sockets, endpoint: Callable[[], str]
+) -> None:
+    push, pull = push_pull(sockets, endpoint())
+    assert pull.receive_nowait() == []
+    for i in range(5):
+        await push.send([b"%d" % i])
+    assert pull.receive_nowait(2) == [[b"0"], [b"1"]]
+    assert pull.receive_nowait() == [[b"2"], [b"3"], [b"4"]]
+    assert pull.receive_nowait() == []
+    pull.close()
+    with pytest.raises(trio.ClosedResourceError):
+        pull.receive_nowait()
 
 
 async def test_receive_batch_waits_for_at_least_one_message(
@@ -530,6 +639,9 @@ async def test_router_mandatory_send_waits_for_room_and_loses_nothing(
             blocked_at = sent
             assert not finished.is_set()
             assert 10 <= blocked_at <= 100
+            if idle_peers:
+                # the case the retry exists for: POLLOUT although d1 is full
+                assert events(router) & zmq.POLLOUT
             await trio.sleep(5)
             assert sent == blocked_at
 

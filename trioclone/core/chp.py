@@ -116,7 +116,10 @@ def encode_properties(props: Mapping[str, str]) -> bytes:
         if not name or "=" in name or "\n" in name or "\n" in value:
             raise LocalProtocolError(RULE_PROPERTY, f"property {name!r}")
         lines.append(f"{name}={value}\n")
-    return "".join(lines).encode()
+    try:
+        return "".join(lines).encode()
+    except UnicodeEncodeError as exc:
+        raise LocalProtocolError(RULE_PROPERTY_TEXT) from exc
 
 
 def ttl_seconds(props: Mapping[str, str]) -> float | None:
