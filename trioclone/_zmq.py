@@ -26,6 +26,7 @@ The rules (see the design notes) and where each is kept:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 from collections.abc import Iterable, Sequence
 from types import TracebackType
@@ -138,10 +139,8 @@ class Socket:
         if self._closed:
             return
         self._closed = True
-        try:
+        with contextlib.suppress(RuntimeError):  # outside Trio nobody can wait
             trio.lowlevel.notify_closing(self._fd)
-        except RuntimeError:
-            pass  # not in a Trio run: nobody can be waiting on it
         self._sock.close(linger)
 
 

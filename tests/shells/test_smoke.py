@@ -9,7 +9,9 @@ from trioclone.server.settings import Endpoints, ServerSettings
 async def test_standalone_smoke(context, autojump_clock):
     endpoints = Endpoints.inproc(unique("smoke"))
     async with trio.open_nursery() as nursery:
-        server = await nursery.start(CloneServer(ServerSettings(endpoints), context=context).run)
+        server = await nursery.start(
+            CloneServer(ServerSettings(endpoints), context=context).run
+        )
         with Sockets(context) as sockets:
             client = RawClient(sockets, endpoints)
             await settle()
