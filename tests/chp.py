@@ -31,13 +31,19 @@ class RawClient:
     """DEALER to the snapshot port, SUB to the publisher, PUB to the collector."""
 
     def __init__(
-        self, sockets: Sockets, server: Endpoints, subscribe: bytes = b""
+        self,
+        sockets: Sockets,
+        server: Endpoints,
+        subscribe: bytes = b"",
+        *,
+        writes_to: tuple[Endpoints, ...] = (),
     ) -> None:
         self.dealer: Socket = sockets.open(zmq.DEALER, connect=[server.snapshot])
         self.sub: Socket = sockets.open(
             zmq.SUB, connect=[server.publisher], subscribe=[subscribe]
         )
-        self.pub: Socket = sockets.open(zmq.PUB, connect=[server.collector])
+        collectors = [e.collector for e in writes_to or (server,)]
+        self.pub: Socket = sockets.open(zmq.PUB, connect=collectors)
 
     async def snapshot(self, subtree: bytes = b"") -> tuple[list[KVMsg], KVMsg]:
         """KVSYNC messages and the KTHXBAI of one snapshot."""

@@ -79,6 +79,7 @@ class CloneServer:
         self._attempt: trio.CancelScope | None = None
         self._sockets: Sockets
         self.publisher: Publisher
+        self.peer_listener: Socket | None = None
 
     @property
     def pair(self) -> PairSettings | None:
@@ -116,11 +117,11 @@ class CloneServer:
                         s.pair.primary, now, s.pair.heartbeat, s.pair.expiry_heartbeats
                     )
                     self._state_sock = sockets.open(zmq.PUB, bind=[s.pair.state_bind])
-                    peer = sockets.open(
+                    self.peer_listener = sockets.open(
                         zmq.SUB, connect=[s.pair.state_peer], subscribe=[b""]
                     )
                     nursery.start_soon(self._send_state, s.pair.heartbeat)
-                    nursery.start_soon(self._hear_peer, peer)
+                    nursery.start_soon(self._hear_peer, self.peer_listener)
                 nursery.start_soon(self._collect, collector)
                 nursery.start_soon(self._serve_snapshots, router)
                 nursery.start_soon(self._supervise)

@@ -1,0 +1,106 @@
+"""A Binary Star pair in one process, over inproc://, for autojump tests."""
+
+from __future__ import annotations
+
+import errno
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import trio
+import zmq
+
+from tests.chp import unique
+from trioclone._zmq import Sockets
+from trioclone.server.clone import CloneServer
+from trioclone.server.settings import Endpoints, PairSettings, ServerSettings
+
+
+def pair_settings(
+    name: str | None = None, *, relayed: bool = False, **options: Any
+) -> tuple[ServerSettings, ServerSettings]:
+    """Settings of a pair; ``relayed``: heartbeats go through a ``Relay``."""
+    name = name or unique("pair")
+    chp = {side: Endpoints.inproc(f"{name}-{side}") for side in ("primary", "backup")}
+    state = {side: f"inproc://{name}-{side}-state" for side in ("primary", "backup")}
+    heard = {
+        side: f"inproc://{name}-{side}-relayed" if relayed else state[side]
+        for side in state
+    }
+    heartbeat = options.pop("heartbeat", 1.0)
+
+    def side(me: str, peer: str) -> ServerSettings:
+        pair = PairSettings(
+            primary=me == "primary",
+            state_bind=state[me],
+            state_peer=heard[peer],
+            peer=chp[peer],
+            heartbeat=heartbeat,
+        )
+        return ServerSettings(bind=chp[me], pair=pair, name=me, **options)
+
+    return side("primary", "backup"), side("backup", "primary")
+
+
+@dataclass
+class Running:
+    """A server in its own cancel scope: ``kill`` is cancelling it."""
+
+    server: CloneServer
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+
+    def kill(self) -> None:
+        self.scope.cancel()
+
+
+async def _run(
+    running: Running, *, task_status: Any = trio.TASK_STATUS_IGNORED
+) -> None:
+    with running.scope:
+        await running.server.run(task_status=task_status)
+
+
+async def start(
+    nursery: trio.Nursery, settings: ServerSettings, context: zmq.Context[Any]
+) -> Running:
+    """Start a server; retry while libzmq's reaper still holds the names."""
+    for _ in range(1000):
+        running = Running(CloneServer(settings, context=context))
+        try:
+            await nursery.start(_run, running)
+        except zmq.ZMQError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise
+            time.sleep(0.002)  # a real thread (the reaper) frees inproc names
+            continue
+        return running
+    raise AssertionError("inproc endpoints never freed")
+
+
+class Relay:
+    """Carries one server's heartbeats to its peer; ``cut`` drops them."""
+
+    def __init__(self, sockets: Sockets, source: str, target: str) -> None:
+        self.cut = False
+        self._in = sockets.open(zmq.SUB, connect=[source], subscribe=[b""])
+        self._out = sockets.open(zmq.PUB, bind=[target])
+
+    async def run(self) -> None:
+        while True:
+            for frames in await self._in.receive_batch():
+                if not self.cut:
+                    self._out.try_send(frames)
+
+    @classmethod
+    def between(
+        cls, nursery: trio.Nursery, sockets: Sockets, settings: ServerSettings
+    ) -> Relay:
+        """Relay ``settings``' server's heartbeats to where its peer listens."""
+        assert settings.pair is not None
+        source = settings.pair.state_bind
+        relay = cls(sockets, source, source.replace("-state", "-relayed"))
+        nursery.start_soon(relay.run)
+        return relay
+
+
+__all__ = ["Running", "pair_settings", "replace", "start"]

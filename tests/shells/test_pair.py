@@ -1,0 +1,198 @@
+"""A Binary Star pair in one process over inproc://, with the autojump clock.
+
+"Killing" a server is cancelling its scope: its sockets close, as when a
+process dies.  Times asserted are exact virtual times.
+"""
+
+import math
+
+import trio
+
+from tests.chp import RawClient, settle
+from tests.shells.pair import Relay, pair_settings, start
+from trioclone._zmq import Sockets
+from trioclone.core.bstar import DUAL_ACTIVES, State
+from trioclone.core.chp import encode_request
+
+
+async def started_pair(nursery, context, **options):
+    settings = pair_settings(**options)
+    primary = await start(nursery, settings[0], context)
+    backup = await start(nursery, settings[1], context)
+    await primary.server.state.wait_value(State.ACTIVE)
+    await backup.server.synced.wait_value(True)
+    return settings, primary, backup
+
+
+async def vote_until_answered(sockets, endpoints, interval=1.0):
+    """ICANHAZ every ``interval`` (like a client failing over) until a reply."""
+    client = RawClient(sockets, endpoints)
+    await settle()
+    while True:
+        with trio.move_on_after(interval):
+            return client, await client.snapshot()
+        client.dealer.close()
+        client = RawClient(sockets, endpoints)
+
+
+async def test_pair_starts_primary_active_backup_passive_and_mirrors(
+    context, autojump_clock
+):
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            (p, b), _primary, backup = await started_pair(nursery, context)
+            # The first heartbeats go out before the links are up (slow joiner).
+            assert trio.current_time() <= 1.0
+            assert backup.server.state.value == State.PASSIVE
+            with Sockets(context) as sockets:
+                client = RawClient(sockets, p.bind, writes_to=(p.bind, b.bind))
+                await settle()
+                uuids = [client.set(b"/k/%d" % i, b"v%d" % i) for i in range(10)]
+                updates = await client.updates(10)
+                assert [u.uuid for u in updates] == uuids
+                await settle()
+                mirror = backup.server.core
+                assert mirror.store.sequence == 10
+                assert mirror.store.get(b"/k/9").body == b"v9"
+                assert len(mirror.pending) == 0  # every client copy matched
+            nursery.cancel_scope.cancel()
+
+
+async def test_failover_needs_peer_silence_and_a_vote(context, autojump_clock):
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            (_p, b), primary, backup = await started_pair(nursery, context)
+            await trio.sleep_until(math.floor(trio.current_time()) + 0.5)
+            killed = trio.current_time()
+            primary.kill()
+            expiry = backup.server.bstar.peer_expiry
+            # Heartbeats go out on whole seconds: last heard at floor(killed).
+            assert expiry == math.floor(killed) + 2.0
+            with Sockets(context) as sockets:
+                client = RawClient(sockets, b.bind)
+                await trio.sleep_until(expiry - 0.001)
+                await client.dealer.send(encode_request(b""))
+                with trio.move_on_after(10):  # a rejected vote is never answered
+                    await client.dealer.receive()
+                    raise AssertionError("passive answered while its peer was alive")
+                assert backup.server.state.value == State.PASSIVE
+                # Silence alone does not make it active: only a vote does.
+                client2 = RawClient(sockets, b.bind)
+                await settle()
+                _entries, _end = await client2.snapshot()
+                assert backup.server.state.value == State.ACTIVE
+                assert trio.current_time() == expiry - 0.001 + 10
+            nursery.cancel_scope.cancel()
+
+
+async def test_takeover_publishes_pending_and_keeps_published(context, autojump_clock):
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            (p, b), primary, backup = await started_pair(nursery, context)
+            with Sockets(context) as sockets:
+                writer = RawClient(sockets, p.bind, writes_to=(p.bind, b.bind))
+                watcher = RawClient(sockets, b.bind)
+                await settle()
+                for i in range(100):
+                    writer.set(b"/k/%d" % i, b"before")
+                await writer.updates(100)
+                primary.kill()
+                await settle()
+                # The primary is dead: these reach the backup's pending list only.
+                late = [writer.set(b"/late/%d" % i, b"pending") for i in range(5)]
+                await settle()
+                assert len(backup.server.core.pending) == 5
+                await trio.sleep(2.0)
+                _, (entries, end) = await vote_until_answered(sockets, b.bind)
+                assert backup.server.state.value == State.ACTIVE
+                keys = {e.key for e in entries}
+                assert {b"/k/%d" % i for i in range(100)} <= keys
+                assert {b"/late/%d" % i for i in range(5)} <= keys
+                assert end.sequence == 105
+                published = await watcher.updates(5)
+                assert [u.uuid for u in published] == late
+                assert [u.sequence for u in published] == [101, 102, 103, 104, 105]
+            nursery.cancel_scope.cancel()
+
+
+async def test_ttl_expires_at_the_same_deadline_after_takeover(context, autojump_clock):
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            (p, b), primary, _backup = await started_pair(nursery, context)
+            with Sockets(context) as sockets:
+                writer = RawClient(sockets, p.bind, writes_to=(p.bind, b.bind))
+                await settle()
+                start = trio.current_time()
+                writer.set(b"/ttl", b"soon", ttl=10)
+                await writer.next_update()
+                await trio.sleep(3)
+                primary.kill()
+                await trio.sleep(2.5)
+                client, (entries, _) = await vote_until_answered(sockets, b.bind)
+                (entry,) = [e for e in entries if e.key == b"/ttl"]
+                assert float(entry.properties["ttl"]) == 10 - (
+                    trio.current_time() - start
+                )
+                gone = await client.next_update()
+                assert gone.key == b"/ttl" and gone.body == b""
+                assert trio.current_time() - start == 10.0
+            nursery.cancel_scope.cancel()
+
+
+async def test_restarted_primary_resyncs_then_double_failover(context, autojump_clock):
+    with trio.fail_after(120):
+        async with trio.open_nursery() as nursery:
+            (p, b), primary, backup = await started_pair(nursery, context)
+            with Sockets(context) as sockets:
+                writer = RawClient(sockets, p.bind, writes_to=(p.bind, b.bind))
+                await settle()
+                for i in range(50):
+                    writer.set(b"/a/%d" % i, b"1")
+                await writer.updates(50)
+                primary.kill()
+                await trio.sleep(2)
+                await vote_until_answered(sockets, b.bind)
+                for i in range(50, 80):
+                    writer.set(b"/a/%d" % i, b"2")
+                await settle()
+                assert len(backup.server.core.store) == 80
+
+                primary = await start(nursery, p, context)
+                await primary.server.state.wait_value(State.PASSIVE)
+                await primary.server.synced.wait_value(True)
+                assert len(primary.server.core.store) == 80
+                await trio.sleep(10)  # failback happens only when the backup dies
+                assert primary.server.state.value == State.PASSIVE
+                assert backup.server.state.value == State.ACTIVE
+
+                backup.kill()
+                await trio.sleep(2)
+                _, (entries, _end) = await vote_until_answered(sockets, p.bind)
+                assert primary.server.state.value == State.ACTIVE
+                assert {e.key for e in entries} == {b"/a/%d" % i for i in range(80)}
+            nursery.cancel_scope.cancel()
+
+
+async def test_dual_actives_converge_on_the_primary(context, autojump_clock, caplog):
+    with trio.fail_after(60), Sockets(context) as sockets:
+        async with trio.open_nursery() as nursery:
+            p, b = pair_settings(relayed=True)
+            relays = [Relay.between(nursery, sockets, side) for side in (p, b)]
+            primary = await start(nursery, p, context)
+            backup = await start(nursery, b, context)
+            await backup.server.synced.wait_value(True)
+            for relay in relays:  # partition the heartbeat link both ways
+                relay.cut = True
+            await trio.sleep(3)
+            await vote_until_answered(sockets, b.bind)
+            assert backup.server.state.value == State.ACTIVE
+            assert primary.server.state.value == State.ACTIVE
+            for relay in relays:  # heal: each hears the other ACTIVE
+                relay.cut = False
+            await backup.server.state.wait_value(State.PASSIVE)
+            await backup.server.synced.wait_value(True)
+            assert primary.server.state.value == State.ACTIVE
+            assert primary.server.bstar.faults[DUAL_ACTIVES] >= 1
+            assert backup.server.bstar.faults[DUAL_ACTIVES] >= 1
+            assert any("dual actives" in r.getMessage() for r in caplog.records)
+            nursery.cancel_scope.cancel()
