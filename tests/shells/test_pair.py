@@ -196,3 +196,90 @@ async def test_dual_actives_converge_on_the_primary(context, autojump_clock, cap
             assert backup.server.bstar.faults[DUAL_ACTIVES] >= 1
             assert any("dual actives" in r.getMessage() for r in caplog.records)
             nursery.cancel_scope.cancel()
+
+
+class Timeline:
+    """Role scopes entered and left, and messages published, in order."""
+
+    def __init__(self, server):
+        self.events = []
+        server.trace = lambda role, step: self.events.append((role, step))
+        server.publisher.observer = lambda frames: self.events.append(
+            ("publish", frames[0])
+        )
+
+    def check_roles_never_overlap(self):
+        inside = set()
+        seen_role = False
+        for what, step in self.events:
+            if what == "publish":
+                assert inside == {"active"}, f"published while in {inside or 'no role'}"
+            elif step == "enter":
+                assert not inside, f"{what} entered while {inside} was running"
+                inside.add(what)
+            elif seen_role or what in inside:
+                inside.remove(what)
+            # else: left a scope entered before we started watching
+            seen_role = seen_role or what != "publish"
+        return inside
+
+
+async def test_passive_sync_and_active_publishing_never_overlap(
+    context, autojump_clock
+):
+    with trio.fail_after(120), Sockets(context) as sockets:
+        async with trio.open_nursery() as nursery:
+            p, b = pair_settings(heartbeat=0.5)
+            primary = await start(nursery, p, context)
+            backup = await start(nursery, b, context)
+            timelines = [Timeline(primary.server), Timeline(backup.server)]
+            writer = RawClient(sockets, p.bind, writes_to=(p.bind, b.bind))
+
+            async def write_forever():
+                for i in range(100_000):
+                    writer.set(b"/w/%d" % (i % 50), b"%d" % i, ttl=0.7)
+                    await trio.sleep(0.01)
+
+            nursery.start_soon(write_forever)
+            await backup.server.synced.wait_value(True)
+            await trio.sleep(1)
+            primary.kill()
+            await trio.sleep(1)
+            await vote_until_answered(sockets, b.bind)
+            primary = await start(nursery, p, context)
+            timelines.append(Timeline(primary.server))
+            await primary.server.synced.wait_value(True)
+            await trio.sleep(1)
+            backup.kill()
+            await trio.sleep(1)
+            await vote_until_answered(sockets, p.bind)
+            await trio.sleep(1)
+            for timeline in timelines:
+                timeline.check_roles_never_overlap()
+            assert timelines[-1].check_roles_never_overlap() == {"active"}
+            assert sum(e[0] == "publish" for e in timelines[1].events) > 50
+            nursery.cancel_scope.cancel()
+
+
+async def test_quick_flap_ends_with_the_right_scope(context, autojump_clock):
+    with trio.fail_after(60), Sockets(context) as sockets:
+        async with trio.open_nursery() as nursery:
+            (_, b), primary, backup = await started_pair(nursery, context)
+            primary.kill()
+            await trio.sleep(2)
+            await vote_until_answered(sockets, b.bind)
+            server = backup.server
+            await settle()  # the passive scope has finished winding down
+            timeline = Timeline(server)
+            now = trio.current_time()
+            # ACTIVE -> PASSIVE (dual actives) -> ACTIVE (peer restarted), with
+            # no checkpoint between: a watcher of state changes would miss both.
+            server._on_bstar(server.bstar.on_peer(State.ACTIVE, now), now)
+            assert server.state.value == State.PASSIVE
+            server._on_bstar(server.bstar.on_peer(State.PRIMARY, now), now)
+            assert server.state.value == State.ACTIVE
+            await trio.sleep(1.5)
+            assert timeline.check_roles_never_overlap() == {"active"}
+            assert timeline.events[:2] == [("active", "exit"), ("active", "enter")]
+            assert ("publish", b"HUGZ") in timeline.events  # active work resumed
+            nursery.cancel_scope.cancel()
