@@ -61,7 +61,10 @@ class ServerCore:
         self.active = False
         self.synced = False
         self.stats: Counter[str] = Counter()
+        #: Set when a completed sync found a gap after the snapshot.
+        self.resync_wanted = False
         self._incoming: Store | None = None
+        self._incoming_uuids: list[bytes] = []
         self._backlog: list[tuple[KVMsg, Sequence[bytes], float]] = []
 
     # -- client updates (both roles) ---------------------------------------
@@ -142,7 +145,9 @@ class ServerCore:
         if self.active:
             return
         self.synced = False
+        self.resync_wanted = False
         self._incoming = Store()
+        self._incoming_uuids = []
         self._backlog.clear()
 
     def load(self, frames: Sequence[bytes], now: float) -> bool:
@@ -157,23 +162,35 @@ class ServerCore:
         if msg.key == HUGZ:
             raise RemoteProtocolError(RULE_UNEXPECTED, "got HUGZ")
         incoming.put(msg.key, msg.sequence, msg.uuid, frames[3], msg.body, msg.ttl, now)
-        self._seen(msg.uuid)
+        if msg.uuid:
+            self._incoming_uuids.append(msg.uuid)
         return False
 
     def _finish_sync(self, incoming: Store) -> bool:
-        self._catch_up(incoming)
+        # Only a complete snapshot may match pending updates: if the active
+        # dies mid-snapshot, we take over with the last good store and must
+        # still hold every update that store lacks.
+        for uuid in self._incoming_uuids:
+            self._seen(uuid)
+        self._incoming_uuids = []
+        self.resync_wanted = self._catch_up(incoming)
+        if self.resync_wanted:
+            self.stats["gaps"] += 1
         self.store = incoming
         self._incoming = None
         self.synced = True
         self.stats["syncs"] += 1
         return True
 
-    def _catch_up(self, store: Store) -> None:
-        """Apply the backlog entries newer than ``store``'s sequence."""
+    def _catch_up(self, store: Store) -> bool:
+        """Apply the backlog entries newer than ``store``; True on a gap."""
+        gap = False
         for msg, frames, arrived in self._backlog:
             if msg.sequence > store.sequence:
+                gap = gap or msg.sequence != store.sequence + 1
                 self._mirror_into(store, msg, frames, arrived)
         self._backlog.clear()
+        return gap
 
     def mirror(self, frames: Sequence[bytes], now: float) -> bool:
         """One message of the active's stream; True when a resync is needed.

@@ -372,7 +372,12 @@ class CloneServer:
                 if await self._fetch_snapshot():
                     self._attempt = None
                     self.synced.value = True
-                    await self._resync.wait()
+                    if self.core.resync_wanted:
+                        log.warning(
+                            "missed updates right after the snapshot; resyncing"
+                        )
+                    else:
+                        await self._resync.wait()
                     self.synced.value = False
                     continue
             self._attempt = None

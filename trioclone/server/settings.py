@@ -4,33 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from trioclone.endpoints import BACKUP_PORT, PRIMARY_PORT, Endpoints, check_port
 from trioclone.errors import ConfigError
 
-#: Reference defaults of the Guide's Model Six pair.
-PRIMARY_PORT = 5556
-BACKUP_PORT = 5566
 PRIMARY_STATE_PORT = 5003
 BACKUP_STATE_PORT = 5004
-
-
-@dataclass(frozen=True)
-class Endpoints:
-    """A server's three CHP sockets: snapshot (P), publisher (P+1), collector (P+2)."""
-
-    snapshot: str
-    publisher: str
-    collector: str
-
-    @classmethod
-    def tcp(cls, host: str, port: int) -> Endpoints:
-        check_port(port, span=3)
-        base = f"tcp://{host}:"
-        return cls(f"{base}{port}", f"{base}{port + 1}", f"{base}{port + 2}")
-
-    @classmethod
-    def inproc(cls, name: str) -> Endpoints:
-        base = f"inproc://{name}-"
-        return cls(f"{base}snapshot", f"{base}publisher", f"{base}collector")
 
 
 @dataclass(frozen=True)
@@ -73,11 +51,6 @@ class ServerSettings:
         for name in ("pending_size", "applied_window", "backlog_limit"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
-
-
-def check_port(port: int, span: int = 1) -> None:
-    if not 1 <= port <= 65536 - span:
-        raise ConfigError(f"port {port} is out of range (needs {span} from it)")
 
 
 def check_positive(name: str, value: float) -> None:

@@ -1,0 +1,387 @@
+"""The Trio client: ``open_client`` and the agent that runs ``ClientCore``.
+
+The agent owns the sockets: one PUB connected to every server's collector
+(writes), and for the server in use a DEALER (snapshots) and a SUB
+(updates).  Switching server cancels the connection scope and opens a new
+one; the connection supervisor re-reads which server to use after every
+exit, as the server's role supervisor does.  Connection trouble is state
+(``phase``, ``server``, logs), never an exception out of ``open_client``.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from collections import deque
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from typing import Any, NoReturn
+
+import trio
+import zmq
+from trio_util import AsyncValue
+
+from trioclone._log import Limited
+from trioclone._zmq import Socket, Sockets
+from trioclone.client.events import (
+    CloneEvent,
+    DeleteEvent,
+    ResyncEvent,
+    SetEvent,
+    key_bytes,
+    key_text,
+)
+from trioclone.core.chp import HUGZ, encode_request
+from trioclone.core.client import (
+    ClientCore,
+    ClientTimings,
+    Confirmed,
+    Connect,
+    Deleted,
+    Phase,
+    Request,
+    Resynced,
+    Send,
+    Updated,
+)
+from trioclone.endpoints import Endpoints
+from trioclone.errors import ClientClosedError, RemoteProtocolError, WriteTimeoutError
+
+log = logging.getLogger("trioclone.client")
+
+DEFAULT_SERVERS = ("tcp://localhost:5556", "tcp://localhost:5566")
+WATCH_BUFFER = 100_000  # events a slow watcher may fall behind before a resync
+
+Context = zmq.Context[zmq.Socket[bytes]]
+
+
+@asynccontextmanager
+async def open_client(
+    servers: Sequence[str | Endpoints] = DEFAULT_SERVERS,
+    subtree: str | Sequence[str] = "",
+    *,
+    timings: ClientTimings | None = None,
+    context: Context | None = None,
+) -> AsyncIterator[CloneClient]:
+    """Mirror the map held by ``servers`` (one server, or a Binary Star pair).
+
+    ``subtree`` is a key prefix (or several) to mirror; "" is everything.
+    The client starts syncing at once; ``await clone.wait_synced()`` to wait.
+    """
+    endpoints = [s if isinstance(s, Endpoints) else Endpoints.parse(s) for s in servers]
+    subtrees = [subtree] if isinstance(subtree, str) else list(subtree)
+    core = ClientCore(len(endpoints), [key_bytes(s) for s in subtrees], timings)
+    client = CloneClient(core, endpoints, context)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(client._run)
+            try:
+                yield client
+            finally:
+                client._closed = True
+                nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        if len(group.exceptions) == 1:  # the body's own error, unwrapped
+            raise group.exceptions[0] from None
+        raise
+
+
+class CloneClient:
+    """A live mirror of the map, and writes that return when applied."""
+
+    def __init__(
+        self, core: ClientCore, endpoints: list[Endpoints], context: Context | None
+    ) -> None:
+        self._core = core
+        self._endpoints = endpoints
+        self._context = context
+        self._closed = False
+        self._log = Limited(log)
+        self._waiters: dict[bytes, tuple[trio.Event, list[int]]] = {}
+        self._watchers: weakref.WeakSet[Watch] = weakref.WeakSet()
+        self._requests: deque[bytes] = deque()
+        self._connection_scope: trio.CancelScope | None = None
+        self._wakeup = trio.Event()
+        self._pub: Socket
+        self._sockets: Sockets
+        #: True while the client holds a complete snapshot from a live server.
+        self.synced = AsyncValue(False)
+
+    # -- reading ---------------------------------------------------------
+
+    def get(self, key: str | bytes, default: bytes | None = None) -> bytes | None:
+        entry = self._core.entries.get(key_bytes(key))
+        return default if entry is None else entry.value
+
+    def view(self, prefix: str = "") -> MapView:
+        """A read-only, live mapping of the keys under ``prefix``."""
+        return MapView(self._core, prefix)
+
+    def keys(self, prefix: str = "") -> list[str]:
+        return list(self.view(prefix))
+
+    def items(self, prefix: str = "") -> list[tuple[str, bytes]]:
+        return list(self.view(prefix).items())
+
+    @property
+    def sequence(self) -> int:
+        """The sequence of the last update applied."""
+        return self._core.sequence
+
+    @property
+    def server(self) -> str | None:
+        """The server in use, or None before the first one is tried."""
+        index = self._core.server
+        return None if index < 0 else str(self._endpoints[index])
+
+    @property
+    def phase(self) -> str:
+        return self._core.phase.value
+
+    @property
+    def failovers(self) -> int:
+        return self._core.failovers
+
+    async def wait_synced(self) -> None:
+        await self.synced.wait_value(True)
+
+    def watch(self, prefix: str = "") -> Watch:
+        """Changes under ``prefix`` from now on: ``async for event in ...``."""
+        self._check_open()
+        watch = Watch(prefix)
+        self._watchers.add(watch)
+        return watch
+
+    # -- writing ---------------------------------------------------------
+
+    async def set(
+        self,
+        key: str | bytes,
+        value: str | bytes,
+        *,
+        ttl: float | None = None,
+        timeout: float = 5.0,
+    ) -> int:
+        """Write and wait until the active server applied it; its sequence.
+
+        Raises ``WriteTimeoutError`` if no server confirmed it in ``timeout``
+        seconds (it may still have been applied).  An empty value deletes.
+        """
+        self._check_open()
+        body = value.encode() if isinstance(value, str) else value
+        uuid = self._core.write(key_bytes(key), body, trio.current_time(), ttl=ttl)
+        done = trio.Event()
+        result: list[int] = []
+        self._waiters[uuid] = (done, result)
+        self._dispatch()
+        with trio.move_on_after(timeout):
+            await done.wait()
+            return result[0]
+        self._waiters.pop(uuid, None)
+        self._core.forget(uuid)
+        raise WriteTimeoutError(
+            f"write of {key!r} not confirmed within {timeout} s "
+            f"(server {self.server}, {self.phase})"
+        )
+
+    async def delete(self, key: str | bytes, *, timeout: float = 5.0) -> int:
+        return await self.set(key, b"", timeout=timeout)
+
+    def set_nowait(
+        self, key: str | bytes, value: str | bytes, *, ttl: float | None = None
+    ) -> None:
+        """Send a write and return at once: no confirmation, no resend."""
+        self._check_open()
+        body = value.encode() if isinstance(value, str) else value
+        self._core.write(
+            key_bytes(key), body, trio.current_time(), ttl=ttl, confirm=False
+        )
+        self._dispatch()
+
+    # -- the agent -------------------------------------------------------
+
+    async def _run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> NoReturn:
+        with Sockets(self._context) as sockets:
+            self._sockets = sockets
+            self._pub = sockets.open(
+                zmq.PUB, connect=[e.collector for e in self._endpoints]
+            )
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._timers)
+                nursery.start_soon(self._connections)
+                task_status.started()
+        raise AssertionError("the agent's tasks never return")
+
+    async def _timers(self) -> NoReturn:
+        core = self._core
+        while True:
+            core.poll(trio.current_time())
+            self._dispatch()
+            self._wakeup = trio.Event()
+            with trio.move_on_at(core.next_deadline()):
+                await self._wakeup.wait()
+
+    async def _connections(self) -> NoReturn:
+        while True:
+            index = self._core.server  # re-read after every exit
+            with trio.CancelScope() as scope:
+                self._connection_scope = scope
+                if index < 0:
+                    await trio.sleep_forever()
+                await self._connection(self._endpoints[index])
+
+    async def _connection(self, server: Endpoints) -> None:
+        prefixes = [*self._core.subtrees, HUGZ]
+        dealer = self._sockets.open(zmq.DEALER, connect=[server.snapshot])
+        sub = self._sockets.open(
+            zmq.SUB, connect=[server.publisher], subscribe=prefixes
+        )
+        log.debug("connected to %s", server)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._replies, dealer)
+                nursery.start_soon(self._updates, sub)
+        finally:
+            dealer.close()
+            sub.close()
+
+    async def _replies(self, dealer: Socket) -> NoReturn:
+        core = self._core
+        while True:
+            while self._requests:
+                await dealer.send(encode_request(self._requests.popleft()))
+            batch = await dealer.receive_batch(512)
+            now = trio.current_time()
+            for frames in batch:
+                try:
+                    core.on_reply(frames, now)
+                except RemoteProtocolError as exc:
+                    self._reject("snapshot", exc)
+            self._dispatch()
+
+    async def _updates(self, sub: Socket) -> NoReturn:
+        core = self._core
+        while True:
+            batch = await sub.receive_batch(512)
+            now = trio.current_time()
+            for frames in batch:
+                try:
+                    core.on_update(frames, now)
+                except RemoteProtocolError as exc:
+                    self._reject("update", exc)
+            self._dispatch()
+
+    def _dispatch(self) -> None:
+        """Carry out the core's actions and deliver its events."""
+        core = self._core
+        actions, core.actions = core.actions, []
+        for action in actions:
+            if isinstance(action, Send):
+                self._pub.try_send(action.frames)
+            elif isinstance(action, Request):
+                self._requests.append(action.subtree)
+            elif isinstance(action, Connect):
+                self._switch(action.server)
+        events, core.events = core.events, []
+        for event in events:
+            if isinstance(event, Confirmed):
+                waiter = self._waiters.pop(event.uuid, None)
+                if waiter is not None:
+                    waiter[1].append(event.sequence)
+                    waiter[0].set()
+            else:
+                self._deliver(event)
+        self.synced.value = core.phase is Phase.ACTIVE
+        self._wakeup.set()
+
+    def _switch(self, server: int) -> None:
+        self._requests.clear()
+        previous = self.synced.value
+        if previous:
+            log.warning(
+                "server %s silent or behind; switching to %s",
+                self.server,
+                self._endpoints[server],
+            )
+        if self._connection_scope is not None:
+            self._connection_scope.cancel()
+
+    def _deliver(self, event: Updated | Deleted | Resynced) -> None:
+        if not self._watchers:
+            return
+        if isinstance(event, Resynced):
+            server = str(self._endpoints[event.server])
+            changes = {key_text(k): v for k, v in event.changes.items()}
+            for watch in list(self._watchers):
+                watch.put_resync(server, changes)
+            return
+        key = key_text(event.key)
+        public: CloneEvent = (
+            SetEvent(key, event.value, event.sequence)
+            if isinstance(event, Updated)
+            else DeleteEvent(key, event.sequence)
+        )
+        for watch in list(self._watchers):
+            if key.startswith(watch.prefix):
+                watch.put(public, self)
+
+    def _reject(self, where: str, exc: RemoteProtocolError) -> None:
+        self._log.log(logging.WARNING, where, "rejected %s from server: %s", where, exc)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClientClosedError("the client is closed")
+
+
+class Watch:
+    """An async iterator of the changes under one prefix."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self._events: deque[CloneEvent] = deque()
+        self._ready = trio.Event()
+
+    def __aiter__(self) -> Watch:
+        return self
+
+    async def __anext__(self) -> CloneEvent:
+        while not self._events:
+            self._ready = trio.Event()
+            await self._ready.wait()
+        return self._events.popleft()
+
+    def put(self, event: CloneEvent, client: CloneClient) -> None:
+        if len(self._events) >= WATCH_BUFFER:  # too slow: replace by a resync
+            self._events.clear()
+            state = dict(client.view(self.prefix).items())
+            self._events.append(ResyncEvent(client.server or "", state))
+        self._events.append(event)
+        self._ready.set()
+
+    def put_resync(self, server: str, changes: Mapping[str, bytes | None]) -> None:
+        mine = {k: v for k, v in changes.items() if k.startswith(self.prefix)}
+        self._events.append(ResyncEvent(server, mine))
+        self._ready.set()
+
+
+class MapView(Mapping[str, bytes]):
+    """Read-only, live view of the client's map under a prefix."""
+
+    def __init__(self, core: ClientCore, prefix: str) -> None:
+        self._core = core
+        self._prefix = key_bytes(prefix)
+
+    def __getitem__(self, key: str) -> bytes:
+        raw = key_bytes(key)
+        if not raw.startswith(self._prefix):
+            raise KeyError(key)
+        return self._core.entries[raw].value
+
+    def __iter__(self) -> Iterator[str]:
+        prefix = self._prefix
+        return iter([key_text(k) for k in self._core.entries if k.startswith(prefix)])
+
+    def __len__(self) -> int:
+        if not self._prefix:
+            return len(self._core.entries)
+        return sum(1 for k in self._core.entries if k.startswith(self._prefix))

@@ -1,0 +1,391 @@
+"""The client's state machine, sans-IO: snapshot, stream, failover, writes.
+
+Rules
+-----
+* INITIAL -> SYNCING: pick the next server, subscribe (``Connect``), then ask
+  for a snapshot of each subtree in turn (``Request``).  Subscribing first
+  means the stream holds every update published after the snapshot.
+* SYNCING: KVSYNCs fill a fresh map; each KTHXBAI gives the subtree's
+  sequence.  Stream updates are buffered.  When every subtree is in, the
+  buffer is applied (each update only if newer than its subtree's snapshot),
+  the fresh map replaces the old one, and a ``Resynced`` event says what
+  changed.  -> ACTIVE.
+* SYNCING, no reply for ``request_timeout`` (the first reply, or between two
+  replies): the server is down or rejected our vote.  Try the next server;
+  after a whole round of failures wait ``backoff`` (doubling up to
+  ``max_backoff``) before the next round.  Never give up.
+* ACTIVE: an update is applied only if its sequence is newer than the last
+  one applied.  Anything heard (update or HUGZ) keeps the server alive;
+  ``silence_timeout`` without a word -> the next server, SYNCING.
+* A new subscription may start after the snapshot was taken.  The first
+  message on the stream tells from when it is live (a HUGZ with sequence h:
+  from h; an update u: from u - 1).  If that is after the snapshot's
+  sequence, updates may have been missed: snapshot again.  A client of the
+  whole tree also resyncs on any gap in the sequence (a HUGZ ahead of us,
+  or an update that skips one).
+* Writes get a UUID and are sent to every server's collector.  A write is
+  confirmed when its UUID comes back on the stream or in a snapshot; until
+  then it is resent every ``resend_interval`` and right after a resync.
+  The servers drop repeats by UUID, so a resend is never applied twice.
+  The local map changes only from what the server sends.
+"""
+
+from __future__ import annotations
+
+import enum
+import uuid as uuidlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from trioclone.core.chp import (
+    HUGZ,
+    KTHXBAI,
+    KVMsg,
+    decode_kvmsg,
+    encode_kvmsg,
+    format_ttl,
+)
+from trioclone.errors import LocalProtocolError
+
+
+class Phase(enum.Enum):
+    INITIAL = "initial"
+    SYNCING = "syncing"
+    ACTIVE = "active"
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """A value in the client's map, as the server last sent it."""
+
+    value: bytes
+    sequence: int
+    uuid: bytes
+    properties: Mapping[str, str]
+
+
+# -- actions for the shell ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Connect:
+    """Close the old connection; open DEALER and SUB to ``servers[server]``."""
+
+    server: int
+
+
+@dataclass(frozen=True)
+class Request:
+    """Send ICANHAZ for ``subtree`` on the DEALER."""
+
+    subtree: bytes
+
+
+@dataclass(frozen=True)
+class Send:
+    """Publish ``frames`` (a KVSET) to every collector."""
+
+    frames: list[bytes]
+
+
+Action = Connect | Request | Send
+
+
+# -- events for the application ---------------------------------------------
+
+
+@dataclass(frozen=True)
+class Updated:
+    key: bytes
+    value: bytes
+    sequence: int
+    properties: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Deleted:
+    key: bytes
+    sequence: int
+
+
+@dataclass(frozen=True)
+class Resynced:
+    """The map was replaced by a snapshot; ``changes``: key -> value or None."""
+
+    server: int
+    changes: Mapping[bytes, bytes | None]
+
+
+@dataclass(frozen=True)
+class Confirmed:
+    """The write ``uuid`` was applied by the active server at ``sequence``."""
+
+    uuid: bytes
+    sequence: int
+
+
+Event = Updated | Deleted | Resynced | Confirmed
+
+
+@dataclass
+class Write:
+    frames: list[bytes]
+    sent_at: float
+
+
+@dataclass(frozen=True)
+class ClientTimings:
+    request_timeout: float = 1.0
+    silence_timeout: float = 2.0
+    backoff: float = 0.5
+    max_backoff: float = 5.0
+    resend_interval: float = 1.0
+
+
+class ClientCore:
+    """One client's view of the map and its conversation with the servers."""
+
+    def __init__(
+        self,
+        server_count: int,
+        subtrees: Sequence[bytes] = (b"",),
+        timings: ClientTimings | None = None,
+    ) -> None:
+        if server_count < 1:
+            raise LocalProtocolError("a client needs at least one server")
+        if not subtrees:
+            raise LocalProtocolError("a client needs at least one subtree")
+        self.server_count = server_count
+        self.subtrees = tuple(dict.fromkeys(subtrees))
+        self.timings = timings or ClientTimings()
+        self.phase = Phase.INITIAL
+        self.server = -1
+        self.entries: dict[bytes, Entry] = {}
+        self.sequence = 0
+        self.actions: list[Action] = []
+        self.events: list[Event] = []
+        self.writes: dict[bytes, Write] = {}
+        self.failovers = 0
+        self._deadline = 0.0  # INITIAL: connect at once
+        self._failures = 0
+        self._incoming: dict[bytes, Entry] = {}
+        self._thresholds: list[tuple[bytes, int]] = []
+        self._buffer: list[KVMsg] = []
+        self._live_from: int | None = None
+        self._synced_once = False
+
+    @property
+    def whole_tree(self) -> bool:
+        return b"" in self.subtrees
+
+    def covers(self, key: bytes) -> bool:
+        return any(key.startswith(subtree) for subtree in self.subtrees)
+
+    def next_deadline(self) -> float:
+        """When ``poll`` next has work (a timeout or a resend)."""
+        deadline = self._deadline
+        if self.writes and self.phase is Phase.ACTIVE:
+            oldest = min(w.sent_at for w in self.writes.values())
+            deadline = min(deadline, oldest + self.timings.resend_interval)
+        return deadline
+
+    # -- timers --------------------------------------------------------------
+
+    def poll(self, now: float) -> None:
+        """Act on every timer due at ``now``."""
+        if now >= self._deadline:
+            if self.phase is Phase.INITIAL:
+                self._connect(now)
+            elif self.phase is Phase.SYNCING:
+                self._give_up_on_server(now)
+            else:
+                self._server_silent(now)
+        if self.phase is Phase.ACTIVE:
+            self._resend_due(now)
+
+    def _connect(self, now: float) -> None:
+        self.server = (self.server + 1) % self.server_count
+        self.phase = Phase.SYNCING
+        self._incoming = {}
+        self._thresholds = []
+        self._buffer = []
+        self._live_from = None
+        self.actions.append(Connect(self.server))
+        self.actions.append(Request(self.subtrees[0]))
+        self._deadline = now + self.timings.request_timeout
+
+    def _give_up_on_server(self, now: float) -> None:
+        self._failures += 1
+        if self._failures % self.server_count:
+            self._connect(now)
+            return
+        rounds = self._failures // self.server_count
+        delay = min(self.timings.backoff * 2 ** (rounds - 1), self.timings.max_backoff)
+        self.phase = Phase.INITIAL
+        self._deadline = now + delay
+
+    def _server_silent(self, now: float) -> None:
+        self.failovers += 1
+        self._connect(now)
+
+    def _resend_due(self, now: float) -> None:
+        due = now - self.timings.resend_interval
+        for write in self.writes.values():
+            if write.sent_at <= due:
+                write.sent_at = now
+                self.actions.append(Send(write.frames))
+
+    # -- input ---------------------------------------------------------------
+
+    def on_reply(self, frames: Sequence[bytes], now: float) -> None:
+        """A message on the snapshot socket (KVSYNC or KTHXBAI)."""
+        if self.phase is not Phase.SYNCING:
+            return  # a late reply from an abandoned attempt
+        msg = decode_kvmsg(frames)
+        self._deadline = now + self.timings.request_timeout
+        if msg.key != KTHXBAI:
+            self._incoming[msg.key] = _entry(msg)
+            self._confirm(msg.uuid, msg.sequence)
+            return
+        self._thresholds.append((self.subtrees[len(self._thresholds)], msg.sequence))
+        if len(self._thresholds) < len(self.subtrees):
+            self.actions.append(Request(self.subtrees[len(self._thresholds)]))
+        else:
+            self._finish_sync(now)
+
+    def on_update(self, frames: Sequence[bytes], now: float) -> None:
+        """A message on the stream (KVPUB or HUGZ)."""
+        msg = decode_kvmsg(frames)
+        if self.phase is Phase.INITIAL:
+            return
+        if self.phase is Phase.ACTIVE:
+            self._deadline = now + self.timings.silence_timeout
+        if self._live_from is None:
+            self._live_from = msg.sequence if msg.key == HUGZ else msg.sequence - 1
+            if self.phase is Phase.ACTIVE and self._missed_since_snapshot():
+                self._resync(now)
+                return
+        if msg.key == HUGZ:
+            ahead = msg.sequence > self.sequence
+            if self.phase is Phase.ACTIVE and self.whole_tree and ahead:
+                self._resync(now)
+            return
+        self._confirm(msg.uuid, msg.sequence)
+        if self.phase is Phase.SYNCING:
+            self._buffer.append(msg)
+        elif msg.sequence > self.sequence:
+            if self.whole_tree and msg.sequence != self.sequence + 1:
+                self._resync(now)
+                return
+            self._apply(msg)
+
+    # -- writes --------------------------------------------------------------
+
+    def write(
+        self,
+        key: bytes,
+        value: bytes,
+        now: float,
+        *,
+        ttl: float | None = None,
+        properties: Mapping[str, str] | None = None,
+        confirm: bool = True,
+    ) -> bytes:
+        """Send a KVSET; return its UUID.  Empty ``value`` deletes."""
+        if key in (HUGZ, KTHXBAI):
+            raise LocalProtocolError(f"{key!r} is a reserved key")
+        if confirm and not self.covers(key):
+            raise LocalProtocolError(
+                f"key {key!r} is outside this client's subtrees, so its update "
+                "cannot be confirmed; write it without confirmation"
+            )
+        props = dict(properties or {})
+        if ttl is not None:
+            if not ttl > 0:
+                raise LocalProtocolError(f"ttl must be positive, got {ttl}")
+            props["ttl"] = format_ttl(ttl)
+        uuid = uuidlib.uuid4().bytes
+        frames = encode_kvmsg(KVMsg(key, 0, uuid, props, value))
+        if confirm:
+            self.writes[uuid] = Write(frames, now)
+        self.actions.append(Send(frames))
+        return uuid
+
+    def forget(self, uuid: bytes) -> None:
+        """Stop resending a write (its caller gave up waiting)."""
+        self.writes.pop(uuid, None)
+
+    # -- internals -----------------------------------------------------------
+
+    def _confirm(self, uuid: bytes, sequence: int) -> None:
+        if uuid and self.writes.pop(uuid, None) is not None:
+            self.events.append(Confirmed(uuid, sequence))
+
+    def _missed_since_snapshot(self) -> bool:
+        assert self._live_from is not None
+        first_snapshot = min(sequence for _, sequence in self._thresholds)
+        return self._live_from > first_snapshot
+
+    def _finish_sync(self, now: float) -> None:
+        fresh = self._incoming
+        newest = max(sequence for _, sequence in self._thresholds)
+        sequence = newest
+        for msg in self._buffer:
+            if msg.sequence > self._threshold(msg.key) and self.covers(msg.key):
+                _put(fresh, msg)
+                sequence = max(sequence, msg.sequence)
+        old, self.entries = self.entries, fresh
+        self.sequence = sequence
+        self._buffer = []
+        self._incoming = {}
+        self.phase = Phase.ACTIVE
+        self._failures = 0
+        self._deadline = now + self.timings.silence_timeout
+        self.events.append(Resynced(self.server, _changes(old, fresh)))
+        if self._live_from is not None and self._missed_since_snapshot():
+            self._resync(now)
+            return
+        for write in self.writes.values():  # a failover may have lost them
+            write.sent_at = now
+            self.actions.append(Send(write.frames))
+
+    def _threshold(self, key: bytes) -> int:
+        return max(seq for subtree, seq in self._thresholds if key.startswith(subtree))
+
+    def _apply(self, msg: KVMsg) -> None:
+        self.sequence = msg.sequence
+        if not self.covers(msg.key):
+            return
+        _put(self.entries, msg)
+        if msg.body:
+            self.events.append(Updated(msg.key, msg.body, msg.sequence, msg.properties))
+        else:
+            self.events.append(Deleted(msg.key, msg.sequence))
+
+    def _resync(self, now: float) -> None:
+        """Snapshot the same server again (updates were missed)."""
+        self.server -= 1
+        self._connect(now)
+
+
+def _entry(msg: KVMsg) -> Entry:
+    return Entry(msg.body, msg.sequence, msg.uuid, msg.properties)
+
+
+def _put(entries: dict[bytes, Entry], msg: KVMsg) -> None:
+    if msg.body:
+        entries[msg.key] = _entry(msg)
+    else:
+        entries.pop(msg.key, None)
+
+
+def _changes(
+    old: Mapping[bytes, Entry], new: Mapping[bytes, Entry]
+) -> dict[bytes, bytes | None]:
+    changes: dict[bytes, bytes | None] = {
+        key: entry.value
+        for key, entry in new.items()
+        if key not in old or old[key].value != entry.value
+    }
+    changes.update((key, None) for key in old if key not in new)
+    return changes
