@@ -296,12 +296,9 @@ class CloneClient:
 
     def _switch(self, server: int) -> None:
         self._requests.clear()
-        previous = self.synced.value
-        if previous:
+        if self.synced.value:
             log.warning(
-                "server %s silent or behind; switching to %s",
-                self.server,
-                self._endpoints[server],
+                "lost sync with the server; now trying %s", self._endpoints[server]
             )
         if self._connection_scope is not None:
             self._connection_scope.cancel()
