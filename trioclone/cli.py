@@ -1,4 +1,4 @@
-"""The ``trioclone`` command: servers (``serve``) and, later, client commands."""
+"""The ``trioclone`` command: ``serve`` and the client commands."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import trio
 import zmq
 
+from trioclone.cli_client import add_client_commands
 from trioclone.errors import ConfigError
 from trioclone.server.clone import CloneServer
 from trioclone.server.settings import pair_settings
@@ -47,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
     add_serve(commands)
+    add_client_commands(commands)
     return parser
 
 

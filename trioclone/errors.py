@@ -45,8 +45,8 @@ class NoServerError(CloneError):
 class WriteTimeoutError(CloneError):
     """A write was not confirmed by the active server in time.
 
-    The write may still be applied later: the client keeps resending it to the
-    active server until it is confirmed or the client closes.
+    The write may still have been applied (its confirmation may have been
+    lost in a failover); the client stops resending it.
     """
 
 

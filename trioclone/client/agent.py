@@ -104,6 +104,8 @@ class CloneClient:
         self._wakeup = trio.Event()
         self._pub: Socket
         self._sockets: Sockets
+        #: The agent's nursery: tasks started here end with the client.
+        self.nursery: trio.Nursery
         #: True while the client holds a complete snapshot from a live server.
         self.synced = AsyncValue(False)
 
@@ -207,6 +209,7 @@ class CloneClient:
                 zmq.PUB, connect=[e.collector for e in self._endpoints]
             )
             async with trio.open_nursery() as nursery:
+                self.nursery = nursery
                 nursery.start_soon(self._timers)
                 nursery.start_soon(self._connections)
                 task_status.started()

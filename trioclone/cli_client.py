@@ -1,0 +1,185 @@
+"""Client commands: ``trioclone get|set|del|watch|dump``."""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import sys
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import trio
+
+from trioclone.client.agent import DEFAULT_SERVERS, CloneClient, open_client
+from trioclone.client.events import CloneEvent, DeleteEvent, ResyncEvent, SetEvent
+from trioclone.errors import WriteTimeoutError
+
+EXIT_NOT_FOUND = 1
+EXIT_NO_SERVER = 3
+EXIT_NOT_CONFIRMED = 4
+
+Command = Callable[[CloneClient, argparse.Namespace], Coroutine[Any, Any, int]]
+
+
+def add_client_commands(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> None:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--server",
+        action="append",
+        metavar="ADDRESS",
+        help="tcp://HOST:PORT of a server; repeat for a pair "
+        f"(default: {' and '.join(DEFAULT_SERVERS)})",
+    )
+    common.add_argument(
+        "--timeout",
+        type=float,
+        default=5.0,
+        help="seconds to wait for a server (default 5)",
+    )
+    get = commands.add_parser("get", parents=[common], help="print one value")
+    get.add_argument("key")
+    get.set_defaults(run=client_command(do_get, subtree="key"))
+    put = commands.add_parser("set", parents=[common], help="write a value")
+    put.add_argument("key")
+    put.add_argument("value")
+    put.add_argument("--ttl", type=float, help="seconds until the key expires")
+    put.set_defaults(run=client_command(do_set, subtree="key"))
+    delete = commands.add_parser("del", parents=[common], help="delete a key")
+    delete.add_argument("key")
+    delete.set_defaults(run=client_command(do_del, subtree="key"))
+    for name, handler, text in (
+        ("watch", do_watch, "print changes as they happen (Ctrl-C stops)"),
+        ("dump", do_dump, "print every key and value"),
+    ):
+        cmd = commands.add_parser(name, parents=[common], help=text)
+        cmd.add_argument("prefix", nargs="?", default="", help="key prefix")
+        cmd.add_argument("--json", action="store_true", help="JSON output")
+        cmd.set_defaults(run=client_command(handler, subtree="prefix"))
+
+
+def client_command(
+    handler: Command, subtree: str
+) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        servers = args.server or list(DEFAULT_SERVERS)
+        try:
+            return trio.run(connected, handler, args, servers, getattr(args, subtree))
+        except KeyboardInterrupt:
+            return 130
+
+    return run
+
+
+async def connected(
+    handler: Command, args: argparse.Namespace, servers: list[str], subtree: str
+) -> int:
+    async with open_client(servers, subtree) as clone:
+        with trio.move_on_after(args.timeout):
+            await clone.wait_synced()
+        if not clone.synced.value:
+            print(
+                f"trioclone: no server answered within {args.timeout:g} s "
+                f"(tried {', '.join(servers)})",
+                file=sys.stderr,
+            )
+            return EXIT_NO_SERVER
+        return await handler(clone, args)
+
+
+async def do_get(clone: CloneClient, args: argparse.Namespace) -> int:
+    value = clone.get(args.key)
+    if value is None:
+        print(f"trioclone: {args.key}: no such key", file=sys.stderr)
+        return EXIT_NOT_FOUND
+    print(show(value))
+    return 0
+
+
+async def do_set(clone: CloneClient, args: argparse.Namespace) -> int:
+    if not args.value:
+        print(
+            "trioclone: an empty value is a delete: use 'trioclone del'",
+            file=sys.stderr,
+        )
+        return 2
+    return await confirmed(
+        clone.set(args.key, args.value, ttl=args.ttl, timeout=args.timeout)
+    )
+
+
+async def do_del(clone: CloneClient, args: argparse.Namespace) -> int:
+    return await confirmed(clone.delete(args.key, timeout=args.timeout))
+
+
+async def confirmed(write: Coroutine[Any, Any, int]) -> int:
+    try:
+        sequence = await write
+    except WriteTimeoutError as exc:
+        print(f"trioclone: {exc}", file=sys.stderr)
+        return EXIT_NOT_CONFIRMED
+    print(f"ok, sequence {sequence}")
+    return 0
+
+
+async def do_dump(clone: CloneClient, args: argparse.Namespace) -> int:
+    items = sorted(clone.items(args.prefix))
+    if args.json:
+        print(json.dumps({key: as_json(value) for key, value in items}, indent=1))
+    else:
+        for key, value in items:
+            print(f"{key}={show(value)}")
+    return 0
+
+
+async def do_watch(clone: CloneClient, args: argparse.Namespace) -> int:
+    async for event in clone.watch(args.prefix):
+        print(render(event, args.json), flush=True)
+    return 0
+
+
+def render(event: CloneEvent, as_json_lines: bool) -> str:
+    if isinstance(event, SetEvent):
+        if as_json_lines:
+            return json.dumps(
+                {
+                    "event": "set",
+                    "key": event.key,
+                    "sequence": event.sequence,
+                    "value": as_json(event.value),
+                }
+            )
+        return f"set {event.key}={show(event.value)}"
+    if isinstance(event, DeleteEvent):
+        if as_json_lines:
+            return json.dumps(
+                {"event": "delete", "key": event.key, "sequence": event.sequence}
+            )
+        return f"del {event.key}"
+    assert isinstance(event, ResyncEvent)
+    if as_json_lines:
+        changes = {
+            k: None if v is None else as_json(v) for k, v in event.changes.items()
+        }
+        return json.dumps(
+            {"event": "resync", "server": event.server, "changes": changes}
+        )
+    return f"resync from {event.server}: {len(event.changes)} changed"
+
+
+def show(value: bytes) -> str:
+    """Text as it is; anything else (binary, control bytes) escaped."""
+    try:
+        text = value.decode()
+    except UnicodeDecodeError:
+        return repr(value)
+    return text if text.isprintable() else repr(value)
+
+
+def as_json(value: bytes) -> str | dict[str, str]:
+    try:
+        return value.decode()
+    except UnicodeDecodeError:
+        return {"base64": base64.b64encode(value).decode()}
