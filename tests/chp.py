@@ -17,7 +17,7 @@ from trioclone.core.chp import (
     encode_kvmsg,
     encode_request,
 )
-from trioclone.server.settings import Endpoints
+from trioclone.endpoints import Endpoints
 
 _names = itertools.count()
 

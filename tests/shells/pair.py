@@ -12,8 +12,9 @@ import zmq
 
 from tests.chp import unique
 from trioclone._zmq import Sockets
+from trioclone.endpoints import Endpoints
 from trioclone.server.clone import CloneServer
-from trioclone.server.settings import Endpoints, PairSettings, ServerSettings
+from trioclone.server.settings import PairSettings, ServerSettings
 
 
 def pair_settings(

@@ -46,9 +46,10 @@ from trioclone.core.chp import (
     decode_kvmsg,
     decode_request,
 )
+from trioclone.endpoints import Endpoints
 from trioclone.errors import RemoteProtocolError
 from trioclone.server.clone import CloneServer
-from trioclone.server.settings import Endpoints, ServerSettings
+from trioclone.server.settings import ServerSettings
 
 Context = zmq.Context[zmq.Socket[bytes]]
 Frames = list[bytes]
