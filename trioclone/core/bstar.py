@@ -136,9 +136,10 @@ class BinaryStar:
         self.peer_expiry = now + self.expiry
         mismatch = self._check_interval(now)
         outcome = self._step(Event(peer))
-        if mismatch and outcome.fault is None:
-            outcome = Outcome(outcome.previous, outcome.state, fault=mismatch)
-            self.faults[mismatch] += 1
+        if mismatch:
+            self.faults[mismatch] += 1  # counted even beside another fault
+            if outcome.fault is None:
+                outcome = Outcome(outcome.previous, outcome.state, fault=mismatch)
         return outcome
 
     def on_vote(self, now: float) -> Outcome:
