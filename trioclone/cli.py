@@ -85,6 +85,12 @@ def add_serve(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
         help="Binary Star heartbeat in seconds; the same on both (default 1.0)",
     )
     serve.add_argument(
+        "--peer-expiry",
+        type=float,
+        default=2.0,
+        help="heartbeats of peer silence before it counts as dead (default 2)",
+    )
+    serve.add_argument(
         "--hugz", type=float, default=1.0, help="HUGZ interval in seconds (default 1.0)"
     )
     serve.add_argument(
@@ -121,6 +127,7 @@ def run_serve(args: argparse.Namespace) -> int:
         state_port=args.state_port,
         peer_state_port=args.peer_state_port,
         heartbeat=args.heartbeat,
+        expiry_heartbeats=args.peer_expiry,
         hugz_interval=args.hugz,
         sync_timeout=args.sync_timeout,
         pending_size=args.pending_size,
@@ -153,6 +160,8 @@ def run_local_pair(args: argparse.Namespace) -> int:
         "serve",
         "--heartbeat",
         str(args.heartbeat),
+        "--peer-expiry",
+        str(args.peer_expiry),
         "--hugz",
         str(args.hugz),
         "--bind",

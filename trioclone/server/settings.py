@@ -68,6 +68,7 @@ def pair_settings(
     state_port: int | None = None,
     peer_state_port: int | None = None,
     heartbeat: float = 1.0,
+    expiry_heartbeats: float = 2.0,
     **options: object,
 ) -> ServerSettings:
     """Settings for ``role`` ("primary", "backup" or "standalone")."""
@@ -97,5 +98,6 @@ def pair_settings(
                 peer_host, peer_port if peer_port is not None else other
             ),
             heartbeat=heartbeat,
+            expiry_heartbeats=expiry_heartbeats,
         )
     return ServerSettings(bind=bind, pair=pair, name=role, **options)  # type: ignore[arg-type]
