@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import weakref
 from collections import deque
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, NoReturn
 
@@ -249,30 +249,32 @@ class CloneClient:
             sub.close()
 
     async def _replies(self, dealer: Socket) -> NoReturn:
-        core = self._core
         while True:
-            while self._requests:
+            while self._requests:  # sent here: this task owns the DEALER
                 await dealer.send(encode_request(self._requests.popleft()))
             batch = await dealer.receive_batch(512)
-            now = trio.current_time()
-            for frames in batch:
-                try:
-                    core.on_reply(frames, now)
-                except RemoteProtocolError as exc:
-                    self._reject("snapshot", exc)
-            self._dispatch()
+            self._handle(batch, self._core.on_reply, "snapshot reply")
 
     async def _updates(self, sub: Socket) -> NoReturn:
-        core = self._core
         while True:
             batch = await sub.receive_batch(512)
-            now = trio.current_time()
-            for frames in batch:
-                try:
-                    core.on_update(frames, now)
-                except RemoteProtocolError as exc:
-                    self._reject("update", exc)
-            self._dispatch()
+            self._handle(batch, self._core.on_update, "update")
+
+    def _handle(
+        self,
+        batch: list[list[bytes]],
+        handle: Callable[[list[bytes], float], None],
+        where: str,
+    ) -> None:
+        now = trio.current_time()
+        for frames in batch:
+            try:
+                handle(frames, now)
+            except RemoteProtocolError as exc:
+                self._log.log(
+                    logging.WARNING, where, "rejected %s from server: %s", where, exc
+                )
+        self._dispatch()
 
     def _dispatch(self) -> None:
         """Carry out the core's actions and deliver its events."""
@@ -324,9 +326,6 @@ class CloneClient:
         for watch in list(self._watchers):
             if key.startswith(watch.prefix):
                 watch.put(public, self)
-
-    def _reject(self, where: str, exc: RemoteProtocolError) -> None:
-        self._log.log(logging.WARNING, where, "rejected %s from server: %s", where, exc)
 
     def _check_open(self) -> None:
         if self._closed:
