@@ -21,6 +21,7 @@ held until they age out, and are never treated as repeats.
 from __future__ import annotations
 
 import itertools
+from collections import OrderedDict
 from collections.abc import Sequence
 
 
@@ -29,7 +30,9 @@ class Applied:
 
     def __init__(self, limit: int = 100_000) -> None:
         self.limit = limit
-        self._uuids: dict[bytes, None] = {}
+        # OrderedDict: popping the oldest is O(1); a plain dict's next(iter())
+        # crawls over the holes its deletions leave at the front.
+        self._uuids: OrderedDict[bytes, None] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._uuids)
@@ -43,7 +46,7 @@ class Applied:
         uuids = self._uuids
         uuids[uuid] = None
         if len(uuids) > self.limit:
-            del uuids[next(iter(uuids))]
+            uuids.popitem(last=False)
 
     def clear(self) -> None:
         self._uuids.clear()
@@ -56,7 +59,9 @@ class Pending:
         self.max_size = max_size
         self.max_age = max_age
         self.dropped = 0
-        self._entries: dict[bytes | int, tuple[float, Sequence[bytes]]] = {}
+        self._entries: OrderedDict[bytes | int, tuple[float, Sequence[bytes]]] = (
+            OrderedDict()
+        )
         self._anonymous = itertools.count()
 
     def __len__(self) -> int:
@@ -69,7 +74,7 @@ class Pending:
             return  # a resend: keep the first copy's place
         entries[uuid or next(self._anonymous)] = (now, frames)
         if len(entries) > self.max_size:
-            del entries[next(iter(entries))]
+            entries.popitem(last=False)
             self.dropped += 1
 
     def match(self, uuid: bytes) -> bool:
@@ -82,10 +87,10 @@ class Pending:
         limit = now - self.max_age
         count = 0
         while entries:
-            key = next(iter(entries))
-            if entries[key][0] > limit:
+            key, (held_at, _) = next(iter(entries.items()))
+            if held_at > limit:
                 break
-            del entries[key]
+            entries.popitem(last=False)
             count += 1
         self.dropped += count
         return count
