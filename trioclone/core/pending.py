@@ -2,8 +2,7 @@
 
 ``Pending`` holds client updates (KVSET frames) that reached the passive's
 collector but have not yet come back on the active's stream.  It is indexed
-by UUID (matching is O(1)), keeps arrival order (a dict is insertion
-ordered), and is bounded by size and by age: an entry the active never
+by UUID (matching is O(1)), keeps arrival order, and is bounded by size and by age: an entry the active never
 confirms is dropped once it is older than ``max_age`` or pushed out by
 ``max_size`` newer ones, and each drop is counted.
 
@@ -87,7 +86,7 @@ class Pending:
         limit = now - self.max_age
         count = 0
         while entries:
-            key, (held_at, _) = next(iter(entries.items()))
+            held_at, _ = next(iter(entries.values()))
             if held_at > limit:
                 break
             entries.popitem(last=False)
