@@ -2,8 +2,8 @@
 
 ``Pending`` holds client updates (KVSET frames) that reached the passive's
 collector but have not yet come back on the active's stream.  It is indexed
-by UUID (matching is O(1)), keeps arrival order, and is bounded by size and by age: an entry the active never
-confirms is dropped once it is older than ``max_age`` or pushed out by
+by UUID (matching is O(1)), keeps arrival order, and is bounded by size
+and by age: an entry the active never confirms is dropped once it is older than ``max_age`` or pushed out by
 ``max_size`` newer ones, and each drop is counted.
 
 ``Applied`` is a bounded window of UUIDs already applied (by us, or by the
