@@ -134,12 +134,14 @@ def run_serve(args: argparse.Namespace) -> int:
         pending_age=args.pending_age,
         status_interval=args.status_interval,
     )
+    failed = False
     try:
         trio.run(serve_until_signalled, CloneServer(settings))
-    except zmq.ZMQError as exc:
-        log.error("cannot start the %s server: %s", role, exc)
-        return 1
-    return 0
+    except* zmq.ZMQError as group:  # a bind failed: port in use, bad address
+        for exc in group.exceptions:
+            log.error("cannot start the %s server: %s", role, exc)
+        failed = True
+    return 1 if failed else 0
 
 
 async def serve_until_signalled(server: CloneServer) -> None:

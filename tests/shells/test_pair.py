@@ -283,3 +283,55 @@ async def test_quick_flap_ends_with_the_right_scope(context, autojump_clock):
             assert timeline.events[:2] == [("active", "exit"), ("active", "enter")]
             assert ("publish", b"HUGZ") in timeline.events  # active work resumed
             nursery.cancel_scope.cancel()
+
+
+async def test_active_dies_mid_snapshot_passive_survives_and_serves(
+    context, autojump_clock, caplog
+):
+    with trio.fail_after(120), Sockets(context) as sockets:
+        async with trio.open_nursery() as nursery:
+            p, b = pair_settings(sync_timeout=3.0)
+            primary = await start(nursery, p, context)
+            await vote_until_answered(sockets, p.bind)  # alone: a vote activates it
+            writer = RawClient(sockets, p.bind)
+            await settle()
+            for i in range(20_000):
+                writer.set(b"/big/%05d" % i, b"x" * 100)
+                if i % 500 == 0:
+                    await settle()
+            await settle()
+            assert primary.server.core.store.sequence == 20_000
+            backup = await start(nursery, b, context)
+            core = backup.server.core
+            load, loaded = core.load, []
+
+            def load_then_kill(frames, now):
+                loaded.append(frames[0])
+                if len(loaded) == 1000:  # the active dies mid-snapshot
+                    primary.kill()
+                return load(frames, now)
+
+            core.load = load_then_kill
+            await backup.server.state.wait_value(State.PASSIVE)
+            while len(loaded) < 1000:
+                await trio.sleep(0.001)
+            killed = trio.current_time()
+            await settle()
+            assert len(loaded) < 20_000 and not core.synced
+            # The passive keeps its heartbeat, collector and votes going, gives
+            # up on the snapshot after sync_timeout and keeps retrying.
+            await trio.sleep(4)
+            assert backup.server.state.value == State.PASSIVE
+            assert any(
+                "no snapshot from the active" in r.getMessage() for r in caplog.records
+            )
+            _, (entries, end) = await vote_until_answered(sockets, b.bind)
+            assert backup.server.state.value == State.ACTIVE
+            assert trio.current_time() - killed < 6
+            assert (entries, end.sequence) == ([], 0)  # no complete copy yet: empty
+            # It serves: writes are applied and published.
+            client = RawClient(sockets, b.bind)
+            await settle()
+            client.set(b"/after", b"1")
+            assert (await client.next_update()).key == b"/after"
+            nursery.cancel_scope.cancel()

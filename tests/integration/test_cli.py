@@ -1,0 +1,416 @@
+"""The client commands and the blocking client against a real pair over TCP.
+
+A primary and a backup run as ``python -m trioclone serve --role ...``
+processes on 127.0.0.1 with free ports (module fixture; stopped by PID:
+SIGTERM, then SIGKILL after 5 s).  Every CLI command runs as a subprocess
+with ``--server`` for both.  Real clock: every wait is bounded, no tight
+timing is asserted.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import trioclone
+from trioclone import ClientClosedError, DeleteEvent, NoServerError, SetEvent
+
+HOST = "127.0.0.1"
+RUN_TIMEOUT = 30.0  # seconds any one CLI command may take
+STOP_GRACE = 5.0
+
+_taken: set[int] = set()
+
+
+def _free(port: int) -> bool:
+    if port in _taken or not 1024 <= port <= 65535:
+        return False
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((HOST, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_base(span: int = 1) -> int:
+    """A port P with P .. P + span - 1 free now, never handed out before."""
+    for _ in range(200):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind((HOST, 0))
+            base = int(s.getsockname()[1])
+        block = range(base, base + span)
+        if all(_free(p) for p in block):
+            _taken.update(block)
+            return base
+    raise RuntimeError("no free ports on 127.0.0.1")
+
+
+def address(port: int) -> str:
+    return f"tcp://{HOST}:{port}"
+
+
+@dataclass
+class Pair:
+    servers: list[str]
+    processes: list[subprocess.Popen[bytes]]
+    logs: list[Path]
+
+    def server_args(self) -> list[str]:
+        return [arg for s in self.servers for arg in ("--server", s)]
+
+    def log_tail(self) -> str:
+        return "\n".join(p.read_text(errors="replace")[-2000:] for p in self.logs)
+
+
+def cli(
+    *args: str, servers: list[str] | None = None, timeout: float = RUN_TIMEOUT
+) -> subprocess.CompletedProcess[str]:
+    """``python -m trioclone COMMAND ARGS --server ...``, output captured."""
+    server_args = [arg for s in servers or [] for arg in ("--server", s)]
+    command = [sys.executable, "-m", "trioclone", "--log-level", "WARNING"]
+    return subprocess.run(
+        [*command, *args, *server_args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def stop(process: subprocess.Popen[Any]) -> None:
+    """Stop by PID: SIGTERM, SIGKILL after STOP_GRACE s, then reap."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(STOP_GRACE)
+        except subprocess.TimeoutExpired:
+            process.kill()
+    process.wait()
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
+    logs_dir = tmp_path_factory.mktemp("pair")
+    p1, p2 = free_base(3), free_base(3)
+    s1, s2 = free_base(), free_base()
+    sides = {
+        "primary": (p1, p2, s1, s2),
+        "backup": (p2, p1, s2, s1),
+    }
+    processes: list[subprocess.Popen[bytes]] = []
+    logs: list[Path] = []
+    try:
+        for role, (port, peer_port, state, peer_state) in sides.items():
+            log = logs_dir / f"{role}.log"
+            logs.append(log)
+            with log.open("wb") as out:
+                processes.append(
+                    subprocess.Popen(
+                        [
+                            sys.executable,
+                            "-m",
+                            "trioclone",
+                            "serve",
+                            "--role",
+                            role,
+                            "--port",
+                            str(port),
+                            "--peer-port",
+                            str(peer_port),
+                            "--state-port",
+                            str(state),
+                            "--peer-state-port",
+                            str(peer_state),
+                            "--bind",
+                            HOST,
+                            "--peer",
+                            HOST,
+                        ],
+                        stdout=out,
+                        stderr=subprocess.STDOUT,
+                    )
+                )
+        running = Pair([address(p1), address(p2)], processes, logs)
+        deadline = time.monotonic() + 30
+        while True:  # ready once a client can sync (the primary is active)
+            probe = cli("dump", "--timeout", "3", servers=running.servers)
+            if probe.returncode == 0:
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError("the pair never answered:\n" + running.log_tail())
+        yield running
+    finally:
+        for process in processes:
+            stop(process)
+
+
+@pytest.fixture
+def unused_port() -> int:
+    return free_base(3)
+
+
+# --------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_set_then_get_prints_the_value(pair: Pair) -> None:
+    put = cli("set", "/cli/sg", "hello world", servers=pair.servers)
+    assert put.returncode == 0, put.stderr
+    assert put.stdout.startswith("ok, sequence ")
+    sequence = int(put.stdout.split()[-1])
+    assert sequence >= 1
+    got = cli("get", "/cli/sg", servers=pair.servers)
+    assert (got.returncode, got.stdout) == (0, "hello world\n"), got.stderr
+    again = cli("set", "/cli/sg", "second", servers=pair.servers)
+    assert int(again.stdout.split()[-1]) > sequence
+    assert cli("get", "/cli/sg", servers=pair.servers).stdout == "second\n"
+
+
+@pytest.mark.slow
+def test_dump_and_dump_json(pair: Pair) -> None:
+    for key, value in [("/cli/dump/b", "two words"), ("/cli/dump/a", "1")]:
+        assert cli("set", key, value, servers=pair.servers).returncode == 0
+    assert cli("set", "/cli/other", "x", servers=pair.servers).returncode == 0
+    dump = cli("dump", "/cli/dump/", servers=pair.servers)
+    assert dump.returncode == 0, dump.stderr
+    assert dump.stdout.splitlines() == ["/cli/dump/a=1", "/cli/dump/b=two words"]
+    as_json = cli("dump", "/cli/dump/", "--json", servers=pair.servers)
+    assert as_json.returncode == 0, as_json.stderr
+    assert json.loads(as_json.stdout) == {
+        "/cli/dump/a": "1",
+        "/cli/dump/b": "two words",
+    }
+    everything = cli("dump", "--json", servers=pair.servers)
+    assert json.loads(everything.stdout)["/cli/other"] == "x"
+
+
+@pytest.mark.slow
+def test_del_then_get_exits_1(pair: Pair) -> None:
+    assert cli("set", "/cli/del", "doomed", servers=pair.servers).returncode == 0
+    deleted = cli("del", "/cli/del", servers=pair.servers)
+    assert deleted.returncode == 0, deleted.stderr
+    assert deleted.stdout.startswith("ok, sequence ")
+    got = cli("get", "/cli/del", servers=pair.servers)
+    assert got.returncode == 1
+    assert got.stdout == ""
+    assert "/cli/del: no such key" in got.stderr
+
+
+@pytest.mark.slow
+def test_set_with_ttl_expires(pair: Pair) -> None:
+    put = cli("set", "/cli/ttl", "brief", "--ttl", "1", servers=pair.servers)
+    assert put.returncode == 0, put.stderr
+    time.sleep(2.0)
+    got = cli("get", "/cli/ttl", servers=pair.servers)
+    assert got.returncode == 1, got.stdout
+    assert "no such key" in got.stderr
+
+
+@pytest.mark.slow
+def test_an_empty_value_is_refused_by_set(pair: Pair) -> None:
+    put = cli("set", "/cli/empty", "", servers=pair.servers)
+    assert put.returncode == 2
+    assert "trioclone del" in put.stderr
+
+
+def read_lines(stream: Any, lines: queue.Queue[str | None]) -> None:
+    """Every line but resync reports (a watcher may resync at any time)."""
+    for line in stream:
+        if json.loads(line)["event"] != "resync":
+            lines.put(line)
+    lines.put(None)
+
+
+@pytest.mark.slow
+def test_watch_json_prints_a_line_for_a_set_done_meanwhile(
+    pair: Pair, tmp_path: Path
+) -> None:
+    command = [sys.executable, "-m", "trioclone", "--log-level", "WARNING"]
+    command += ["watch", "/cli/watch/", "--json", *pair.server_args()]
+    errors = tmp_path / "watch.err"
+    lines: queue.Queue[str | None] = queue.Queue()
+    with (
+        errors.open("w") as stderr,
+        subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=stderr, text=True
+        ) as watch,
+    ):
+        reader = threading.Thread(target=read_lines, args=(watch.stdout, lines))
+        reader.start()
+        try:
+            event = None
+            written: dict[str, int] = {}  # value -> sequence
+            # The watcher may not be synced and subscribed yet: write until a
+            # line shows up (bounded).
+            for attempt in range(20):
+                value = f"v{attempt}"
+                put = cli("set", "/cli/watch/k", value, servers=pair.servers)
+                assert put.returncode == 0, put.stderr
+                written[value] = int(put.stdout.split()[-1])
+                try:
+                    line = lines.get(timeout=1.0)
+                except queue.Empty:
+                    continue
+                assert line is not None, errors.read_text()
+                event = json.loads(line)
+                break
+            assert event is not None, "watch printed nothing for 20 writes"
+            assert event == {
+                "event": "set",
+                "key": "/cli/watch/k",
+                "sequence": written[event["value"]],
+                "value": event["value"],
+            }
+            while True:  # lines for earlier writes that were still in flight
+                try:
+                    lines.get(timeout=0.5)
+                except queue.Empty:
+                    break
+            deleted = cli("del", "/cli/watch/k", servers=pair.servers)
+            line = lines.get(timeout=10.0)
+            assert line is not None
+            assert json.loads(line) == {
+                "event": "delete",
+                "key": "/cli/watch/k",
+                "sequence": int(deleted.stdout.split()[-1]),
+            }
+            # Ctrl-C stops it cleanly
+            watch.send_signal(signal.SIGINT)
+            assert watch.wait(10) == 130
+        finally:
+            stop(watch)
+            reader.join(10)
+
+
+@pytest.mark.slow
+def test_a_binary_value_set_via_the_api_is_shown_escaped(pair: Pair) -> None:
+    binary = b"\x00\xffbin"
+    control = "tab\there"
+    with trioclone.connect(pair.servers) as clone:
+        clone.set("/cli/bin", binary)
+        clone.set("/cli/ctl", control)
+    got = cli("get", "/cli/bin", servers=pair.servers)
+    assert got.returncode == 0, got.stderr
+    assert got.stdout == repr(binary) + "\n"
+    assert (
+        cli("get", "/cli/ctl", servers=pair.servers).stdout
+        == repr(control.encode()) + "\n"
+    )
+    as_json = cli("dump", "/cli/bin", "--json", servers=pair.servers)
+    assert json.loads(as_json.stdout) == {"/cli/bin": {"base64": "AP9iaW4="}}
+
+
+@pytest.mark.slow
+def test_no_server_exits_3_with_a_clear_message(unused_port: int) -> None:
+    started = time.monotonic()
+    got = cli("get", "/k", "--timeout", "1", servers=[address(unused_port)], timeout=20)
+    assert got.returncode == 3
+    assert got.stdout == ""
+    assert "no server answered within 1 s" in got.stderr
+    assert address(unused_port) in got.stderr
+    assert time.monotonic() - started < 15
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("server", "complaint"),
+    [
+        ("tcp://127.0.0.1:notaport", "not a server address"),
+        ("tcp://127.0.0.1:70000", "out of range"),
+    ],
+)
+def test_a_bad_address_exits_2(server: str, complaint: str) -> None:
+    got = cli("get", "/k", "--timeout", "1", servers=[server], timeout=20)
+    assert got.returncode == 2
+    assert complaint in got.stderr
+    assert "Traceback" not in got.stderr
+
+
+# --------------------------------------------------------------------------
+# the blocking client
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_blocking_client_set_get_delete_close(pair: Pair) -> None:
+    clone = trioclone.connect(pair.servers, sync_timeout=10)
+    with clone:
+        first = clone.set("/blk/a", "1")
+        assert clone.get("/blk/a") == b"1"
+        second = clone.set("/blk/b", b"2", ttl=60)
+        assert second > first
+        assert clone.items("/blk/") == [("/blk/a", b"1"), ("/blk/b", b"2")]
+        assert clone.delete("/blk/a") > second
+        assert clone.get("/blk/a") is None
+        assert clone.get("/blk/a", b"gone") == b"gone"
+    with pytest.raises(ClientClosedError):
+        clone.set("/blk/a", "again")
+    with pytest.raises(ClientClosedError):
+        clone.get("/blk/b")
+    clone.close()  # closing twice is harmless
+    got = cli("get", "/blk/b", servers=pair.servers)
+    assert got.stdout == "2\n"
+
+
+@pytest.mark.slow
+def test_blocking_watch_iterates_changes_and_ends_on_close(pair: Pair) -> None:
+    events: queue.Queue[Any] = queue.Queue()
+    with trioclone.connect(pair.servers, sync_timeout=10) as clone:
+
+        def consume() -> None:
+            for event in clone.watch("/bw/"):
+                events.put(event)
+            events.put(None)  # the iterator ended
+
+        consumer = threading.Thread(target=consume)
+        consumer.start()
+        first = None
+        for attempt in range(50):  # until the watch is surely running
+            clone.set("/bw/probe", f"{attempt}")
+            try:
+                first = events.get(timeout=0.2)
+                break
+            except queue.Empty:
+                continue
+        assert isinstance(first, SetEvent)
+        while True:  # probes that were still in flight
+            try:
+                events.get(timeout=0.5)
+            except queue.Empty:
+                break
+        a = clone.set("/bw/a", "1")
+        b = clone.set("/bw/b", "2")
+        gone = clone.delete("/bw/a")
+        clone.set("/elsewhere", "x")
+        got = [events.get(timeout=10) for _ in range(3)]
+        assert got == [
+            SetEvent("/bw/a", b"1", a),
+            SetEvent("/bw/b", b"2", b),
+            DeleteEvent("/bw/a", gone),
+        ]
+    consumer.join(10)
+    assert not consumer.is_alive()
+    assert events.get(timeout=1) is None
+
+
+@pytest.mark.slow
+def test_blocking_connect_without_a_server_raises(unused_port: int) -> None:
+    started = time.monotonic()
+    with pytest.raises(NoServerError):
+        trioclone.connect([address(unused_port)], sync_timeout=1)
+    assert time.monotonic() - started < 10
