@@ -37,6 +37,7 @@ from trioclone.core.bstar import BinaryStar, Outcome, State, decode_state, encod
 from trioclone.core.chp import decode_request, encode_request
 from trioclone.core.server import ServerCore
 from trioclone.core.snapshot import Transfer
+from trioclone.core.store import Store
 from trioclone.errors import RemoteProtocolError
 from trioclone.server.publisher import Publisher
 from trioclone.server.settings import PairSettings, ServerSettings
@@ -71,6 +72,7 @@ class CloneServer:
         self._context = context
         self._log = Limited(log)
         self._transfers: deque[Transfer] = deque()
+        self._key_list: tuple[Store, int, bytes, list[bytes]] | None = None
         self._role_scope: trio.CancelScope | None = None
         self._state_sock: Socket | None = None
         self._expiry_at = math.inf
@@ -175,6 +177,7 @@ class CloneServer:
             self.core.become_passive()
             self.publisher.close(discard=True)
             self._transfers.clear()
+            self._key_list = None
             self.synced.value = False
         self.state.value = state
         if self._state_sock is not None:
@@ -239,7 +242,17 @@ class CloneServer:
             if not outcome.accepted:
                 log.debug("vote rejected in state %s", outcome.state.name)
                 return
-        self._transfers.append(Transfer(identity, self.core.store, subtree))
+        store = self.core.store
+        self._transfers.append(Transfer(identity, store, subtree, self._keys(subtree)))
+
+    def _keys(self, subtree: bytes) -> list[bytes]:
+        """The subtree's key list, shared by requests while nothing changed."""
+        store, cached = self.core.store, self._key_list
+        if cached is not None and cached[:3] == (store, store.sequence, subtree):
+            return cached[3]
+        keys = store.keys(subtree)
+        self._key_list = (store, store.sequence, subtree, keys)
+        return keys
 
     def _pump(self, router: Socket, now: float) -> bool:
         """Send the next chunk of every snapshot in turn; True if any moved."""
