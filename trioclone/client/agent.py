@@ -78,7 +78,7 @@ async def open_client(
             try:
                 yield client
             finally:
-                client._closed = True
+                client._close()
                 nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
         if len(group.exceptions) == 1:  # the body's own error, unwrapped
@@ -101,6 +101,7 @@ class CloneClient:
         self._watchers: weakref.WeakSet[Watch] = weakref.WeakSet()
         self._requests: deque[bytes] = deque()
         self._connection_scope: trio.CancelScope | None = None
+        self._dealer_wait: trio.CancelScope | None = None
         self._wakeup = trio.Event()
         self._pub: Socket
         self._sockets: Sockets
@@ -252,8 +253,12 @@ class CloneClient:
         while True:
             while self._requests:  # sent here: this task owns the DEALER
                 await dealer.send(encode_request(self._requests.popleft()))
-            batch = await dealer.receive_batch(512)
-            self._handle(batch, self._core.on_reply, "snapshot reply")
+            with trio.CancelScope() as wait:  # cancelled when a request is queued
+                self._dealer_wait = wait
+                batch = await dealer.receive_batch(512)  # cancel-safe
+            self._dealer_wait = None
+            if not wait.cancelled_caught:
+                self._handle(batch, self._core.on_reply, "snapshot reply")
 
     async def _updates(self, sub: Socket) -> NoReturn:
         while True:
@@ -285,6 +290,8 @@ class CloneClient:
                 self._pub.try_send(action.frames)
             elif isinstance(action, Request):
                 self._requests.append(action.subtree)
+                if self._dealer_wait is not None:
+                    self._dealer_wait.cancel()
             elif isinstance(action, Connect):
                 self._switch(action.server)
         events, core.events = core.events, []
@@ -327,6 +334,11 @@ class CloneClient:
             if key.startswith(watch.prefix):
                 watch.put(public, self)
 
+    def _close(self) -> None:
+        self._closed = True
+        for watch in list(self._watchers):
+            watch.close()
+
     def _check_open(self) -> None:
         if self._closed:
             raise ClientClosedError("the client is closed")
@@ -339,15 +351,23 @@ class Watch:
         self.prefix = prefix
         self._events: deque[CloneEvent] = deque()
         self._ready = trio.Event()
+        self._closed = False
 
     def __aiter__(self) -> Watch:
         return self
 
     async def __anext__(self) -> CloneEvent:
         while not self._events:
+            if self._closed:
+                raise StopAsyncIteration
             self._ready = trio.Event()
             await self._ready.wait()
         return self._events.popleft()
+
+    def close(self) -> None:
+        """End the iteration once the events already queued are taken."""
+        self._closed = True
+        self._ready.set()
 
     def put(self, event: CloneEvent, client: CloneClient) -> None:
         if len(self._events) >= WATCH_BUFFER:  # too slow: replace by a resync

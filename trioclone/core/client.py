@@ -9,7 +9,8 @@ Rules
   sequence.  Stream updates are buffered.  When every subtree is in, the
   buffer is applied (each update only if newer than its subtree's snapshot),
   the fresh map replaces the old one, and a ``Resynced`` event says what
-  changed.  -> ACTIVE.
+  changed (sent after every new connection, else only if anything did).
+  -> ACTIVE.
 * SYNCING, no reply for ``request_timeout`` (the first reply, or between two
   replies): the server is down or rejected our vote.  Try the next server;
   after a whole round of failures wait ``backoff`` (doubling up to
@@ -20,9 +21,13 @@ Rules
 * A new subscription may start after the snapshot was taken.  The first
   message on the stream tells from when it is live (a HUGZ with sequence h:
   from h; an update u: from u - 1).  If that is after the snapshot's
-  sequence, updates may have been missed: snapshot again.  A client of the
-  whole tree also resyncs on any gap in the sequence (a HUGZ ahead of us,
-  or an update that skips one).
+  sequence, updates may have been missed: snapshot again on the same
+  connection (its stream is live now, so once is enough).  A client of the
+  whole tree also snapshots again on any gap in the sequence (a HUGZ ahead
+  of us, or an update that skips one).
+* With several subtrees each snapshot has its own sequence; until the
+  stream passes the newest, an update is applied only if it is newer than
+  the snapshot of its own subtree.
 * Writes get a UUID and are sent to every server's collector.  A write is
   confirmed when its UUID comes back on the stream or in a snapshot; until
   then it is resent every ``resend_interval`` and right after a resync.
@@ -172,6 +177,8 @@ class ClientCore:
         self._thresholds: list[tuple[bytes, int]] = []
         self._buffer: list[KVMsg] = []
         self._live_from: int | None = None
+        self._snapshot_sequence = 0
+        self._new_connection = False
         self._synced_once = False
 
     @property
@@ -204,13 +211,19 @@ class ClientCore:
             self._resend_due(now)
 
     def _connect(self, now: float) -> None:
+        """Move to the next server: a new connection, then snapshots."""
         self.server = (self.server + 1) % self.server_count
+        self._live_from = None
+        self._new_connection = True
+        self.actions.append(Connect(self.server))
+        self._request_snapshots(now)
+
+    def _request_snapshots(self, now: float) -> None:
+        """Ask the current server for every subtree again, in turn."""
         self.phase = Phase.SYNCING
         self._incoming = {}
         self._thresholds = []
         self._buffer = []
-        self._live_from = None
-        self.actions.append(Connect(self.server))
         self.actions.append(Request(self.subtrees[0]))
         self._deadline = now + self.timings.request_timeout
 
@@ -244,7 +257,8 @@ class ClientCore:
         msg = decode_kvmsg(frames)
         self._deadline = now + self.timings.request_timeout
         if msg.key != KTHXBAI:
-            self._incoming[msg.key] = _entry(msg)
+            if self.covers(msg.key):
+                self._incoming[msg.key] = _entry(msg)
             self._confirm(msg.uuid, msg.sequence)
             return
         self._thresholds.append((self.subtrees[len(self._thresholds)], msg.sequence))
@@ -258,26 +272,26 @@ class ClientCore:
         msg = decode_kvmsg(frames)
         if self.phase is Phase.INITIAL:
             return
-        if self.phase is Phase.ACTIVE:
+        active = self.phase is Phase.ACTIVE
+        if active:
             self._deadline = now + self.timings.silence_timeout
         if self._live_from is None:
             self._live_from = msg.sequence if msg.key == HUGZ else msg.sequence - 1
-            if self.phase is Phase.ACTIVE and self._missed_since_snapshot():
-                self._resync(now)
+            if active and self._live_from > self._snapshot_sequence:
+                self._request_snapshots(now)  # the stream started late
                 return
         if msg.key == HUGZ:
-            ahead = msg.sequence > self.sequence
-            if self.phase is Phase.ACTIVE and self.whole_tree and ahead:
-                self._resync(now)
+            if active and self.whole_tree and msg.sequence > self.sequence:
+                self._request_snapshots(now)  # we missed updates
             return
         self._confirm(msg.uuid, msg.sequence)
-        if self.phase is Phase.SYNCING:
+        if not active:
             self._buffer.append(msg)
         elif msg.sequence > self.sequence:
             if self.whole_tree and msg.sequence != self.sequence + 1:
-                self._resync(now)
+                self._request_snapshots(now)
                 return
-            self._apply(msg)
+            self._accept(msg, self.entries, announce=True)
 
     # -- writes --------------------------------------------------------------
 
@@ -321,51 +335,58 @@ class ClientCore:
         if uuid and self.writes.pop(uuid, None) is not None:
             self.events.append(Confirmed(uuid, sequence))
 
-    def _missed_since_snapshot(self) -> bool:
-        assert self._live_from is not None
-        first_snapshot = min(sequence for _, sequence in self._thresholds)
-        return self._live_from > first_snapshot
-
     def _finish_sync(self, now: float) -> None:
         fresh = self._incoming
-        newest = max(sequence for _, sequence in self._thresholds)
-        sequence = newest
+        self._snapshot_sequence = min(seq for _, seq in self._thresholds)
+        self.sequence = self._snapshot_sequence
+        gap = False
         for msg in self._buffer:
-            if msg.sequence > self._threshold(msg.key) and self.covers(msg.key):
-                _put(fresh, msg)
-                sequence = max(sequence, msg.sequence)
+            if msg.sequence > self.sequence:
+                gap = gap or msg.sequence != self.sequence + 1
+                self._accept(msg, fresh, announce=False)
         old, self.entries = self.entries, fresh
-        self.sequence = sequence
         self._buffer = []
         self._incoming = {}
         self.phase = Phase.ACTIVE
         self._failures = 0
         self._deadline = now + self.timings.silence_timeout
-        self.events.append(Resynced(self.server, _changes(old, fresh)))
-        if self._live_from is not None and self._missed_since_snapshot():
-            self._resync(now)
+        changes = _changes(old, fresh)
+        if changes or self._new_connection:  # a no-op resnapshot is not news
+            self.events.append(Resynced(self.server, changes))
+        self._new_connection = False
+        late = self._live_from is not None and self._live_from > self._snapshot_sequence
+        if late or (gap and self.whole_tree):
+            self._request_snapshots(now)
             return
         for write in self.writes.values():  # a failover may have lost them
             write.sent_at = now
             self.actions.append(Send(write.frames))
 
-    def _threshold(self, key: bytes) -> int:
-        return max(seq for subtree, seq in self._thresholds if key.startswith(subtree))
+    def _accept(
+        self, msg: KVMsg, entries: dict[bytes, Entry], *, announce: bool
+    ) -> None:
+        """Apply a stream update newer than ``self.sequence`` to ``entries``.
 
-    def _apply(self, msg: KVMsg) -> None:
+        With several subtrees, each snapshot has its own sequence: an update
+        already contained in its subtree's snapshot is skipped.
+        """
         self.sequence = msg.sequence
-        if not self.covers(msg.key):
+        thresholds = self._thresholds
+        if thresholds:
+            if msg.sequence >= max(seq for _, seq in thresholds):
+                self._thresholds = []  # past every snapshot: plain order now
+            matching = [seq for sub, seq in thresholds if msg.key.startswith(sub)]
+            if not matching or msg.sequence <= max(matching):
+                return  # outside our subtrees, or already in the snapshot
+        elif not self.covers(msg.key):
             return
-        _put(self.entries, msg)
+        _put(entries, msg)
+        if not announce:
+            return
         if msg.body:
             self.events.append(Updated(msg.key, msg.body, msg.sequence, msg.properties))
         else:
             self.events.append(Deleted(msg.key, msg.sequence))
-
-    def _resync(self, now: float) -> None:
-        """Snapshot the same server again (updates were missed)."""
-        self.server -= 1
-        self._connect(now)
 
 
 def _entry(msg: KVMsg) -> Entry:

@@ -1,0 +1,290 @@
+"""The Trio client against a fake of the Guide's Model Six server (master).
+
+``ReferenceServer`` is written from the spec (spec/chp.md, "what the
+reference servers send") and from the Guide's Python ``clonesrv6.py``, not
+from trioclone: it builds every frame by hand with ``struct``.  It differs
+from trioclone's server, and from RFC 12, the way the reference does:
+
+* KVSYNC is the stored kvmsg whole: the writer's UUID and its properties;
+* a ``ttl`` is stored as an absolute UNIX time (``%f``), and snapshots send
+  that stored form; expiry is a sweep once a second;
+* a TTL delete republishes the stored kvmsg with an empty body (UUID and
+  absolute ``ttl`` kept);
+* KTHXBAI and HUGZ carry a random UUID (the Python ``KVMsg`` makes one);
+  HUGZ carries the current sequence and goes out once a second;
+* a client KVSET is republished at once with the next sequence, as sent
+  (relative ``ttl``), and only then stored.
+
+Its wall clock is a fixed UNIX time plus Trio's (virtual) clock, so runs
+are deterministic.  Everything runs over inproc under the autojump clock.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+import uuid as uuidlib
+from dataclasses import dataclass
+from typing import NoReturn
+
+import trio
+import zmq
+
+from tests.chp import RawClient, settle, unique
+from trioclone import DeleteEvent, ResyncEvent, SetEvent, open_client
+from trioclone._zmq import Socket, Sockets
+from trioclone.endpoints import Endpoints
+
+GUARD = 60.0
+WALL_EPOCH = 1_764_300_000.0  # the fake's UNIX time at virtual time 0
+SEQ = struct.Struct("!q")
+
+
+@dataclass
+class Stored:
+    key: bytes
+    sequence: int
+    uuid: bytes
+    properties: dict[bytes, bytes]
+    body: bytes
+
+    def frames(self) -> list[bytes]:
+        return [
+            self.key,
+            SEQ.pack(self.sequence),
+            self.uuid,
+            props(self.properties),
+            self.body,
+        ]
+
+
+def props(properties: dict[bytes, bytes]) -> bytes:
+    return b"".join(b"%s=%s\n" % item for item in properties.items())
+
+
+def parse_props(frame: bytes) -> dict[bytes, bytes]:
+    """As the reference: split lines at '=', skip what does not parse."""
+    parsed = {}
+    for line in frame.split(b"\n"):
+        name, sep, value = line.partition(b"=")
+        if sep:
+            parsed[name] = value
+    return parsed
+
+
+class ReferenceServer:
+    """A Model Six server in the master role, as the Guide's Python code."""
+
+    def __init__(self, sockets: Sockets, endpoints: Endpoints) -> None:
+        self.endpoints = endpoints
+        self.router: Socket = sockets.open(zmq.ROUTER, bind=[endpoints.snapshot])
+        self.publisher: Socket = sockets.open(zmq.PUB, bind=[endpoints.publisher])
+        self.collector: Socket = sockets.open(
+            zmq.SUB, bind=[endpoints.collector], subscribe=[b""]
+        )
+        self.kvmap: dict[bytes, Stored] = {}
+        self.sequence = 0
+        self.published: list[list[bytes]] = []
+
+    @staticmethod
+    def wall() -> float:
+        return WALL_EPOCH + trio.current_time()
+
+    def preload(self, key: bytes, body: bytes, ttl: float | None = None) -> Stored:
+        """An entry as if a client had written it earlier (not published)."""
+        self.sequence += 1
+        properties = {b"owner": b"earlier"}
+        if ttl is not None:
+            properties[b"ttl"] = b"%f" % (self.wall() + ttl)
+        stored = Stored(key, self.sequence, uuidlib.uuid4().bytes, properties, body)
+        self.kvmap[key] = stored
+        return stored
+
+    async def run(self) -> NoReturn:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._snapshots)
+            nursery.start_soon(self._collect)
+            nursery.start_soon(self._every_second, self._send_hugz)
+            nursery.start_soon(self._every_second, self._flush_ttl)
+        raise AssertionError("never returns")
+
+    def _publish(self, frames: list[bytes]) -> None:
+        self.published.append(frames)
+        self.publisher.try_send(frames)
+
+    async def _snapshots(self) -> NoReturn:
+        while True:
+            identity, *request = await self.router.receive()
+            if len(request) != 2 or request[0] != b"ICANHAZ?":
+                continue  # the reference stops its loop here (defect 1)
+            subtree = request[1]
+            for stored in list(self.kvmap.values()):
+                if stored.key.startswith(subtree):
+                    await self.router.send([identity, *stored.frames()])
+            await self.router.send(
+                [
+                    identity,
+                    b"KTHXBAI",
+                    SEQ.pack(self.sequence),
+                    uuidlib.uuid4().bytes,
+                    b"",
+                    subtree,
+                ]
+            )
+
+    async def _collect(self) -> NoReturn:
+        while True:
+            key, _, uuid, properties, body = await self.collector.receive()
+            self.sequence += 1
+            self._publish([key, SEQ.pack(self.sequence), uuid, properties, body])
+            parsed = parse_props(properties)
+            if parsed.get(b"ttl"):
+                parsed[b"ttl"] = b"%f" % (self.wall() + float(parsed[b"ttl"]))
+            if body:
+                self.kvmap[key] = Stored(key, self.sequence, uuid, parsed, body)
+            else:
+                self.kvmap.pop(key, None)
+
+    async def _every_second(self, action) -> NoReturn:
+        while True:
+            await trio.sleep(1.0)
+            action()
+
+    def _send_hugz(self) -> None:
+        self._publish(
+            [b"HUGZ", SEQ.pack(self.sequence), uuidlib.uuid4().bytes, b"", b""]
+        )
+
+    def _flush_ttl(self) -> None:
+        for stored in list(self.kvmap.values()):
+            ttl = stored.properties.get(b"ttl")
+            if ttl and float(ttl) <= self.wall():
+                self.sequence += 1
+                stored.sequence = self.sequence
+                stored.body = b""
+                self._publish(stored.frames())
+                del self.kvmap[stored.key]
+
+
+async def settle_links() -> None:
+    """Settle, then 5 ms of real time so PUBs attach new SUBs (libzmq's
+    command throttling; see tests/shells/test_client.py)."""
+    await settle()
+    time.sleep(0.005)
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.seen: list[tuple[float, object]] = []
+
+    async def run(self, watch) -> None:
+        async for event in watch:
+            self.seen.append((trio.current_time(), event))
+
+
+async def test_client_syncs_follows_and_writes_through_a_reference_server(
+    context, autojump_clock
+):
+    with trio.fail_after(GUARD), Sockets(context) as sockets:
+        async with trio.open_nursery() as nursery:
+            ref = ReferenceServer(sockets, Endpoints.inproc(unique("reference")))
+            plain = ref.preload(b"/ref/plain", b"p")
+            lasting = ref.preload(b"/ref/lasting", b"l", ttl=100)
+            ref.preload(b"/elsewhere", b"e")
+            nursery.start_soon(ref.run)
+            writer = RawClient(sockets, ref.endpoints)
+            await settle_links()
+
+            async with open_client([ref.endpoints], context=context) as clone:
+                recorder = Recorder()
+                nursery.start_soon(recorder.run, clone.watch("/ref/"))
+                await clone.wait_synced()
+                await settle_links()
+                # synced from KVSYNCs that carry UUIDs and an absolute ttl
+                assert clone.sequence == ref.sequence == 3
+                assert dict(clone.items()) == {
+                    "/ref/plain": b"p",
+                    "/ref/lasting": b"l",
+                    "/elsewhere": b"e",
+                }
+                # the public API shows values only: look at the core's entries
+                kept = clone._core.entries[b"/ref/lasting"]
+                assert kept.uuid == lasting.uuid
+                assert kept.properties == {
+                    "owner": "earlier",
+                    "ttl": lasting.properties[b"ttl"].decode(),
+                }
+                assert clone._core.entries[b"/ref/plain"].uuid == plain.uuid
+
+                # follows the stream: another writer's update
+                writer.set(b"/ref/other", b"o")
+                await settle()
+                assert clone.get("/ref/other") == b"o"
+                assert clone.sequence == 4
+
+                # its own write, confirmed by its UUID coming back
+                assert await clone.set("/ref/mine", "m") == 5
+                assert clone.get("/ref/mine") == b"m"
+                assert ref.kvmap[b"/ref/mine"].body == b"m"
+
+                # a ttl: the reference stores an absolute time and sweeps
+                # once a second (on whole virtual seconds here)
+                await trio.sleep_until(int(trio.current_time()) + 1.5)
+                t1 = trio.current_time()
+                assert await clone.set("/ref/eph", "e", ttl=2) == 6
+                stored_ttl = ref.kvmap[b"/ref/eph"].properties[b"ttl"]
+                assert stored_ttl == b"%f" % (WALL_EPOCH + t1 + 2)
+
+                # a second client's snapshot holds that absolute ttl
+                async with open_client(
+                    [ref.endpoints], "/ref/", context=context
+                ) as second:
+                    await second.wait_synced()
+                    assert second.get("/ref/eph") == b"e"
+                    assert second._core.entries[b"/ref/eph"].properties == {
+                        "ttl": stored_ttl.decode()
+                    }
+                    assert second.get("/elsewhere") is None
+
+                await trio.sleep(5)
+                assert clone.get("/ref/eph") is None
+                assert clone.failovers == 0
+                assert clone.server == str(ref.endpoints)
+
+            # HUGZ with the current sequence and a random UUID never made it
+            # resync; the TTL delete came at the first sweep after t1 + 2
+            assert [e for _, e in recorder.seen] == [
+                ResyncEvent(
+                    str(ref.endpoints), {"/ref/plain": b"p", "/ref/lasting": b"l"}
+                ),
+                SetEvent("/ref/other", b"o", 4),
+                SetEvent("/ref/mine", b"m", 5),
+                SetEvent("/ref/eph", b"e", 6),
+                DeleteEvent("/ref/eph", 7),
+            ]
+            assert recorder.seen[-1][0] == t1 + 2.5
+            # the delete the reference sent kept the writer's UUID and ttl
+            delete = [f for f in ref.published if f[0] == b"/ref/eph"][-1]
+            assert delete[4] == b"" and len(delete[2]) == 16
+            assert parse_props(delete[3])[b"ttl"] == stored_ttl
+            nursery.cancel_scope.cancel()
+
+
+async def test_subtree_client_of_a_reference_server(context, autojump_clock):
+    with trio.fail_after(GUARD), Sockets(context) as sockets:
+        async with trio.open_nursery() as nursery:
+            ref = ReferenceServer(sockets, Endpoints.inproc(unique("reference")))
+            ref.preload(b"/a/1", b"one", ttl=50)
+            ref.preload(b"/b/1", b"two")
+            nursery.start_soon(ref.run)
+            async with open_client([ref.endpoints], "/a/", context=context) as clone:
+                await clone.wait_synced()
+                await settle_links()
+                assert clone.items() == [("/a/1", b"one")]
+                assert clone.sequence == 2  # KTHXBAI's: the server's sequence
+                assert await clone.set("/a/2", "three") == 3
+                await trio.sleep(3)  # HUGZ at the current sequence: no trouble
+                assert clone.phase == "active"
+                assert clone.failovers == 0
+                assert sorted(clone.keys()) == ["/a/1", "/a/2"]
+            nursery.cancel_scope.cancel()
