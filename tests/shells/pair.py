@@ -79,18 +79,36 @@ async def start(
 
 
 class Relay:
-    """Carries one server's heartbeats to its peer; ``cut`` drops them."""
+    """Carries one server's heartbeats to its peer; ``cut`` drops them.
+
+    Over inproc a SUB does not reconnect to a peer that died and bound its
+    endpoint again (over tcp it does): ``reconnect`` makes the relay do it.
+    """
 
     def __init__(self, sockets: Sockets, source: str, target: str) -> None:
         self.cut = False
-        self._in = sockets.open(zmq.SUB, connect=[source], subscribe=[b""])
+        self._sockets = sockets
+        self._source = source
         self._out = sockets.open(zmq.PUB, bind=[target])
+        self._session = trio.CancelScope()
+
+    def reconnect(self) -> None:
+        self._session.cancel()
 
     async def run(self) -> None:
         while True:
-            for frames in await self._in.receive_batch():
-                if not self.cut:
-                    self._out.try_send(frames)
+            with trio.CancelScope() as self._session:
+                await self._forward()
+
+    async def _forward(self) -> None:
+        source = self._sockets.open(zmq.SUB, connect=[self._source], subscribe=[b""])
+        try:
+            while True:
+                for frames in await source.receive_batch():
+                    if not self.cut:
+                        self._out.try_send(frames)
+        finally:
+            source.close()
 
     @classmethod
     def between(

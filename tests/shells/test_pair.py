@@ -335,3 +335,55 @@ async def test_active_dies_mid_snapshot_passive_survives_and_serves(
             client.set(b"/after", b"1")
             assert (await client.next_update()).key == b"/after"
             nursery.cancel_scope.cancel()
+
+
+async def test_peer_restarting_mid_snapshot_converges(context, autojump_clock, caplog):
+    with trio.fail_after(120), Sockets(context) as sockets:
+        async with trio.open_nursery() as nursery:
+            p, b = pair_settings(sync_timeout=3.0, relayed=True)
+            relays = [Relay.between(nursery, sockets, side) for side in (p, b)]
+            primary = await start(nursery, p, context)
+            await vote_until_answered(sockets, p.bind)
+            writer = RawClient(sockets, p.bind)
+            await settle()
+            for i in range(5_000):
+                writer.set(b"/big/%05d" % i, b"x" * 100)
+                if i % 500 == 0:
+                    await settle()
+            await settle()
+            backup = await start(nursery, b, context)
+            core = backup.server.core
+            load, loaded = core.load, []
+
+            def load_then_kill(frames, now):
+                loaded.append(frames[0])
+                if len(loaded) == 1000:
+                    primary.kill()
+                return load(frames, now)
+
+            core.load = load_then_kill
+            while len(loaded) < 1000:
+                await trio.sleep(0.001)
+            primary = await start(nursery, p, context)  # back at once, empty
+            relays[0].reconnect()  # as a tcp SUB would
+            # The passive hears PEER_PRIMARY (its peer restarted) and takes
+            # over; the restarted primary hears it ACTIVE and syncs from it.
+            await backup.server.state.wait_value(State.ACTIVE)
+            await primary.server.state.wait_value(State.PASSIVE)
+            await primary.server.synced.wait_value(True)
+            await trio.sleep(5)
+            assert backup.server.state.value == State.ACTIVE
+            assert primary.server.state.value == State.PASSIVE
+            assert backup.server.core.stats["unsynced_takeovers"] == 1
+            assert any(
+                r.levelname == "ERROR"
+                and "before any complete snapshot" in r.getMessage()
+                for r in caplog.records
+            )
+            client = RawClient(sockets, b.bind, writes_to=(p.bind, b.bind))
+            await settle()
+            client.set(b"/after", b"1")
+            assert (await client.next_update()).key == b"/after"
+            await settle()
+            assert primary.server.core.store.get(b"/after").body == b"1"
+            nursery.cancel_scope.cancel()

@@ -172,6 +172,13 @@ class CloneServer:
         state = outcome.state
         log.info("Binary Star: %s -> %s", outcome.previous.name, state.name)
         if state == State.ACTIVE:
+            if outcome.previous == State.PASSIVE and not self.core.synced:
+                self.core.stats["unsynced_takeovers"] += 1
+                log.error(
+                    "taking over before any complete snapshot from the peer: "
+                    "serving the last complete copy (%d keys); newer keys are lost",
+                    len(self.core.store),
+                )
             self.publisher.publish_all(self.core.become_active(now))
         elif state == State.PASSIVE:
             self.core.become_passive()
