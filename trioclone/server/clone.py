@@ -108,7 +108,7 @@ class CloneServer:
                 zmq.SUB,
                 bind=[s.bind.collector],
                 subscribe=[b""],
-                options=[(zmq.RCVHWM, 0)],
+                options=[(zmq.RCVHWM, s.collector_hwm)],
             )
             async with trio.open_nursery() as nursery:
                 now = trio.current_time()
@@ -352,7 +352,7 @@ class CloneServer:
             zmq.SUB,
             connect=[self.pair.peer.publisher],
             subscribe=[b""],
-            options=[(zmq.RCVHWM, 0)],
+            options=[(zmq.RCVHWM, self.settings.publisher_hwm)],
         )
         try:
             async with trio.open_nursery() as nursery:

@@ -42,6 +42,7 @@ class ServerSettings:
     applied_window: int = 100_000
     backlog_limit: int = 1_000_000
     publisher_hwm: int = 100_000
+    collector_hwm: int = 100_000
     status_interval: float = 60.0
     name: str = field(default="clone")
 
