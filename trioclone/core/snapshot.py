@@ -56,9 +56,9 @@ class Transfer:
     def _next(self, now: float) -> Frames:
         keys, store = self._keys, self._store
         while self._position < len(keys):
-            frames = store.frames(keys[self._position], now)
+            frames = store.frames(keys[self._position], now, self.identity)
             self._position += 1
             if frames is not None:
-                return [self.identity, *frames]
+                return frames
         self._ended = True
         return [self.identity, *kthxbai(self.sequence, self.subtree)]

@@ -18,7 +18,6 @@ import struct
 from collections.abc import Iterator
 
 from trioclone.core.chp import (
-    SEQUENCE,
     KVMsg,
     decode_properties,
     encode_properties,
@@ -26,6 +25,7 @@ from trioclone.core.chp import (
 )
 
 _HEADER = struct.Struct("!qBI")  # sequence, UUID length, properties length
+_LENGTHS = struct.Struct("!BI")  # the two lengths, after the sequence
 
 
 def _pack(sequence: int, uuid: bytes, properties: bytes, body: bytes) -> bytes:
@@ -140,19 +140,32 @@ class Store:
             return list(self._records)
         return [key for key in self._records if key.startswith(subtree)]
 
-    def frames(self, key: bytes, now: float) -> list[bytes] | None:
-        """The five KVSYNC frames for ``key`` (remaining TTL), None if gone."""
+    def frames(
+        self, key: bytes, now: float, identity: bytes | None = None
+    ) -> list[bytes] | None:
+        """The five KVSYNC frames for ``key`` (remaining TTL), None if gone.
+
+        With ``identity``, it comes first (ready for a ROUTER).  This is the
+        snapshot's inner loop: the record's first 8 bytes already are the
+        sequence frame, so nothing is unpacked but two lengths.
+        """
         record = self._records.get(key)
         if record is None:
             return None
-        sequence, uuid, properties, body = _unpack(record)
-        deadline = self._deadlines.get(key)
-        if deadline is not None:
-            remaining = max(deadline - now, 0.001)  # ttl=0 would mean "never"
+        uuid_len, props_len = _LENGTHS.unpack_from(record, 8)
+        uuid_end = _HEADER.size + uuid_len
+        props_end = uuid_end + props_len
+        properties = record[uuid_end:props_end]
+        if self._deadlines and key in self._deadlines:
+            remaining = max(self._deadlines[key] - now, 0.001)  # ttl=0: "never"
             properties = encode_properties(
                 with_ttl(decode_properties(properties), remaining)
             )
-        return [key, SEQUENCE.pack(sequence), uuid, properties, body]
+        frames = [key, record[:8], record[_HEADER.size : uuid_end], properties]
+        frames.append(record[props_end:])
+        if identity is not None:
+            frames.insert(0, identity)
+        return frames
 
     def snapshot(self, subtree: bytes, now: float) -> Iterator[list[bytes]]:
         """KVSYNC frames for every key under ``subtree``.
