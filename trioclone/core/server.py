@@ -15,8 +15,12 @@ loaded into a fresh store that replaces the current one only when complete,
 so a sync that fails half-way leaves the last good copy in place.  A gap in
 the active's sequence asks the shell for a resync.
 
-Both: UUIDs applied (by us, or seen on the active's stream) go into a
-bounded window; a KVSET whose UUID is in it is a repeat and is dropped.
+Both: a KVSET already applied (by us, or seen on the active's stream) is a
+repeat and is dropped.  A repeat is recognised by UUID: either it is the UUID
+the key was last written with (kept in the store's record), or it is in a
+bounded window of UUIDs whose writes were since overwritten, deleted or
+expired.  Only superseded writes cost window space, so a map of many keys
+written once costs nothing extra.
 """
 
 from __future__ import annotations
@@ -77,18 +81,25 @@ class ServerCore:
         msg = decode_kvmsg(frames)
         if msg.key in (HUGZ, KTHXBAI):
             raise RemoteProtocolError(RULE_RESERVED)
-        if msg.uuid in self.applied:
+        current = self.store.uuid_of(msg.key)
+        uuid = msg.uuid
+        if uuid and (uuid == current or uuid in self.applied):
             self.stats["duplicates"] += 1
             return None
         if self.active:
-            return self._apply(msg, frames, now)
-        self.pending.hold(msg.uuid, frames, now)
+            return self._apply(msg, frames, now, current)
+        self.pending.hold(uuid, frames, now)
         return None
 
-    def _apply(self, msg: KVMsg, frames: Sequence[bytes], now: float) -> Frames:
+    def _apply(
+        self,
+        msg: KVMsg,
+        frames: Sequence[bytes],
+        now: float,
+        current: bytes | None = None,
+    ) -> Frames:
         sequence = self.store.next_sequence()
-        self.store.put(msg.key, sequence, msg.uuid, frames[3], msg.body, msg.ttl, now)
-        self.applied.add(msg.uuid)
+        self._put(self.store, msg, sequence, frames[3], now, current)
         self.stats["updates"] += 1
         return [frames[0], SEQUENCE.pack(sequence), frames[2], frames[3], frames[4]]
 
@@ -99,10 +110,10 @@ class ServerCore:
         if not self.active:
             return []
         store = self.store
-        deletes = [
-            [key, SEQUENCE.pack(store.next_sequence()), b"", b"", b""]
-            for key in store.expire(now)
-        ]
+        deletes = []
+        for key, uuid in store.expire_with_uuids(now):
+            self.applied.add(uuid)
+            deletes.append([key, SEQUENCE.pack(store.next_sequence()), b"", b"", b""])
         self.stats["expired"] += len(deletes)
         return deletes
 
@@ -128,7 +139,7 @@ class ServerCore:
         published = []
         for frames in self.pending.drain():
             msg = decode_kvmsg(frames)
-            if msg.uuid not in self.applied:
+            if not self._is_repeat(msg.key, msg.uuid):
                 published.append(self._apply(msg, frames, now))
         self.stats["takeover_applied"] += len(published)
         return published
@@ -161,7 +172,7 @@ class ServerCore:
             return self._finish_sync(incoming)
         if msg.key == HUGZ:
             raise RemoteProtocolError(RULE_UNEXPECTED, "got HUGZ")
-        incoming.put(msg.key, msg.sequence, msg.uuid, frames[3], msg.body, msg.ttl, now)
+        self._put(incoming, msg, msg.sequence, frames[3], now)
         if msg.uuid:
             self._incoming_uuids.append(msg.uuid)
         return False
@@ -171,7 +182,7 @@ class ServerCore:
         # dies mid-snapshot, we take over with the last good store and must
         # still hold every update that store lacks.
         for uuid in self._incoming_uuids:
-            self._seen(uuid)
+            self.pending.match(uuid)
         self._incoming_uuids = []
         self.resync_wanted = self._catch_up(incoming)
         if self.resync_wanted:
@@ -203,8 +214,9 @@ class ServerCore:
         store = self.store
         if msg.key == HUGZ:
             return self.synced and msg.sequence > store.sequence
-        self._seen(msg.uuid)
+        self.pending.match(msg.uuid)
         if not self.synced:
+            self.applied.add(msg.uuid)  # until it is in our store
             self._backlog.append((msg, frames, now))
             if len(self._backlog) > self.backlog_limit:
                 self.stats["backlog_overflows"] += 1
@@ -218,13 +230,27 @@ class ServerCore:
             self.stats["gaps"] += 1
         return gap
 
-    @staticmethod
     def _mirror_into(
-        store: Store, msg: KVMsg, frames: Sequence[bytes], now: float
+        self, store: Store, msg: KVMsg, frames: Sequence[bytes], now: float
     ) -> None:
-        store.put(msg.key, msg.sequence, msg.uuid, frames[3], msg.body, msg.ttl, now)
+        self._put(store, msg, msg.sequence, frames[3], now)
         store.sequence = msg.sequence
 
-    def _seen(self, uuid: bytes) -> None:
-        self.applied.add(uuid)
-        self.pending.match(uuid)
+    def _put(
+        self,
+        store: Store,
+        msg: KVMsg,
+        sequence: int,
+        properties: bytes,
+        now: float,
+        current: bytes | None = None,
+    ) -> None:
+        """Store ``msg``; the UUID it supersedes (``current``) moves to the window."""
+        self.applied.add(store.uuid_of(msg.key) if current is None else current)
+        if not msg.body:
+            self.applied.add(msg.uuid)  # a delete leaves no record to hold it
+        store.put(msg.key, sequence, msg.uuid, properties, msg.body, msg.ttl, now)
+
+    def _is_repeat(self, key: bytes, uuid: bytes) -> bool:
+        """Was this write (by UUID) applied already?"""
+        return bool(uuid) and (uuid in self.applied or self.store.uuid_of(key) == uuid)

@@ -124,15 +124,27 @@ class Store:
 
     def expire(self, now: float) -> list[bytes]:
         """Remove and return the keys whose deadline is ``<= now``, oldest first."""
+        return [key for key, _ in self.expire_with_uuids(now)]
+
+    def expire_with_uuids(self, now: float) -> list[tuple[bytes, bytes]]:
+        """As ``expire``, with the UUID each removed key was last written with."""
         expired = []
         heap = self._heap
         while heap and heap[0][0] <= now:
             deadline, key = heapq.heappop(heap)
             if self._deadlines.get(key) == deadline:
+                uuid = self.uuid_of(key)
                 del self._deadlines[key]
                 del self._records[key]
-                expired.append(key)
+                expired.append((key, uuid))
         return expired
+
+    def uuid_of(self, key: bytes) -> bytes:
+        """The UUID ``key`` was last written with; empty if none or absent."""
+        record = self._records.get(key)
+        if record is None:
+            return b""
+        return record[_HEADER.size : _HEADER.size + record[8]]
 
     def keys(self, subtree: bytes = b"") -> list[bytes]:
         """A point-in-time list of the keys under ``subtree``."""
