@@ -1,0 +1,1 @@
+"""The pieces of ``tools/bench.py``: servers, load workers, scenarios, report."""

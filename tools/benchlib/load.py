@@ -1,0 +1,299 @@
+"""Update load against one server: flood throughput, loss-free rate, latency.
+
+* ``flood``: writer processes send pre-built KVSETs as fast as they can to
+  the collector; subscriber processes count what the server publishes.
+  Wall rate is measured from the writers' start to the last arrival; server
+  CPU from /proc before and after.  Nothing is dropped between writers and
+  server (the writers' queues are unbounded, SNDHWM 0, and TCP pushes
+  back), so when the writers outpace the server the backlog waits in the
+  queues and the server, not the generator, sets the pace; when they do not
+  (writers' send rate close to the received rate), the result says the
+  generator was saturated.
+* ``ladder``: paced writers at rising offered rates with one subscriber.
+  A step passes when every update arrived and the last one arrived within
+  ``LAG_LIMIT`` of the end of sending: a server that falls behind builds a
+  backlog rather than losing updates, so lag is the honest loss signal here.
+  A failed step is run once more (a busy machine stalls processes now and
+  then); the second run decides.
+* ``latency``: one process writes at a fixed rate with a send timestamp in
+  each body and reads its own updates back.
+"""
+
+from __future__ import annotations
+
+import time
+from multiprocessing.context import ForkServerContext
+from typing import Any
+
+from benchlib import workers
+from benchlib.children import Children, Subscriber, Writer
+from benchlib.servers import Server
+from benchlib.wire import Context, Feeder, kvset
+
+LAG_LIMIT = 0.25  # s: the last update of a step may arrive this late ...
+LAG_SHARE = 0.1  # ... or this share of the step's duration, if longer
+GENERATOR_SLACK = 0.97  # a paced step below this share of its rate: generator limit
+SERVER_BOUND = 1.2  # writers this much faster than the server: server-bound
+
+
+def wait_live(
+    ctx: Context, server: Server, subs: list[Subscriber], timeout: float = 10.0
+) -> None:
+    """Probe until every subscriber socket has seen a probe."""
+    feeder = Feeder(ctx, [server.port], server.port, b"parent")
+    try:
+        deadline = time.monotonic() + timeout
+        for _ in range(int(timeout / 0.02) + 2):
+            if all(sub.live() for sub in subs):
+                return
+            if time.monotonic() > deadline:
+                break
+            feeder.send(kvset(feeder.probe_key, b"probe"))
+            time.sleep(0.02)
+    finally:
+        feeder.close()
+    raise RuntimeError("subscribers never saw a probe")
+
+
+def wait_counts(
+    subs: list[Subscriber], target: int, idle: float, timeout: float
+) -> bool:
+    """Until every socket counted ``target``, no progress for ``idle`` s, or timeout."""
+    deadline = time.monotonic() + timeout
+    last_total, last_change = -1, time.monotonic()
+    for _ in range(int(timeout / 0.02) + 2):
+        counts = [c for sub in subs for c in sub.counts()]
+        if min(counts) >= target:
+            return True
+        now = time.monotonic()
+        if sum(counts) != last_total:
+            last_total, last_change = sum(counts), now
+        elif now - last_change > idle or now > deadline:
+            return False
+        time.sleep(0.02)
+    return False
+
+
+def collect(writers: list[Writer], timeout: float) -> list[dict[str, float]]:
+    return [writer.receive(timeout) for writer in writers]
+
+
+def flood(
+    mp: ForkServerContext,
+    ctx: Context,
+    server: Server,
+    *,
+    subscribers: int,
+    sockets: int = 1,
+    writers: int = 3,
+    count: int,
+    key_space: int,
+) -> dict[str, Any]:
+    """Writers send ``count`` updates at full speed; subscribers count them."""
+    with Children(mp) as children:
+        subs = children.subscribers(subscribers, server.port, sockets)
+        senders = children.writers(writers, [server.port], server.port)
+        wait_live(ctx, server, subs)
+        for i, writer in enumerate(senders):
+            share = count // writers + (i < count % writers)
+            writer.call("build", share, i, key_space, writers)
+        total = count
+        sub_cpu0 = [sub.cpu() for sub in subs]
+        cpu0 = server.cpu_seconds()
+        for writer in senders:
+            writer.send("flood")
+        sent = collect(senders, 120.0)
+        complete = wait_counts(subs, total, idle=2.0, timeout=30 + total / 2000)
+        cpu = server.cpu_seconds() - cpu0
+        counts = [c for sub in subs for c in sub.counts()]
+        last = max(t for sub in subs for t in sub.lasts())
+        sub_cpu = [sub.cpu() - c0 for sub, c0 in zip(subs, sub_cpu0, strict=True)]
+    start = min(s["start"] for s in sent)
+    writers_end = max(s["end"] for s in sent)
+    wall = last - start
+    rate = sum(counts) / len(counts) / wall
+    writer_rate = total / (writers_end - start)
+    writer_busy = sum(s["cpu"] for s in sent) / sum(s["end"] - s["start"] for s in sent)
+    sub_busy = max(sub_cpu) / wall
+    losses = [total - c for c in counts]
+    return {
+        "subscribers": subscribers * sockets,
+        "updates": total,
+        "rate": rate,
+        "cpu_us": cpu / total * 1e6,
+        "lost_total": sum(losses),
+        "lost_max": max(losses),
+        "complete": complete,
+        "writer_rate": writer_rate,
+        "writer_busy": writer_busy,
+        "subscriber_busy": sub_busy,
+        "generator_saturated": writer_rate < SERVER_BOUND * rate,
+        "subscriber_saturated": sub_busy > 0.9,
+    }
+
+
+def ladder(
+    mp: ForkServerContext,
+    ctx: Context,
+    server: Server,
+    *,
+    rates: list[int],
+    duration: float,
+    bisect: bool,
+    key_space: int,
+    writers: int = 2,
+) -> dict[str, Any]:
+    """The highest offered rate of ``rates`` that one subscriber gets whole.
+
+    Linear: rates in order until the first failure.  Bisect: a binary search
+    over ``rates`` (fewer steps; assumes a failure at r means failure above).
+    """
+    steps: list[dict[str, Any]] = []
+    with Children(mp) as children:
+        subs = children.subscribers(1, server.port)
+        senders = children.writers(writers, [server.port], server.port)
+        wait_live(ctx, server, subs)
+        sub = subs[0]
+
+        def step(rate: int) -> dict[str, Any]:
+            result = attempt(rate)
+            if not result["ok"] and not result["generator_saturated"]:
+                result = attempt(rate)
+            return result
+
+        def attempt(rate: int) -> dict[str, Any]:
+            share = int(rate * duration / writers)
+            first = len(steps) * share * writers
+            for i, writer in enumerate(senders):
+                writer.call("build", share, first + i, key_space, writers)
+            base = sub.counts()[0]
+            for writer in senders:
+                writer.send("pace", rate / writers)
+            sent = collect(senders, duration * 3 + 30)
+            total = sum(int(s["sent"]) for s in sent)
+            wait_counts(subs, base + total, idle=1.0, timeout=duration * 4 + 30)
+            received = sub.counts()[0] - base
+            end = max(s["end"] for s in sent)
+            achieved = total / (end - min(s["start"] for s in sent))
+            lag = sub.lasts()[0] - end
+            result = {
+                "offered": rate,
+                "achieved": achieved,
+                "received": received,
+                "lost": total - received,
+                "lag": lag,
+                "ok": received == total and lag <= max(LAG_LIMIT, LAG_SHARE * duration),
+                "generator_saturated": achieved < GENERATOR_SLACK * rate,
+            }
+            steps.append(result)
+            return result
+
+        best, saturated = search(rates, step, bisect)
+    return {
+        "rate": best,
+        "capped": best == rates[-1],
+        "generator_saturated": saturated,
+        "steps": steps,
+        "duration": duration,
+    }
+
+
+def search(rates: list[int], step: Any, bisect: bool) -> tuple[int | None, bool]:
+    """The highest passing rate, and whether the generator fell short of one.
+
+    A step where the writers could not reach the offered rate tested nothing
+    above what they reached: it counts as a failure, flagged as saturation.
+    """
+    saturated = False
+    if not bisect:
+        best = None
+        for rate in rates:
+            result = step(rate)
+            if result["generator_saturated"] or not result["ok"]:
+                return best, result["generator_saturated"]
+            best = rate
+        return best, False
+    low, high = -1, len(rates)  # rates[low] passed, rates[high] failed
+    for _ in range(len(rates)):
+        if high - low <= 1:
+            break
+        middle = (low + high) // 2
+        result = step(rates[middle])
+        if result["ok"] and not result["generator_saturated"]:
+            low = middle
+        else:
+            high = middle
+            saturated = saturated or result["generator_saturated"]
+    return (rates[low] if low >= 0 else None), saturated
+
+
+def latency(
+    mp: ForkServerContext,
+    servers: dict[str, Server],
+    *,
+    rate: float,
+    duration: float,
+    key_space: int,
+    rounds: int = 2,
+) -> dict[str, Any]:
+    """Per server: latency percentiles at ``rate``, over ``rounds`` runs of
+    ``duration / rounds`` seconds with the servers taking turns."""
+    runs: dict[str, list[dict[str, Any]]] = {kind: [] for kind in servers}
+    for _ in range(rounds):
+        for kind, server in servers.items():
+            runs[kind].append(
+                latency_run(mp, server, rate, duration / rounds, key_space)
+            )
+    return {kind: summarize(rate, r) for kind, r in runs.items()}
+
+
+def latency_run(
+    mp: ForkServerContext, server: Server, rate: float, duration: float, key_space: int
+) -> dict[str, Any]:
+    with Children(mp) as children:
+        parent, child = children.pipe()
+        children.start(workers.latency, child, server.port, rate, duration, key_space)
+        if not parent.poll(duration * 3 + 60):
+            raise TimeoutError("the latency prober did not report")
+        result: dict[str, Any] = parent.recv()
+    return result
+
+
+def summarize(rate: float, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    samples = sorted(ns for r in runs for ns in r["latencies_ns"])
+    sent = sum(r["sent"] for r in runs)
+    result = {
+        "rate": rate,
+        "achieved": sent / sum(r["elapsed"] for r in runs),
+        "sent": sent,
+        "lost": sent - len(samples),
+        "live": all(r["live"] for r in runs),
+    }
+    if not samples:
+        return result
+
+    def quantile(q: float) -> float:
+        return samples[min(int(q * len(samples)), len(samples) - 1)] / 1e6
+
+    return dict(
+        result,
+        p50_ms=quantile(0.50),
+        p99_ms=quantile(0.99),
+        max_ms=samples[-1] / 1e6,
+    )
+
+
+def timer_lateness(samples: int = 1000, interval: float = 0.001) -> dict[str, float]:
+    """How late ``time.sleep(1 ms)`` returns here (ms): the scheduler's share
+    of any latency measured on this machine at this moment."""
+    late = []
+    for _ in range(samples):
+        start = time.perf_counter()
+        time.sleep(interval)
+        late.append(time.perf_counter() - start - interval)
+    late.sort()
+    return {
+        "p50_ms": late[len(late) // 2] * 1e3,
+        "p99_ms": late[int(0.99 * len(late))] * 1e3,
+        "max_ms": late[-1] * 1e3,
+    }

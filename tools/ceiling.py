@@ -1,0 +1,90 @@
+"""The bare synchronous pyzmq ceiling for a CHP server (no Trio, no checks).
+
+    python tools/ceiling.py --port P [--bind 127.0.0.1]
+
+Sockets as a Clone server's: ROUTER at P (snapshots), PUB at P+1 (updates),
+SUB at P+2 (the collector, subscribed to everything), with the options
+trioclone uses by default (collector RCVHWM 100,000, PUB SNDHWM 100,000,
+ROUTER SNDHWM 10,000 with ROUTER_MANDATORY so snapshot sends block instead
+of dropping).
+
+The loop: poll; drain up to 512 KVSETs (each: stamp the next sequence as
+``!q``, republish the five frames, store the frames under the key); answer
+each ICANHAZ with a KVSYNC per stored key under the subtree and a KTHXBAI,
+with blocking sends.  Nothing else: no validation, no TTL, no deletes, no
+HUGZ, no logging.  This is what any Python CHP server can at best reach on
+this machine.  Stopped by SIGTERM/SIGINT (default handlers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import struct
+
+import zmq
+
+BATCH = 512
+COLLECTOR_HWM = 100_000
+PUBLISHER_HWM = 100_000
+SNAPSHOT_HWM = 10_000
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--port", type=int, required=True, help="base port P")
+    parser.add_argument("--bind", default="127.0.0.1", help="interface to bind")
+    args = parser.parse_args()
+    serve(args.port, args.bind)
+
+
+def serve(port: int, host: str) -> None:
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    router.setsockopt(zmq.SNDHWM, SNAPSHOT_HWM)
+    router.bind(f"tcp://{host}:{port}")
+    publisher = ctx.socket(zmq.PUB)
+    publisher.setsockopt(zmq.SNDHWM, PUBLISHER_HWM)
+    publisher.bind(f"tcp://{host}:{port + 1}")
+    collector = ctx.socket(zmq.SUB)
+    collector.setsockopt(zmq.RCVHWM, COLLECTOR_HWM)
+    collector.setsockopt(zmq.SUBSCRIBE, b"")
+    collector.bind(f"tcp://{host}:{port + 2}")
+
+    poller = zmq.Poller()
+    poller.register(collector, zmq.POLLIN)
+    poller.register(router, zmq.POLLIN)
+    pack = struct.Struct("!q").pack
+    receive, publish = collector.recv_multipart, publisher.send_multipart
+    store: dict[bytes, list[bytes]] = {}
+    sequence = 0
+    while True:
+        ready = dict(poller.poll())
+        if collector in ready:
+            for _ in range(BATCH):
+                try:
+                    frames = receive(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                sequence += 1
+                frames[1] = pack(sequence)
+                publish(frames)
+                store[frames[0]] = frames
+        if router in ready:
+            try:
+                identity, _command, subtree = router.recv_multipart(zmq.NOBLOCK)
+            except (zmq.Again, ValueError):
+                continue
+            try:
+                for key, frames in store.items():
+                    if key.startswith(subtree):
+                        router.send_multipart([identity, *frames])
+                router.send_multipart(
+                    [identity, b"KTHXBAI", pack(sequence), b"", b"", subtree]
+                )
+            except zmq.ZMQError:  # the client went away (ROUTER_MANDATORY)
+                pass
+
+
+if __name__ == "__main__":
+    main()
