@@ -69,6 +69,10 @@ class RawClient:
         props = dict(properties or {})
         if ttl is not None:
             props["ttl"] = str(ttl)
+        # A PUB takes in new subscribers at most once a millisecond of real
+        # time when sending; reading EVENTS makes it do so now, so a collector
+        # that connected (and settled) is never missed.
+        self.pub.refresh()
         self.pub.try_send(encode_kvmsg(KVMsg(key, 0, uuid, props, body)))
         return uuid
 

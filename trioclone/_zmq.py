@@ -38,6 +38,16 @@ from trioclone.errors import CloneError
 
 Frames = list[bytes]
 
+# pyzmq's send_multipart/recv_multipart combine flags as enum.Flag members and
+# read RCVMORE through the option machinery on every frame, which costs more
+# than moving the data: for a 5-frame kvmsg here, 12 us to send and 12 us to
+# receive, against 3 us and 5 us for the same work with plain int flags and
+# each frame's own ``more`` bit.
+_send = zmq.backend.Socket.send
+_recv = zmq.backend.Socket.recv
+_NOBLOCK = int(zmq.NOBLOCK)
+_MORE = int(zmq.NOBLOCK | zmq.SNDMORE)
+
 #: How long a ROUTER send waits before retrying a peer whose queue is full
 #: while the socket as a whole reports POLLOUT (libzmq sets POLLOUT on a
 #: ROUTER when *any* peer has room, so the FD alone cannot wake us).
@@ -100,10 +110,15 @@ class Socket:
         """Up to ``max_messages`` messages already queued; never waits."""
         self._check_open()
         batch: list[Frames] = []
-        recv = self._sock.recv_multipart
+        sock = self._sock
         try:
             while len(batch) < max_messages:
-                batch.append(recv(zmq.NOBLOCK))
+                frame = _recv(sock, _NOBLOCK, copy=False)
+                message = [frame.bytes]
+                while frame.more:  # the rest of a message is always queued
+                    frame = _recv(sock, _NOBLOCK, copy=False)
+                    message.append(frame.bytes)
+                batch.append(message)
         except zmq.Again:
             pass
         except zmq.ZMQError as exc:
@@ -111,11 +126,24 @@ class Socket:
                 raise trio.ClosedResourceError(str(exc)) from exc
         return batch
 
+    def refresh(self) -> None:
+        """Let libzmq act on its pending commands now (a PUB takes in new
+        subscribers), which it otherwise does at most once a millisecond
+        while sending.  Only for sockets no task waits on (rule 2)."""
+        self._events()
+
     def try_send(self, frames: Sequence[bytes]) -> bool:
         """Send without waiting; False if the peer's queue is full."""
         self._check_open()
+        sock, last = self._sock, len(frames) - 1
         try:
-            self._sock.send_multipart(frames, zmq.NOBLOCK)
+            # Only the first frame can meet the high-water mark: once it is
+            # accepted, libzmq takes the rest of the message.
+            _send(sock, frames[0], _MORE if last else _NOBLOCK)
+            for index in range(1, last):
+                _send(sock, frames[index], _MORE)
+            if last:
+                _send(sock, frames[last], _NOBLOCK)
         except zmq.Again:
             return False
         except zmq.ZMQError as exc:

@@ -188,6 +188,7 @@ class CloneServer:
             self.synced.value = False
         self.state.value = state
         if self._state_sock is not None:
+            self._state_sock.refresh()
             self._state_sock.try_send([encode_state(state)])
         if self._role_scope is not None:
             self._role_scope.cancel()
@@ -203,6 +204,7 @@ class CloneServer:
         while True:
             batch = await sock.receive_batch(BATCH)
             now = trio.current_time()
+            self.publisher.admit()
             for frames in batch:
                 try:
                     update = core.collect(frames, now)
@@ -285,6 +287,7 @@ class CloneServer:
         assert self.bstar is not None and self._state_sock is not None
         deadline = trio.current_time()
         while True:
+            self._state_sock.refresh()
             self._state_sock.try_send([encode_state(self.bstar.state)])
             deadline = max(deadline + heartbeat, trio.current_time())
             await trio.sleep_until(deadline)
@@ -329,6 +332,7 @@ class CloneServer:
     async def _send_hugz(self, interval: float) -> NoReturn:
         deadline = trio.current_time()
         while True:
+            self.publisher.admit()
             self.publisher.publish(self.core.hugz())
             deadline = max(deadline + interval, trio.current_time())
             await trio.sleep_until(deadline)

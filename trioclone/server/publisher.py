@@ -34,6 +34,16 @@ class Publisher:
     def is_open(self) -> bool:
         return self._open
 
+    def admit(self) -> None:
+        """Take in subscribers that connected since the last call.
+
+        A PUB does so by itself at most once a millisecond while sending;
+        reading EVENTS makes it happen before the next batch is published,
+        so a client that just subscribed misses nothing sent after it did.
+        """
+        if self._open:
+            self._sock.refresh()
+
     def publish(self, frames: Sequence[bytes]) -> None:
         if not self._open:
             self._held.append(frames)
