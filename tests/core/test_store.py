@@ -5,9 +5,11 @@ Time is always a literal ``now``: no clocks, no sleeps.
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
-from trioclone.core.chp import KVMsg, decode_kvmsg
+from trioclone.core.chp import SEQUENCE, KVMsg, decode_kvmsg
 from trioclone.core.store import Store
 
 UUID = bytes(range(16))
@@ -513,3 +515,26 @@ def test_snapshot_sends_changed_value_as_it_is_then() -> None:
     assert last.body == b"v2"
     assert last.sequence == 3
     assert last.uuid == UUID2
+
+
+@pytest.mark.parametrize("size", [0, 1, 254, 255, 256, 70_000])
+def test_properties_of_any_length_round_trip(size: int) -> None:
+    store = Store()
+    properties = b"p=" + b"x" * size + b"\n"
+    uuid = bytes(range(16))
+    store.put(b"/k", 7, uuid, properties, b"body", None, 0.0)
+    assert store.frames(b"/k", 0.0) == [
+        b"/k",
+        SEQUENCE.pack(7),
+        uuid,
+        properties,
+        b"body",
+    ]
+    assert store.uuid_of(b"/k") == uuid
+    assert store.get(b"/k") == KVMsg(b"/k", 7, uuid, {"p": "x" * size}, b"body")
+
+
+def test_a_typical_record_fits_a_160_byte_allocation() -> None:
+    store = Store()
+    store.put(b"/k" * 8, 1, bytes(16), b"", b"v" * 100, None, 0.0)
+    assert sys.getsizeof(store._records[b"/k" * 8]) <= 160

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import queue
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -25,37 +24,16 @@ from typing import Any
 import pytest
 
 import trioclone
+from tests.integration.procs import HOST, free_base_ports
 from trioclone import ClientClosedError, DeleteEvent, NoServerError, SetEvent
 
-HOST = "127.0.0.1"
 RUN_TIMEOUT = 30.0  # seconds any one CLI command may take
 STOP_GRACE = 5.0
-
-_taken: set[int] = set()
-
-
-def _free(port: int) -> bool:
-    if port in _taken or not 1024 <= port <= 65535:
-        return False
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        try:
-            s.bind((HOST, port))
-        except OSError:
-            return False
-    return True
 
 
 def free_base(span: int = 1) -> int:
     """A port P with P .. P + span - 1 free now, never handed out before."""
-    for _ in range(200):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind((HOST, 0))
-            base = int(s.getsockname()[1])
-        block = range(base, base + span)
-        if all(_free(p) for p in block):
-            _taken.update(block)
-            return base
-    raise RuntimeError("no free ports on 127.0.0.1")
+    return free_base_ports(1, span)[0]
 
 
 def address(port: int) -> str:

@@ -18,29 +18,44 @@ import struct
 from collections.abc import Iterator
 
 from trioclone.core.chp import (
+    SEQUENCE,
     KVMsg,
     decode_properties,
     encode_properties,
     with_ttl,
 )
 
-_HEADER = struct.Struct("!qBI")  # sequence, UUID length, properties length
-_LENGTHS = struct.Struct("!BI")  # the two lengths, after the sequence
+# A record: sequence (8 bytes, exactly the wire frame), UUID length (1 byte),
+# properties length (1 byte, or 255 and then 4 bytes), UUID, properties, body.
+# Ten bytes of header in the usual case: with a 16-byte UUID and a 100-byte
+# value the record is a 159-byte object, inside pymalloc's 160-byte class.
+_LONG = 255
+_LENGTH = struct.Struct("!I")
 
 
 def _pack(sequence: int, uuid: bytes, properties: bytes, body: bytes) -> bytes:
-    return b"".join(
-        (_HEADER.pack(sequence, len(uuid), len(properties)), uuid, properties, body)
+    size = len(properties)
+    lengths = (
+        bytes((len(uuid), size))
+        if size < _LONG
+        else bytes((len(uuid), _LONG)) + _LENGTH.pack(size)
     )
+    return b"".join((SEQUENCE.pack(sequence), lengths, uuid, properties, body))
+
+
+def _layout(record: bytes) -> tuple[int, int, int]:
+    """Where the UUID starts and ends and where the properties end."""
+    size, start = record[9], 10
+    if size == _LONG:
+        size, start = _LENGTH.unpack_from(record, 10)[0], 14
+    uuid_end = start + record[8]
+    return start, uuid_end, uuid_end + size
 
 
 def _unpack(record: bytes) -> tuple[int, bytes, bytes, bytes]:
-    sequence, uuid_len, props_len = _HEADER.unpack_from(record)
-    start = _HEADER.size
-    uuid_end = start + uuid_len
-    props_end = uuid_end + props_len
+    start, uuid_end, props_end = _layout(record)
     return (
-        sequence,
+        SEQUENCE.unpack_from(record)[0],
         record[start:uuid_end],
         record[uuid_end:props_end],
         record[props_end:],
@@ -144,7 +159,8 @@ class Store:
         record = self._records.get(key)
         if record is None:
             return b""
-        return record[_HEADER.size : _HEADER.size + record[8]]
+        start, uuid_end, _ = _layout(record)
+        return record[start:uuid_end]
 
     def keys(self, subtree: bytes = b"") -> list[bytes]:
         """A point-in-time list of the keys under ``subtree``."""
@@ -164,16 +180,14 @@ class Store:
         record = self._records.get(key)
         if record is None:
             return None
-        uuid_len, props_len = _LENGTHS.unpack_from(record, 8)
-        uuid_end = _HEADER.size + uuid_len
-        props_end = uuid_end + props_len
+        start, uuid_end, props_end = _layout(record)
         properties = record[uuid_end:props_end]
         if self._deadlines and key in self._deadlines:
             remaining = max(self._deadlines[key] - now, 0.001)  # ttl=0: "never"
             properties = encode_properties(
                 with_ttl(decode_properties(properties), remaining)
             )
-        frames = [key, record[:8], record[_HEADER.size : uuid_end], properties]
+        frames = [key, record[:8], record[start:uuid_end], properties]
         frames.append(record[props_end:])
         if identity is not None:
             frames.insert(0, identity)
