@@ -79,12 +79,18 @@ class Socket:
         if self._closed:
             raise trio.ClosedResourceError("socket was closed")
 
-    async def wait(self, flag: int) -> None:
-        """Wait until ``EVENTS`` has ``flag`` (``zmq.POLLIN``/``POLLOUT``)."""
+    async def wait(self, flag: int) -> bool:
+        """Wait until ``EVENTS`` has ``flag`` (``zmq.POLLIN``/``POLLOUT``).
+
+        True if it had to wait (and so passed a schedule point).
+        """
         self._check_open()
+        waited = False
         while not self._events() & flag:
             await trio.lowlevel.wait_readable(self._fd)
+            waited = True
             self._check_open()
+        return waited
 
     def _events(self) -> int:
         try:
@@ -100,10 +106,12 @@ class Socket:
         """At least one and at most ``max_messages`` messages."""
         await trio.lowlevel.checkpoint_if_cancelled()
         batch = self.receive_nowait(max_messages)
+        waited = False
         while not batch:
-            await self.wait(zmq.POLLIN)
+            waited = await self.wait(zmq.POLLIN) or waited
             batch = self.receive_nowait(max_messages)
-        await trio.lowlevel.cancel_shielded_checkpoint()
+        if not waited:  # a schedule point for fairness, never a cancel point
+            await trio.lowlevel.cancel_shielded_checkpoint()
         return batch
 
     def receive_nowait(self, max_messages: int = 256) -> list[Frames]:
