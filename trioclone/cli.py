@@ -177,17 +177,32 @@ def run_local_pair(args: argparse.Namespace) -> int:
 
 
 async def supervise_children(commands: list[list[str]]) -> int:
+    """Run the children; when one exits (or on a signal) stop them all."""
+    processes = [await trio.lowlevel.open_process(cmd) for cmd in commands]
+    codes: list[int] = []
     async with trio.open_nursery() as nursery:
-        processes = [await trio.lowlevel.open_process(cmd) for cmd in commands]
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
 
-            async def stop_on_signal() -> None:
+        async def watch(process: trio.Process) -> None:
+            codes.append(await process.wait())
+            nursery.cancel_scope.cancel()
+
+        async def stop_on_signal() -> None:
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                 async for _ in signals:
-                    for process in processes:
-                        process.terminate()
+                    nursery.cancel_scope.cancel()
                     return
 
-            nursery.start_soon(stop_on_signal)
-            codes = [await process.wait() for process in processes]
-            nursery.cancel_scope.cancel()
-    return max(codes, key=abs)
+        for process in processes:
+            nursery.start_soon(watch, process)
+        nursery.start_soon(stop_on_signal)
+    for process in processes:
+        if process.returncode is None:
+            process.terminate()
+    with trio.CancelScope(shield=True):
+        for process in processes:
+            codes.append(await process.wait())
+    failed = [code for code in codes if code not in (0, -signal.SIGTERM)]
+    if failed:
+        log.error("a server exited with status %d; stopped the other", failed[0])
+        return 1
+    return 0

@@ -13,7 +13,7 @@ import trio
 
 from trioclone.client.agent import DEFAULT_SERVERS, CloneClient, open_client
 from trioclone.client.events import CloneEvent, DeleteEvent, ResyncEvent, SetEvent
-from trioclone.errors import WriteTimeoutError
+from trioclone.errors import LocalProtocolError, WriteTimeoutError
 
 EXIT_NOT_FOUND = 1
 EXIT_NO_SERVER = 3
@@ -69,6 +69,9 @@ def client_command(
             return trio.run(connected, handler, args, servers, getattr(args, subtree))
         except KeyboardInterrupt:
             return 130
+        except LocalProtocolError as exc:  # e.g. --ttl 0, a reserved key
+            print(f"trioclone: {exc}", file=sys.stderr)
+            return 2
 
     return run
 

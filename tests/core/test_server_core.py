@@ -396,10 +396,24 @@ def test_pending_is_applied_once() -> None:
 
 def test_pending_anonymous_updates_are_applied_at_takeover() -> None:
     core = passive_core(0)
-    core.collect(kvset(b"/a", b"1", b""), 1.0)
-    core.mirror(kvpub(b"/a", 1, b"1", b""), 1.1)  # cannot be matched
+    core.collect(kvset(b"/a", b"1", b""), 1.0)  # no UUID: cannot be matched
+    core.collect(kvset(b"/b", b"2", b""), 1.0)
+    core.mirror(kvpub(b"/a", 1, b"1", b""), 1.1)  # /a written after it arrived
     published = core.become_active(2.0)
-    assert published == [[b"/a", SEQUENCE.pack(2), b"", b"", b"1"]]
+    # /a: superseded by a later write of the active (here, itself): not twice.
+    assert published == [[b"/b", SEQUENCE.pack(2), b"", b"", b"2"]]
+    assert core.stats["pending_superseded"] == 1
+
+
+def test_takeover_never_replays_a_pending_write_a_later_one_overwrote() -> None:
+    core = passive_core(0)
+    old, new = kvset(b"/k", b"old", U1), kvset(b"/k", b"new", U2)
+    core.collect(old, 1.0)  # its copy from the active was missed
+    core.collect(new, 1.1)
+    core.mirror(kvpub(b"/k", 1, b"new", U2), 1.2)  # only the newer one seen
+    assert len(core.pending) == 1
+    assert core.become_active(2.0) == []
+    assert core.store.get(b"/k").body == b"new"
 
 
 @pytest.mark.parametrize(("takeover", "applied"), [(39.999, 1), (40.0, 0)])

@@ -177,11 +177,13 @@ class CloneClient:
         result: list[int] = []
         self._waiters[uuid] = (done, result)
         self._dispatch()
-        with trio.move_on_after(timeout):
-            await done.wait()
-            return result[0]
-        self._waiters.pop(uuid, None)
-        self._core.forget(uuid)
+        try:
+            with trio.move_on_after(timeout):
+                await done.wait()
+                return result[0]
+        finally:  # confirmed, timed out or cancelled: stop tracking it
+            self._waiters.pop(uuid, None)
+            self._core.forget(uuid)
         raise WriteTimeoutError(
             f"write of {key!r} not confirmed within {timeout} s "
             f"(server {self.server}, {self.phase})"
@@ -232,9 +234,11 @@ class CloneClient:
                 self._connection_scope = scope
                 if index < 0:
                     await trio.sleep_forever()
-                await self._connection(self._endpoints[index])
+                await self._connection(self._endpoints[index], scope)
 
-    async def _connection(self, server: Endpoints) -> None:
+    async def _connection(
+        self, server: Endpoints, connection: trio.CancelScope
+    ) -> None:
         prefixes = [*self._core.subtrees, HUGZ]
         dealer = self._sockets.open(zmq.DEALER, connect=[server.snapshot])
         sub = self._sockets.open(
@@ -243,34 +247,38 @@ class CloneClient:
         log.debug("connected to %s", server)
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._replies, dealer)
-                nursery.start_soon(self._updates, sub)
+                nursery.start_soon(self._replies, dealer, connection)
+                nursery.start_soon(self._updates, sub, connection)
         finally:
             dealer.close()
             sub.close()
 
-    async def _replies(self, dealer: Socket) -> NoReturn:
+    async def _replies(self, dealer: Socket, connection: trio.CancelScope) -> NoReturn:
         while True:
             while self._requests:  # sent here: this task owns the DEALER
-                await dealer.send(encode_request(self._requests.popleft()))
+                await dealer.send(encode_request(self._requests[0]))
+                self._requests.popleft()  # only once it really went out
             with trio.CancelScope() as wait:  # cancelled when a request is queued
                 self._dealer_wait = wait
                 batch = await dealer.receive_batch(512)  # cancel-safe
             self._dealer_wait = None
             if not wait.cancelled_caught:
-                self._handle(batch, self._core.on_reply, "snapshot reply")
+                self._handle(batch, self._core.on_reply, "snapshot reply", connection)
 
-    async def _updates(self, sub: Socket) -> NoReturn:
+    async def _updates(self, sub: Socket, connection: trio.CancelScope) -> NoReturn:
         while True:
             batch = await sub.receive_batch(512)
-            self._handle(batch, self._core.on_update, "update")
+            self._handle(batch, self._core.on_update, "update", connection)
 
     def _handle(
         self,
         batch: list[list[bytes]],
         handle: Callable[[list[bytes], float], None],
         where: str,
+        connection: trio.CancelScope,
     ) -> None:
+        if connection.cancel_called:
+            return  # from a server we just left: not for the new attempt
         now = trio.current_time()
         for frames in batch:
             try:

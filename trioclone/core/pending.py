@@ -62,7 +62,8 @@ class Pending:
         self.max_size = max_size
         self.max_age = max_age
         self.dropped = 0
-        self._entries: OrderedDict[bytes | int, tuple[float, Sequence[bytes]]] = (
+        # uuid -> (time held, frames, the active's sequence when held)
+        self._entries: OrderedDict[bytes | int, tuple[float, Sequence[bytes], int]] = (
             OrderedDict()
         )
         self._anonymous = itertools.count()
@@ -70,12 +71,18 @@ class Pending:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def hold(self, uuid: bytes, frames: Sequence[bytes], now: float) -> None:
-        """Keep a client update until the active confirms it."""
+    def hold(
+        self, uuid: bytes, frames: Sequence[bytes], now: float, sequence: int = 0
+    ) -> None:
+        """Keep a client update until the active confirms it.
+
+        ``sequence`` is the active's sequence as known when it arrived: a
+        write to the same key applied later than that supersedes it.
+        """
         entries = self._entries
         if uuid in entries:
             return  # a resend: keep the first copy's place
-        entries[uuid or next(self._anonymous)] = (now, frames)
+        entries[uuid or next(self._anonymous)] = (now, frames, sequence)
         if len(entries) > self.max_size:
             entries.popitem(last=False)
             self.dropped += 1
@@ -90,7 +97,7 @@ class Pending:
         limit = now - self.max_age
         count = 0
         while entries:
-            held_at, _ = next(iter(entries.values()))
+            held_at = next(iter(entries.values()))[0]
             if held_at > limit:
                 break
             entries.popitem(last=False)
@@ -100,7 +107,11 @@ class Pending:
 
     def drain(self) -> list[Sequence[bytes]]:
         """Every held update, oldest first; the list is left empty."""
-        held = [frames for _, frames in self._entries.values()]
+        return [frames for frames, _ in self.drain_with_sequences()]
+
+    def drain_with_sequences(self) -> list[tuple[Sequence[bytes], int]]:
+        """As ``drain``, each with the sequence it was held at."""
+        held = [(frames, seq) for _, frames, seq in self._entries.values()]
         self._entries.clear()
         return held
 

@@ -69,6 +69,7 @@ class ServerCore:
         self.resync_wanted = False
         self._incoming: Store | None = None
         self._incoming_uuids: list[bytes] = []
+        self._stream_sequence = 0
         self._backlog: list[tuple[KVMsg, Sequence[bytes], float]] = []
 
     # -- client updates (both roles) ---------------------------------------
@@ -88,7 +89,7 @@ class ServerCore:
             return None
         if self.active:
             return self._apply(msg, frames, now, current)
-        self.pending.hold(uuid, frames, now)
+        self.pending.hold(uuid, frames, now, self._known_sequence())
         return None
 
     def _apply(
@@ -137,10 +138,14 @@ class ServerCore:
         self._backlog.clear()
         self.synced = True
         published = []
-        for frames in self.pending.drain():
+        for frames, held_at in self.pending.drain_with_sequences():
             msg = decode_kvmsg(frames)
-            if not self._is_repeat(msg.key, msg.uuid):
-                published.append(self._apply(msg, frames, now))
+            if self._is_repeat(msg.key, msg.uuid):
+                continue
+            if self.store.sequence_of(msg.key) > held_at:
+                self.stats["pending_superseded"] += 1  # a later write won
+                continue
+            published.append(self._apply(msg, frames, now))
         self.stats["takeover_applied"] += len(published)
         return published
 
@@ -212,6 +217,7 @@ class ServerCore:
             return False
         msg = decode_kvmsg(frames)
         store = self.store
+        self._stream_sequence = max(self._stream_sequence, msg.sequence)
         if msg.key == HUGZ:
             return self.synced and msg.sequence > store.sequence
         self.pending.match(msg.uuid)
@@ -250,6 +256,10 @@ class ServerCore:
         if not msg.body:
             self.applied.add(msg.uuid)  # a delete leaves no record to hold it
         store.put(msg.key, sequence, msg.uuid, properties, msg.body, msg.ttl, now)
+
+    def _known_sequence(self) -> int:
+        """The newest sequence of the active's that we know of."""
+        return max(self.store.sequence, self._stream_sequence)
 
     def _is_repeat(self, key: bytes, uuid: bytes) -> bool:
         """Was this write (by UUID) applied already?"""

@@ -154,6 +154,11 @@ class Store:
                 expired.append((key, uuid))
         return expired
 
+    def sequence_of(self, key: bytes) -> int:
+        """The sequence ``key`` was last written at; 0 if absent."""
+        record = self._records.get(key)
+        return 0 if record is None else int(SEQUENCE.unpack_from(record)[0])
+
     def uuid_of(self, key: bytes) -> bytes:
         """The UUID ``key`` was last written with; empty if none or absent."""
         record = self._records.get(key)
