@@ -442,3 +442,12 @@ def test_state_frame_round_trip(state: State, frame: bytes) -> None:
 def test_malformed_state_frame(frames: list[bytes]) -> None:
     with pytest.raises(RemoteProtocolError):
         decode_state(frames)
+
+
+def test_heartbeats_read_together_after_a_stall_are_not_a_mismatch() -> None:
+    star = _primary()
+    faults = [star.on_peer(State.BACKUP, now).fault for now in (0.0, 1.0, 2.0)]
+    faults += [star.on_peer(State.BACKUP, 5.0).fault for _ in range(5)]
+    faults += [star.on_peer(State.BACKUP, now).fault for now in (6.0, 7.0)]
+    assert HEARTBEAT_MISMATCH not in faults
+    assert star.faults[HEARTBEAT_MISMATCH] == 0

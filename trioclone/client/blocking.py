@@ -127,17 +127,23 @@ class BlockingClient:
         """Changes under ``prefix``, as a blocking iterator (ends on close)."""
         client = self._live()
         events: queue.SimpleQueue[object] = queue.SimpleQueue()
+        scope = trio.CancelScope()
 
         async def forward() -> None:
             try:
-                async for event in client.watch(prefix):
-                    events.put(event)
+                with scope:
+                    async for event in client.watch(prefix):
+                        events.put(event)
             finally:
                 events.put(_CLOSED)
 
         trio.from_thread.run_sync(lambda: self._spawn(forward), trio_token=self._token)
-        while (event := events.get()) is not _CLOSED:
-            yield event  # type: ignore[misc]
+        try:
+            while (event := events.get()) is not _CLOSED:
+                yield event  # type: ignore[misc]
+        finally:  # the caller stopped early: stop forwarding
+            if self._stop is not None and not self._stop.is_set():
+                trio.from_thread.run_sync(scope.cancel, trio_token=self._token)
 
     def _spawn(self, fn: Any) -> None:
         assert self._client is not None

@@ -167,6 +167,8 @@ class BinaryStar:
         if last is None:
             return None
         interval = now - last
+        if interval < 0.1 * self.heartbeat:
+            return None  # queued heartbeats read together: says nothing
         if 0.5 * self.heartbeat <= interval <= 1.5 * self.heartbeat:
             self._odd_intervals = 0
             return None
