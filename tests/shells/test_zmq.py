@@ -121,6 +121,21 @@ class BeforeNextStep(trio.abc.Instrument):
             self.action()
 
 
+def fill_dealer(sockets: Sockets, address: str) -> tuple[Socket, Socket, int]:
+    """A ROUTER that does not read and a DEALER sent to until it is full."""
+    router = sockets.open(zmq.ROUTER, bind=[address], options=[(zmq.RCVHWM, 2)])
+    dealer = sockets.open(
+        zmq.DEALER,
+        connect=[address],
+        options=[(zmq.SNDHWM, 2), (zmq.IDENTITY, b"dealer")],
+    )
+    sent = 0
+    while dealer.try_send([b"%d" % sent]):
+        sent += 1
+        assert sent < 1000, "try_send never reported a full queue"
+    return router, dealer, sent
+
+
 RECEIVE_METHODS = pytest.mark.parametrize("method", ["receive", "receive_batch"])
 
 
@@ -401,17 +416,7 @@ async def test_wait_returns_at_once_when_the_edge_was_already_consumed(
 async def test_wait_ignores_wake_ups_for_the_other_direction(
     autojump_clock: trio.abc.Clock, sockets: Sockets, endpoint: Callable[[], str]
 ) -> None:
-    address = endpoint()
-    router = sockets.open(zmq.ROUTER, bind=[address], options=[(zmq.RCVHWM, 2)])
-    dealer = sockets.open(
-        zmq.DEALER,
-        connect=[address],
-        options=[(zmq.SNDHWM, 2), (zmq.IDENTITY, b"dealer")],
-    )
-    sent = 0
-    while dealer.try_send([b"%d" % sent]):
-        sent += 1
-        assert sent < 1000
+    router, dealer, sent = fill_dealer(sockets, endpoint())
     assert not events(dealer) & zmq.POLLOUT
     woke: list[int] = []
 
@@ -744,17 +749,7 @@ async def test_two_tasks_waiting_on_one_socket_is_a_busy_resource_error(
 async def test_try_send_returns_false_when_dealer_queue_is_full(
     autojump_clock: trio.abc.Clock, sockets: Sockets, endpoint: Callable[[], str]
 ) -> None:
-    address = endpoint()
-    router = sockets.open(zmq.ROUTER, bind=[address], options=[(zmq.RCVHWM, 2)])
-    dealer = sockets.open(
-        zmq.DEALER,
-        connect=[address],
-        options=[(zmq.SNDHWM, 2), (zmq.IDENTITY, b"dealer")],
-    )
-    accepted = 0
-    while dealer.try_send([b"%d" % accepted]):
-        accepted += 1
-        assert accepted < 1000, "try_send never reported a full queue"
+    router, dealer, accepted = fill_dealer(sockets, endpoint())
     assert accepted >= 2
     assert dealer.try_send([b"again"]) is False
     assert dealer.try_send([b"again"]) is False
