@@ -82,7 +82,7 @@ async def connected(
     async with open_client(servers, subtree) as clone:
         with trio.move_on_after(args.timeout):
             await clone.wait_synced()
-        if not clone.synced.value:
+        if not clone.synced:
             print(
                 f"trioclone: no server answered within {args.timeout:g} s "
                 f"(tried {', '.join(servers)})",

@@ -132,7 +132,8 @@ TABLE_CASES = [
     Case("active-backup", P, 10.5, A),
     Case("active-backup", B, 10.5, A),
     Case("active-backup", S, 10.5, A),
-    Case("active-backup", A, 10.5, S, fault=DUAL_ACTIVES),  # backup steps down
+    # dual actives: with no verdict on the maps yet, both wait (see below)
+    Case("active-backup", A, 10.5, A, fault=DUAL_ACTIVES),
     # PASSIVE (peer expires at 12.0)
     Case("passive-primary", P, 10.5, A),  # peer restarted (same)
     Case("passive-primary", B, 10.5, A),  # peer restarted (same)
@@ -244,12 +245,41 @@ def test_dual_actives_primary_stays_active() -> None:
     assert star.faults[DUAL_ACTIVES] == 1
 
 
-def test_dual_actives_backup_steps_down() -> None:
-    star = _active_backup()
-    outcome = star.on_peer(State.ACTIVE, 10.5)
+@pytest.mark.parametrize("primary", [True, False])
+def test_dual_actives_follow_the_verdict_at_once(primary: bool) -> None:
+    star = _active_primary() if primary else _active_backup()
+    outcome = star.on_peer(State.ACTIVE, 10.5, keep_active=False)
     assert outcome == Outcome(State.ACTIVE, State.PASSIVE, False, DUAL_ACTIVES)
     assert outcome.changed
     assert star.faults[DUAL_ACTIVES] == 1
+
+
+def test_dual_actives_a_backup_that_holds_the_map_stays() -> None:
+    star = _active_backup()
+    for now in (10.5, 11.5, 12.5, 13.5):
+        outcome = star.on_peer(State.ACTIVE, now, keep_active=True)
+        assert outcome.state is State.ACTIVE
+    assert star.faults[DUAL_ACTIVES] == 1  # one episode, reported once
+
+
+def test_dual_actives_without_a_verdict_wait_then_the_primary_wins() -> None:
+    star = _active_backup()
+    assert [star.on_peer(State.ACTIVE, t).state for t in (10.5, 11.5)] == [
+        State.ACTIVE,
+        State.ACTIVE,
+    ]
+    star.on_vote(11.7)  # votes in between do not restart the count
+    outcome = star.on_peer(State.ACTIVE, 12.5)
+    assert outcome == Outcome(State.ACTIVE, State.PASSIVE, False, None)
+    assert star.faults[DUAL_ACTIVES] == 1
+
+
+def test_dual_actives_count_again_after_the_peer_changed() -> None:
+    star = _active_primary()
+    star.on_peer(State.ACTIVE, 10.5)
+    star.on_peer(State.PASSIVE, 11.5)  # the peer stepped down
+    star.on_peer(State.ACTIVE, 20.5)  # a second split healed
+    assert star.faults[DUAL_ACTIVES] == 2
 
 
 def test_dual_passives_primary_takes_over() -> None:
@@ -301,8 +331,12 @@ def test_dual_actives_converge() -> None:
     assert backup.on_vote(3.5).accepted
     assert primary.on_vote(3.5).accepted
     assert (primary.state, backup.state) == (State.ACTIVE, State.ACTIVE)
-    # The network heals.
-    for now in (10.0, 11.0, 12.0):
+    # The network heals.  Nothing tells whose map wins here: after a few
+    # heartbeats the primary does.
+    for now in (10.0, 11.0):
+        _exchange(primary, backup, now)
+        assert (primary.state, backup.state) == (State.ACTIVE, State.ACTIVE)
+    for now in (12.0, 13.0):
         _exchange(primary, backup, now)
         assert (primary.state, backup.state) == (State.ACTIVE, State.PASSIVE)
     assert primary.faults[DUAL_ACTIVES] == 1

@@ -1,12 +1,12 @@
-"""Synchronous tests for the pending list and the applied window
-(trioclone.core.pending).  Time is always a literal ``now``.
+"""Synchronous tests for the pending list (trioclone.core.pending).
+Time is always a literal ``now``.
 """
 
 from __future__ import annotations
 
 import pytest
 
-from trioclone.core.pending import Applied, Pending
+from trioclone.core.pending import Pending
 
 
 def _uuid(n: int) -> bytes:
@@ -17,58 +17,8 @@ def _frames(n: int) -> list[bytes]:
     return [b"/k/%d" % n, bytes(8), _uuid(n), b"", b"v%d" % n]
 
 
-# --------------------------------------------------------------------------
-# Applied
-# --------------------------------------------------------------------------
-
-
-def test_applied_remembers_uuids() -> None:
-    applied = Applied(limit=10)
-    assert len(applied) == 0
-    assert _uuid(1) not in applied
-    applied.add(_uuid(1))
-    applied.add(_uuid(2))
-    assert _uuid(1) in applied
-    assert _uuid(2) in applied
-    assert _uuid(3) not in applied
-    assert len(applied) == 2
-
-
-def test_applied_is_bounded_and_evicts_oldest() -> None:
-    applied = Applied(limit=3)
-    for n in range(1, 5):
-        applied.add(_uuid(n))
-    assert len(applied) == 3
-    assert _uuid(1) not in applied
-    assert all(_uuid(n) in applied for n in (2, 3, 4))
-    applied.add(_uuid(5))
-    assert _uuid(2) not in applied
-    assert all(_uuid(n) in applied for n in (3, 4, 5))
-
-
-def test_applied_adding_twice_takes_one_place() -> None:
-    applied = Applied(limit=3)
-    applied.add(_uuid(1))
-    applied.add(_uuid(1))
-    assert len(applied) == 1
-
-
-def test_applied_ignores_empty_uuid() -> None:
-    applied = Applied(limit=2)
-    applied.add(_uuid(1))
-    applied.add(_uuid(2))
-    applied.add(b"")
-    assert b"" not in applied
-    assert len(applied) == 2
-    assert _uuid(1) in applied  # nothing was evicted for it
-
-
-def test_applied_clear() -> None:
-    applied = Applied(limit=3)
-    applied.add(_uuid(1))
-    applied.clear()
-    assert len(applied) == 0
-    assert _uuid(1) not in applied
+def _drain(pending: Pending) -> list[list[bytes]]:
+    return [list(held.frames) for held in pending.drain()]
 
 
 # --------------------------------------------------------------------------
@@ -85,7 +35,7 @@ def test_hold_and_match_by_uuid() -> None:
     assert pending.match(_uuid(3)) is False  # only once
     assert pending.match(_uuid(9)) is False  # never held
     assert len(pending) == 4
-    assert pending.drain() == [_frames(n) for n in (1, 2, 4, 5)]
+    assert _drain(pending) == [_frames(n) for n in (1, 2, 4, 5)]
     assert pending.dropped == 0
 
 
@@ -94,9 +44,9 @@ def test_drain_keeps_arrival_order_and_empties() -> None:
     order = [7, 2, 9, 1]
     for n in order:
         pending.hold(_uuid(n), _frames(n), float(n))
-    assert pending.drain() == [_frames(n) for n in order]
+    assert _drain(pending) == [_frames(n) for n in order]
     assert len(pending) == 0
-    assert pending.drain() == []
+    assert _drain(pending) == []
 
 
 def test_resend_keeps_the_first_copys_place() -> None:
@@ -106,20 +56,17 @@ def test_resend_keeps_the_first_copys_place() -> None:
     resend = [b"/k/1", bytes(8), _uuid(1), b"", b"resent"]
     pending.hold(_uuid(1), resend, 2.0)
     assert len(pending) == 2
-    assert pending.drain() == [_frames(1), _frames(2)]
+    assert _drain(pending) == [_frames(1), _frames(2)]
 
 
-def test_empty_uuids_are_held_and_never_matched() -> None:
+def test_updates_without_a_uuid_are_never_held() -> None:
+    """They could never be matched, so a takeover would apply them twice."""
     pending = Pending()
-    first = [b"/a", bytes(8), b"", b"", b"1"]
-    second = [b"/a", bytes(8), b"", b"", b"2"]
-    pending.hold(b"", first, 0.0)
-    pending.hold(_uuid(1), _frames(1), 0.0)
-    pending.hold(b"", second, 0.0)  # not a resend of the first
-    assert len(pending) == 3
+    assert pending.hold(b"", [b"/a", bytes(8), b"", b"", b"1"], 0.0) is False
+    assert pending.hold(_uuid(1), _frames(1), 0.0) is True
+    assert len(pending) == 1
     assert pending.match(b"") is False
-    assert len(pending) == 3
-    assert pending.drain() == [first, _frames(1), second]
+    assert _drain(pending) == [_frames(1)]
 
 
 def test_max_size_evicts_oldest_and_counts() -> None:
@@ -130,17 +77,7 @@ def test_max_size_evicts_oldest_and_counts() -> None:
     assert pending.dropped == 2
     assert pending.match(_uuid(1)) is False
     assert pending.match(_uuid(2)) is False
-    assert pending.drain() == [_frames(n) for n in (3, 4, 5)]
-
-
-def test_max_size_counts_anonymous_entries() -> None:
-    pending = Pending(max_size=2)
-    pending.hold(b"", _frames(1), 0.0)
-    pending.hold(b"", _frames(2), 0.0)
-    pending.hold(b"", _frames(3), 0.0)
-    assert len(pending) == 2
-    assert pending.dropped == 1
-    assert pending.drain() == [_frames(2), _frames(3)]
+    assert _drain(pending) == [_frames(n) for n in (3, 4, 5)]
 
 
 def test_resend_at_max_size_drops_nothing() -> None:
@@ -158,7 +95,7 @@ def test_clear() -> None:
     pending.clear()
     assert len(pending) == 0
     assert pending.match(_uuid(1)) is False
-    assert pending.drain() == []
+    assert _drain(pending) == []
 
 
 # --------------------------------------------------------------------------
@@ -181,7 +118,7 @@ def test_expire_boundary(now: float, kept: bool) -> None:
 def test_expire_drops_only_the_old_and_counts() -> None:
     pending = Pending(max_age=30.0)
     pending.hold(_uuid(1), _frames(1), 10.0)
-    pending.hold(b"", _frames(2), 11.0)
+    pending.hold(_uuid(2), _frames(2), 11.0)
     pending.hold(_uuid(3), _frames(3), 12.0)
     pending.hold(_uuid(4), _frames(4), 20.0)
     assert pending.expire(39.999) == 0
@@ -189,7 +126,7 @@ def test_expire_drops_only_the_old_and_counts() -> None:
     assert pending.dropped == 2
     assert pending.expire(42.0) == 1  # held at 12.0
     assert pending.dropped == 3
-    assert pending.drain() == [_frames(4)]
+    assert _drain(pending) == [_frames(4)]
 
 
 def test_expire_counts_add_up_with_size_drops() -> None:
@@ -215,3 +152,49 @@ def test_matched_entries_do_not_expire_later() -> None:
     assert pending.match(_uuid(1))
     assert pending.expire(30.0) == 1
     assert pending.dropped == 1
+
+
+def test_take_removes_the_oldest_in_order_with_their_sequences() -> None:
+    pending = Pending()
+    for n in range(1, 6):
+        pending.hold(_uuid(n), _frames(n), float(n), sequence=10 * n)
+    first = pending.take(2)
+    assert [(list(h.frames), h.since, h.sequence) for h in first] == [
+        (_frames(1), 1.0, 10),
+        (_frames(2), 2.0, 20),
+    ]
+    assert len(pending) == 3
+    assert [list(h.frames) for h in pending.take(10)] == [_frames(n) for n in (3, 4, 5)]
+    assert pending.take(1) == []
+
+
+# --------------------------------------------------------------------------
+# Relay entries: handed over after a split, resent until matched
+# --------------------------------------------------------------------------
+
+
+def test_relay_entries_are_due_every_interval_until_matched() -> None:
+    pending = Pending()
+    pending.hold(_uuid(1), _frames(1), 0.0, relay=True)
+    pending.hold(_uuid(2), _frames(2), 0.0)  # an ordinary client copy
+    assert pending.due(0.999, 1.0) == []
+    assert pending.due(1.0, 1.0) == [_frames(1)]
+    assert pending.due(1.5, 1.0) == []  # sent at 1.0
+    assert pending.due(2.0, 1.0) == [_frames(1)]
+    assert pending.match(_uuid(1))
+    assert pending.due(10.0, 1.0) == []
+
+
+def test_relay_stops_when_dropped_taken_or_switched_off() -> None:
+    pending = Pending(max_size=2, max_age=5.0)
+    for n in range(1, 4):  # 1 is pushed out by size
+        pending.hold(_uuid(n), _frames(n), 0.0, relay=True)
+    assert pending.due(1.0, 1.0) == [_frames(2), _frames(3)]
+    pending.take(1)  # 2 is replayed at a takeover
+    assert pending.due(2.0, 1.0) == [_frames(3)]
+    pending.relay_off()
+    assert pending.due(3.0, 1.0) == []
+    assert len(pending) == 1  # still held: a takeover replays it
+    pending.hold(_uuid(4), _frames(4), 3.0, relay=True)
+    assert pending.expire(8.0) == 2
+    assert pending.due(9.0, 1.0) == []

@@ -2,28 +2,38 @@
 the snapshot transfer (trioclone.core.snapshot).
 
 Everything goes through public methods; time is always a literal ``now``.
+A passive core here is the backup of a pair that heard its peer ACTIVE; its
+replica of the active is fed with ``on_reply`` (snapshot socket) and
+``on_update`` (stream), and asks for connections and requests through
+``core.replica.actions``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import pytest
 
+from trioclone.core.bstar import BinaryStar, State
 from trioclone.core.chp import (
+    HISTORY,
     HUGZ,
     KTHXBAI,
     SEQUENCE,
     KVMsg,
     decode_kvmsg,
     encode_kvmsg,
+    history_batch,
     hugz,
     kthxbai,
 )
-from trioclone.core.server import ServerCore
+from trioclone.core.replica import Connect, Request
+from trioclone.core.server import Role, ServerCore
 from trioclone.core.snapshot import Transfer
 from trioclone.core.store import Store
 from trioclone.errors import RemoteProtocolError
+
+Frames = list[bytes]
 
 
 def _uuid(n: int) -> bytes:
@@ -31,6 +41,8 @@ def _uuid(n: int) -> bytes:
 
 
 U1, U2, U3, U4 = (_uuid(n) for n in range(1, 5))
+ACTIVES = "a" * 32  # the lineage of the active these passives follow
+OURS = "f" * 32  # the lineage a core founds
 
 
 def kvset(
@@ -39,7 +51,7 @@ def kvset(
     uuid: bytes = U1,
     props: Mapping[str, str] | None = None,
     sequence: int = 0,
-) -> list[bytes]:
+) -> Frames:
     """A client's KVSET."""
     return encode_kvmsg(KVMsg(key, sequence, uuid, props or {}, body))
 
@@ -50,34 +62,92 @@ def kvpub(
     body: bytes = b"v",
     uuid: bytes = U1,
     props: Mapping[str, str] | None = None,
-) -> list[bytes]:
+) -> Frames:
     """An update on the active's stream (also the shape of a KVSYNC)."""
     return encode_kvmsg(KVMsg(key, sequence, uuid, props or {}, body))
 
 
-def seq(frames: list[bytes]) -> int:
+def seq(frames: Sequence[bytes]) -> int:
     return int(SEQUENCE.unpack(frames[1])[0])
 
 
-def active_core(now: float = 0.0) -> ServerCore:
-    core = ServerCore()
-    assert core.become_active(now) == []
-    assert core.active
+def state(which: State) -> Frames:
+    return [b"%d" % which]
+
+
+def new_core(**options: object) -> ServerCore:
+    return ServerCore(new_lineage=lambda: OURS, **options)  # type: ignore[arg-type]
+
+
+def active_core(now: float = 0.0, **options: object) -> ServerCore:
+    core = new_core(**options)
+    core.start(now)
+    assert core.role is Role.ACTIVE and not core.busy
+    assert core.lineage == OURS and core.fresh
     return core
+
+
+def actions(core: ServerCore) -> list[object]:
+    """What the passive's replica asked for since the last call."""
+    assert core.replica is not None
+    taken, core.replica.actions = core.replica.actions, []
+    return taken
+
+
+def run(core: ServerCore, now: float) -> list[Frames]:
+    """Do the core's pending work in steps; what it published."""
+    published: list[Frames] = []
+    for _ in range(10_000):
+        if not core.busy:
+            return published
+        published += core.step(now, limit=7)
+    raise AssertionError("the work never ended")
+
+
+def sync(
+    core: ServerCore,
+    sequence: int,
+    snapshot: Sequence[Frames] = (),
+    now: float = 0.0,
+    history: Sequence[Frames] = (),
+    lineage: str = ACTIVES,
+) -> None:
+    """Answer the replica's requests: the whole map, then the window."""
+    core.poll(now)
+    assert actions(core)[-1] == Request(b"")
+    for frames in snapshot:
+        core.on_reply(frames, now)
+    core.on_reply(kthxbai(sequence, b"", {"lineage": lineage}), now)
+    assert actions(core) == [Request(HISTORY)]
+    for frames in history:
+        core.on_reply(frames, now)
+    core.on_reply(kthxbai(sequence, HISTORY, {"lineage": lineage}), now)
+    run(core, now)
+    assert core.synced
 
 
 def passive_core(
-    sequence: int = 0, snapshot: tuple[list[bytes], ...] = (), now: float = 0.0
+    sequence: int = 0,
+    snapshot: Sequence[Frames] = (),
+    now: float = 0.0,
+    *,
+    history: Sequence[Frames] = (),
+    **options: object,
 ) -> ServerCore:
-    """A passive core synced from a snapshot ending with KTHXBAI ``sequence``."""
-    core = ServerCore()
-    core.begin_sync()
-    for frames in snapshot:
-        assert core.load(frames, now) is False
-    assert core.load(kthxbai(sequence, b""), now) is True
-    assert core.synced
-    assert not core.active
+    """The backup of a pair, synced from a snapshot ending at ``sequence``."""
+    core = new_core(bstar=BinaryStar(False, now), **options)
+    core.on_peer_state(state(State.ACTIVE), now)
+    assert core.role is Role.PASSIVE
+    sync(core, sequence, snapshot, now, history)
+    assert core.lineage == ACTIVES and not core.fresh
     return core
+
+
+def take_over(core: ServerCore, now: float) -> list[Frames]:
+    """The peer restarted (PEER_PRIMARY): the passive becomes active."""
+    core.on_peer_state(state(State.PRIMARY), now)
+    assert core.role is Role.ACTIVE
+    return run(core, now)
 
 
 # --------------------------------------------------------------------------
@@ -124,18 +194,27 @@ def test_collect_keeps_properties_verbatim() -> None:
 
 
 @pytest.mark.parametrize(
-    ("ttl", "deadline"), [("5", 15.0), ("2.5", 12.5), ("0", None), (None, None)]
+    ("props", "published", "deadline"),
+    [
+        (b"ttl=5\n", b"ttl=5\n", 15.0),
+        (b"ttl=2.5\n", b"ttl=2.5\n", 12.5),
+        (b"", b"", None),
+        # ttl=0 means "never" (trioclone's client sends it for the Guide's C
+        # servers): stored and published in the canonical form, without it
+        (b"ttl=0\n", b"", None),
+        (b"owner=x\nttl=0\n", b"owner=x\n", None),
+        (b"ttl=0.000\nowner=x\n", b"owner=x\n", None),
+    ],
 )
 def test_collect_ttl_becomes_a_deadline(
-    ttl: str | None, deadline: float | None
+    props: bytes, published: bytes, deadline: float | None
 ) -> None:
     core = active_core()
-    props = {"ttl": ttl} if ttl is not None else {}
-    sent = kvset(b"/a", props=props)
-    pub = core.collect(sent, 10.0)
-    assert pub is not None
-    assert pub[3] == sent[3]  # the relative ttl goes out as received
+    pub = core.collect([b"/a", bytes(8), U1, props, b"v"], 10.0)
+    assert pub == [b"/a", SEQUENCE.pack(1), U1, published, b"v"]
     assert core.store.deadline(b"/a") == deadline
+    stored = core.store.get(b"/a")
+    assert (stored is not None and "ttl" not in stored.properties) or deadline
 
 
 def test_collect_delete() -> None:
@@ -170,6 +249,30 @@ def test_a_superseded_write_resent_is_still_a_repeat() -> None:
     assert b"/a" not in core.store
 
 
+def test_a_resend_within_the_horizon_is_a_repeat_after_any_number_of_writes() -> None:
+    """The window is sized by time: a count of writes never pushes a UUID out
+    (the old window held the last 100,000 UUIDs, whatever their age)."""
+    core = active_core(applied_horizon=60.0)
+    core.collect(kvset(b"/k", b"first", U1), 0.0)
+    core.collect(kvset(b"/k", b"second", U2), 0.0)  # U1 replaced at 0.0
+    for n in range(150_000):  # other writers, overwriting one key
+        core.collect(kvset(b"/busy", b"%d" % n, _uuid(1000 + n)), 30.0)
+    assert core.collect(kvset(b"/k", b"first", U1), 60.0) is None  # a resend
+    assert core.store.get(b"/k").body == b"second"
+    assert core.applied.evicted_early == 0
+    core.poll(62.0)  # housekeeping: past the horizon the window lets go
+    assert U1 not in core.applied
+
+
+def test_the_window_memory_bound_evicts_early_and_counts_it() -> None:
+    core = active_core(applied_limit=10)
+    for n in range(20):
+        core.collect(kvset(b"/k", b"%d" % n, _uuid(100 + n)), 0.0)
+    assert len(core.applied) == 10
+    assert core.applied.evicted_early == 9
+    assert core.status()["window_evicted_early"] == 9
+
+
 def test_many_keys_written_once_cost_no_window_space() -> None:
     core = active_core()
     for i in range(1000):
@@ -178,6 +281,7 @@ def test_many_keys_written_once_cost_no_window_space() -> None:
 
 
 def test_collect_empty_uuid_is_never_a_duplicate() -> None:
+    """The rule for empty UUIDs: the active applies each one it receives."""
     core = active_core()
     first = core.collect(kvset(b"/a", b"one", b""), 0.0)
     second = core.collect(kvset(b"/a", b"two", b""), 0.0)
@@ -196,13 +300,13 @@ def _state(core: ServerCore) -> tuple[object, ...]:
         len(core.pending),
         len(core.applied),
         dict(core.stats),
-        core.active,
+        core.role,
         core.synced,
     )
 
 
 @pytest.mark.parametrize("active", [True, False], ids=["active", "passive"])
-@pytest.mark.parametrize("key", [HUGZ, KTHXBAI])
+@pytest.mark.parametrize("key", [HUGZ, KTHXBAI, b"/a/\x00HUGZ"])
 def test_collect_reserved_keys_are_rejected(active: bool, key: bytes) -> None:
     core = active_core() if active else passive_core(3, (kvpub(b"/a", 3),))
     before = _state(core)
@@ -279,6 +383,18 @@ def test_expire_several_in_deadline_order_with_fresh_sequences() -> None:
     assert core.stats["expired"] == 2
 
 
+def test_mass_expiry_comes_out_a_bounded_step_at_a_time() -> None:
+    core = active_core()
+    for n in range(1000):
+        core.collect(kvset(b"/k/%d" % n, uuid=_uuid(10 + n), props={"ttl": "5"}), 0.0)
+    steps = []
+    while deletes := core.expire(5.0, limit=300):
+        steps.append(len(deletes))
+    assert steps == [300, 300, 300, 100]
+    assert len(core.store) == 0
+    assert core.store.sequence == 2000
+
+
 def test_rewrite_without_ttl_cancels_the_deadline() -> None:
     core = active_core()
     core.collect(kvset(b"/a", uuid=U1, props={"ttl": "5"}), 0.0)
@@ -297,16 +413,17 @@ def test_passive_never_expires_but_keeps_deadlines(
 ) -> None:
     # Defect 4 of the reference: its passive ran the TTL flusher too.
     core = passive_core(0)
-    assert core.mirror(kvpub(b"/a", 1, props={"ttl": "5"}), 10.0) is False
+    core.on_update(kvpub(b"/a", 1, props={"ttl": "5"}), 10.0)
     assert core.store.deadline(b"/a") == 15.0
     assert core.expire(15.0) == []
     assert core.expire(1000.0) == []
     assert b"/a" in core.store
-    assert core.store.sequence == 1
+    assert core.sequence == 1
     assert core.stats["expired"] == 0
     # The mirrored stream keeps going in order: no sequence was skipped.
-    assert core.mirror(kvpub(b"/b", 2, uuid=U2), 16.0) is False
-    assert core.become_active(takeover) == []
+    core.on_update(kvpub(b"/b", 2, uuid=U2), 11.0)
+    assert actions(core) == []
+    assert take_over(core, takeover) == []
     if early is not None:
         assert core.expire(early) == []
     assert core.expire(deadline) == [[b"/a", SEQUENCE.pack(3), b"", b"", b""]]
@@ -317,7 +434,7 @@ def test_passive_keeps_deadlines_from_the_snapshot() -> None:
     core = passive_core(4, (kvpub(b"/a", 4, props={"ttl": "5"}),), now=10.0)
     assert core.store.deadline(b"/a") == 15.0
     assert core.expire(30.0) == []
-    core.become_active(12.0)
+    take_over(core, 12.0)
     assert core.expire(14.999) == []
     assert core.expire(15.0) == [[b"/a", SEQUENCE.pack(5), b"", b"", b""]]
 
@@ -331,47 +448,58 @@ def test_passive_collect_holds_and_publishes_nothing() -> None:
     core = passive_core(5, (kvpub(b"/x", 5, uuid=U4),))
     assert core.collect(kvset(b"/a", uuid=U1), 1.0) is None
     assert len(core.pending) == 1
-    assert core.store.sequence == 5
+    assert core.sequence == 5
     assert core.store.keys() == [b"/x"]
+
+
+def test_passive_never_holds_a_write_without_a_uuid() -> None:
+    """The rule for empty UUIDs: applied by the active only, never replayed."""
+    core = passive_core(0)
+    assert core.collect(kvset(b"/a", b"1", b""), 1.0) is None
+    assert len(core.pending) == 0
+    assert core.stats["anonymous_not_held"] == 1
+    core.on_update(kvpub(b"/a", 1, b"1", b""), 1.1)  # the active applied it
+    assert take_over(core, 2.0) == []  # so a takeover does not apply it again
+    assert core.store.sequence == 1
 
 
 def test_mirror_of_the_actives_copy_clears_pending() -> None:
     core = passive_core(5)
     core.collect(kvset(b"/a", b"mine", U1), 1.0)
     core.collect(kvset(b"/b", b"other", U2), 1.0)
-    assert core.mirror(kvpub(b"/a", 6, b"mine", U1), 1.1) is False
+    core.on_update(kvpub(b"/a", 6, b"mine", U1), 1.1)
     assert len(core.pending) == 1
     assert core.store.get(b"/a") == KVMsg(b"/a", 6, U1, {}, b"mine")
-    published = core.become_active(2.0)
+    published = take_over(core, 2.0)
     assert [frames[0] for frames in published] == [b"/b"]
 
 
 def test_actives_copy_first_makes_the_clients_copy_a_duplicate() -> None:
     core = passive_core(5)
-    assert core.mirror(kvpub(b"/a", 6, b"v", U1), 1.0) is False
+    core.on_update(kvpub(b"/a", 6, b"v", U1), 1.0)
     assert core.collect(kvset(b"/a", b"v", U1), 1.1) is None
     assert len(core.pending) == 0
     assert core.stats["duplicates"] == 1
-    assert core.become_active(2.0) == []
+    assert take_over(core, 2.0) == []
     assert core.store.sequence == 6
 
 
-def test_become_active_publishes_pending_in_order_with_fresh_sequences() -> None:
+def test_takeover_publishes_pending_in_order_with_fresh_sequences() -> None:
     # Defect 5 of the reference: it applied the pending list but did not
     # publish it.
     core = passive_core(10, (kvpub(b"/old", 10, uuid=U4),))
     sets = [
         kvset(b"/a", b"1", U1, {"ttl": "7"}),
         kvset(b"/b", b"2", U2),
-        kvset(b"/c", b"3", U3),
+        kvset(b"/c", b"3", U3, {"ttl": "0"}),
     ]
     for frames in sets:
         core.collect(frames, 1.0)
-    core.mirror(kvpub(b"/b", 11, b"2", U2), 1.5)  # the active had /b
-    published = core.become_active(3.0)
+    core.on_update(kvpub(b"/b", 11, b"2", U2), 1.5)  # the active had /b
+    published = take_over(core, 3.0)
     assert published == [
         [b"/a", SEQUENCE.pack(12), U1, sets[0][3], b"1"],
-        [b"/c", SEQUENCE.pack(13), U3, b"", b"3"],
+        [b"/c", SEQUENCE.pack(13), U3, b"", b"3"],  # ttl=0: canonical
     ]
     assert core.active
     assert len(core.pending) == 0
@@ -380,29 +508,18 @@ def test_become_active_publishes_pending_in_order_with_fresh_sequences() -> None
     assert core.store.deadline(b"/a") == 10.0  # ttl counts from takeover
     assert core.store.get(b"/b") == KVMsg(b"/b", 11, U2, {}, b"2")
     assert core.stats["takeover_applied"] == 2
+    # The map's lineage is inherited, and its branch point is where it forked.
+    assert (core.lineage, core.fresh, core.branch) == (ACTIVES, False, 11)
 
 
 def test_pending_is_applied_once() -> None:
     core = passive_core(0)
     core.collect(kvset(b"/a", b"1", U1), 1.0)
-    assert len(core.become_active(2.0)) == 1
+    assert len(take_over(core, 2.0)) == 1
     # A client resending after the failover is a duplicate, not a new update.
     assert core.collect(kvset(b"/a", b"1", U1), 3.0) is None
     assert core.stats["duplicates"] == 1
     assert core.store.sequence == 1
-    assert core.become_active(4.0) == []  # already active: nothing again
-    assert core.store.sequence == 1
-
-
-def test_pending_anonymous_updates_are_applied_at_takeover() -> None:
-    core = passive_core(0)
-    core.collect(kvset(b"/a", b"1", b""), 1.0)  # no UUID: cannot be matched
-    core.collect(kvset(b"/b", b"2", b""), 1.0)
-    core.mirror(kvpub(b"/a", 1, b"1", b""), 1.1)  # /a written after it arrived
-    published = core.become_active(2.0)
-    # /a: superseded by a later write of the active (here, itself): not twice.
-    assert published == [[b"/b", SEQUENCE.pack(2), b"", b"", b"2"]]
-    assert core.stats["pending_superseded"] == 1
 
 
 def test_takeover_never_replays_a_pending_write_a_later_one_overwrote() -> None:
@@ -410,90 +527,122 @@ def test_takeover_never_replays_a_pending_write_a_later_one_overwrote() -> None:
     old, new = kvset(b"/k", b"old", U1), kvset(b"/k", b"new", U2)
     core.collect(old, 1.0)  # its copy from the active was missed
     core.collect(new, 1.1)
-    core.mirror(kvpub(b"/k", 1, b"new", U2), 1.2)  # only the newer one seen
+    core.on_update(kvpub(b"/k", 1, b"new", U2), 1.2)  # only the newer one seen
     assert len(core.pending) == 1
-    assert core.become_active(2.0) == []
+    assert take_over(core, 2.0) == []
     assert core.store.get(b"/k").body == b"new"
+    assert core.stats["pending_superseded"] == 1
+
+
+def test_a_long_takeover_replays_in_steps_and_queues_new_writes() -> None:
+    core = passive_core(0)
+    for n in range(20):
+        core.collect(kvset(b"/p/%d" % n, b"%d" % n, _uuid(100 + n)), 1.0)
+    core.on_peer_state(state(State.PRIMARY), 2.0)
+    assert core.busy and not core.serving
+    first = core.step(2.0, limit=7)
+    assert [seq(f) for f in first] == list(range(1, 8))
+    # A client writes meanwhile: it queues behind the pending list.
+    assert core.collect(kvset(b"/p/3", b"new", _uuid(999)), 2.0) is None
+    assert core.expire(100.0) == []  # nothing expires before the takeover ends
+    rest = run(core, 2.0)
+    assert [f[0] for f in rest][-1] == b"/p/3" and rest[-1][4] == b"new"
+    assert [seq(f) for f in rest] == list(range(8, 22))
+    assert core.serving and core.store.get(b"/p/3").body == b"new"
 
 
 @pytest.mark.parametrize(("takeover", "applied"), [(39.999, 1), (40.0, 0)])
-def test_become_active_drops_pending_older_than_max_age(
-    takeover: float, applied: int
-) -> None:
-    core = ServerCore(pending_age=30.0)
-    core.begin_sync()
-    core.load(kthxbai(0, b""), 0.0)
+def test_pending_older_than_max_age_is_dropped(takeover: float, applied: int) -> None:
+    core = passive_core(0, pending_age=30.0)
     core.collect(kvset(b"/a"), 10.0)
-    assert len(core.become_active(takeover)) == applied
+    core.poll(takeover)  # housekeeping drops what is too old
+    assert len(take_over(core, takeover)) == applied
     assert core.pending.dropped == 1 - applied
     assert (b"/a" in core.store) is bool(applied)
 
 
 def test_pending_is_bounded_by_size() -> None:
-    core = ServerCore(pending_size=2)
-    core.begin_sync()
-    core.load(kthxbai(0, b""), 0.0)
+    core = passive_core(0, pending_size=2)
     for n, key in enumerate((b"/a", b"/b", b"/c"), 1):
         core.collect(kvset(key, uuid=_uuid(n)), 1.0)
     assert len(core.pending) == 2
     assert core.pending.dropped == 1
-    assert [frames[0] for frames in core.become_active(2.0)] == [b"/b", b"/c"]
+    assert [frames[0] for frames in take_over(core, 2.0)] == [b"/b", b"/c"]
 
 
 # --------------------------------------------------------------------------
-# Passive: snapshot sync and the mirrored stream
+# Case 1: an update published by the active is never lost at takeover,
+# whatever the sync attempts did
 # --------------------------------------------------------------------------
 
 
-def test_become_passive_then_snapshot_replaces_the_store() -> None:
-    core = active_core()
-    core.collect(kvset(b"/mine", uuid=U1), 0.0)
-    core.collect(kvset(b"/also-mine", uuid=U2), 0.0)
-    core.become_passive()
-    assert not core.active
+def _resyncing(core: ServerCore) -> None:
+    """The passive missed an update (a gap): it asks for a new snapshot."""
+    core.on_update(kvpub(b"/gap", 7, b"G", _uuid(7)), 1.0)
+    assert actions(core) == [Request(b"")]
     assert not core.synced
-    # Until the snapshot is complete the last good copy stays.
-    assert core.load(kvpub(b"/x", 7, b"x", U3, {"ttl": "4"}), 5.0) is False
-    assert core.store.keys() == [b"/mine", b"/also-mine"]
-    assert core.load(kvpub(b"/y", 9, b"y", U4), 5.0) is False
-    assert core.load(kthxbai(20, b""), 5.0) is True
-    assert core.synced
-    assert core.store.keys() == [b"/x", b"/y"]
-    assert core.store.sequence == 20
-    assert core.store.get(b"/x") == KVMsg(b"/x", 7, U3, {"ttl": "4"}, b"x")
-    assert core.store.deadline(b"/x") == 9.0
-    assert core.stats["syncs"] == 1
-    # Collected updates now wait for the active.
-    assert core.collect(kvset(b"/z", uuid=_uuid(9)), 6.0) is None
-    assert core.expire(100.0) == []
 
 
-def test_snapshot_from_store_frames() -> None:
-    source = Store()
-    source.put(b"/a", 3, U1, b"owner=x\n", b"A", None, 0.0)
-    source.put(b"/b", 5, U2, b"", b"B", 10.0, 0.0)
-    source.sequence = 5
-    core = passive_core(source.sequence, tuple(source.snapshot(b"", 4.0)), now=4.0)
-    assert core.store.get(b"/a") == source.get(b"/a")
-    assert core.store.get(b"/b", 4.0) == source.get(b"/b", 4.0)
-    assert core.store.deadline(b"/b") == 10.0
-    assert core.store.sequence == 5
+@pytest.mark.parametrize("failure", ["timeout", "bad reply", "two attempts"])
+def test_an_update_mirrored_during_a_failed_sync_survives_the_takeover(
+    failure: str,
+) -> None:
+    core = passive_core(5, (kvpub(b"/a", 5, b"A", U4),))
+    core.collect(kvset(b"/x", b"X", U1), 1.0)  # a client's copy, held
+    _resyncing(core)
+    core.on_update(kvpub(b"/x", 8, b"X", U1), 1.1)  # the active's copy
+    core.on_update(kvpub(b"/ttl", 9, b"", _uuid(9)), 1.2)  # a TTL delete
+    if failure == "timeout":
+        core.poll(1.0 + 5.0)  # no reply within sync_timeout: back off, retry
+        core.poll(7.0)
+        assert actions(core) == [Connect(0), Request(b"")]
+    elif failure == "bad reply":
+        with pytest.raises(RemoteProtocolError):
+            core.on_reply([b"garbage"], 1.3)
+        core.poll(6.3)
+        core.poll(7.0)
+        assert actions(core) == [Connect(0), Request(b"")]
+    else:  # a second attempt gets half a snapshot, then nothing
+        core.poll(6.0)
+        core.poll(7.0)
+        assert actions(core) == [Connect(0), Request(b"")]
+        core.on_reply(kvpub(b"/a", 5, b"A", U4), 7.1)
+        core.on_reply(kvpub(b"/x", 8, b"X", U1), 7.1)
+        core.poll(12.1)  # a second failure in a row: twice the back-off
+        core.poll(13.1)
+        assert actions(core) == [Connect(0), Request(b"")]
+    assert len(core.pending) == 1  # not matched: the copy is not in our map
+    # The active dies before any attempt completes; a client votes.
+    published = take_over(core, 20.0)
+    assert core.store.get(b"/x") == KVMsg(b"/x", 8, U1, {}, b"X")
+    assert core.store.get(b"/gap") == KVMsg(b"/gap", 7, _uuid(7), {}, b"G")
+    assert core.store.sequence == 9
+    assert published == []  # already published by the old active
+    # The client resends /x after failing over: a repeat, applied once.
+    assert core.collect(kvset(b"/x", b"X", U1), 21.0) is None
+    assert core.stats["unsynced_takeovers"] == 0
 
 
-def test_snapshot_uuids_match_pending() -> None:
-    core = passive_core(0)
-    core.collect(kvset(b"/a", uuid=U1), 0.0)
-    core.begin_sync()
-    core.load(kvpub(b"/a", 1, uuid=U1), 0.5)
-    assert len(core.pending) == 1  # only a complete snapshot matches
-    core.load(kthxbai(1, b""), 0.5)
-    assert len(core.pending) == 0
-    assert core.collect(kvset(b"/a", uuid=U1), 0.6) is None  # resend: duplicate
+def test_a_takeover_mid_catch_up_uses_the_new_snapshot_and_its_backlog() -> None:
+    core = passive_core(5, (kvpub(b"/a", 5, b"A", U4),))
+    _resyncing(core)
+    for n in range(8, 3000):  # a long backlog while the snapshot comes
+        core.on_update(kvpub(b"/s/%d" % n, n, b"%d" % n, _uuid(n)), 1.0)
+    core.on_reply(kvpub(b"/a", 5, b"A", U4), 1.0)
+    core.on_reply(kvpub(b"/gap", 7, b"G", _uuid(7)), 1.0)
+    core.on_reply(kthxbai(7, b"", {"lineage": ACTIVES}), 1.0)
+    core.on_reply(kthxbai(7, HISTORY), 1.0)
+    assert core.replica is not None and core.replica.catching_up
+    assert core.replica.stats["syncs"] == 1  # not yet the second
+    take_over(core, 2.0)
+    assert core.store.sequence == 2999
+    assert len(core.store) == 2 + 2992
+    assert core.stats["unsynced_takeovers"] == 0
 
 
 def test_backlog_newer_than_the_snapshot_is_applied_after_it() -> None:
     core = passive_core(0)
-    core.begin_sync()
+    _resyncing(core)
     # The active's stream, heard while the snapshot is on its way.
     stream = [
         kvpub(b"/s19", 19, b"19", _uuid(19)),
@@ -503,121 +652,168 @@ def test_backlog_newer_than_the_snapshot_is_applied_after_it() -> None:
         kvpub(b"/gone", 23, b"", _uuid(23)),
     ]
     for frames in stream:
-        assert core.mirror(frames, 1.0) is False
-    assert core.store.sequence == 0  # nothing applied yet
-    assert core.load(kvpub(b"/snap", 5, b"old", _uuid(5)), 1.0) is False
-    assert core.load(kvpub(b"/gone", 6, b"here", _uuid(6)), 1.0) is False
-    assert core.load(kthxbai(20, b""), 1.0) is True
-    assert core.resync_wanted is False
+        core.on_update(frames, 1.0)
+    assert core.sequence == 0  # nothing applied yet
+    core.on_reply(kvpub(b"/snap", 5, b"old", _uuid(5)), 1.0)
+    core.on_reply(kvpub(b"/gone", 6, b"here", _uuid(6)), 1.0)
+    core.on_reply(kthxbai(20, b"", {"lineage": ACTIVES}), 1.0)
+    core.on_reply(kthxbai(20, HISTORY), 1.0)
+    run(core, 1.0)
+    assert core.synced and actions(core) == [Request(HISTORY)]
     assert core.store.keys() == [b"/snap", b"/s21"]
     assert core.store.get(b"/snap") == KVMsg(b"/snap", 22, _uuid(22), {}, b"new")
-    assert core.store.sequence == 23
+    assert core.sequence == 23
     # The stream goes on where the backlog ended.
-    assert core.mirror(kvpub(b"/next", 24, uuid=_uuid(24)), 2.0) is False
-    assert core.store.sequence == 24
+    core.on_update(kvpub(b"/next", 24, uuid=_uuid(24)), 2.0)
+    assert core.sequence == 24 and actions(core) == []
 
 
 def test_failed_sync_leaves_the_previous_store() -> None:
     core = passive_core(5, (kvpub(b"/a", 5, b"A", U1),))
     good = core.store
-    core.begin_sync()
-    core.mirror(kvpub(b"/b", 9, b"B", U2), 1.0)  # backlog of the failed try
-    core.load(kvpub(b"/partial", 8, b"P", U3), 1.0)
+    _resyncing(core)
+    core.on_reply(kvpub(b"/partial", 8, b"P", U3), 1.0)
     assert core.store is good
-    # The active died mid-snapshot; the next try starts afresh.
-    core.begin_sync()
+    core.poll(6.0)  # the active died mid-snapshot: after a back-off, the
+    core.poll(7.0)  # next try starts afresh
+    assert actions(core) == [Connect(0), Request(b"")]
     assert core.store is good
     assert core.store.keys() == [b"/a"]
-    assert core.store.sequence == 5
-    assert core.load(kvpub(b"/c", 10, b"C", U4), 2.0) is False
-    assert core.load(kthxbai(10, b""), 2.0) is True
+    core.on_reply(kvpub(b"/c", 10, b"C", U4), 7.5)
+    core.on_reply(kthxbai(10, b"", {"lineage": ACTIVES}), 7.5)
+    core.on_reply(kthxbai(10, HISTORY), 7.5)
+    run(core, 7.5)
     assert core.store.keys() == [b"/c"]  # nothing of the first try leaks
-    assert core.store.sequence == 10
+    assert core.sequence == 10
 
 
-def test_become_active_mid_sync_keeps_the_last_good_copy_and_backlog() -> None:
-    core = passive_core(5, (kvpub(b"/a", 5, b"A", U1),))
-    core.begin_sync()
-    core.mirror(kvpub(b"/old", 4, b"stale", U2), 1.0)
-    core.mirror(kvpub(b"/b", 6, b"B", U3), 1.0)
-    core.load(kvpub(b"/partial", 6, b"P", U4), 1.0)
-    core.collect(kvset(b"/c", b"C", _uuid(9)), 1.0)
-    published = core.become_active(3.0)
-    assert published == [[b"/c", SEQUENCE.pack(7), _uuid(9), b"", b"C"]]
-    assert core.store.keys() == [b"/a", b"/b", b"/c"]
-    assert core.synced
+def test_takeover_after_a_partial_snapshot_keeps_pending_updates() -> None:
+    # UUIDs of a snapshot match pending updates only once it is complete: the
+    # last good store lacks them if the active dies mid-snapshot.
+    core = passive_core(5, (kvpub(b"/a", 5, b"A", U4),))
+    core.collect(kvset(b"/x", b"X", U1), 1.0)  # the active applied it as 6
+    _resyncing(core)  # the passive missed KVPUB 6, saw 7
+    core.on_reply(kvpub(b"/x", 6, b"X", U1), 1.5)
+    assert len(core.pending) == 1
+    # The active dies before KTHXBAI; the passive takes over.
+    published = take_over(core, 5.0)
+    assert published == [[b"/x", SEQUENCE.pack(8), U1, b"", b"X"]]
+    assert core.store.get(b"/x") == KVMsg(b"/x", 8, U1, {}, b"X")
+    assert core.collect(kvset(b"/x", b"X", U1), 6.0) is None  # resend: duplicate
+
+
+def test_snapshot_uuids_match_pending() -> None:
+    core = passive_core(0)
+    core.collect(kvset(b"/a", uuid=U1), 0.0)
+    _resyncing(core)
+    core.on_reply(kvpub(b"/a", 1, uuid=U1), 1.5)
+    assert len(core.pending) == 1  # only a complete snapshot matches
+    core.on_reply(kthxbai(7, b"", {"lineage": ACTIVES}), 1.5)
+    core.on_reply(kthxbai(7, HISTORY), 1.5)
+    run(core, 1.5)
+    assert len(core.pending) == 0
+    assert core.collect(kvset(b"/a", uuid=U1), 1.6) is None  # resend: duplicate
+
+
+# --------------------------------------------------------------------------
+# Case 3: the window is replicated, so a resend of a write replaced before
+# the passive synced is still a repeat after a takeover
+# --------------------------------------------------------------------------
+
+
+def test_the_window_comes_with_the_snapshot_and_survives_the_takeover() -> None:
+    active = active_core()
+    active.collect(kvset(b"/k", b"old", U1), 0.0)
+    active.collect(kvset(b"/k", b"new", U2), 1.0)  # U1 replaced at 1.0
+    snapshot = [f[1:] for f in _drain(_transfer(active, b""), 2.0)][:-1]
+    history = [f[1:] for f in _drain(_transfer(active, HISTORY), 2.0)][:-1]
+    assert [decode_kvmsg(h).key for h in history] == [HISTORY]
+    passive = passive_core(2, snapshot, now=100.0, history=history)
+    assert U1 in passive.applied
+    take_over(passive, 110.0)
+    # The writer of U1 missed its confirmation and resends after failing
+    # over: it must not bring back the value a later write replaced.
+    assert passive.collect(kvset(b"/k", b"old", U1), 111.0) is None
+    assert passive.store.get(b"/k").body == b"new"
+    # The ages came along: U1 was replaced 1 s before the snapshot.
+    assert passive.applied.export(110.0) == [(11.0, [U1])]
+
+
+def test_a_history_batch_must_be_whole_uuids() -> None:
+    core = new_core(bstar=BinaryStar(False, 0.0))
+    core.on_peer_state(state(State.ACTIVE), 0.0)
+    core.poll(0.0)
+    core.on_reply(kthxbai(0, b"", {"lineage": ACTIVES}), 0.0)
+    bad = history_batch([b"x" * 15], 1.0)
+    with pytest.raises(RemoteProtocolError):
+        core.on_reply(bad, 0.0)
+
+
+# --------------------------------------------------------------------------
+# Passive: the mirrored stream
+# --------------------------------------------------------------------------
 
 
 def test_mirror_in_order_applies() -> None:
     core = passive_core(5)
-    assert core.mirror(kvpub(b"/a", 6, b"A", U1), 1.0) is False
-    assert core.mirror(kvpub(b"/a", 7, b"", U2), 1.0) is False  # delete
-    assert core.mirror(kvpub(b"/b", 8, b"B", U3), 1.0) is False
+    core.on_update(kvpub(b"/a", 6, b"A", U1), 1.0)
+    core.on_update(kvpub(b"/a", 7, b"", U2), 1.0)  # delete
+    core.on_update(kvpub(b"/b", 8, b"B", U3), 1.0)
     assert core.store.keys() == [b"/b"]
-    assert core.store.sequence == 8
-    assert core.stats["gaps"] == 0
+    assert core.sequence == 8
+    assert actions(core) == []
 
 
 def test_mirror_gap_asks_for_resync() -> None:
     core = passive_core(5)
-    assert core.mirror(kvpub(b"/a", 7, b"A", U1), 1.0) is True
-    assert core.stats["gaps"] == 1
+    core.on_update(kvpub(b"/a", 7, b"A", U1), 1.0)
+    assert actions(core) == [Request(b"")]
 
 
 def test_mirror_of_an_old_sequence_is_ignored() -> None:
     core = passive_core(5, (kvpub(b"/a", 5, b"A", U1),))
-    assert core.mirror(kvpub(b"/a", 5, b"again", U2), 1.0) is False
-    assert core.mirror(kvpub(b"/a", 3, b"older", U3), 1.0) is False
+    core.on_update(kvpub(b"/a", 5, b"again", U2), 1.0)
     assert core.store.get(b"/a") == KVMsg(b"/a", 5, U1, {}, b"A")
-    assert core.store.sequence == 5
+    assert core.sequence == 5 and actions(core) == []
 
 
-@pytest.mark.parametrize(("sequence", "resync"), [(4, False), (5, False), (6, True)])
+@pytest.mark.parametrize(("sequence", "resync"), [(5, False), (6, True)])
 def test_hugz_with_a_newer_sequence_asks_for_resync(
     sequence: int, resync: bool
 ) -> None:
     core = passive_core(5)
-    assert core.mirror(hugz(sequence), 1.0) is resync
-    assert core.store.sequence == 5
+    core.on_update(hugz(sequence, {"lineage": ACTIVES}), 1.0)
+    assert actions(core) == ([Request(b"")] if resync else [])
+    assert core.sequence == 5
 
 
-def test_hugz_before_the_snapshot_is_ignored() -> None:
-    core = ServerCore()
-    core.begin_sync()
-    assert core.mirror(hugz(100), 1.0) is False
+def test_a_new_lineage_on_the_actives_stream_is_a_reset() -> None:
+    core = passive_core(5, (kvpub(b"/a", 5),))
+    core.on_update(hugz(5, {"lineage": ACTIVES}), 1.0)
+    core.on_update(hugz(9, {"lineage": "b" * 32}), 2.0)
+    assert actions(core) == [Request(b"")]
+    assert core.replica is not None and core.replica.stats["resets"] == 1
 
 
 def test_mirror_while_active_is_ignored() -> None:
     core = active_core()
     core.collect(kvset(b"/a", b"A", U1), 0.0)
     before = _state(core)
-    assert core.mirror(kvpub(b"/a", 2, b"theirs", U2), 1.0) is False
-    assert core.mirror(kvpub(b"/b", 9, b"B", U3), 1.0) is False
-    assert core.mirror(hugz(50), 1.0) is False
+    core.on_update(kvpub(b"/a", 2, b"theirs", U2), 1.0)
+    core.on_update(kvpub(b"/b", 9, b"B", U3), 1.0)
+    core.on_update(hugz(50), 1.0)
+    core.on_reply(kthxbai(9, b""), 1.0)
     assert _state(core) == before
     assert core.store.get(b"/a") == KVMsg(b"/a", 1, U1, {}, b"A")
     assert core.collect(kvset(b"/b", b"B", U3), 2.0) is not None  # not "seen"
 
 
-def test_load_outside_a_sync_is_ignored() -> None:
+def test_a_reply_outside_a_sync_is_ignored() -> None:
     core = passive_core(5, (kvpub(b"/a", 5),))
     before = _state(core)
-    assert core.load(kvpub(b"/b", 9, uuid=U2), 1.0) is False
-    assert core.load(kthxbai(9, b""), 1.0) is False
+    core.on_reply(kvpub(b"/b", 9, uuid=U2), 1.0)
+    core.on_reply(kthxbai(9, b""), 1.0)
     assert _state(core) == before
-    active = active_core()
-    active.begin_sync()  # ignored while active
-    assert active.load(kvpub(b"/b", 9, uuid=U2), 1.0) is False
-    assert active.load(kthxbai(9, b""), 1.0) is False
-    assert len(active.store) == 0
-
-
-def test_hugz_inside_a_snapshot_is_rejected() -> None:
-    core = ServerCore()
-    core.begin_sync()
-    with pytest.raises(RemoteProtocolError):
-        core.load(hugz(3), 1.0)
-    assert not core.synced
 
 
 @pytest.mark.parametrize("frames", MALFORMED.values(), ids=MALFORMED.keys())
@@ -627,18 +823,36 @@ def test_malformed_stream_or_snapshot_message_is_rejected(
     core = passive_core(5, (kvpub(b"/a", 5),))
     before = _state(core)
     with pytest.raises(RemoteProtocolError):
-        core.mirror(frames, 1.0)
+        core.on_update(frames, 1.0)
     assert _state(core) == before
-    core.begin_sync()
+    _resyncing(core)
     with pytest.raises(RemoteProtocolError):
-        core.load(frames, 1.0)
+        core.on_reply(frames, 1.0)
 
 
-def test_hugz_and_kthxbai_helpers_carry_the_sequence() -> None:
+def test_hugz_and_kthxbai_carry_the_sequence_and_the_lineage() -> None:
     core = active_core()
     core.collect(kvset(b"/a"), 0.0)
-    assert core.hugz() == hugz(1)
-    assert core.kthxbai(b"/a/") == kthxbai(1, b"/a/")
+    assert core.hugz() == [
+        b"HUGZ",
+        SEQUENCE.pack(1),
+        b"",
+        b"lineage=" + b"f" * 32 + b"\n",
+        b"",
+    ]
+    assert core.kthxbai(b"/a/") == [
+        b"KTHXBAI",
+        SEQUENCE.pack(1),
+        b"",
+        b"lineage=" + b"f" * 32 + b"\n",
+        b"/a/",
+    ]
+    pair = passive_core(3)
+    take_over(pair, 1.0)
+    assert decode_kvmsg(pair.hugz()).properties == {
+        "lineage": ACTIVES,
+        "branch": "3",
+    }
 
 
 @pytest.mark.parametrize(
@@ -646,38 +860,159 @@ def test_hugz_and_kthxbai_helpers_carry_the_sequence() -> None:
 )
 def test_gap_in_the_backlog_asks_for_resync(backlog: tuple[int, ...]) -> None:
     # A message lost between KTHXBAI and the backlog, or inside the backlog,
-    # must not be skipped silently: the shell is told to sync again.
-    core = passive_core(0)
-    core.begin_sync()
+    # must not be skipped silently: the replica syncs again.
+    core = new_core(bstar=BinaryStar(False, 0.0))
+    core.on_peer_state(state(State.ACTIVE), 0.0)
+    core.poll(0.0)
+    assert actions(core) == [Connect(0), Request(b"")]
     for sequence in backlog:
-        core.mirror(kvpub(b"/k%d" % sequence, sequence, uuid=_uuid(sequence)), 1.0)
-    assert core.load(kthxbai(5, b""), 1.0) is True
-    assert core.resync_wanted is True
-    assert core.stats["gaps"] == 1
-    core.begin_sync()
-    assert core.resync_wanted is False
+        core.on_update(kvpub(b"/k%d" % sequence, sequence, uuid=_uuid(sequence)), 1.0)
+    core.on_reply(kthxbai(5, b"", {"lineage": ACTIVES}), 1.0)
+    core.on_reply(kthxbai(5, HISTORY), 1.0)
+    run(core, 1.0)
+    assert actions(core) == [Request(HISTORY), Request(b"")]
+    assert core.replica is not None and core.replica.stats["gaps"] == 1
+    assert core.sequence == backlog[-1]  # applied meanwhile, gap or not
 
 
-def test_takeover_after_a_partial_snapshot_keeps_pending_updates() -> None:
-    # UUIDs of a snapshot match pending updates only once it is complete: the
-    # last good store lacks them if the active dies mid-snapshot.
-    core = passive_core(5, (kvpub(b"/a", 5, b"A", U4),))
-    core.collect(kvset(b"/x", b"X", U1), 1.0)  # the active applied it as 6
-    # The passive missed KVPUB 6, saw 7, and resyncs.
-    assert core.mirror(kvpub(b"/y", 7, b"Y", U2), 1.0) is True
-    core.begin_sync()
-    core.load(kvpub(b"/x", 6, b"X", U1), 1.5)
-    assert len(core.pending) == 1
-    # The active dies before KTHXBAI; the passive takes over.
-    published = core.become_active(5.0)
-    assert published == [[b"/x", SEQUENCE.pack(8), U1, b"", b"X"]]
-    assert core.store.get(b"/x") == KVMsg(b"/x", 8, U1, {}, b"X")
-    assert core.collect(kvset(b"/x", b"X", U1), 6.0) is None  # resend: duplicate
+# --------------------------------------------------------------------------
+# Case 6: splits that heal
+# --------------------------------------------------------------------------
+
+
+def exchange_hugz(a: ServerCore, b: ServerCore, now: float) -> None:
+    """Each hears the other's HUGZ (its claim), as over their publishers."""
+    a_hugz, b_hugz = a.hugz(), b.hugz()
+    a.on_peer_hugz(b_hugz, now)
+    b.on_peer_hugz(a_hugz, now)
+
+
+def heartbeat(a: ServerCore, b: ServerCore, now: float) -> None:
+    assert a.bstar is not None and b.bstar is not None
+    a_state, b_state = a.bstar.state, b.bstar.state
+    a.on_peer_state(state(b_state), now)
+    b.on_peer_state(state(a_state), now)
+
+
+def split_pair() -> tuple[ServerCore, ServerCore]:
+    """A pair that split: the backup took over, both accept writes."""
+    primary = new_core(bstar=BinaryStar(True, 0.0))
+    primary.on_peer_state(state(State.BACKUP), 0.0)
+    run(primary, 0.0)
+    primary.collect(kvset(b"/shared", b"before", U1), 0.5)
+    backup = new_core(bstar=BinaryStar(False, 0.0))
+    backup.on_peer_state(state(State.ACTIVE), 0.0)
+    snapshot = [f[1:] for f in _drain(_transfer(primary, b""), 1.0)][:-1]
+    sync(backup, 1, snapshot, 1.0, lineage=OURS)
+    assert backup.lineage == primary.lineage == OURS
+    # The link between them breaks; a client votes for the backup.
+    assert backup.on_vote(10.0) is not None and backup.role is Role.ACTIVE
+    run(backup, 10.0)
+    return primary, backup
+
+
+def test_a_healed_split_hands_the_losers_writes_to_the_winner() -> None:
+    primary, backup = split_pair()
+    assert backup.branch == 1
+    # Each side's clients write meanwhile; one client reached both.
+    primary.collect(kvset(b"/p-only", b"p", _uuid(20)), 11.0)
+    backup.collect(kvset(b"/b-only", b"b", _uuid(21)), 11.0)
+    backup.collect(kvset(b"/shared", b"", _uuid(22)), 11.5)  # a client's delete
+    both = kvset(b"/both", b"x", _uuid(23))
+    primary.collect(both, 12.0)
+    backup.collect(both, 12.0)
+    # The link heals: each hears the other's HUGZ, then its heartbeat.
+    exchange_hugz(primary, backup, 20.0)
+    heartbeat(primary, backup, 20.0)
+    assert (primary.role, backup.role) == (Role.ACTIVE, Role.PASSIVE)
+    # The backup hands over what it accepted while active, and keeps it.
+    run(backup, 20.0)
+    relays, backup.relays = backup.relays, []
+    assert sorted(decode_kvmsg(f).key for f in relays) == [
+        b"/b-only",
+        b"/both",
+        b"/shared",
+    ]
+    assert len(backup.pending) == 3
+    published = [p for f in relays if (p := primary.collect(f, 20.1)) is not None]
+    # /both was applied by the winner already: not twice.
+    assert sorted(f[0] for f in published) == [b"/b-only", b"/shared"]
+    assert primary.stats["duplicates"] == 1
+    assert b"/shared" not in primary.store  # the confirmed delete holds
+    assert primary.store.get(b"/b-only") == KVMsg(b"/b-only", 4, _uuid(21), {}, b"b")
+    # The published copies are what the loser waits for: its resync matches
+    # them (and /both, which the winner holds) so nothing is resent for ever.
+    snapshot = [f[1:] for f in _drain(_transfer(primary, b""), 21.0)][:-1]
+    history = [f[1:] for f in _drain(_transfer(primary, HISTORY), 21.0)][:-1]
+    sync(backup, primary.store.sequence, snapshot, 21.0, history, lineage=OURS)
+    assert len(backup.pending) == 0
+    assert len(backup.relays) == 3  # resent once meanwhile (a second passed)
+    backup.relays.clear()
+    backup.poll(30.0)
+    assert backup.relays == []
+
+
+def test_the_winner_drops_hand_overs_it_had_from_the_peer() -> None:
+    """A write the winner mirrored before it took over comes back as a
+    hand-over with a sequence at or below its branch point: dropped, even
+    when the window no longer holds its UUID."""
+    _primary, backup = split_pair()
+    # (U4 stands for a write the window forgot: neither stored nor held.)
+    handed = encode_kvmsg(KVMsg(b"/shared", 1, U4, {"lineage": OURS}, b"before"))
+    assert U4 not in backup.applied and backup.store.uuid_of(b"/shared") != U4
+    assert backup.collect(handed, 11.0) is None
+    assert backup.stats["handoff_known"] == 1
+    assert backup.store.get(b"/shared").body == b"before"
+    newer = encode_kvmsg(KVMsg(b"/new", 2, _uuid(30), {"lineage": OURS}, b"n"))
+    published = backup.collect(newer, 11.0)
+    assert published == [b"/new", SEQUENCE.pack(2), _uuid(30), b"", b"n"]
+    assert backup.store.get(b"/new").properties == {}  # stored canonical
+
+
+def test_an_empty_restarted_server_never_wins_over_the_map() -> None:
+    """The primary restarts empty while the backup holds the map; a partition
+    and a vote make it active too.  When the link heals, the backup stays."""
+    _, backup = split_pair()
+    backup.collect(kvset(b"/kept", b"k", _uuid(40)), 11.0)
+    restarted = ServerCore(bstar=BinaryStar(True, 30.0), new_lineage=lambda: "c" * 32)
+    assert restarted.on_vote(32.0) is not None  # peer silent: it takes the vote
+    run(restarted, 32.0)
+    assert restarted.role is Role.ACTIVE and restarted.fresh
+    restarted.collect(kvset(b"/new", b"n", _uuid(41)), 33.0)
+    exchange_hugz(restarted, backup, 40.0)
+    heartbeat(restarted, backup, 40.0)
+    assert (restarted.role, backup.role) == (Role.PASSIVE, Role.ACTIVE)
+    run(restarted, 40.0)
+    relays = restarted.relays
+    assert [decode_kvmsg(f).key for f in relays] == [b"/new"]
+    for frames in relays:
+        backup.collect(frames, 40.1)
+    assert sorted(backup.store.keys()) == [b"/kept", b"/new", b"/shared"]
+
+
+def test_dual_actives_wait_for_a_claim_then_the_primary_wins() -> None:
+    primary, backup = split_pair()
+    for beat in range(2):  # no HUGZ heard from the peer: not yet decided
+        heartbeat(primary, backup, 20.0 + beat)
+        assert (primary.role, backup.role) == (Role.ACTIVE, Role.ACTIVE)
+    heartbeat(primary, backup, 22.0)
+    assert (primary.role, backup.role) == (Role.ACTIVE, Role.PASSIVE)
+    assert primary.bstar is not None and primary.bstar.faults["dual actives"] == 1
 
 
 # --------------------------------------------------------------------------
 # Snapshot transfer
 # --------------------------------------------------------------------------
+
+
+def _transfer(core: ServerCore, subtree: bytes, identity: bytes = b"id") -> Transfer:
+    if subtree == HISTORY:
+        return Transfer(
+            identity, core.store, [], core.kthxbai(subtree), 0.0, core.history(2.0)
+        )
+    return Transfer(
+        identity, core.store, core.store.keys(subtree), core.kthxbai(subtree), 0.0
+    )
 
 
 def _store() -> Store:
@@ -689,23 +1024,27 @@ def _store() -> Store:
     return store
 
 
+END = kthxbai(3, b"", {"lineage": OURS})
+
+
 def _drain(transfer: Transfer, now: float) -> list[list[bytes]]:
     sent = []
     while (frames := transfer.peek(now)) is not None:
         sent.append(frames)
-        transfer.advance()
+        transfer.advance(now)
     return sent
 
 
-def test_transfer_sends_kvsyncs_then_kthxbai() -> None:
-    transfer = Transfer(b"\x00id", _store(), b"")
+def test_transfer_sends_kvsyncs_then_the_end() -> None:
+    store = _store()
+    transfer = Transfer(b"\x00id", store, store.keys(), END, 0.0)
     assert not transfer.done
     sent = _drain(transfer, 1.0)
     assert sent == [
         [b"\x00id", b"/a/1", SEQUENCE.pack(1), U1, b"owner=x\n", b"one"],
         [b"\x00id", b"/b/2", SEQUENCE.pack(2), U2, b"", b"two"],
         [b"\x00id", b"/a/3", SEQUENCE.pack(3), U3, b"", b"three"],
-        [b"\x00id", *kthxbai(3, b"")],
+        [b"\x00id", *END],
     ]
     assert all(decode_kvmsg(frames[1:]) for frames in sent)
     assert transfer.done
@@ -713,66 +1052,45 @@ def test_transfer_sends_kvsyncs_then_kthxbai() -> None:
     assert transfer.peek(2.0) is None
 
 
-def test_transfer_subtree() -> None:
-    transfer = Transfer(b"id", _store(), b"/a/")
-    sent = _drain(transfer, 1.0)
-    assert [frames[1] for frames in sent] == [b"/a/1", b"/a/3", KTHXBAI]
-    assert sent[-1] == [b"id", KTHXBAI, SEQUENCE.pack(3), b"", b"", b"/a/"]
-
-
-def test_transfer_of_an_empty_store() -> None:
-    transfer = Transfer(b"id", Store(), b"/a/")
-    assert _drain(transfer, 0.0) == [[b"id", *kthxbai(0, b"/a/")]]
-
-
-def test_transfer_kthxbai_has_the_sequence_at_creation() -> None:
-    store = _store()
-    transfer = Transfer(b"id", store, b"")
-    store.put(b"/new", store.next_sequence(), U4, b"", b"new", None, 0.0)
-    sent = _drain(transfer, 1.0)
-    assert sent[-1] == [b"id", *kthxbai(3, b"")]
-    assert b"/new" not in [frames[1] for frames in sent]  # not in the key list
+def test_transfer_of_an_empty_key_list() -> None:
+    transfer = Transfer(b"id", Store(), [], END, 0.0)
+    assert _drain(transfer, 0.0) == [[b"id", *END]]
 
 
 def test_transfer_skips_deleted_and_sends_changed_values() -> None:
     store = _store()
-    transfer = Transfer(b"id", store, b"")
+    transfer = Transfer(b"id", store, store.keys(), END, 0.0)
     store.remove(b"/b/2")
     store.put(b"/a/3", store.next_sequence(), U4, b"", b"newer", None, 0.0)
     sent = _drain(transfer, 1.0)
     assert sent == [
         [b"id", b"/a/1", SEQUENCE.pack(1), U1, b"owner=x\n", b"one"],
         [b"id", b"/a/3", SEQUENCE.pack(4), U4, b"", b"newer"],
-        [b"id", *kthxbai(3, b"")],
+        [b"id", *END],
     ]
 
 
-def test_transfer_peek_without_advance_repeats() -> None:
+def test_transfer_peek_without_advance_repeats_and_records_idleness() -> None:
     store = _store()
-    transfer = Transfer(b"id", store, b"")
+    transfer = Transfer(b"id", store, store.keys(), END, 0.0)
     first = transfer.peek(1.0)
     assert first is not None
     assert first[1] == b"/a/1"
     store.remove(b"/a/1")  # already taken: the retry sends the same message
     assert transfer.peek(2.0) == first
-    assert transfer.peek(3.0) == first
-    assert transfer.sent == 0
-    transfer.advance()
+    assert transfer.sent == 0 and transfer.idle_since == 0.0
+    transfer.advance(3.0)
+    assert transfer.idle_since == 3.0
     second = transfer.peek(3.0)
-    assert second is not None
-    assert second[1] == b"/b/2"
-    assert transfer.sent == 1
-    transfer.advance()
-    third = transfer.peek(3.0)
-    assert third is not None
-    assert third[1] == b"/a/3"
-    transfer.advance()
-    # KTHXBAI repeats too until it is sent.
-    last = transfer.peek(4.0)
-    assert last == [b"id", *kthxbai(3, b"")]
+    assert second is not None and second[1] == b"/b/2"
+    transfer.advance(3.0)
+    transfer.peek(3.0)
+    transfer.advance(4.0)
+    last = transfer.peek(4.0)  # the end repeats too until it is sent
+    assert last == [b"id", *END]
     assert transfer.peek(4.0) == last
     assert not transfer.done
-    transfer.advance()
+    transfer.advance(5.0)
     assert transfer.done
     assert transfer.peek(5.0) is None
 
@@ -781,14 +1099,18 @@ def test_transfer_sends_remaining_ttl() -> None:
     store = Store()
     store.put(b"/t", 1, U1, b"ttl=10\nowner=x\n", b"v", 10.0, 0.0)
     store.sequence = 1
-    sent = _drain(Transfer(b"id", store, b""), 4.0)
+    sent = _drain(Transfer(b"id", store, store.keys(), END, 0.0), 4.0)
     msg = decode_kvmsg(sent[0][1:])
     assert msg.ttl == 6.0
     assert msg.properties["owner"] == "x"
 
 
-def test_transfer_with_an_explicit_key_list() -> None:
-    store = _store()
-    transfer = Transfer(b"id", store, b"", keys=[b"/b/2", b"/missing"])
-    sent = _drain(transfer, 1.0)
-    assert [frames[1] for frames in sent] == [b"/b/2", KTHXBAI]
+def test_history_transfer_sends_the_window_in_batches() -> None:
+    core = active_core()
+    for n in range(5000):
+        core.collect(kvset(b"/k", b"%d" % n, _uuid(10 + n)), 1.0)
+    sent = _drain(_transfer(core, HISTORY), 2.0)
+    assert [f[1] for f in sent] == [HISTORY, HISTORY, KTHXBAI]
+    batches = [decode_kvmsg(f[1:]) for f in sent[:-1]]
+    assert [len(b.body) // 16 for b in batches] == [4096, 4999 - 4096]
+    assert {b.properties["age"] for b in batches} == {"1"}

@@ -145,6 +145,7 @@ def test_ttl_expiry_publishes_a_delete_after_about_the_ttl(client: ChpClient) ->
     client.set(b"/ttl/long", b"stays", ttl="30.5")
     published = client.wait_for(b"/ttl/short", timeout=5)
     published_at = time.monotonic()
+    client.wait_for(b"/ttl/long", timeout=5)  # both applied before the snapshot
 
     stored = client.snapshot().entries
     assert 0 < float(stored[b"/ttl/short"].properties["ttl"]) <= 1.0

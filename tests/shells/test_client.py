@@ -309,7 +309,7 @@ async def test_write_timeout_when_no_server_is_up(context, autojump_clock):
             with pytest.raises(WriteTimeoutError):
                 await clone.set("/k", "v", timeout=2.5)
             assert trio.current_time() - start_time == 2.5
-            assert not clone.synced.value
+            assert not clone.synced
             assert clone.get("/k") is None
             with pytest.raises(WriteTimeoutError):
                 await clone.delete("/k", timeout=0.5)
@@ -381,7 +381,7 @@ async def test_a_client_started_before_the_servers_syncs_when_they_come_up(
 
                 nursery.start_soon(early_write)
                 await trio.sleep(5.25)
-                assert not clone.synced.value
+                assert not clone.synced
                 primary = await start(nursery, p, context)
                 await start(nursery, b, context)
                 await clone.wait_synced()
@@ -442,7 +442,7 @@ async def test_failover_while_writing_loses_nothing_and_applies_nothing_twice(
                 await trio.sleep_until(t0 + 2.6)
                 primary.kill()
                 killed_at = trio.current_time()
-                await clone.synced.wait_value(False)
+                await clone._synced.wait_value(False)
                 lost_at = trio.current_time()
                 await clone.wait_synced()
                 synced_at = trio.current_time()
@@ -518,7 +518,7 @@ async def test_a_write_lost_before_failover_is_resent_after_it_and_applied_once(
                     result.append((trio.current_time(), sequence))
 
                 nursery.start_soon(write)
-                await clone.synced.wait_value(False)
+                await clone._synced.wait_value(False)
                 await clone.wait_synced()
                 synced_at = trio.current_time()
                 # last HUGZ from the primary at t0 - 0.5: silent at t0 + 1.5;

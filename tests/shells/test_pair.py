@@ -65,7 +65,7 @@ async def test_failover_needs_peer_silence_and_a_vote(context, autojump_clock):
             await trio.sleep_until(math.floor(trio.current_time()) + 0.5)
             killed = trio.current_time()
             primary.kill()
-            expiry = backup.server.bstar.peer_expiry
+            expiry = backup.server.core.bstar.peer_expiry
             # Heartbeats go out on whole seconds: last heard at floor(killed).
             assert expiry == math.floor(killed) + 2.0
             with Sockets(context) as sockets:
@@ -192,8 +192,8 @@ async def test_dual_actives_converge_on_the_primary(context, autojump_clock, cap
             await backup.server.state.wait_value(State.PASSIVE)
             await backup.server.synced.wait_value(True)
             assert primary.server.state.value == State.ACTIVE
-            assert primary.server.bstar.faults[DUAL_ACTIVES] >= 1
-            assert backup.server.bstar.faults[DUAL_ACTIVES] >= 1
+            assert primary.server.core.bstar.faults[DUAL_ACTIVES] >= 1
+            assert backup.server.core.bstar.faults[DUAL_ACTIVES] >= 1
             assert any("dual actives" in r.getMessage() for r in caplog.records)
             nursery.cancel_scope.cancel()
 
@@ -274,9 +274,12 @@ async def test_quick_flap_ends_with_the_right_scope(context, autojump_clock):
             now = trio.current_time()
             # ACTIVE -> PASSIVE (dual actives) -> ACTIVE (peer restarted), with
             # no checkpoint between: a watcher of state changes would miss both.
-            server._on_bstar(server.bstar.on_peer(State.ACTIVE, now), now)
+            for _ in range(3):  # no claim heard from the peer: patience, then
+                server.core.on_peer_state([b"3"], now)  # the primary wins
+            server._after(now)
             assert server.state.value == State.PASSIVE
-            server._on_bstar(server.bstar.on_peer(State.PRIMARY, now), now)
+            server.core.on_peer_state([b"1"], now)
+            server._after(now)
             assert server.state.value == State.ACTIVE
             await trio.sleep(1.5)
             assert timeline.check_roles_never_overlap() == {"active"}
@@ -303,7 +306,7 @@ async def test_active_dies_mid_snapshot_passive_survives_and_serves(
             assert primary.server.core.store.sequence == 20_000
             backup = await start(nursery, b, context)
             core = backup.server.core
-            load, loaded = core.load, []
+            load, loaded = core.on_reply, []
 
             def load_then_kill(frames, now):
                 loaded.append(frames[0])
@@ -311,7 +314,7 @@ async def test_active_dies_mid_snapshot_passive_survives_and_serves(
                     primary.kill()
                 return load(frames, now)
 
-            core.load = load_then_kill
+            core.on_reply = load_then_kill
             await backup.server.state.wait_value(State.PASSIVE)
             while len(loaded) < 1000:
                 await trio.sleep(0.001)
@@ -323,7 +326,8 @@ async def test_active_dies_mid_snapshot_passive_survives_and_serves(
             await trio.sleep(4)
             assert backup.server.state.value == State.PASSIVE
             assert any(
-                "no snapshot from the active" in r.getMessage() for r in caplog.records
+                "no snapshot or stream from the active" in r.getMessage()
+                for r in caplog.records
             )
             _, (entries, end) = await vote_until_answered(sockets, b.bind)
             assert backup.server.state.value == State.ACTIVE
@@ -353,7 +357,7 @@ async def test_peer_restarting_mid_snapshot_converges(context, autojump_clock, c
             await settle()
             backup = await start(nursery, b, context)
             core = backup.server.core
-            load, loaded = core.load, []
+            load, loaded = core.on_reply, []
 
             def load_then_kill(frames, now):
                 loaded.append(frames[0])
@@ -361,7 +365,7 @@ async def test_peer_restarting_mid_snapshot_converges(context, autojump_clock, c
                     primary.kill()
                 return load(frames, now)
 
-            core.load = load_then_kill
+            core.on_reply = load_then_kill
             while len(loaded) < 1000:
                 await trio.sleep(0.001)
             primary = await start(nursery, p, context)  # back at once, empty

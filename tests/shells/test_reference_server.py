@@ -138,8 +138,9 @@ class ReferenceServer:
             self.sequence += 1
             self._publish([key, SEQ.pack(self.sequence), uuid, properties, body])
             parsed = parse_props(properties)
-            if parsed.get(b"ttl"):
-                parsed[b"ttl"] = b"%f" % (self.wall() + float(parsed[b"ttl"]))
+            ttl = float(parsed.get(b"ttl", 0))  # as clonesrv6: 0 is no expiry
+            if ttl:
+                parsed[b"ttl"] = b"%f" % (self.wall() + ttl)
             if body:
                 self.kvmap[key] = Stored(key, self.sequence, uuid, parsed, body)
             else:
@@ -157,8 +158,8 @@ class ReferenceServer:
 
     def _flush_ttl(self) -> None:
         for stored in list(self.kvmap.values()):
-            ttl = stored.properties.get(b"ttl")
-            if ttl and float(ttl) <= self.wall():
+            ttl = float(stored.properties.get(b"ttl", 0))
+            if ttl and ttl <= self.wall():
                 self.sequence += 1
                 stored.sequence = self.sequence
                 stored.body = b""

@@ -20,6 +20,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import struct
 import uuid as uuidlib
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -65,6 +66,11 @@ def _vectors(kind: str) -> list[Any]:
         for v in VECTORS[kind]
     ]
 
+
+HUGZ_VECTOR = next(
+    v["frames"] for v in VECTORS["valid"] if v["name"] == "hugz-rfc-zero"
+)
+KTHXBAI_VECTOR = next(v["frames"] for v in VECTORS["valid"] if v["name"] == "kthxbai")
 
 INVALID: list[tuple[str, Frames]] = [
     (v["name"], [bytes.fromhex(f) for f in v["frames"]]) for v in VECTORS["invalid"]
@@ -145,6 +151,34 @@ async def next_raw(sock: Socket, *, skip_hugz: bool = True) -> Frames:
 def queued(sock: Socket) -> list[Frames]:
     """Every message already delivered to ``sock``; never waits."""
     return sock.receive_nowait(100_000)
+
+
+def hugz_wire(s: Served, sequence: int) -> Frames:
+    """A HUGZ as the wire must carry it, built by hand (not by trioclone):
+    the reference's key and sequence encoding (see the ``hugz-current-seq``
+    vector), no UUID, and the map's lineage as the only property."""
+    lineage = s.server.core.lineage
+    assert lineage and len(lineage) == 32
+    return [
+        bytes.fromhex(HUGZ_VECTOR[0]),
+        struct.pack(">q", sequence),
+        b"",
+        b"lineage=" + lineage.encode() + b"\n",
+        b"",
+    ]
+
+
+def kthxbai_wire(s: Served, sequence: int, subtree: bytes) -> Frames:
+    """A KTHXBAI as the wire must carry it, built by hand (see the vector)."""
+    lineage = s.server.core.lineage
+    assert lineage
+    return [
+        bytes.fromhex(KTHXBAI_VECTOR[0]),
+        struct.pack(">q", sequence),
+        b"",
+        b"lineage=" + lineage.encode() + b"\n",
+        subtree,
+    ]
 
 
 def without_hugz(messages: list[Frames]) -> list[Frames]:
@@ -237,7 +271,7 @@ async def test_valid_vector(frames, vector, context, autojump_clock):
         if frames[0] in (HUGZ, KTHXBAI):  # reserved: a client may not write them
             await settle()
             assert s.rejected == 1 and s.sequence == 0
-            assert all(m == [HUGZ, bytes(8), b"", b"", b""] for m in queued(client.sub))
+            assert all(m == hugz_wire(s, 0) for m in queued(client.sub))
             return
         assert await next_raw(client.sub) == kvpub(frames, 1)
         entries, _ = await contents(client)
@@ -283,7 +317,7 @@ async def test_snapshot_of_an_empty_server_is_just_kthxbai(context, autojump_clo
         for subtree in (b"", b"/a/"):
             await client.dealer.send([ICANHAZ, subtree])
             reply = await client.dealer.receive()
-            assert reply == [KTHXBAI, SEQUENCE.pack(0), b"", b"", subtree]
+            assert reply == kthxbai_wire(s, 0, subtree)
         await settle()
         assert queued(client.dealer) == []
 
@@ -320,13 +354,7 @@ async def test_snapshot_returns_stored_kvmsgs_then_kthxbai(context, autojump_clo
             b"owner=svc-1\n",
             b"two",
         ]
-        assert await client.dealer.receive() == [
-            KTHXBAI,
-            SEQUENCE.pack(6),
-            b"",
-            b"",
-            b"/b/",
-        ]
+        assert await client.dealer.receive() == kthxbai_wire(s, 6, b"/b/")
 
 
 async def test_kthxbai_sequence_is_the_current_one(context, autojump_clock):
@@ -355,7 +383,7 @@ async def test_many_snapshots_at_once(context, autojump_clock):
             received = []
             while (frames := await reader.dealer.receive())[0] != KTHXBAI:
                 received.append(frames[0])
-            assert frames == [KTHXBAI, SEQUENCE.pack(600), b"", b"", b""]
+            assert frames == kthxbai_wire(s, 600, b"")
             assert len(received) == 600 and set(received) == keys
 
 
@@ -501,7 +529,7 @@ async def test_hugz_at_exact_intervals_from_start(interval, context, autojump_cl
             times = []
             for _ in range(5):
                 frames = await sub.receive()
-                assert frames == [HUGZ, SEQUENCE.pack(0), b"", b"", b""]
+                assert frames == hugz_wire(s, 0)
                 times.append(s.elapsed())
             assert times == [n * interval for n in range(5)]
             assert [b - a for a, b in itertools.pairwise(times)] == [interval] * 4
@@ -515,7 +543,7 @@ async def test_hugz_carry_the_current_sequence(context, autojump_clock):
             client.set(b"/k", b"v")
         await client.updates(3)
         frames = await client.sub.receive()
-        assert frames == [HUGZ, SEQUENCE.pack(3), b"", b"", b""]
+        assert frames == hugz_wire(s, 3)
         assert s.elapsed() == 1.0
 
 
@@ -601,9 +629,7 @@ async def test_reserved_keys_are_rejected(context, autojump_clock):
         assert s.rejected == 3
         assert s.sequence == 1
         # only the server's own heartbeats: empty body, no UUID
-        assert all(
-            m == [HUGZ, SEQUENCE.pack(1), b"", b"", b""] for m in queued(client.sub)
-        )
+        assert all(m == hugz_wire(s, 1) for m in queued(client.sub))
         assert await contents(client) == before
         client.set(b"/k2", b"v")
         assert (await client.next_update()).sequence == 2
@@ -640,7 +666,16 @@ async def test_invalid_vectors_on_every_port(context, autojump_clock):
             xsub.try_send(frames)
             await settle()
 
-        assert s.rejected == 2 * len(sendable)
+        # each port rejected each message: the publisher reads what an XSUB
+        # sends it as subscriptions (none of these is one) each time it
+        # publishes; make it read the last one now, at the same instant
+        s.server.publisher.admit()
+        assert s.server.rejections == {
+            "collector": len(sendable),
+            "snapshot": len(sendable),
+            "publisher": len(sendable),
+        }
+        assert s.rejected == 3 * len(sendable)
         assert s.sequence == 3
         assert trio.current_time() == now  # same instant: TTLs comparable
         assert await contents(client) == before

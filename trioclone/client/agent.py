@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import weakref
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, NoReturn
 
@@ -21,6 +21,7 @@ import trio
 import zmq
 from trio_util import AsyncValue
 
+from trioclone._follow import Follower
 from trioclone._log import Limited
 from trioclone._zmq import Socket, Sockets
 from trioclone.client.events import (
@@ -31,21 +32,26 @@ from trioclone.client.events import (
     key_bytes,
     key_text,
 )
-from trioclone.core.chp import HUGZ, encode_request
+from trioclone.core.chp import HUGZ
 from trioclone.core.client import (
     ClientCore,
     ClientTimings,
     Confirmed,
-    Connect,
     Deleted,
     Phase,
     Request,
     Resynced,
     Send,
+    Unconfirmed,
     Updated,
 )
 from trioclone.endpoints import Endpoints
-from trioclone.errors import ClientClosedError, RemoteProtocolError, WriteTimeoutError
+from trioclone.errors import (
+    ClientClosedError,
+    LocalProtocolError,
+    RemoteProtocolError,
+    WriteTimeoutError,
+)
 
 log = logging.getLogger("trioclone.client")
 
@@ -97,18 +103,14 @@ class CloneClient:
         self._context = context
         self._closed = False
         self._log = Limited(log)
-        self._waiters: dict[bytes, tuple[trio.Event, list[int]]] = {}
+        self._waiters: dict[bytes, tuple[trio.Event, list[int | None]]] = {}
         self._watchers: weakref.WeakSet[Watch] = weakref.WeakSet()
-        self._requests: deque[bytes] = deque()
-        self._connection_scope: trio.CancelScope | None = None
-        self._dealer_wait: trio.CancelScope | None = None
         self._wakeup = trio.Event()
         self._pub: Socket
-        self._sockets: Sockets
+        self._follower: Follower
         #: The agent's nursery: tasks started here end with the client.
         self.nursery: trio.Nursery
-        #: True while the client holds a complete snapshot from a live server.
-        self.synced = AsyncValue(False)
+        self._synced = AsyncValue(False)
 
     # -- reading ---------------------------------------------------------
 
@@ -145,8 +147,13 @@ class CloneClient:
     def failovers(self) -> int:
         return self._core.failovers
 
+    @property
+    def synced(self) -> bool:
+        """True while the client holds a complete snapshot from a live server."""
+        return bool(self._synced.value)
+
     async def wait_synced(self) -> None:
-        await self.synced.wait_value(True)
+        await self._synced.wait_value(True)
 
     def watch(self, prefix: str = "") -> Watch:
         """Changes under ``prefix`` from now on: ``async for event in ...``."""
@@ -168,22 +175,32 @@ class CloneClient:
         """Write and wait until the active server applied it; its sequence.
 
         Raises ``WriteTimeoutError`` if no server confirmed it in ``timeout``
-        seconds (it may still have been applied).  An empty value deletes.
+        seconds (it may still have been applied).  ``timeout`` may not exceed
+        the client's write horizon (``ClientTimings.write_horizon``, 30 s by
+        default): past it, a resend could no longer be told from a new write.
+        An empty value deletes.
         """
         self._check_open()
+        horizon = self._core.timings.write_horizon
+        if not 0 < timeout <= horizon:
+            raise LocalProtocolError(
+                f"timeout must be more than 0 and at most the write horizon "
+                f"({horizon:g} s), got {timeout}"
+            )
         body = value.encode() if isinstance(value, str) else value
         uuid = self._core.write(key_bytes(key), body, trio.current_time(), ttl=ttl)
         done = trio.Event()
-        result: list[int] = []
+        result: list[int | None] = []
         self._waiters[uuid] = (done, result)
         self._dispatch()
         try:
             with trio.move_on_after(timeout):
                 await done.wait()
-                return result[0]
         finally:  # confirmed, timed out or cancelled: stop tracking it
             self._waiters.pop(uuid, None)
             self._core.forget(uuid)
+        if result and result[0] is not None:
+            return result[0]
         raise WriteTimeoutError(
             f"write of {key!r} not confirmed within {timeout} s "
             f"(server {self.server}, {self.phase})"
@@ -207,14 +224,16 @@ class CloneClient:
 
     async def _run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> NoReturn:
         with Sockets(self._context) as sockets:
-            self._sockets = sockets
             self._pub = sockets.open(
                 zmq.PUB, connect=[e.collector for e in self._endpoints]
+            )
+            self._follower = Follower(
+                sockets, self._endpoints, [*self._core.subtrees, HUGZ]
             )
             async with trio.open_nursery() as nursery:
                 self.nursery = nursery
                 nursery.start_soon(self._timers)
-                nursery.start_soon(self._connections)
+                nursery.start_soon(self._follower.run, self._handle)
                 task_status.started()
         raise AssertionError("the agent's tasks never return")
 
@@ -227,67 +246,23 @@ class CloneClient:
             with trio.move_on_at(core.next_deadline()):
                 await self._wakeup.wait()
 
-    async def _connections(self) -> NoReturn:
-        while True:
-            index = self._core.server  # re-read after every exit
-            with trio.CancelScope() as scope:
-                self._connection_scope = scope
-                if index < 0:
-                    await trio.sleep_forever()
-                await self._connection(self._endpoints[index], scope)
-
-    async def _connection(
-        self, server: Endpoints, connection: trio.CancelScope
-    ) -> None:
-        prefixes = [*self._core.subtrees, HUGZ]
-        dealer = self._sockets.open(zmq.DEALER, connect=[server.snapshot])
-        sub = self._sockets.open(
-            zmq.SUB, connect=[server.publisher], subscribe=prefixes
-        )
-        log.debug("connected to %s", server)
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._replies, dealer, connection)
-                nursery.start_soon(self._updates, sub, connection)
-        finally:
-            dealer.close()
-            sub.close()
-
-    async def _replies(self, dealer: Socket, connection: trio.CancelScope) -> NoReturn:
-        while True:
-            while self._requests:  # sent here: this task owns the DEALER
-                await dealer.send(encode_request(self._requests[0]))
-                self._requests.popleft()  # only once it really went out
-            with trio.CancelScope() as wait:  # cancelled when a request is queued
-                self._dealer_wait = wait
-                batch = await dealer.receive_batch(512)  # cancel-safe
-            self._dealer_wait = None
-            if not wait.cancelled_caught:
-                self._handle(batch, self._core.on_reply, "snapshot reply", connection)
-
-    async def _updates(self, sub: Socket, connection: trio.CancelScope) -> NoReturn:
-        while True:
-            batch = await sub.receive_batch(512)
-            self._handle(batch, self._core.on_update, "update", connection)
-
-    def _handle(
-        self,
-        batch: list[list[bytes]],
-        handle: Callable[[list[bytes], float], None],
-        where: str,
-        connection: trio.CancelScope,
-    ) -> None:
-        if connection.cancel_called:
-            return  # from a server we just left: not for the new attempt
+    async def _handle(self, is_reply: bool, batch: list[list[bytes]]) -> None:
+        core = self._core
+        handle = core.on_reply if is_reply else core.on_update
         now = trio.current_time()
         for frames in batch:
             try:
                 handle(frames, now)
             except RemoteProtocolError as exc:
+                where = "snapshot reply" if is_reply else "update"
                 self._log.log(
                     logging.WARNING, where, "rejected %s from server: %s", where, exc
                 )
         self._dispatch()
+        while core.catching_up:  # a long backlog: in steps, others run between
+            await trio.lowlevel.checkpoint()
+            core.catch_up(trio.current_time())
+            self._dispatch()
 
     def _dispatch(self) -> None:
         """Carry out the core's actions and deliver its events."""
@@ -297,31 +272,32 @@ class CloneClient:
             if isinstance(action, Send):
                 self._pub.try_send(action.frames)
             elif isinstance(action, Request):
-                self._requests.append(action.subtree)
-                if self._dealer_wait is not None:
-                    self._dealer_wait.cancel()
-            elif isinstance(action, Connect):
+                self._follower.request(action.subtree)
+            else:
                 self._switch(action.server)
         events, core.events = core.events, []
         for event in events:
             if isinstance(event, Confirmed):
-                waiter = self._waiters.pop(event.uuid, None)
-                if waiter is not None:
-                    waiter[1].append(event.sequence)
-                    waiter[0].set()
+                self._settle_write(event.uuid, event.sequence)
+            elif isinstance(event, Unconfirmed):
+                self._settle_write(event.uuid, None)
             else:
                 self._deliver(event)
-        self.synced.value = core.phase is Phase.ACTIVE
+        self._synced.value = core.phase is Phase.ACTIVE
         self._wakeup.set()
 
+    def _settle_write(self, uuid: bytes, sequence: int | None) -> None:
+        waiter = self._waiters.pop(uuid, None)
+        if waiter is not None:
+            waiter[1].append(sequence)
+            waiter[0].set()
+
     def _switch(self, server: int) -> None:
-        self._requests.clear()
-        if self.synced.value:
+        if self._synced.value:
             log.warning(
                 "lost sync with the server; now trying %s", self._endpoints[server]
             )
-        if self._connection_scope is not None:
-            self._connection_scope.cancel()
+        self._follower.connect(server)
 
     def _deliver(self, event: Updated | Deleted | Resynced) -> None:
         if not self._watchers:
@@ -344,6 +320,7 @@ class CloneClient:
 
     def _close(self) -> None:
         self._closed = True
+        self._follower.close()
         for watch in list(self._watchers):
             watch.close()
 

@@ -104,6 +104,26 @@ class BlockingClient:
     def get(self, key: str | bytes, default: bytes | None = None) -> bytes | None:
         return self._live().get(key, default)
 
+    @property
+    def synced(self) -> bool:
+        """True while the client holds a complete snapshot from a live server."""
+        return self._live().synced
+
+    @property
+    def phase(self) -> str:
+        """ "initial", "syncing" or "active" (following a server)."""
+        return self._live().phase
+
+    @property
+    def server(self) -> str | None:
+        """The server in use, or None before the first one is tried."""
+        return self._live().server
+
+    @property
+    def sequence(self) -> int:
+        """The sequence of the last update applied."""
+        return self._live().sequence
+
     def items(self, prefix: str = "") -> list[tuple[str, bytes]]:
         client = self._live()
         return trio.from_thread.run_sync(client.items, prefix, trio_token=self._token)
@@ -122,6 +142,15 @@ class BlockingClient:
 
     def delete(self, key: str | bytes, *, timeout: float = 5.0) -> int:
         return self.set(key, b"", timeout=timeout)
+
+    def set_nowait(
+        self, key: str | bytes, value: str | bytes, *, ttl: float | None = None
+    ) -> None:
+        """Send a write and return at once: no confirmation, no resend."""
+        client = self._live()
+        trio.from_thread.run_sync(
+            lambda: client.set_nowait(key, value, ttl=ttl), trio_token=self._token
+        )
 
     def watch(self, prefix: str = "") -> Iterator[CloneEvent]:
         """Changes under ``prefix``, as a blocking iterator (ends on close)."""

@@ -17,10 +17,16 @@ heartbeat socket; CLIENT_REQUEST (5) is a snapshot request, a client's vote.
   split-brain guard.  BACKUP never accepts a vote.
 * Failover is automatic, failback is not: ACTIVE is only left through the
   dual-active rule below.
-* Faults never stop the process.  Dual actives and dual passives converge on
-  the primary being ACTIVE and the backup PASSIVE; both-primary and
-  both-backup are reported (misconfiguration).  Each fault is counted in
-  ``faults`` and returned so the shell can log it as an error.
+* Faults never stop the process.  Dual actives (a split that healed)
+  converge: the server whose map wins stays ACTIVE, the other steps down to
+  PASSIVE.  Which map wins is the server core's verdict (``keep_active``,
+  from the two maps' claims: an empty, just-restarted server never wins
+  over one that holds the map); while the core cannot tell yet (no claim
+  heard from the peer), both stay ACTIVE for up to ``DUAL_PATIENCE``
+  heartbeats, then the primary wins.  Dual passives converge on the primary
+  being ACTIVE.  Both-primary and both-backup are reported
+  (misconfiguration).  Each fault is counted once per episode in ``faults``
+  and returned so the shell can log it as an error.
 
 The table below is the whole behaviour; anything not in it is "no change,
 vote rejected".
@@ -57,6 +63,10 @@ VOTE_PEER_EXPIRED = "vote, peer expired"
 
 #: Stand-in for "ACTIVE on the primary, PASSIVE on the backup".
 PRIMARY_WINS = "primary wins"
+#: Stand-in for "as the server core's verdict says".
+RESOLVE = "resolve"
+#: Heartbeats of dual actives without a verdict before the primary wins.
+DUAL_PATIENCE = 3
 
 DUAL_ACTIVES = "dual actives"
 DUAL_PASSIVES = "dual passives"
@@ -85,7 +95,7 @@ TABLE: dict[tuple[State, Input], Row] = {
     (State.BACKUP, Event.PEER_BACKUP): Row(State.BACKUP, fault=BOTH_BACKUP),
     (State.ACTIVE, VOTE_PEER_ALIVE): Row(State.ACTIVE, accept=True),
     (State.ACTIVE, VOTE_PEER_EXPIRED): Row(State.ACTIVE, accept=True),
-    (State.ACTIVE, Event.PEER_ACTIVE): Row(PRIMARY_WINS, fault=DUAL_ACTIVES),
+    (State.ACTIVE, Event.PEER_ACTIVE): Row(RESOLVE, fault=DUAL_ACTIVES),
     (State.PASSIVE, Event.PEER_PRIMARY): Row(State.ACTIVE),
     (State.PASSIVE, Event.PEER_BACKUP): Row(State.ACTIVE),
     (State.PASSIVE, Event.PEER_PASSIVE): Row(PRIMARY_WINS, fault=DUAL_PASSIVES),
@@ -126,16 +136,22 @@ class BinaryStar:
         self.faults: Counter[str] = Counter()
         self._last_heard: float | None = None
         self._odd_intervals = 0
+        self._dual = 0  # heartbeats heard in a row while both are ACTIVE
 
     def peer_expired(self, now: float) -> bool:
         return now >= self.peer_expiry
 
-    def on_peer(self, peer: State, now: float) -> Outcome:
-        """The peer said it is in state ``peer``."""
+    def on_peer(
+        self, peer: State, now: float, *, keep_active: bool | None = None
+    ) -> Outcome:
+        """The peer said it is in state ``peer``.
+
+        ``keep_active`` is the verdict on dual actives, if one can be given.
+        """
         self.peer_state = peer
         self.peer_expiry = now + self.expiry
         mismatch = self._check_interval(now)
-        outcome = self._step(Event(peer))
+        outcome = self._step(Event(peer), keep_active)
         if mismatch:
             self.faults[mismatch] += 1  # counted even beside another fault
             if outcome.fault is None:
@@ -148,18 +164,27 @@ class BinaryStar:
             VOTE_PEER_EXPIRED if self.peer_expired(now) else VOTE_PEER_ALIVE
         )
 
-    def _step(self, event: Input) -> Outcome:
+    def _step(self, event: Input, keep_active: bool | None = None) -> Outcome:
         previous = self.state
         row = TABLE.get((previous, event))
+        if isinstance(event, Event):
+            dual = self._dual + 1 if row is not None and row.next == RESOLVE else 0
+            self._dual = dual
         if row is None:
             return Outcome(previous, previous)
+        if row.next == RESOLVE:
+            if keep_active is None:  # no verdict yet: wait a little, then primary
+                keep_active = self.primary if self._dual >= DUAL_PATIENCE else True
+        else:
+            keep_active = self.primary
         if isinstance(row.next, State):
             self.state = row.next
-        else:  # PRIMARY_WINS
-            self.state = State.ACTIVE if self.primary else State.PASSIVE
-        if row.fault:
-            self.faults[row.fault] += 1
-        return Outcome(previous, self.state, row.accept, row.fault)
+        else:  # PRIMARY_WINS or RESOLVE
+            self.state = State.ACTIVE if keep_active else State.PASSIVE
+        fault = row.fault if row.next != RESOLVE or self._dual == 1 else None
+        if fault:
+            self.faults[fault] += 1
+        return Outcome(previous, self.state, row.accept, fault)
 
     def _check_interval(self, now: float) -> str | None:
         """Report once when three peer intervals in a row are far from ours."""

@@ -24,6 +24,24 @@ KTHXBAI = b"KTHXBAI"
 HUGZ = b"HUGZ"
 TTL = "ttl"
 
+# trioclone's additions, all where the Guide's clients and servers ignore them:
+#: On HUGZ and KTHXBAI: the identity of the map the sequence belongs to.
+LINEAGE = "lineage"
+#: On HUGZ, with ``LINEAGE``: the claim a server makes when two are active.
+BRANCH = "branch"
+FRESH = "fresh"
+#: A subtree heartbeat's key is the subtree followed by this marker; its
+#: sequence is 0 (every client drops it as old) and its ``LAST`` property is
+#: the sequence of the last update published under the subtree.
+SUBTREE_HUGZ = b"\x00HUGZ"
+LAST = "last"
+#: A snapshot request for this "subtree" asks a trioclone server for the
+#: UUIDs it applied recently (its repeat window); each reply carries a batch
+#: of 16-byte UUIDs in the body and their ``AGE`` in seconds.  A Guide server
+#: holds no such keys and answers with KTHXBAI alone.
+HISTORY = b"\x00history"
+AGE = "age"
+
 SEQUENCE = struct.Struct("!q")
 NO_PROPERTIES: Mapping[str, str] = MappingProxyType({})
 
@@ -36,6 +54,7 @@ RULE_PROPERTY_TEXT = "properties are UTF-8 text"
 RULE_TTL_NUMBER = "ttl is a number of seconds"
 RULE_TTL_FINITE = "ttl is a finite number"
 RULE_TTL_SIGN = "ttl is not negative"
+RULE_HISTORY = "a history batch is whole 16-byte UUIDs with a finite age"
 RULE_COMMAND = "the only snapshot command is ICANHAZ?"
 RULE_ICANHAZ_FRAMES = "ICANHAZ has exactly 2 frames"
 
@@ -169,11 +188,60 @@ def encode_request(subtree: bytes = b"") -> list[bytes]:
     return [ICANHAZ, subtree]
 
 
-def kthxbai(sequence: int, subtree: bytes) -> list[bytes]:
+def kthxbai(
+    sequence: int, subtree: bytes, properties: Mapping[str, str] = NO_PROPERTIES
+) -> list[bytes]:
     """End of a snapshot: the server's sequence, the subtree in the body."""
-    return [KTHXBAI, SEQUENCE.pack(sequence), b"", b"", subtree]
+    props = encode_properties(properties) if properties else b""
+    return [KTHXBAI, SEQUENCE.pack(sequence), b"", props, subtree]
 
 
-def hugz(sequence: int) -> list[bytes]:
+def hugz(sequence: int, properties: Mapping[str, str] = NO_PROPERTIES) -> list[bytes]:
     """A heartbeat; carries the current sequence, as the reference servers do."""
-    return [HUGZ, SEQUENCE.pack(sequence), b"", b"", b""]
+    props = encode_properties(properties) if properties else b""
+    return [HUGZ, SEQUENCE.pack(sequence), b"", props, b""]
+
+
+def subtree_hugz(subtree: bytes, last: int) -> list[bytes]:
+    """A subtree heartbeat: ``last`` is the newest sequence published under it."""
+    return [subtree + SUBTREE_HUGZ, SEQUENCE.pack(0), b"", b"last=%d\n" % last, b""]
+
+
+def is_subtree_hugz(key: bytes) -> bool:
+    return key.endswith(SUBTREE_HUGZ)
+
+
+def is_reserved(key: bytes) -> bool:
+    """Keys no client may write: the commands, and subtree heartbeats."""
+    return key in (HUGZ, KTHXBAI) or key.endswith(SUBTREE_HUGZ)
+
+
+def lineage_of(msg: KVMsg) -> str | None:
+    """The map identity a HUGZ or KTHXBAI carries (None from a Guide server)."""
+    return msg.properties.get(LINEAGE) or None
+
+
+def integer_property(msg: KVMsg, name: str) -> int | None:
+    """A property holding a non-negative integer; None if absent or not one."""
+    text = msg.properties.get(name)
+    if text is None or not text.isdigit():
+        return None
+    return int(text)
+
+
+def history_batch(uuids: Sequence[bytes], age: float) -> list[bytes]:
+    """One message of a HISTORY reply: UUIDs applied ``age`` seconds ago."""
+    props = encode_properties({AGE: format_ttl(max(age, 0.0))})
+    return [HISTORY, SEQUENCE.pack(0), b"", props, b"".join(uuids)]
+
+
+def decode_history(msg: KVMsg) -> tuple[list[bytes], float]:
+    """The UUIDs and age of a HISTORY batch; ``RemoteProtocolError`` if bad."""
+    body = msg.body
+    try:
+        age = float(msg.properties.get(AGE, ""))
+    except ValueError:
+        raise RemoteProtocolError(RULE_HISTORY, "no age") from None
+    if len(body) % 16 or not math.isfinite(age) or age < 0:
+        raise RemoteProtocolError(RULE_HISTORY, f"{len(body)} bytes, age {age}")
+    return [body[i : i + 16] for i in range(0, len(body), 16)], age

@@ -1,50 +1,139 @@
 """What a Clone server does with each input: the sans-IO server core.
 
-The Trio shell feeds it frames and the time; it answers with frames to
-publish.  It knows whether it is active; input that does not fit the current
-role (a late step of a task whose role scope is being cancelled) is ignored.
+The Trio shell feeds it frames and the time and carries out what it asks:
+frames to publish (returned), requests and connections of the passive's
+replica (``replica.actions``), hand-over writes for the peer's collector
+(``relays``), and bounded steps of long work (``busy``, ``step``).
+
+Role
+----
+One value, ``role``: WAITING (a pair's server before Binary Star decided),
+ACTIVE or PASSIVE.  A standalone server is ACTIVE from ``start``.  In a
+pair, the core owns the ``BinaryStar`` table and changes role as it says.
+Input that does not fit the role (a late step of a task whose role scope is
+being cancelled) is ignored.
 
 Active: a client KVSET gets the next sequence, is stored and is returned as
-the KVPUB to publish (key, UUID, properties and body kept as received).
-TTL deadlines expire into deletes with fresh sequences.
+the KVPUB to publish (key, UUID and body as received; properties too, but
+``ttl=0``, which means no expiry, is dropped: the canonical form).  TTL
+deadlines expire into deletes with fresh sequences, at most ``limit`` a call.
 
-Passive: a client KVSET waits on the pending list.  The active's stream is
-mirrored once a snapshot is loaded; until then it is kept in a backlog so
-nothing published after the snapshot's sequence is missed.  A snapshot is
-loaded into a fresh store that replaces the current one only when complete,
-so a sync that fails half-way leaves the last good copy in place.  A gap in
-the active's sequence asks the shell for a resync.
+Passive: the server is a client of the active, through a ``Replica`` of its
+whole map and its repeat window.  A client KVSET waits on the pending list
+until the active's copy is in the passive's map.  Taking over (``busy``
+until done, in steps): the replica's backlog is brought into its newest
+complete map, then the pending list is replayed in order with fresh
+sequences and published; client writes that arrive meanwhile queue behind.
 
-Both: a KVSET already applied (by us, or seen on the active's stream) is a
-repeat and is dropped.  A repeat is recognised by UUID: either it is the UUID
-the key was last written with (kept in the store's record), or it is in a
-bounded window of UUIDs whose writes were since overwritten, deleted or
-expired.  Only superseded writes cost window space, so a map of many keys
-written once costs nothing extra.
+Both: a write already applied is a repeat and is dropped.  A repeat is
+recognised by UUID: either it is the UUID the key was last written with, or
+it is in the ``Applied`` window of replaced writes (see applied.py for how
+long).  Writes with no UUID cannot be recognised: the active applies each
+one it receives and the passive never holds or replays them.
+
+The map's lineage
+-----------------
+Every map has an identity, ``lineage``: made when a server founds a map
+(starts with none and no peer to copy), inherited by a sync and by a
+takeover.  It is sent on HUGZ and KTHXBAI, so clients notice a server that
+lost or replaced its map.  A pair's HUGZ also carry ``branch`` (the newest
+sequence of this lineage that came from the peer) and ``fresh`` (the map
+was founded empty by this process): the claims that decide dual actives.
+
+Splits that heal
+----------------
+When both servers were active and the link heals, the map that holds more
+wins: if the lineages differ, a fresh map loses to one that was inherited;
+otherwise the primary wins.  The side that steps down hands every write it
+accepted while active (its records and deletes newer than the branch point)
+to the winner's collector, keeps them on its pending list (resent until
+they are in its map again), and then resyncs.  The winner drops what it
+already has: by UUID, and by sequence below its own branch point.
 """
 
 from __future__ import annotations
 
-from collections import Counter
-from collections.abc import Sequence
+import enum
+import logging
+import uuid as uuidlib
+from collections import Counter, OrderedDict, deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
+from trioclone.core.applied import Applied
+from trioclone.core.bstar import BinaryStar, Outcome, State, decode_state
 from trioclone.core.chp import (
+    BRANCH,
+    FRESH,
+    HISTORY,
     HUGZ,
-    KTHXBAI,
+    LINEAGE,
     SEQUENCE,
+    TTL,
     KVMsg,
+    decode_history,
     decode_kvmsg,
+    encode_properties,
+    history_batch,
     hugz,
+    integer_property,
+    is_reserved,
     kthxbai,
+    lineage_of,
 )
-from trioclone.core.pending import Applied, Pending
+from trioclone.core.pending import Pending
+from trioclone.core.replica import Phase, Replica, Timings
 from trioclone.core.store import Store
+from trioclone.core.subtrees import Subtrees
 from trioclone.errors import RemoteProtocolError
 
 Frames = list[bytes]
 
 RULE_RESERVED = "a client may not write the reserved keys HUGZ and KTHXBAI"
-RULE_UNEXPECTED = "a snapshot reply is KVSYNC messages ending with KTHXBAI"
+#: Work done per ``step``: enough to be cheap per schedule point, small
+#: enough that heartbeats are never late.
+STEP = 512
+#: Housekeeping (window eviction, pending ages, relay resends) this often.
+HOUSEKEEPING = 1.0
+HISTORY_BATCH = 4096
+
+
+class Role(enum.Enum):
+    WAITING = "waiting"
+    ACTIVE = "active"
+    PASSIVE = "passive"
+
+
+def random_lineage() -> str:
+    return uuidlib.uuid4().hex
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What the peer's HUGZ said about its map."""
+
+    lineage: str | None
+    branch: int
+    fresh: bool
+    sequence: int
+    heard: float
+
+
+class ServerMap(NamedTuple):
+    """What a passive replicates: the map and the window of replaced writes."""
+
+    store: Store
+    applied: Applied
+
+
+@dataclass
+class Takeover:
+    """The work of becoming active, done in steps."""
+
+    replica: Mirror | None
+    base: int = 0  # the store's sequence once the backlog is in
+    arrivals: deque[Frames] = field(default_factory=deque)
 
 
 class ServerCore:
@@ -53,26 +142,137 @@ class ServerCore:
     def __init__(
         self,
         *,
-        applied_window: int = 100_000,
+        bstar: BinaryStar | None = None,
+        applied_horizon: float = 120.0,
+        applied_limit: int = 1_000_000,
         pending_size: int = 100_000,
         pending_age: float = 30.0,
         backlog_limit: int = 1_000_000,
+        replica_timings: Timings | None = None,
+        new_lineage: Callable[[], str] = random_lineage,
     ) -> None:
+        self.bstar = bstar
         self.store = Store()
-        self.applied = Applied(applied_window)
+        self.applied = Applied(applied_horizon, applied_limit)
         self.pending = Pending(pending_size, pending_age)
+        self.subtrees = Subtrees()
         self.backlog_limit = backlog_limit
-        self.active = False
-        self.synced = False
+        self.replica_timings = replica_timings or Timings(request_timeout=5.0)
+        self.role = Role.WAITING
+        self.lineage: str | None = None
+        self.fresh = False
+        self.branch = 0
+        self.replica: Mirror | None = None
+        self.peer_claim: Claim | None = None
+        #: Hand-over writes for the peer's collector (the shell sends them).
+        self.relays: list[Sequence[bytes]] = []
+        #: (level, message) for the shell to log: things an operator must know.
+        self.notices: list[tuple[int, str]] = []
         self.stats: Counter[str] = Counter()
-        #: Set when a completed sync found a gap after the snapshot.
-        self.resync_wanted = False
-        self._incoming: Store | None = None
-        self._incoming_uuids: list[bytes] = []
-        self._stream_sequence = 0
-        self._backlog: list[tuple[KVMsg, Sequence[bytes], float]] = []
+        self._new_lineage = new_lineage
+        self._takeover: Takeover | None = None
+        self._handoff: Iterator[Frames] | None = None
+        self._handoff_held_at = 0
+        self._tombstones: OrderedDict[bytes, tuple[int, bytes]] = OrderedDict()
+        self._following_since: float | None = None
+        self._housekeeping_at = 0.0
 
-    # -- client updates (both roles) ---------------------------------------
+    # -- state ----------------------------------------------------------------
+
+    @property
+    def active(self) -> bool:
+        return self.role is Role.ACTIVE
+
+    @property
+    def serving(self) -> bool:
+        """Answering snapshots and applying writes (a takeover is done)."""
+        return self.role is Role.ACTIVE and self._takeover is None
+
+    @property
+    def synced(self) -> bool:
+        """Active, or passive with a complete copy of the active's map."""
+        if self.role is Role.PASSIVE:
+            replica = self.replica
+            return replica is not None and replica.phase is Phase.ACTIVE
+        return self.role is Role.ACTIVE
+
+    @property
+    def sequence(self) -> int:
+        replica = self.replica
+        return replica.sequence if replica is not None else self.store.sequence
+
+    @property
+    def busy(self) -> bool:
+        """Bounded work waits for ``step``."""
+        replica = self.replica
+        return (
+            self._takeover is not None
+            or self._handoff is not None
+            or (replica is not None and replica.catching_up)
+        )
+
+    def start(self, now: float) -> None:
+        """A standalone server founds its map and is active from now."""
+        if self.bstar is None:
+            self._become_active(now)
+
+    # -- Binary Star ---------------------------------------------------------
+
+    def on_vote(self, now: float) -> Outcome | None:
+        """A snapshot request (a vote); None for a standalone server.
+
+        ``outcome.accepted`` says whether to answer it.
+        """
+        if self.bstar is None:
+            return None
+        outcome = self.bstar.on_vote(now)
+        self._follow(outcome, now)
+        return outcome
+
+    def on_peer_state(self, frames: list[bytes], now: float) -> Outcome:
+        """A Binary Star heartbeat from the peer (``RemoteProtocolError`` if bad)."""
+        assert self.bstar is not None
+        peer = decode_state(frames)
+        if peer is not State.PASSIVE:
+            self._following_since = None
+        elif self._following_since is None:
+            self._following_since = now
+        outcome = self.bstar.on_peer(peer, now, keep_active=self._verdict(now))
+        self._follow(outcome, now)
+        return outcome
+
+    def on_peer_hugz(self, frames: list[bytes], now: float) -> None:
+        """A HUGZ from the peer's publisher: its claim, for dual actives."""
+        msg = decode_kvmsg(frames)
+        if msg.key != HUGZ:
+            return
+        self.peer_claim = Claim(
+            lineage_of(msg),
+            integer_property(msg, BRANCH) or 0,
+            msg.properties.get(FRESH) == "1",
+            msg.sequence,
+            now,
+        )
+
+    def _verdict(self, now: float) -> bool | None:
+        """Should we stay active if both are?  None: cannot tell yet."""
+        claim, bstar = self.peer_claim, self.bstar
+        assert bstar is not None
+        if claim is None or now - claim.heard > bstar.expiry:
+            return None
+        if claim.lineage != self.lineage and claim.fresh != self.fresh:
+            return not self.fresh  # a map that was handed down beats a new one
+        return bstar.primary
+
+    def _follow(self, outcome: Outcome, now: float) -> None:
+        if not outcome.changed:
+            return
+        if outcome.state is State.ACTIVE:
+            self._become_active(now)
+        elif outcome.state is State.PASSIVE:
+            self._become_passive(now)
+
+    # -- client updates (every role) -----------------------------------------
 
     def collect(self, frames: Sequence[bytes], now: float) -> Frames | None:
         """A client's KVSET: the KVPUB to publish, or None (held or dropped).
@@ -80,187 +280,395 @@ class ServerCore:
         Raises ``RemoteProtocolError`` for a malformed update; nothing changes.
         """
         msg = decode_kvmsg(frames)
-        if msg.key in (HUGZ, KTHXBAI):
+        if is_reserved(msg.key):
             raise RemoteProtocolError(RULE_RESERVED)
-        current = self.store.uuid_of(msg.key)
+        if msg.sequence and LINEAGE in msg.properties:
+            handed = self._handed_over(msg)
+            if handed is None:
+                return None
+            msg, frames = handed
         uuid = msg.uuid
+        current = self.store.uuid_of(msg.key)
         if uuid and (uuid == current or uuid in self.applied):
             self.stats["duplicates"] += 1
             return None
-        if self.active:
-            return self._apply(msg, frames, now, current)
-        self.pending.hold(uuid, frames, now, self._known_sequence())
+        if self.role is Role.ACTIVE:
+            if self._takeover is None:
+                return self._apply(msg, frames, now, current)
+            self._takeover.arrivals.append(list(frames))
+            return None
+        if not self.pending.hold(uuid, frames, now, self._heard_sequence()):
+            self.stats["anonymous_not_held"] += 1
         return None
 
+    def _handed_over(self, msg: KVMsg) -> tuple[KVMsg, Frames] | None:
+        """A write the peer accepted while both were active, as a client write."""
+        if msg.properties[LINEAGE] == self.lineage and msg.sequence <= self.branch:
+            self.stats["handoff_known"] += 1  # it came to us from the peer
+            return None
+        self.stats["handoff_received"] += 1
+        props = {k: v for k, v in msg.properties.items() if k != LINEAGE}
+        encoded = encode_properties(props) if props else b""
+        plain = msg._replace(sequence=0, properties=props)
+        return plain, [msg.key, bytes(8), msg.uuid, encoded, msg.body]
+
     def _apply(
-        self,
-        msg: KVMsg,
-        frames: Sequence[bytes],
-        now: float,
-        current: bytes | None = None,
+        self, msg: KVMsg, frames: Sequence[bytes], now: float, current: bytes
     ) -> Frames:
-        sequence = self.store.next_sequence()
-        self._put(self.store, msg, sequence, frames[3], now, current)
-        self.stats["updates"] += 1
-        return [frames[0], SEQUENCE.pack(sequence), frames[2], frames[3], frames[4]]
-
-    # -- active work -------------------------------------------------------
-
-    def expire(self, now: float) -> list[Frames]:
-        """Deletes to publish for every key whose TTL has passed."""
-        if not self.active:
-            return []
         store = self.store
+        sequence = store.next_sequence()
+        props = frames[3]
+        if props and TTL in msg.properties and msg.ttl is None:
+            rest = {k: v for k, v in msg.properties.items() if k != TTL}
+            props = encode_properties(rest) if rest else b""  # ttl=0: canonical
+        if current:
+            self.applied.add(current, now)  # its write was replaced
+        key = msg.key
+        if msg.body:
+            if self._tombstones:
+                self._tombstones.pop(key, None)
+        elif msg.uuid:
+            self.applied.add(msg.uuid, now)  # a delete leaves no record to hold it
+            self._tombstone(key, sequence, msg.uuid)
+        store.put(key, sequence, msg.uuid, props, msg.body, msg.ttl, now)
+        if self.subtrees:
+            self.subtrees.published(key, sequence)
+        self.stats["updates"] += 1
+        return [key, SEQUENCE.pack(sequence), frames[2], props, frames[4]]
+
+    def _tombstone(self, key: bytes, sequence: int, uuid: bytes) -> None:
+        """Remember a client's delete, for a hand-over after a split."""
+        tombstones = self._tombstones
+        tombstones.pop(key, None)
+        tombstones[key] = (sequence, uuid)
+        if len(tombstones) > self.pending.max_size:
+            tombstones.popitem(last=False)
+            self.stats["tombstones_dropped"] += 1
+
+    def _heard_sequence(self) -> int:
+        """The newest sequence of the active's that we know of."""
+        replica = self.replica
+        return replica.heard_sequence if replica is not None else self.store.sequence
+
+    # -- the passive's replica of the active ---------------------------------
+
+    def on_reply(self, frames: Sequence[bytes], now: float) -> None:
+        """A message on the passive's snapshot connection to the active."""
+        if self.role is Role.PASSIVE and self.replica is not None:
+            self.replica.on_reply(frames, now)
+
+    def on_update(self, frames: Sequence[bytes], now: float) -> None:
+        """A message on the passive's subscription to the active's stream."""
+        if self.role is Role.PASSIVE and self.replica is not None:
+            self.replica.on_update(frames, now)
+
+    # -- active work ---------------------------------------------------------
+
+    def expire(self, now: float, limit: int = STEP) -> list[Frames]:
+        """Deletes to publish for keys whose TTL has passed (at most ``limit``)."""
+        if not self.serving:
+            return []
+        store, applied, subtrees = self.store, self.applied, self.subtrees
         deletes = []
-        for key, uuid in store.expire_with_uuids(now):
-            self.applied.add(uuid)
-            deletes.append([key, SEQUENCE.pack(store.next_sequence()), b"", b"", b""])
+        for key, uuid in store.expire_with_uuids(now, limit):
+            applied.add(uuid, now)
+            sequence = store.next_sequence()
+            if subtrees:
+                subtrees.published(key, sequence)
+            deletes.append([key, SEQUENCE.pack(sequence), b"", b"", b""])
         self.stats["expired"] += len(deletes)
         return deletes
 
     def hugz(self) -> Frames:
-        return hugz(self.store.sequence)
+        props = {LINEAGE: self.lineage or ""}
+        if self.bstar is not None:
+            props[BRANCH] = str(self.branch)
+            if self.fresh:
+                props[FRESH] = "1"
+        return hugz(self.store.sequence, props)
 
     def kthxbai(self, subtree: bytes) -> Frames:
-        return kthxbai(self.store.sequence, subtree)
+        return kthxbai(self.store.sequence, subtree, {LINEAGE: self.lineage or ""})
 
-    # -- role changes ------------------------------------------------------
+    def history(self, now: float) -> Iterator[Frames]:
+        """The reply to a HISTORY request: the window, in batches."""
+        for age, uuids in self.applied.export(now):
+            for start in range(0, len(uuids), HISTORY_BATCH):
+                yield history_batch(uuids[start : start + HISTORY_BATCH], age)
 
-    def become_active(self, now: float) -> list[Frames]:
-        """Take over: apply the pending list in order; return what to publish."""
-        if self.active:
+    # -- timers --------------------------------------------------------------
+
+    def next_deadline(self) -> float:
+        replica = self.replica
+        if replica is not None and self.role is Role.PASSIVE:
+            return min(replica.next_deadline(), self._housekeeping_at)
+        return self._housekeeping_at
+
+    def poll(self, now: float) -> None:
+        """Timers: the passive's replica, window and pending ages, relays."""
+        replica = self.replica
+        if replica is not None and self.role is Role.PASSIVE:
+            replica.poll(now)
+        if now < self._housekeeping_at:
+            return
+        self._housekeeping_at = now + HOUSEKEEPING
+        self.applied.retain = self._retaining(now)
+        self.applied.evict(now)
+        if self.role is not Role.ACTIVE:
+            self.pending.expire(now)
+        self.relays.extend(self.pending.due(now, HOUSEKEEPING))
+
+    def _retaining(self, now: float) -> bool:
+        """Keep replaced writes while a split may have to be reconciled."""
+        bstar = self.bstar
+        if bstar is None or self.role is not Role.ACTIVE:
+            return False
+        since = self._following_since
+        grace = self.pending.max_age + bstar.expiry
+        return since is None or now - since < grace
+
+    # -- role changes --------------------------------------------------------
+
+    def _become_active(self, now: float) -> None:
+        if self.role is Role.ACTIVE:
+            return
+        self.role = Role.ACTIVE
+        self.subtrees.clear()
+        replica, self.replica = self.replica, None
+        if replica is not None:
+            replica.settle(now)
+        self._takeover = Takeover(replica)
+        if replica is None:
+            self._begin_replay()
+            if not self.pending:
+                self._takeover = None
+
+    def _become_passive(self, now: float) -> None:
+        if self.role is Role.ACTIVE:
+            self._start_handoff(now)
+        self.role = Role.PASSIVE
+        self._takeover = None
+        self.subtrees.clear()
+        self.replica = Mirror(self, ServerMap(self.store, self.applied))
+
+    def step(self, now: float, limit: int = STEP) -> list[Frames]:
+        """A bounded piece of the work in hand; frames to publish."""
+        if self._handoff is not None:
+            self._handoff_step(now, limit)
             return []
-        self.active = True
-        self.pending.expire(now)
-        if not self.synced:
-            self._catch_up(self.store)  # best effort: the last good copy
-        self._incoming = None
-        self._backlog.clear()
-        self.synced = True
-        published = []
-        for frames, held_at in self.pending.drain_with_sequences():
-            msg = decode_kvmsg(frames)
-            if self._is_repeat(msg.key, msg.uuid):
+        replica = self.replica
+        if replica is not None and replica.catching_up:
+            replica.catch_up(now, limit)
+            return []
+        takeover = self._takeover
+        if takeover is None:
+            return []
+        if takeover.replica is not None:
+            if takeover.replica.catching_up:
+                takeover.replica.catch_up(now, limit)
+                return []
+            self._adopt(takeover.replica)
+            takeover.replica = None
+            self._begin_replay()
+        return self._replay(now, limit)
+
+    def _adopt(self, replica: Mirror) -> None:
+        """The replica's newest map becomes ours, to serve."""
+        live = replica.live
+        self.store, self.applied = live.store, live.applied
+        self.store.sequence = replica.sequence
+        if replica.lineage is not None:
+            self.lineage = replica.lineage
+        if replica.synced_once:
+            self.fresh = False
+            self.branch = self.store.sequence
+        else:
+            self.stats["unsynced_takeovers"] += 1
+            self.notices.append(
+                (
+                    logging.ERROR,
+                    "taking over before any complete snapshot from the peer: "
+                    f"serving the last complete copy ({len(self.store)} keys) and "
+                    "what arrived since; updates the peer published before that "
+                    "and that did not reach us are lost",
+                )
+            )
+
+    def _begin_replay(self) -> None:
+        if self.lineage is None:  # no map to inherit: found one
+            self.lineage = self._new_lineage()
+            self.fresh = not self.store.sequence
+            self.branch = 0
+        assert self._takeover is not None
+        self._takeover.base = self.store.sequence
+        self.pending.relay_off()
+
+    def _replay(self, now: float, limit: int) -> list[Frames]:
+        """Apply and publish the pending list, then what arrived meanwhile."""
+        takeover = self._takeover
+        assert takeover is not None
+        store, published = self.store, []
+        for held in self.pending.take(limit):
+            msg = decode_kvmsg(held.frames)
+            current = store.uuid_of(msg.key)
+            if msg.uuid and (msg.uuid == current or msg.uuid in self.applied):
                 continue
-            if self.store.sequence_of(msg.key) > held_at:
-                self.stats["pending_superseded"] += 1  # a later write won
+            if held.sequence < store.sequence_of(msg.key) <= takeover.base:
+                self.stats["pending_superseded"] += 1  # the old active wrote it later
                 continue
-            published.append(self._apply(msg, frames, now))
+            published.append(self._apply(msg, held.frames, now, current))
         self.stats["takeover_applied"] += len(published)
+        arrivals = takeover.arrivals
+        while arrivals and len(published) < limit and not self.pending:
+            frames = arrivals.popleft()
+            msg = decode_kvmsg(frames)
+            current = store.uuid_of(msg.key)
+            if msg.uuid and (msg.uuid == current or msg.uuid in self.applied):
+                self.stats["duplicates"] += 1
+                continue
+            published.append(self._apply(msg, frames, now, current))
+        if not self.pending and not arrivals:
+            self._takeover = None
         return published
 
-    def become_passive(self) -> None:
-        """Step down: from now on mirror the active, after a fresh snapshot."""
-        self.active = False
-        self.begin_sync()
+    # -- a split that heals ----------------------------------------------------
 
-    # -- passive work ------------------------------------------------------
+    def _start_handoff(self, now: float) -> None:
+        """Stepping down from ACTIVE: give the peer what we accepted."""
+        bound = self.branch
+        claim = self.peer_claim
+        if (
+            claim is not None
+            and self.lineage is not None
+            and claim.lineage == self.lineage
+        ):
+            bound = max(bound, claim.branch)
+        tombstones, self._tombstones = self._tombstones, OrderedDict()
+        self.notices.append(
+            (
+                logging.WARNING,
+                "stepping down after dual actives: handing the writes accepted "
+                f"while active (after sequence {bound}) to the peer",
+            )
+        )
+        # At a later takeover, a hand-over write yields to a write the winner
+        # made to the same key after it (its sequence then was claim.sequence).
+        self._handoff_held_at = claim.sequence if claim is not None else 2**63 - 1
+        self._handoff = _handoff_frames(
+            self.store, tombstones, bound, self.lineage or "", now
+        )
 
-    def begin_sync(self) -> None:
-        """A snapshot request is about to go out: load into a fresh store."""
-        if self.active:
-            return
-        self.synced = False
-        self.resync_wanted = False
-        self._incoming = Store()
-        self._incoming_uuids = []
-        self._backlog.clear()
+    def _handoff_step(self, now: float, limit: int) -> None:
+        handoff = self._handoff
+        assert handoff is not None
+        for count, frames in enumerate(handoff, 1):
+            self.pending.hold(frames[2], frames, now, self._handoff_held_at, relay=True)
+            self.relays.append(frames)
+            self.stats["handoff_sent"] += 1
+            if count >= limit:
+                return
+        self._handoff = None
 
-    def load(self, frames: Sequence[bytes], now: float) -> bool:
-        """One message of the snapshot reply; True once it is complete."""
-        incoming = self._incoming
-        if incoming is None or self.active:
-            return False
-        msg = decode_kvmsg(frames)
-        if msg.key == KTHXBAI:
-            incoming.sequence = msg.sequence
-            return self._finish_sync(incoming)
-        if msg.key == HUGZ:
-            raise RemoteProtocolError(RULE_UNEXPECTED, "got HUGZ")
-        self._put(incoming, msg, msg.sequence, frames[3], now)
-        if msg.uuid:
-            self._incoming_uuids.append(msg.uuid)
-        return False
+    # -- status ----------------------------------------------------------------
 
-    def _finish_sync(self, incoming: Store) -> bool:
-        # Only a complete snapshot may match pending updates: if the active
-        # dies mid-snapshot, we take over with the last good store and must
-        # still hold every update that store lacks.
-        for uuid in self._incoming_uuids:
-            self.pending.match(uuid)
-        self._incoming_uuids = []
-        self.resync_wanted = self._catch_up(incoming)
-        if self.resync_wanted:
-            self.stats["gaps"] += 1
-        self.store = incoming
-        self._incoming = None
-        self.synced = True
-        self.stats["syncs"] += 1
-        return True
+    def status(self) -> dict[str, object]:
+        return {
+            "role": self.role.value,
+            "lineage": self.lineage,
+            "sequence": self.sequence,
+            "keys": len(self.store),
+            "pending": len(self.pending),
+            "pending_dropped": self.pending.dropped,
+            "window": len(self.applied),
+            "window_evicted_early": self.applied.evicted_early,
+            "subtrees_tracked": len(self.subtrees),
+            **self.stats,
+            **({} if self.replica is None else _prefixed(self.replica.stats)),
+        }
 
-    def _catch_up(self, store: Store) -> bool:
-        """Apply the backlog entries newer than ``store``; True on a gap."""
-        gap = False
-        for msg, frames, arrived in self._backlog:
-            if msg.sequence > store.sequence:
-                gap = gap or msg.sequence != store.sequence + 1
-                self._mirror_into(store, msg, frames, arrived)
-        self._backlog.clear()
-        return gap
 
-    def mirror(self, frames: Sequence[bytes], now: float) -> bool:
-        """One message of the active's stream; True when a resync is needed.
+def _prefixed(stats: Counter[str]) -> dict[str, int]:
+    return {f"sync_{name}": count for name, count in stats.items()}
 
-        Raises ``RemoteProtocolError`` for a malformed message.
-        """
-        if self.active:
-            return False
-        msg = decode_kvmsg(frames)
-        store = self.store
-        self._stream_sequence = max(self._stream_sequence, msg.sequence)
-        if msg.key == HUGZ:
-            return self.synced and msg.sequence > store.sequence
-        self.pending.match(msg.uuid)
-        if not self.synced:
-            self.applied.add(msg.uuid)  # until it is in our store
-            self._backlog.append((msg, frames, now))
-            if len(self._backlog) > self.backlog_limit:
-                self.stats["backlog_overflows"] += 1
-                return True
-            return False
-        if msg.sequence <= store.sequence:
-            return False
-        gap = msg.sequence != store.sequence + 1
-        self._mirror_into(store, msg, frames, now)
-        if gap:
-            self.stats["gaps"] += 1
-        return gap
 
-    def _mirror_into(
-        self, store: Store, msg: KVMsg, frames: Sequence[bytes], now: float
-    ) -> None:
-        self._put(store, msg, msg.sequence, frames[3], now)
-        store.sequence = msg.sequence
+def _handoff_frames(
+    store: Store,
+    tombstones: OrderedDict[bytes, tuple[int, bytes]],
+    bound: int,
+    lineage: str,
+    now: float,
+) -> Iterator[Frames]:
+    """KVSETs for every client write newer than ``bound``: values, then deletes."""
+    for key in store.keys(b""):
+        if store.sequence_of(key) <= bound:
+            continue
+        msg = store.get(key, now)
+        if msg is None or not msg.uuid:
+            continue
+        props = encode_properties({**msg.properties, LINEAGE: lineage})
+        yield [key, SEQUENCE.pack(msg.sequence), msg.uuid, props, msg.body]
+    props = encode_properties({LINEAGE: lineage})
+    for key, (sequence, uuid) in tombstones.items():
+        if sequence > bound and key not in store:
+            yield [key, SEQUENCE.pack(sequence), uuid, props, b""]
 
-    def _put(
-        self,
-        store: Store,
-        msg: KVMsg,
-        sequence: int,
-        properties: bytes,
-        now: float,
-        current: bytes | None = None,
-    ) -> None:
-        """Store ``msg``; the UUID it supersedes (``current``) moves to the window."""
-        self.applied.add(store.uuid_of(msg.key) if current is None else current)
+
+class Mirror(Replica[ServerMap]):
+    """The passive's replica of the active's map and repeat window."""
+
+    def __init__(self, core: ServerCore, live: ServerMap) -> None:
+        super().__init__(
+            1,
+            (b"",),
+            core.replica_timings,
+            live,
+            extra=(HISTORY,),
+            backlog_limit=core.backlog_limit,
+        )
+        self.core = core
+        self.sequence = live.store.sequence
+        self.lineage = core.lineage
+
+    @property
+    def heard_sequence(self) -> int:
+        return max(self.sequence, self._high)
+
+    def _new_map(self) -> ServerMap:
+        window = self.core.applied
+        return ServerMap(Store(), Applied(window.horizon, window.limit))
+
+    def _put(self, target: ServerMap, msg: KVMsg, now: float) -> None:
+        store, applied = target
+        old = store.uuid_of(msg.key)
+        if old and old != msg.uuid:
+            applied.add(old, now)
         if not msg.body:
-            self.applied.add(msg.uuid)  # a delete leaves no record to hold it
-        store.put(msg.key, sequence, msg.uuid, properties, msg.body, msg.ttl, now)
+            applied.add(msg.uuid, now)
+        props = encode_properties(msg.properties) if msg.properties else b""
+        store.put(msg.key, msg.sequence, msg.uuid, props, msg.body, msg.ttl, now)
 
-    def _known_sequence(self) -> int:
-        """The newest sequence of the active's that we know of."""
-        return max(self.store.sequence, self._stream_sequence)
+    def _confirm(self, target: ServerMap, msg: KVMsg, now: float) -> None:
+        self.core.pending.match(msg.uuid)
+        if msg.uuid and target.store.uuid_of(msg.key) != msg.uuid:
+            target.applied.add(msg.uuid, now)  # in the snapshot, then replaced
 
-    def _is_repeat(self, key: bytes, uuid: bytes) -> bool:
-        """Was this write (by UUID) applied already?"""
-        return bool(uuid) and (uuid in self.applied or self.store.uuid_of(key) == uuid)
+    def _extra(self, request: bytes, msg: KVMsg, now: float) -> None:
+        if request == HISTORY and msg.key == HISTORY and self._incoming is not None:
+            uuids, age = decode_history(msg)
+            self._incoming.applied.load([(age, uuids)], now)
+
+    def _updated(self, msg: KVMsg) -> None:
+        self.live.store.sequence = msg.sequence
+
+    def _swapped(self, old: ServerMap, now: float) -> None:
+        core = self.core
+        store, applied = self.live
+        store.sequence = self.sequence
+        core.store, core.applied = store, applied
+        if self.lineage is not None:
+            core.lineage = self.lineage
+        core.fresh = False
+        pending = core.pending
+        for uuid in pending.uuids():  # the snapshot holds them, or replaced them
+            if uuid in applied or store.uuid_of(pending.key_of(uuid)) == uuid:
+                pending.match(uuid)

@@ -7,12 +7,15 @@ meanwhile goes out with its newer value (the client's stream replays the
 changes in order, so it converges); a key deleted meanwhile is skipped.
 
 ``peek`` / ``advance`` let the shell retry a message the socket could not
-take yet without losing or repeating any.
+take yet without losing or repeating any.  ``idle_since`` says when the
+client last took a message: a client that stops reading is dropped after
+a while instead of holding its transfer for ever.
 """
 
 from __future__ import annotations
 
-from trioclone.core.chp import kthxbai
+from collections.abc import Iterator
+
 from trioclone.core.store import Store
 
 Frames = list[bytes]
@@ -25,40 +28,45 @@ class Transfer:
         self,
         identity: bytes,
         store: Store,
-        subtree: bytes,
-        keys: list[bytes] | None = None,
+        keys: list[bytes],
+        end: Frames,
+        now: float,
+        extra: Iterator[Frames] | None = None,
     ) -> None:
         self.identity = identity
-        self.subtree = subtree
-        self.sequence = store.sequence
         self.sent = 0
+        self.idle_since = now
         self._store = store
-        self._keys = keys if keys is not None else store.keys(subtree)
+        self._keys = keys
+        self._extra = extra if extra is not None else iter(())
+        self._end: Frames | None = [identity, *end]
         self._position = 0
         self._head: Frames | None = None
-        self._ended = False
 
     @property
     def done(self) -> bool:
-        return self._ended and self._head is None
+        return self._end is None and self._head is None
 
     def peek(self, now: float) -> Frames | None:
         """The next message to send (identity first), None when finished."""
-        if self._head is None and not self._ended:
+        if self._head is None:
             self._head = self._next(now)
         return self._head
 
-    def advance(self) -> None:
+    def advance(self, now: float) -> None:
         """The message from ``peek`` was sent."""
         self._head = None
         self.sent += 1
+        self.idle_since = now
 
-    def _next(self, now: float) -> Frames:
+    def _next(self, now: float) -> Frames | None:
         keys, store = self._keys, self._store
         while self._position < len(keys):
             frames = store.frames(keys[self._position], now, self.identity)
             self._position += 1
             if frames is not None:
                 return frames
-        self._ended = True
-        return [self.identity, *kthxbai(self.sequence, self.subtree)]
+        for frames in self._extra:
+            return [self.identity, *frames]
+        end, self._end = self._end, None
+        return end

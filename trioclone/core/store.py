@@ -137,15 +137,21 @@ class Store:
             heapq.heappop(heap)
         return heap[0][0] if heap else None
 
-    def expire(self, now: float) -> list[bytes]:
-        """Remove and return the keys whose deadline is ``<= now``, oldest first."""
-        return [key for key, _ in self.expire_with_uuids(now)]
+    def expire(self, now: float, limit: int | None = None) -> list[bytes]:
+        """Remove and return the keys whose deadline is ``<= now``, oldest first.
 
-    def expire_with_uuids(self, now: float) -> list[tuple[bytes, bytes]]:
+        At most ``limit`` keys (the rest stay due for the next call).
+        """
+        return [key for key, _ in self.expire_with_uuids(now, limit)]
+
+    def expire_with_uuids(
+        self, now: float, limit: int | None = None
+    ) -> list[tuple[bytes, bytes]]:
         """As ``expire``, with the UUID each removed key was last written with."""
-        expired = []
+        expired: list[tuple[bytes, bytes]] = []
         heap = self._heap
-        while heap and heap[0][0] <= now:
+        room = len(heap) if limit is None else limit
+        while heap and heap[0][0] <= now and len(expired) < room:
             deadline, key = heapq.heappop(heap)
             if self._deadlines.get(key) == deadline:
                 uuid = self.uuid_of(key)

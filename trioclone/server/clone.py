@@ -1,20 +1,23 @@
-"""The Clone server: a Trio shell around ``ServerCore`` and ``BinaryStar``.
+"""The Clone server: a Trio shell around ``ServerCore``.
 
 Sockets and the tasks every role needs live as long as the server: the
 collector (client KVSETs), the snapshot socket (ICANHAZ, which are also the
-Binary Star votes), the Binary Star heartbeat sender and peer listener, and
-the publisher (one owner, gated).  Work that belongs to one role runs in a
-role scope that the supervisor cancels and starts again on every Binary
-Star state change:
+Binary Star votes), the Binary Star heartbeat sender and peer listener, the
+listener for the peer's HUGZ (its claims) and the publisher (one owner,
+gated).  A timer task drives the core's timeouts; a work task runs its
+long work (a takeover, catching up a backlog, a hand-over) in bounded
+steps with a schedule point between them, so heartbeats are never late.
 
-* ACTIVE: opens the publisher gate, sends HUGZ, expires TTLs;
-* PASSIVE: subscribes to the active's stream, fetches a snapshot (with a
-  timeout and retries, never blocking the other tasks), mirrors the stream
-  and resyncs on a gap.
+Work that belongs to one role runs in a role scope that the supervisor
+cancels and starts again on every role change:
 
-The supervisor re-reads the current state after every scope exit, so a
+* ACTIVE: opens the publisher gate, sends HUGZ and subtree heartbeats,
+  expires TTLs;
+* PASSIVE: runs the connections the core's replica of the active asks for.
+
+The supervisor re-reads the current role after every scope exit, so a
 quick ACTIVE -> PASSIVE -> ACTIVE flap still ends with the right scope.
-State changes are applied to the core synchronously by whichever task saw
+Role changes happen in the core, synchronously, in whichever task fed it
 the event, so the core never acts in the wrong role, even while an old
 role scope is still winding down.
 """
@@ -23,7 +26,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from typing import Any, NoReturn
 
@@ -31,11 +34,13 @@ import trio
 import zmq
 from trio_util import AsyncValue
 
+from trioclone._follow import Follower
 from trioclone._log import Limited
 from trioclone._zmq import ROUTER_RETRY_INTERVAL, Socket, Sockets, UnroutableError
-from trioclone.core.bstar import BinaryStar, Outcome, State, decode_state, encode_state
-from trioclone.core.chp import decode_request, encode_request
-from trioclone.core.server import ServerCore
+from trioclone.core.bstar import BinaryStar, Outcome, State, encode_state
+from trioclone.core.chp import HISTORY, decode_request
+from trioclone.core.replica import Connect, Request, Timings
+from trioclone.core.server import Role, ServerCore
 from trioclone.core.snapshot import Transfer
 from trioclone.core.store import Store
 from trioclone.errors import RemoteProtocolError
@@ -46,6 +51,7 @@ log = logging.getLogger("trioclone.server")
 
 BATCH = 512  # messages drained per schedule point on the busy sockets
 CHUNK = 256  # snapshot messages sent to one client before the next one's turn
+PUMP = 1024  # snapshot messages sent, over all clients, per schedule point
 SNAPSHOT_HWM = 10_000
 
 Context = zmq.Context[zmq.Socket[bytes]]
@@ -57,28 +63,46 @@ class CloneServer:
     def __init__(self, settings: ServerSettings, *, context: Context | None = None):
         self.settings = settings
         self.core = ServerCore(
-            applied_window=settings.applied_window,
+            applied_horizon=settings.applied_horizon,
+            applied_limit=settings.applied_limit,
             pending_size=settings.pending_size,
             pending_age=settings.pending_age,
             backlog_limit=settings.backlog_limit,
+            replica_timings=Timings(
+                request_timeout=settings.sync_timeout,
+                silence_timeout=2 * settings.hugz_interval + 1.0,
+                backoff=settings.sync_retry,
+                max_backoff=max(settings.sync_retry, 5.0),
+            ),
         )
-        self.bstar: BinaryStar | None = None
+        pair = settings.pair
         self.state = AsyncValue(
-            State.ACTIVE if settings.pair is None else _start(settings.pair)
+            State.ACTIVE
+            if pair is None
+            else State.PRIMARY
+            if pair.primary
+            else State.BACKUP
         )
         self.synced = AsyncValue(False)
         #: Called with ("active" | "passive", "enter" | "exit"); for tests.
         self.trace: Callable[[str, str], None] | None = None
         self._context = context
         self._log = Limited(log)
+        #: Messages rejected, by the socket they came in on.
+        self.rejections: Counter[str] = Counter()
+        self._role = Role.WAITING
         self._transfers: deque[Transfer] = deque()
+        self._waiting: list[tuple[bytes, bytes]] = []  # during a takeover
         self._key_list: tuple[Store, int, bytes, list[bytes]] | None = None
         self._role_scope: trio.CancelScope | None = None
+        self._snapshot_wait: trio.CancelScope | None = None
         self._state_sock: Socket | None = None
+        self._relay_sock: Socket | None = None
+        self._follower: Follower | None = None
         self._expiry_at = math.inf
         self._expiry_wakeup = trio.Event()
-        self._resync = trio.Event()
-        self._attempt: trio.CancelScope | None = None
+        self._timer_wakeup = trio.Event()
+        self._work_wakeup = trio.Event()
         self._sockets: Sockets
         self.publisher: Publisher
         self.peer_listener: Socket | None = None
@@ -89,7 +113,7 @@ class CloneServer:
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> NoReturn:
         """Serve until cancelled; ``nursery.start`` returns once bound."""
-        s = self.settings
+        s, core = self.settings, self.core
         with Sockets(self._context) as sockets:
             self._sockets = sockets
             router = sockets.open(
@@ -99,10 +123,12 @@ class CloneServer:
             )
             self.publisher = Publisher(
                 sockets.open(
-                    zmq.PUB,
+                    zmq.XPUB,
                     bind=[s.bind.publisher],
                     options=[(zmq.SNDHWM, s.publisher_hwm)],
-                )
+                ),
+                core.subtrees,
+                self._reject,
             )
             collector = sockets.open(
                 zmq.SUB,
@@ -112,52 +138,117 @@ class CloneServer:
             )
             async with trio.open_nursery() as nursery:
                 now = trio.current_time()
-                if s.pair is None:
-                    self.publisher.publish_all(self.core.become_active(now))
-                else:
-                    self.bstar = BinaryStar(
-                        s.pair.primary, now, s.pair.heartbeat, s.pair.expiry_heartbeats
-                    )
-                    self._state_sock = sockets.open(zmq.PUB, bind=[s.pair.state_bind])
-                    self.peer_listener = sockets.open(
-                        zmq.SUB, connect=[s.pair.state_peer], subscribe=[b""]
-                    )
-                    nursery.start_soon(self._send_state, s.pair.heartbeat)
-                    nursery.start_soon(self._hear_peer, self.peer_listener)
+                if s.pair is not None:
+                    self._start_pair(nursery, sockets, s.pair, now)
+                core.start(now)
+                self._after(now)
                 nursery.start_soon(self._collect, collector)
                 nursery.start_soon(self._serve_snapshots, router)
                 nursery.start_soon(self._supervise)
+                nursery.start_soon(self._timers)
+                nursery.start_soon(self._work)
                 nursery.start_soon(self._report, s.status_interval)
                 log.info("%s listening: %s", s.name, s.bind)
                 task_status.started(self)
         raise AssertionError("the server's tasks never return")
 
+    def _start_pair(
+        self, nursery: trio.Nursery, sockets: Sockets, pair: PairSettings, now: float
+    ) -> None:
+        self.core.bstar = BinaryStar(
+            pair.primary, now, pair.heartbeat, pair.expiry_heartbeats
+        )
+        self._state_sock = sockets.open(zmq.PUB, bind=[pair.state_bind])
+        self.peer_listener = sockets.open(
+            zmq.SUB, connect=[pair.state_peer], subscribe=[b""]
+        )
+        claims = sockets.open(
+            zmq.SUB, connect=[pair.peer.publisher], subscribe=[b"HUGZ"]
+        )
+        self._relay_sock = sockets.open(
+            zmq.PUB, connect=[pair.peer.collector], options=[(zmq.SNDHWM, 0)]
+        )
+        nursery.start_soon(self._send_state, pair.heartbeat)
+        nursery.start_soon(self._hear_peer, self.peer_listener)
+        nursery.start_soon(self._hear_claims, claims)
+
     def status(self) -> dict[str, object]:
         """Figures for operators: role, sequence, sizes, counters."""
-        core = self.core
+        bstar = self.core.bstar
         return {
             "state": self.state.value.name,
-            "sequence": core.store.sequence,
-            "keys": len(core.store),
-            "pending": len(core.pending),
-            "pending_dropped": core.pending.dropped,
+            **self.core.status(),
             "published": self.publisher.published,
-            **core.stats,
-            **({} if self.bstar is None else dict(self.bstar.faults)),
+            **({} if bstar is None else dict(bstar.faults)),
         }
 
-    # -- the role supervisor ----------------------------------------------
+    # -- after every input: carry out what the core asks ---------------------
 
-    async def _supervise(self) -> NoReturn:
-        work = {State.ACTIVE: self._active, State.PASSIVE: self._passive}
-        while True:
-            role = self.state.value  # re-read after every exit: flaps end right
-            with trio.CancelScope() as scope:
-                self._role_scope = scope
-                await work.get(role, trio.sleep_forever)()
-            self._role_scope = None
+    def _after(self, now: float) -> None:
+        core = self.core
+        if core.role is not self._role:
+            self._role_changed(core.role)
+        if core.notices:
+            notices, core.notices = core.notices, []
+            for level, message in notices:
+                log.log(level, "%s", message)
+        replica, follower = core.replica, self._follower
+        if replica is not None and replica.actions and follower is not None:
+            actions, replica.actions = replica.actions, []
+            for action in actions:
+                if isinstance(action, Connect):
+                    if follower.current is not None:
+                        self._log.log(
+                            logging.WARNING,
+                            "resync",
+                            "no snapshot or stream from the active in time; "
+                            "connecting again (synced %d times so far)",
+                            replica.stats["syncs"],
+                        )
+                    follower.connect(action.server)
+                elif isinstance(action, Request):
+                    follower.request(action.subtree)
+            self._timer_wakeup.set()
+        if core.relays and self._relay_sock is not None:
+            relays, core.relays = core.relays, []
+            self._relay_sock.refresh()
+            for frames in relays:
+                self._relay_sock.try_send(frames)
+        if core.busy:
+            self._work_wakeup.set()
+        elif self._waiting and core.serving:
+            for identity, subtree in self._waiting:
+                self._start_transfer(identity, subtree, now)
+            self._waiting.clear()
+        synced = core.synced
+        if synced and not self.synced.value and core.role is Role.PASSIVE:
+            log.info(
+                "synced from the active: %d keys, sequence %d, lineage %s",
+                len(core.store),
+                core.sequence,
+                core.lineage,
+            )
+        self.synced.value = synced
 
-    def _on_bstar(self, outcome: Outcome, now: float) -> None:
+    def _role_changed(self, role: Role) -> None:
+        self._role = role
+        if role is Role.PASSIVE:
+            self.publisher.close(discard=True)
+            self._transfers.clear()
+            self._waiting.clear()
+            self._key_list = None
+        bstar = self.core.bstar
+        self.state.value = State.ACTIVE if bstar is None else bstar.state
+        if self._state_sock is not None and bstar is not None:
+            self._state_sock.refresh()
+            self._state_sock.try_send([encode_state(bstar.state)])
+        self._timer_wakeup.set()
+        if self._role_scope is not None:
+            self._role_scope.cancel()
+
+    def _on_bstar(self, outcome: Outcome | None) -> None:
+        if outcome is None:
+            return
         if outcome.fault:
             self._log.log(
                 logging.ERROR,
@@ -167,31 +258,19 @@ class CloneServer:
                 outcome.previous.name,
                 outcome.state.name,
             )
-        if not outcome.changed:
-            return
-        state = outcome.state
-        log.info("Binary Star: %s -> %s", outcome.previous.name, state.name)
-        if state == State.ACTIVE:
-            if outcome.previous == State.PASSIVE and not self.core.synced:
-                self.core.stats["unsynced_takeovers"] += 1
-                log.error(
-                    "taking over before any complete snapshot from the peer: "
-                    "serving the last complete copy (%d keys); newer keys are lost",
-                    len(self.core.store),
-                )
-            self.publisher.publish_all(self.core.become_active(now))
-        elif state == State.PASSIVE:
-            self.core.become_passive()
-            self.publisher.close(discard=True)
-            self._transfers.clear()
-            self._key_list = None
-            self.synced.value = False
-        self.state.value = state
-        if self._state_sock is not None:
-            self._state_sock.refresh()
-            self._state_sock.try_send([encode_state(state)])
-        if self._role_scope is not None:
-            self._role_scope.cancel()
+        if outcome.changed:
+            log.info("Binary Star: %s -> %s", outcome.previous.name, outcome.state.name)
+
+    # -- the role supervisor ----------------------------------------------
+
+    async def _supervise(self) -> NoReturn:
+        work = {Role.ACTIVE: self._active, Role.PASSIVE: self._passive}
+        while True:
+            role = self.core.role  # re-read after every exit: flaps end right
+            with trio.CancelScope() as scope:
+                self._role_scope = scope
+                await work.get(role, trio.sleep_forever)()
+            self._role_scope = None
 
     def _trace(self, role: str, step: str) -> None:
         if self.trace is not None:
@@ -213,20 +292,46 @@ class CloneServer:
                     continue
                 if update is not None:
                     publish(update)
-            if core.active:
+            if core.serving:
                 deadline = core.store.next_deadline()
                 if deadline is not None and deadline < self._expiry_at:
                     self._expiry_wakeup.set()
-            else:
-                core.pending.expire(now)
+            self._after(now)
+
+    async def _timers(self) -> NoReturn:
+        core = self.core
+        while True:
+            now = trio.current_time()
+            core.poll(now)
+            self._after(now)
+            self._timer_wakeup = trio.Event()
+            with trio.move_on_at(core.next_deadline()):
+                await self._timer_wakeup.wait()
+
+    async def _work(self) -> NoReturn:
+        """Long work in bounded steps, a schedule point after each."""
+        core = self.core
+        while True:
+            await self._work_wakeup.wait()
+            self._work_wakeup = trio.Event()
+            while core.busy:
+                now = trio.current_time()
+                self.publisher.publish_all(core.step(now))
+                self._after(now)
+                await trio.lowlevel.checkpoint()
+            self._after(trio.current_time())
+            self._expiry_wakeup.set()  # a takeover ended: deadlines are due
 
     async def _serve_snapshots(self, router: Socket) -> NoReturn:
         transfers = self._transfers
         while True:
+            requests: list[list[bytes]] = []
             if transfers:
                 requests = router.receive_nowait(64)
             else:
-                requests = await router.receive_batch(64)
+                with trio.CancelScope() as self._snapshot_wait:
+                    requests = await router.receive_batch(64)
+                self._snapshot_wait = None
             now = trio.current_time()
             for frames in requests:
                 self._on_request(frames, now)
@@ -245,14 +350,29 @@ class CloneServer:
         except RemoteProtocolError as exc:
             self._reject("snapshot", exc)
             return
-        if self.bstar is not None:
-            outcome = self.bstar.on_vote(now)
-            self._on_bstar(outcome, now)
-            if not outcome.accepted:
-                log.debug("vote rejected in state %s", outcome.state.name)
-                return
-        store = self.core.store
-        self._transfers.append(Transfer(identity, store, subtree, self._keys(subtree)))
+        outcome = self.core.on_vote(now)
+        self._on_bstar(outcome)
+        self._after(now)
+        if outcome is not None and not outcome.accepted:
+            log.debug("vote rejected in state %s", outcome.state.name)
+            return
+        if self.core.serving:
+            self._start_transfer(identity, subtree, now)
+        else:  # answered once the takeover is done
+            self._waiting.append((identity, subtree))
+
+    def _start_transfer(self, identity: bytes, subtree: bytes, now: float) -> None:
+        core = self.core
+        if subtree == HISTORY:
+            transfer = Transfer(
+                identity, core.store, [], core.kthxbai(subtree), now, core.history(now)
+            )
+        else:
+            keys = self._keys(subtree)
+            transfer = Transfer(identity, core.store, keys, core.kthxbai(subtree), now)
+        self._transfers.append(transfer)
+        if self._snapshot_wait is not None:
+            self._snapshot_wait.cancel()
 
     def _keys(self, subtree: bytes) -> list[bytes]:
         """The subtree's key list, shared by requests while nothing changed."""
@@ -264,46 +384,74 @@ class CloneServer:
         return keys
 
     def _pump(self, router: Socket, now: float) -> bool:
-        """Send the next chunk of every snapshot in turn; True if any moved."""
-        transfers = self._transfers
+        """Send the next chunk of each snapshot in turn; True if any moved.
+
+        At most ``PUMP`` messages in all, so other tasks run in between; a
+        client that took nothing for ``snapshot_stall`` seconds is dropped.
+        """
+        transfers, stall = self._transfers, self.settings.snapshot_stall
+        budget = PUMP
         moved = False
         for _ in range(len(transfers)):
+            if budget <= 0:
+                break
             transfer = transfers.popleft()
             try:
-                for _ in range(CHUNK):
+                for _ in range(min(CHUNK, budget)):
                     frames = transfer.peek(now)
                     if frames is None or not router.try_send(frames):
                         break
-                    transfer.advance()
+                    transfer.advance(now)
+                    budget -= 1
                     moved = True
             except UnroutableError:
                 log.info("snapshot client went away after %d messages", transfer.sent)
                 continue
-            if not transfer.done:
-                transfers.append(transfer)
+            if transfer.done:
+                continue
+            if now - transfer.idle_since >= stall:
+                self.core.stats["snapshots_stalled"] += 1
+                log.warning(
+                    "dropped a snapshot client that took nothing for %.0f s "
+                    "(%d messages sent)",
+                    stall,
+                    transfer.sent,
+                )
+                continue
+            transfers.append(transfer)
         return moved
 
     async def _send_state(self, heartbeat: float) -> NoReturn:
-        assert self.bstar is not None and self._state_sock is not None
+        bstar, sock = self.core.bstar, self._state_sock
+        assert bstar is not None and sock is not None
         deadline = trio.current_time()
         while True:
-            self._state_sock.refresh()
-            self._state_sock.try_send([encode_state(self.bstar.state)])
+            sock.refresh()
+            sock.try_send([encode_state(bstar.state)])
             deadline = max(deadline + heartbeat, trio.current_time())
             await trio.sleep_until(deadline)
 
     async def _hear_peer(self, sock: Socket) -> NoReturn:
-        assert self.bstar is not None
+        core = self.core
         while True:
             batch = await sock.receive_batch(64)
             now = trio.current_time()
             for frames in batch:
                 try:
-                    peer = decode_state(frames)
+                    self._on_bstar(core.on_peer_state(frames, now))
                 except RemoteProtocolError as exc:
                     self._reject("peer heartbeat", exc)
-                    continue
-                self._on_bstar(self.bstar.on_peer(peer, now), now)
+            self._after(now)
+
+    async def _hear_claims(self, sock: Socket) -> NoReturn:
+        while True:
+            batch = await sock.receive_batch(64)
+            now = trio.current_time()
+            for frames in batch:
+                try:
+                    self.core.on_peer_hugz(frames, now)
+                except RemoteProtocolError as exc:
+                    self._reject("peer's HUGZ", exc)
 
     async def _report(self, interval: float) -> NoReturn:
         while True:
@@ -312,6 +460,7 @@ class CloneServer:
 
     def _reject(self, where: str, exc: RemoteProtocolError) -> None:
         self.core.stats["rejected"] += 1
+        self.rejections[where] += 1
         self._log.log(
             logging.WARNING, where, "rejected on the %s socket: %s", where, exc
         )
@@ -330,18 +479,24 @@ class CloneServer:
             self._trace("active", "exit")
 
     async def _send_hugz(self, interval: float) -> NoReturn:
+        core, publisher = self.core, self.publisher
         deadline = trio.current_time()
         while True:
-            self.publisher.admit()
-            self.publisher.publish(self.core.hugz())
+            publisher.admit()
+            publisher.publish(core.hugz())
+            publisher.publish_all(core.subtrees.heartbeats())
             deadline = max(deadline + interval, trio.current_time())
             await trio.sleep_until(deadline)
 
     async def _expire(self) -> NoReturn:
         core = self.core
         while True:
-            self.publisher.publish_all(core.expire(trio.current_time()))
-            deadline = core.store.next_deadline()
+            deletes = core.expire(trio.current_time())
+            self.publisher.publish_all(deletes)
+            if deletes:
+                await trio.lowlevel.checkpoint()  # more may be due: a step at a time
+                continue
+            deadline = core.store.next_deadline() if core.serving else None
             self._expiry_at = math.inf if deadline is None else deadline
             self._expiry_wakeup = trio.Event()
             with trio.move_on_at(self._expiry_at):
@@ -350,93 +505,30 @@ class CloneServer:
     # -- PASSIVE -----------------------------------------------------------
 
     async def _passive(self) -> None:
-        assert self.pair is not None
+        pair = self.pair
+        assert pair is not None
         self._trace("passive", "enter")
-        stream = self._sockets.open(
-            zmq.SUB,
-            connect=[self.pair.peer.publisher],
-            subscribe=[b""],
-            options=[(zmq.RCVHWM, self.settings.publisher_hwm)],
+        follower = Follower(
+            self._sockets,
+            [pair.peer],
+            [b""],
+            sub_options=[(zmq.RCVHWM, self.settings.publisher_hwm)],
         )
+        self._follower = follower
+        self._after(trio.current_time())  # the replica's first requests
         try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._mirror, stream)
-                nursery.start_soon(self._sync)
+            await follower.run(self._mirror)
         finally:
-            stream.close()
+            self._follower = None
             self._trace("passive", "exit")
 
-    async def _mirror(self, stream: Socket) -> NoReturn:
+    async def _mirror(self, is_reply: bool, batch: list[list[bytes]]) -> None:
         core = self.core
-        while True:
-            batch = await stream.receive_batch(BATCH)
-            now = trio.current_time()
-            resync = False
-            for frames in batch:
-                try:
-                    resync |= core.mirror(frames, now)
-                except RemoteProtocolError as exc:
-                    self._reject("active's stream", exc)
-            if resync:
-                self._request_resync()
-
-    def _request_resync(self) -> None:
-        if self.core.synced:
-            log.warning("missed updates on the active's stream; resyncing")
-            self._resync.set()
-        elif self._attempt is not None:
-            log.warning("backlog overflow during the snapshot; starting again")
-            self._attempt.cancel()
-
-    async def _sync(self) -> NoReturn:
-        retry = self.settings.sync_retry
-        while True:
-            self._resync = trio.Event()
-            with trio.CancelScope() as self._attempt:
-                if await self._fetch_snapshot():
-                    self._attempt = None
-                    self.synced.value = True
-                    if self.core.resync_wanted:
-                        log.warning(
-                            "missed updates right after the snapshot; resyncing"
-                        )
-                    else:
-                        await self._resync.wait()
-                    self.synced.value = False
-                    continue
-            self._attempt = None
-            await trio.sleep(retry)
-
-    async def _fetch_snapshot(self) -> bool:
-        assert self.pair is not None
-        core, timeout = self.core, self.settings.sync_timeout
-        core.begin_sync()
-        dealer = self._sockets.open(zmq.DEALER, connect=[self.pair.peer.snapshot])
-        try:
-            await dealer.send(encode_request(b""))
-            while True:
-                with trio.move_on_after(timeout) as waited:
-                    batch = await dealer.receive_batch(BATCH)
-                if waited.cancelled_caught:
-                    log.warning(
-                        "no snapshot from the active within %.1f s; retrying", timeout
-                    )
-                    return False
-                now = trio.current_time()
-                for frames in batch:
-                    if core.load(frames, now):
-                        log.info(
-                            "synced from the active: %d keys, sequence %d",
-                            len(core.store),
-                            core.store.sequence,
-                        )
-                        return True
-        except RemoteProtocolError as exc:
-            self._reject("snapshot reply", exc)
-            return False
-        finally:
-            dealer.close()
-
-
-def _start(pair: PairSettings) -> State:
-    return State.PRIMARY if pair.primary else State.BACKUP
+        handle = core.on_reply if is_reply else core.on_update
+        now = trio.current_time()
+        for frames in batch:
+            try:
+                handle(frames, now)
+            except RemoteProtocolError as exc:
+                self._reject("snapshot reply" if is_reply else "active's stream", exc)
+        self._after(now)

@@ -1,4 +1,4 @@
-"""The single owner of the server's PUB socket, with a gate.
+"""The single owner of the server's publisher socket, with a gate.
 
 Only the ACTIVE role scope opens the gate.  Updates produced while it is
 closed (the takeover's pending list, client updates applied between the
@@ -7,9 +7,11 @@ flushed when the gate opens, so nothing is published while the PASSIVE
 scope may still be running.  Stepping down discards what is held: the
 server resyncs from the active anyway.
 
-A PUB socket never blocks (it drops at its high-water mark for a subscriber
-that does not keep up), so publishing is a plain synchronous call and no
-task ever waits on this socket.
+The socket is an XPUB: to subscribers it is a PUB, and it also hands up the
+subscriptions they make, which feed the subtree heartbeats (see
+core/subtrees.py).  Publishing never blocks (it drops at its high-water
+mark for a subscriber that does not keep up), so it is a plain synchronous
+call and no task ever waits on this socket.
 """
 
 from __future__ import annotations
@@ -17,13 +19,22 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 
 from trioclone._zmq import Socket
+from trioclone.core.subtrees import Subtrees
+from trioclone.errors import RemoteProtocolError
 
 Frames = list[bytes]
 
 
 class Publisher:
-    def __init__(self, sock: Socket) -> None:
+    def __init__(
+        self,
+        sock: Socket,
+        subtrees: Subtrees,
+        reject: Callable[[str, RemoteProtocolError], None],
+    ) -> None:
         self._sock = sock
+        self._subtrees = subtrees
+        self._reject = reject
         self._open = False
         self._held: list[Sequence[bytes]] = []
         self.published = 0
@@ -35,14 +46,23 @@ class Publisher:
         return self._open
 
     def admit(self) -> None:
-        """Take in subscribers that connected since the last call.
+        """Take in subscribers (and their subscriptions) since the last call.
 
         A PUB does so by itself at most once a millisecond while sending;
         reading EVENTS makes it happen before the next batch is published,
         so a client that just subscribed misses nothing sent after it did.
         """
-        if self._open:
-            self._sock.refresh()
+        sock = self._sock
+        sock.refresh()
+        for _ in range(4):  # bounded: a flood of them waits for the next call
+            messages = sock.receive_nowait(256)
+            if not messages:
+                return
+            for frames in messages:
+                try:
+                    self._subtrees.on_subscription(frames)
+                except RemoteProtocolError as exc:
+                    self._reject("publisher", exc)
 
     def publish(self, frames: Sequence[bytes]) -> None:
         if not self._open:

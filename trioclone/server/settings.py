@@ -39,17 +39,30 @@ class ServerSettings:
     sync_retry: float = 1.0
     pending_size: int = 100_000
     pending_age: float = 30.0
-    applied_window: int = 100_000
+    #: Replaced writes are remembered this long (at least the clients' write
+    #: horizon), and at most this many (see core/applied.py).
+    applied_horizon: float = 120.0
+    applied_limit: int = 1_000_000
     backlog_limit: int = 1_000_000
+    #: A snapshot client that takes no message for this long is dropped.
+    snapshot_stall: float = 30.0
     publisher_hwm: int = 100_000
     collector_hwm: int = 100_000
     status_interval: float = 60.0
     name: str = field(default="clone")
 
     def __post_init__(self) -> None:
-        for name in ("hugz_interval", "sync_timeout", "sync_retry", "pending_age"):
+        for name in (
+            "hugz_interval",
+            "sync_timeout",
+            "sync_retry",
+            "pending_age",
+            "applied_horizon",
+            "snapshot_stall",
+            "status_interval",
+        ):
             check_positive(name, getattr(self, name))
-        for name in ("pending_size", "applied_window", "backlog_limit"):
+        for name in ("pending_size", "applied_limit", "backlog_limit"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
 

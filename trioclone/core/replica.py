@@ -1,0 +1,505 @@
+"""Following a Clone server, sans-IO: the core that clients and the passive share.
+
+The Binary Star design says the passive server is a client of the active
+one, so the snapshot, stream, gap, reset and failover rules live here once.
+``ClientCore`` builds on it with a dict for a map; the passive server with
+its ``Store`` and repeat window.
+
+Rules
+-----
+* INITIAL -> SYNCING: pick the next server, subscribe (``Connect``), then ask
+  for a snapshot of each subtree in turn (``Request``), then for each extra
+  request (a passive asks for the active's repeat window).  Subscribing
+  first means the stream holds every update published after the snapshot.
+* SYNCING: KVSYNCs fill a fresh map; each KTHXBAI gives the subtree's
+  sequence and the map's lineage.  Stream updates wait in a backlog.  When
+  every reply is in, the backlog is applied to the fresh map in bounded
+  steps (``catch_up``): an update its subtree's snapshot already holds is
+  only confirmed, a newer one is applied.  Then the fresh map replaces the
+  live one.  -> ACTIVE.
+* A stream update counts as confirmed (``_confirm``) only once the map that
+  holds it is the live map.  An update seen during a sync that fails stays
+  in the backlog for the next attempt on the same server: it is dropped only
+  when the client moves to another server or the server's map is replaced,
+  or when the backlog overflows ``backlog_limit`` (counted).  A passive that
+  takes over applies what is left on top of its last complete map.
+* SYNCING, no reply for ``request_timeout``: the server is down or rejected
+  our vote.  Try the next server; after a whole round of failures wait
+  ``backoff`` (doubling up to ``max_backoff``).  Never give up.
+* ACTIVE: an update is applied only if newer than the last one applied;
+  anything heard keeps the server alive; ``silence_timeout`` without a word
+  -> the next server, SYNCING.
+* Missed updates -> snapshot again on the same connection:
+  - the stream went live after the snapshot (its first message says from
+    when: a HUGZ with sequence h, from h; an update u, from u - 1);
+  - whole map: a sequence gap (an update that skips one, a HUGZ ahead);
+  - a subtree: its subtree heartbeat names a later update than we have.
+* A server that lost or replaced its map is a reset: the HUGZ (or KTHXBAI)
+  lineage changed, or a sequence went backwards on the stream (a HUGZ with
+  sequence 0, the RFC's form, says nothing).  The backlog is dropped and
+  the client snapshots again.
+* With several subtrees each snapshot has its own sequence; until the
+  stream passes the newest, an update is applied only if it is newer than
+  the snapshot of its own subtree.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections import Counter, deque
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from typing import Generic, TypeVar
+
+from trioclone.core.chp import (
+    HUGZ,
+    KTHXBAI,
+    LAST,
+    SUBTREE_HUGZ,
+    KVMsg,
+    decode_kvmsg,
+    integer_property,
+    is_subtree_hugz,
+    lineage_of,
+)
+from trioclone.errors import LocalProtocolError
+
+M = TypeVar("M")
+
+#: Backlog entries applied per ``catch_up`` step.
+CATCH_UP_STEP = 1024
+
+
+class Phase(enum.Enum):
+    INITIAL = "initial"
+    SYNCING = "syncing"
+    ACTIVE = "active"
+
+
+@dataclass(frozen=True)
+class Timings:
+    """When a replica gives up on a reply, on a silent server, and backs off."""
+
+    request_timeout: float = 1.0
+    silence_timeout: float = 2.0
+    backoff: float = 0.5
+    max_backoff: float = 5.0
+
+    def __post_init__(self) -> None:
+        for spec in fields(self):
+            value = getattr(self, spec.name)
+            if not (isinstance(value, int | float) and 0 < value < math.inf):
+                raise LocalProtocolError(
+                    f"{spec.name} must be a positive number of seconds, got {value!r}"
+                )
+
+
+# -- actions for the shell ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Connect:
+    """Close the old connection; open DEALER and SUB to ``servers[server]``."""
+
+    server: int
+
+
+@dataclass(frozen=True)
+class Request:
+    """Send ICANHAZ for ``subtree`` on the DEALER."""
+
+    subtree: bytes
+
+
+@dataclass(frozen=True)
+class Send:
+    """Publish ``frames`` (a KVSET) to every collector (clients only)."""
+
+    frames: list[bytes]
+
+
+Action = Connect | Request | Send
+
+
+class Replica(Generic[M]):
+    """A live copy of one server's map (or of some subtrees of it).
+
+    Subclasses say what a map is (``_new_map``, ``_put``) and what to do when
+    an update is confirmed or a fresh map goes live.
+    """
+
+    def __init__(
+        self,
+        server_count: int,
+        subtrees: Sequence[bytes],
+        timings: Timings,
+        live: M,
+        *,
+        extra: Sequence[bytes] = (),
+        backlog_limit: int = 1_000_000,
+    ) -> None:
+        if server_count < 1:
+            raise LocalProtocolError("a client needs at least one server")
+        if not subtrees:
+            raise LocalProtocolError("a client needs at least one subtree")
+        self.server_count = server_count
+        self.subtrees = tuple(dict.fromkeys(subtrees))
+        self.whole_tree = b"" in self.subtrees
+        self.timings = timings
+        self.backlog_limit = backlog_limit
+        self.phase = Phase.INITIAL
+        self.server = -1
+        #: The last complete map; the sequence and lineage of its last update.
+        self.live = live
+        self.sequence = 0
+        self.lineage: str | None = None
+        self.synced_once = False
+        self.actions: list[Action] = []
+        self.stats: Counter[str] = Counter()
+        self._requests = (*self.subtrees, *extra)
+        self._deadline = 0.0  # INITIAL: connect at once
+        self._failures = 0
+        # one sync attempt
+        self._incoming: M | None = None
+        self._incoming_lineage: str | None = None
+        self._asked = 0
+        self._thresholds: dict[bytes, int] = {}
+        self._catching_up = False
+        self._settling = False
+        self._caught_sequence = 0
+        self._gap = False
+        self._confirming: list[KVMsg] = []
+        # the stream
+        self._backlog: deque[tuple[KVMsg, float]] = deque()
+        self._live_from: int | None = None
+        self._high = 0
+        self._heard_lineage: str | None = None
+        self._seen: dict[bytes, int] = {}  # subtree -> newest sequence held
+        self._new_connection = False
+
+    # -- what a subclass provides ---------------------------------------------
+
+    def _new_map(self) -> M:
+        raise NotImplementedError
+
+    def _put(self, target: M, msg: KVMsg, now: float) -> None:
+        """Store ``msg`` in ``target`` (delete the key if its body is empty)."""
+        raise NotImplementedError
+
+    def _confirm(self, target: M, msg: KVMsg, now: float) -> None:
+        """The stream update ``msg`` is in the live map ``target`` now."""
+
+    def _extra(self, request: bytes, msg: KVMsg, now: float) -> None:
+        """A reply to one of the ``extra`` requests (not a subtree)."""
+
+    def _updated(self, msg: KVMsg) -> None:
+        """``msg`` was applied to the live map as it arrived."""
+
+    def _swapped(self, old: M, now: float) -> None:
+        """A fresh map became ``self.live``; ``old`` is the one it replaced."""
+
+    # -- state ----------------------------------------------------------------
+
+    @property
+    def catching_up(self) -> bool:
+        """A complete snapshot waits for ``catch_up`` to apply the backlog."""
+        return self._catching_up
+
+    def covers(self, key: bytes) -> bool:
+        return any(key.startswith(subtree) for subtree in self.subtrees)
+
+    def next_deadline(self) -> float:
+        return self._deadline
+
+    # -- timers ---------------------------------------------------------------
+
+    def poll(self, now: float) -> None:
+        """Act on the timeout due at ``now``, if any."""
+        if now < self._deadline:
+            return
+        if self.phase is Phase.INITIAL:
+            self._connect(now)
+        elif self.phase is Phase.SYNCING and not self._catching_up:
+            self._give_up_on_server(now)
+        else:
+            self.stats["failovers"] += 1
+            self._connect(now)
+
+    def _connect(self, now: float) -> None:
+        """Move to the next server: a new connection, then snapshots."""
+        server = (self.server + 1) % self.server_count
+        if server != self.server:  # another server's stream says nothing here
+            self._backlog.clear()
+            self._heard_lineage = None
+        self.server = server
+        self._live_from = None
+        self._high = 0
+        self._new_connection = True
+        self.actions.append(Connect(server))
+        self._request_snapshots(now)
+
+    def _request_snapshots(self, now: float) -> None:
+        """Ask the current server for every subtree (and extra) again."""
+        self.phase = Phase.SYNCING
+        self._incoming = self._new_map()
+        self._incoming_lineage = None
+        self._asked = 0
+        self._thresholds = {}
+        self._catching_up = False
+        self._confirming = []
+        self._seen.clear()
+        self.actions.append(Request(self._requests[0]))
+        self._deadline = now + self.timings.request_timeout
+
+    def _give_up_on_server(self, now: float) -> None:
+        self._failures += 1
+        if self._failures % self.server_count:
+            self._connect(now)
+            return
+        rounds = self._failures // self.server_count
+        delay = min(self.timings.backoff * 2 ** (rounds - 1), self.timings.max_backoff)
+        self.phase = Phase.INITIAL
+        self._incoming = None
+        self._deadline = now + delay
+
+    # -- the snapshot socket --------------------------------------------------
+
+    def on_reply(self, frames: Sequence[bytes], now: float) -> None:
+        """A message on the snapshot socket (KVSYNC or KTHXBAI)."""
+        if self.phase is not Phase.SYNCING or self._catching_up:
+            return  # a late reply from an abandoned attempt
+        msg = decode_kvmsg(frames)
+        incoming = self._incoming
+        assert incoming is not None
+        self._deadline = now + self.timings.request_timeout
+        request = self._requests[self._asked]
+        if msg.key != KTHXBAI:
+            if request not in self.subtrees:
+                self._extra(request, msg, now)
+            elif msg.key.startswith(request):
+                self._put(incoming, msg, now)
+            return
+        if request in self.subtrees:
+            lineage = lineage_of(msg)
+            if self._thresholds and lineage != self._incoming_lineage:
+                self._reset(now)  # the map changed between two subtrees
+                return
+            self._incoming_lineage = lineage
+            self._thresholds[request] = msg.sequence
+        self._asked += 1
+        if self._asked < len(self._requests):
+            self.actions.append(Request(self._requests[self._asked]))
+        else:
+            self._start_catch_up(now)
+
+    def _start_catch_up(self, now: float) -> None:
+        heard = self._heard_lineage
+        if heard is not None and heard != self._incoming_lineage:
+            self._reset(now)  # the stream and the snapshot are different maps
+            return
+        self._catching_up = True
+        self._caught_sequence = min(self._thresholds.values())
+        self._gap = False
+        self._deadline = now + self.timings.silence_timeout
+        self.catch_up(now)
+
+    def catch_up(self, now: float, limit: int = CATCH_UP_STEP) -> None:
+        """Apply up to ``limit`` backlog entries; go live once it is empty."""
+        if not self._catching_up:
+            return
+        incoming = self._incoming
+        assert incoming is not None
+        backlog = self._backlog
+        for _ in range(min(limit, len(backlog))):
+            msg, _arrived = backlog.popleft()
+            self._absorb(incoming, msg, now)
+        if not backlog:
+            self._finish(now)
+
+    def _absorb(self, incoming: M, msg: KVMsg, now: float) -> None:
+        """One backlog entry onto the fresh map (or only confirmed)."""
+        if msg.sequence <= self._caught_sequence:
+            if self._held_by(msg) is not None:
+                self._confirming.append(msg)  # already in the snapshot
+            return
+        if self.whole_tree and msg.sequence != self._caught_sequence + 1:
+            self._gap = True
+        self._caught_sequence = msg.sequence
+        threshold = self._held_by(msg)
+        if threshold is None:
+            return  # outside our subtrees
+        if msg.sequence > threshold:
+            self._put(incoming, msg, now)
+            self._note(msg)
+        self._confirming.append(msg)
+
+    def _held_by(self, msg: KVMsg) -> int | None:
+        """The newest snapshot sequence of the subtrees holding ``msg.key``."""
+        matching = [
+            seq for sub, seq in self._thresholds.items() if msg.key.startswith(sub)
+        ]
+        return max(matching) if matching else None
+
+    def _finish(self, now: float) -> None:
+        incoming = self._incoming
+        assert incoming is not None
+        old, self.live = self.live, incoming
+        self.lineage = self._incoming_lineage
+        self.sequence = self._caught_sequence
+        self._incoming = None
+        self._catching_up = False
+        confirming, self._confirming = self._confirming, []
+        for msg in confirming:
+            self._confirm(incoming, msg, now)
+        if self._settling:
+            return
+        for subtree, seq in self._thresholds.items():
+            self._seen[subtree] = max(self._seen.get(subtree, 0), seq)
+        if max(self._thresholds.values()) <= self.sequence:
+            self._thresholds = {}  # past every snapshot: plain order from now
+        self.phase = Phase.ACTIVE
+        self.synced_once = True
+        self._failures = 0
+        self._deadline = now + self.timings.silence_timeout
+        self.stats["syncs"] += 1
+        self._swapped(old, now)
+        self._new_connection = False
+        late = self._live_from is not None and self._live_from > self.sequence
+        if late or self._gap:
+            self.stats["gaps"] += 1
+            self._request_snapshots(now)
+
+    # -- the stream -------------------------------------------------------------
+
+    def on_update(self, frames: Sequence[bytes], now: float) -> None:
+        """A message on the stream (KVPUB, HUGZ or a subtree heartbeat)."""
+        msg = decode_kvmsg(frames)
+        if self.phase is Phase.INITIAL:
+            return
+        live = self.phase is Phase.ACTIVE or self._catching_up
+        if live:
+            self._deadline = now + self.timings.silence_timeout
+        if is_subtree_hugz(msg.key):
+            self._check_subtree(msg, now)
+            return
+        if self._is_reset(msg):
+            self._reset(now, msg)
+            return
+        if msg.sequence or msg.key != HUGZ:
+            self._high = max(self._high, msg.sequence)
+        if self._live_from is None:
+            self._live_from = msg.sequence if msg.key == HUGZ else msg.sequence - 1
+            if self.phase is Phase.ACTIVE and self._live_from > self.sequence:
+                if msg.key != HUGZ:
+                    self._keep(msg, now)
+                self._missed(now)  # the stream started late
+                return
+        if msg.key == HUGZ:
+            if (
+                self.phase is Phase.ACTIVE
+                and self.whole_tree
+                and msg.sequence > self.sequence
+            ):
+                self._missed(now)
+            return
+        if self.phase is not Phase.ACTIVE:
+            self._keep(msg, now)
+        elif msg.sequence > self.sequence:
+            if self.whole_tree and msg.sequence != self.sequence + 1:
+                self._keep(msg, now)
+                self._missed(now)
+                return
+            self._apply(msg, now)
+
+    def _is_reset(self, msg: KVMsg) -> bool:
+        """Did the server lose or replace its map?"""
+        if msg.key == HUGZ:
+            lineage = lineage_of(msg)
+            if lineage is not None:
+                heard, self._heard_lineage = self._heard_lineage, lineage
+                if heard is not None and heard != lineage:
+                    return True
+                if self.phase is Phase.ACTIVE and self.lineage not in (None, lineage):
+                    return True
+            if not msg.sequence:
+                return False  # the RFC's HUGZ: no sequence to compare
+        return msg.sequence < self._high
+
+    def _reset(self, now: float, msg: KVMsg | None = None) -> None:
+        """Another map is behind the same address: start again from it."""
+        self.stats["resets"] += 1
+        self._backlog.clear()
+        self._seen.clear()
+        self._high = 0 if msg is None else msg.sequence
+        self._live_from = None
+        if msg is not None:
+            self._live_from = msg.sequence if msg.key == HUGZ else msg.sequence - 1
+            if msg.key != HUGZ:
+                self._backlog.append((msg, now))
+        self._request_snapshots(now)
+
+    def _check_subtree(self, msg: KVMsg, now: float) -> None:
+        subtree = msg.key[: -len(SUBTREE_HUGZ)]
+        if self.phase is not Phase.ACTIVE or subtree not in self.subtrees:
+            return
+        last = integer_property(msg, LAST)
+        if last is not None and last > self._seen.get(subtree, 0):
+            self._missed(now)
+
+    def _missed(self, now: float) -> None:
+        self.stats["gaps"] += 1
+        self._request_snapshots(now)
+
+    def _keep(self, msg: KVMsg, now: float) -> None:
+        """Hold a stream update until a snapshot it can be applied to."""
+        backlog = self._backlog
+        backlog.append((msg, now))
+        if len(backlog) > self.backlog_limit:
+            backlog.popleft()
+            self.stats["backlog_dropped"] += 1
+
+    def _apply(self, msg: KVMsg, now: float) -> None:
+        """A live update newer than ``self.sequence``."""
+        self.sequence = msg.sequence
+        if self._thresholds:
+            threshold = self._held_by(msg)
+            if msg.sequence >= max(self._thresholds.values()):
+                self._thresholds = {}  # past every snapshot: plain order now
+            if threshold is None or msg.sequence <= threshold:
+                return  # outside our subtrees, or already in the snapshot
+        elif not self.covers(msg.key):
+            return
+        self._put(self.live, msg, now)
+        self._note(msg)
+        self._confirm(self.live, msg, now)
+        self._updated(msg)
+
+    def _note(self, msg: KVMsg) -> None:
+        """Remember the newest sequence held under each of our subtrees."""
+        for subtree in self.subtrees:
+            if subtree and msg.key.startswith(subtree):
+                self._seen[subtree] = msg.sequence
+
+    # -- a takeover -----------------------------------------------------------
+
+    def settle(self, now: float) -> None:
+        """Stop following: bring the backlog into the newest complete map.
+
+        After ``settle``, call ``catch_up`` until ``catching_up`` is False;
+        ``live`` then holds every update the server published that reached
+        us, gaps or not.  No more requests or connections are made.
+        """
+        self.phase = Phase.SYNCING
+        self._deadline = math.inf
+        self._settling = True
+        if self._catching_up:
+            return  # the snapshot in hand is newer than ``live``
+        self._incoming = self.live
+        self._incoming_lineage = self.lineage
+        self._thresholds = {subtree: self.sequence for subtree in self.subtrees}
+        self._catching_up = True
+        self._caught_sequence = self.sequence
+        self._gap = False
+        self._live_from = None
+        self.catch_up(now)

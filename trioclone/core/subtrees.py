@@ -1,0 +1,81 @@
+"""Subtree heartbeats: how a client of a subtree learns that it missed one.
+
+A whole-map client sees every sequence number, so a gap tells it that an
+update was dropped on the way (a PUB drops at its high-water mark).  A
+subtree client sees only its subtree's updates, whose sequences are not
+consecutive.  So the server's publisher (an XPUB) reads the subscriptions
+clients make, tracks the last sequence published under each subscribed
+prefix, and with every HUGZ publishes one subtree heartbeat per prefix that
+saw an update: key ``prefix + b"\\x00HUGZ"``, sequence 0 (so every client,
+the Guide's included, drops it as old), property ``last=N``.  It reaches
+exactly the clients of that prefix (and whole-map clients).  A client whose
+last sequence under its subtree is below ``N`` missed an update.
+
+XPUB passes up the first subscription to a prefix and the last
+unsubscription, so the set of tracked prefixes follows the clients.  The
+cost is one dict lookup per distinct prefix length for each update
+published, and one small message per tracked prefix per HUGZ interval.
+"""
+
+from __future__ import annotations
+
+from trioclone.core.chp import HUGZ, subtree_hugz
+from trioclone.errors import RemoteProtocolError
+
+RULE_SUBSCRIPTION = "a subscription message is one frame: 0 or 1, then a prefix"
+
+Frames = list[bytes]
+
+
+class Subtrees:
+    """Subscribed prefixes and the last sequence published under each."""
+
+    def __init__(self, limit: int = 10_000) -> None:
+        self.limit = limit
+        self.untracked = 0  # subscriptions beyond ``limit``
+        self._last: dict[bytes, int] = {}
+        self._lengths: dict[int, int] = {}  # prefix length -> prefixes of it
+
+    def __len__(self) -> int:
+        return len(self._last)
+
+    def on_subscription(self, frames: Frames) -> None:
+        """A message read from the XPUB; ``RemoteProtocolError`` if not one."""
+        if len(frames) != 1 or not frames[0] or frames[0][0] > 1:
+            raise RemoteProtocolError(RULE_SUBSCRIPTION, f"{len(frames)} frames")
+        frame = frames[0]
+        prefix = frame[1:]
+        if not prefix or HUGZ.startswith(prefix) or prefix.startswith(HUGZ):
+            return  # whole-map clients see every sequence; HUGZ is for everyone
+        if frame[0] == 1:
+            self._track(prefix)
+        elif self._last.pop(prefix, None) is not None:
+            self._lengths[len(prefix)] -= 1
+            if not self._lengths[len(prefix)]:
+                del self._lengths[len(prefix)]
+
+    def _track(self, prefix: bytes) -> None:
+        if prefix in self._last:
+            return
+        if len(self._last) >= self.limit:
+            self.untracked += 1
+            return
+        self._last[prefix] = 0
+        self._lengths[len(prefix)] = self._lengths.get(len(prefix), 0) + 1
+
+    def published(self, key: bytes, sequence: int) -> None:
+        """An update to ``key`` went out at ``sequence``."""
+        last = self._last
+        for length in self._lengths:
+            prefix = key[:length]
+            if prefix in last:
+                last[prefix] = sequence
+
+    def heartbeats(self) -> list[Frames]:
+        """One subtree heartbeat per tracked prefix that saw an update."""
+        return [subtree_hugz(prefix, seq) for prefix, seq in self._last.items() if seq]
+
+    def clear(self) -> None:
+        """Forget the sequences (a new role publishes a new history)."""
+        for prefix in self._last:
+            self._last[prefix] = 0
