@@ -19,7 +19,14 @@ from collections.abc import Sequence
 
 import pytest
 
-from trioclone.core.chp import KVMsg, decode_kvmsg, encode_kvmsg, hugz, kthxbai
+from trioclone.core.chp import (
+    KVMsg,
+    decode_kvmsg,
+    encode_kvmsg,
+    hugz,
+    kthxbai,
+    subtree_hugz,
+)
 from trioclone.core.client import (
     ClientCore,
     ClientTimings,
@@ -30,6 +37,7 @@ from trioclone.core.client import (
     Request,
     Resynced,
     Send,
+    Unconfirmed,
     Updated,
 )
 from trioclone.errors import LocalProtocolError
@@ -731,3 +739,185 @@ def test_a_late_reply_while_active_is_ignored():
     assert core.sequence == 1
     assert core.phase is Phase.ACTIVE
     assert core.next_deadline() == deadline  # a reply is not a sign of life
+
+
+# --------------------------------------------------------------------------
+# a server that lost or replaced its map (case 2)
+# --------------------------------------------------------------------------
+
+L1, L2 = "1" * 32, "2" * 32
+
+
+def lineage_synced(
+    entries: Sequence[tuple[bytes, int, bytes]], sequence: int, subtree: bytes = b""
+) -> ClientCore:
+    """Synced from a trioclone server whose map has lineage L1."""
+    core = ClientCore(1, [subtree])
+    core.poll(0.0)
+    for key, seq, body in entries:
+        core.on_reply(kv(key, seq, body), 0.0)
+    core.on_reply(kthxbai(sequence, subtree, {"lineage": L1}), 0.0)
+    assert core.phase is Phase.ACTIVE and core.lineage == L1
+    take(core)
+    return core
+
+
+@pytest.mark.parametrize("subtree", [b"", b"/a/"])
+def test_a_hugz_from_another_map_is_a_reset(subtree):
+    core = lineage_synced([(b"/a/k", 3, b"old")], 5, subtree)
+    core.on_update(hugz(5, {"lineage": L1}), 0.5)
+    assert take(core) == ([], [])
+    # The server restarted with a new, empty map, and already took 9 writes:
+    # its sequence is past ours, so only the lineage tells.
+    core.on_update(hugz(9, {"lineage": L2}), 1.0)
+    assert actions(core) == [Request(subtree)]
+    assert core.stats["resets"] == 1
+    core.on_reply(kthxbai(9, subtree, {"lineage": L2}), 1.1)
+    assert events(core) == [Resynced(0, {b"/a/k": None})]
+    assert core.lineage == L2 and core.entries == {}
+
+
+def test_an_update_from_a_restarted_server_applied_before_its_hugz_is_undone():
+    core = lineage_synced([(b"/k", 5, b"mine")], 5)
+    # The new map's update 6 looks like the next one on the old stream...
+    core.on_update(kv(b"/other", 6, b"theirs"), 0.5)
+    assert values(core) == {b"/k": b"mine", b"/other": b"theirs"}
+    take(core)
+    # ...until its first HUGZ, at most one HUGZ interval later.
+    core.on_update(hugz(6, {"lineage": L2}), 1.0)
+    assert actions(core) == [Request(b"")]
+    core.on_reply(kv(b"/other", 6, b"theirs"), 1.1)
+    core.on_reply(kthxbai(6, b"", {"lineage": L2}), 1.1)
+    assert values(core) == {b"/other": b"theirs"}
+    assert events(core) == [Resynced(0, {b"/k": None})]
+
+
+@pytest.mark.parametrize(
+    ("subtree", "messages"),
+    [
+        pytest.param(b"", [kv(b"/k", 6, b"v"), kv(b"/k", 2, b"w")], id="update"),
+        pytest.param(b"", [kv(b"/k", 6, b"v"), hugz(3)], id="hugz"),
+        pytest.param(
+            b"/a/", [hugz(5), kv(b"/a/x", 9, b"v"), kv(b"/a/y", 4, b"w")], id="sub"
+        ),
+    ],
+)
+def test_a_sequence_that_goes_backwards_is_a_reset(subtree, messages):
+    """A Guide server sends no lineage: a restart shows as an old sequence."""
+    core = synced(sequence=5, subtrees=[subtree], servers=1)
+    for frames in messages:
+        core.on_update(frames, 0.5)
+    assert actions(core) == [Request(subtree)]
+    assert core.stats["resets"] == 1
+
+
+def test_the_rfc_hugz_with_sequence_zero_is_never_a_reset():
+    core = synced(sequence=5, servers=1)
+    core.on_update(kv(b"/k", 6, b"v"), 0.5)
+    core.on_update(hugz(0), 0.6)
+    assert actions(core) == []
+    assert core.stats["resets"] == 0
+
+
+def test_a_snapshot_from_another_map_than_the_stream_is_taken_again():
+    core = ClientCore(1)
+    core.poll(0.0)
+    take(core)
+    core.on_update(hugz(3, {"lineage": L1}), 0.1)
+    core.on_reply(kthxbai(4, b"", {"lineage": L2}), 0.2)  # restarted between
+    assert actions(core) == [Request(b"")]
+    assert core.phase is Phase.SYNCING
+    core.on_reply(kthxbai(4, b"", {"lineage": L2}), 0.3)
+    assert core.phase is Phase.ACTIVE and core.lineage == L2
+
+
+# --------------------------------------------------------------------------
+# subtree heartbeats: a subtree client notices a missed update (case 4)
+# --------------------------------------------------------------------------
+
+
+def test_a_subtree_heartbeat_ahead_of_us_means_we_missed_an_update():
+    core = synced(sequence=5, subtrees=[b"/a/"])
+    core.on_update(hugz(5), 0.5)
+    core.on_update(kv(b"/a/x", 9, b"nine"), 0.6)
+    take(core)
+    core.on_update(subtree_hugz(b"/a/", 9), 1.0)  # we have 9: fine
+    core.on_update(subtree_hugz(b"/b/", 40), 1.0)  # another subtree's
+    assert take(core) == ([], [])
+    core.on_update(kv(b"/a/x", 14, b"fourteen"), 1.5)
+    take(core)
+    core.on_update(subtree_hugz(b"/a/", 17), 2.0)  # update 17 never came
+    assert actions(core) == [Request(b"/a/")]
+    assert core.stats["gaps"] == 1
+
+
+def test_a_subtree_heartbeat_at_or_below_the_snapshot_says_nothing():
+    core = synced(sequence=20, subtrees=[b"/a/", b"/b/"])
+    core.on_update(subtree_hugz(b"/a/", 20), 0.5)
+    core.on_update(subtree_hugz(b"/b/", 7), 0.5)
+    assert take(core) == ([], [])
+
+
+def test_subtree_heartbeats_never_reach_the_map_or_reset_anything():
+    core = synced(sequence=5)  # a whole-map client sees every heartbeat
+    core.on_update(subtree_hugz(b"/a/", 5), 0.5)
+    core.on_update(subtree_hugz(b"/zzz/", 1), 0.5)
+    assert take(core) == ([], [])
+    assert core.entries == {} and core.stats["resets"] == 0
+
+
+# --------------------------------------------------------------------------
+# writes: the horizon, ttl=0, bad numbers (cases 3, 7, 10)
+# --------------------------------------------------------------------------
+
+
+def test_a_write_is_resent_until_its_horizon_then_reported_unconfirmed():
+    timings = ClientTimings(resend_interval=1.0, write_horizon=5.0)
+    core = synced(sequence=1, timings=timings, servers=1)
+    uuid = core.write(b"/k", b"v", 0.0)
+    take(core)
+    resent = []
+    now = 0.0
+    while now < 10.0:
+        now = core.next_deadline()
+        core.on_update(hugz(1), now)  # the server stays alive
+        core.poll(now)
+        acts, evts = take(core)
+        resent += [now] * len(acts)
+        if evts:
+            break
+    assert resent == [1.0, 2.0, 3.0, 4.0]
+    assert (now, evts) == (5.0, [Unconfirmed(uuid)])
+    assert core.writes == {}
+
+
+def test_a_write_without_ttl_says_ttl_0_for_the_guides_c_servers():
+    core = synced()
+    core.write(b"/k", b"v", 0.0)
+    (send,) = actions(core)
+    assert send.frames[3] == b"ttl=0\n"
+
+
+@pytest.mark.parametrize("ttl", [float("inf"), float("nan"), -float("inf")])
+def test_a_ttl_must_be_finite(ttl):
+    core = synced()
+    with pytest.raises(LocalProtocolError, match="ttl"):
+        core.write(b"/k", b"v", 0.0, ttl=ttl)
+    assert core.actions == []
+
+
+@pytest.mark.parametrize("value", [0, -1.0, float("nan"), float("inf")])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "request_timeout",
+        "silence_timeout",
+        "backoff",
+        "max_backoff",
+        "resend_interval",
+        "write_horizon",
+    ],
+)
+def test_client_timings_reject_what_makes_no_sense(name, value):
+    with pytest.raises(LocalProtocolError, match=name):
+        ClientTimings(**{name: value})

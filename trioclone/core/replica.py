@@ -296,7 +296,11 @@ class Replica(Generic[M]):
     def _start_catch_up(self, now: float) -> None:
         heard = self._heard_lineage
         if heard is not None and heard != self._incoming_lineage:
-            self._reset(now)  # the stream and the snapshot are different maps
+            # The stream and the snapshot are different maps: the server
+            # restarted between them.  Take the next snapshot as it comes,
+            # unless the stream contradicts that one too.
+            self._heard_lineage = None
+            self._reset(now)
             return
         self._catching_up = True
         self._caught_sequence = min(self._thresholds.values())
