@@ -3,8 +3,8 @@
 Servers run in this process (``tests.shells.pair.start``): a standalone
 server, or a Binary Star pair where "killing" the primary is cancelling its
 scope.  Every test runs under the autojump clock inside ``trio.fail_after``
-(virtual time), so the times asserted are exact, except where libzmq's
-slow joiner depends on real time (see ``settle_links``).
+(virtual time), so the times asserted are exact (see ``settle_links`` for
+how libzmq's real-time command throttling is kept out).
 
 Timings are the defaults unless a test says otherwise: the client's
 request_timeout 1.0, silence_timeout 2.0, back-off 0.5 doubling to 5.0,
@@ -44,19 +44,19 @@ GUARD = 60.0  # virtual seconds
 
 
 async def settle_links() -> None:
-    """Let every task block, then let libzmq attach freshly connected SUBs.
+    """Let every task block: every link made so far is then attached.
 
-    A PUB takes in a newly connected subscriber only when it processes its
-    command queue, and a send does that at most once per 3 million CPU
-    timestamp ticks (~1 ms of *real* time; libzmq's ``max_command_delay``).
-    Under the autojump clock virtual seconds can pass in microseconds, so a
-    message published right after a SUB connected may miss it: the slow
-    joiner, even over inproc.  Waiting 5 ms of real time makes the next send
-    attach it.  Where trioclone connects and publishes in the same instant
-    (a client's sync, a takeover), tests accept the resync that follows.
+    inproc connects and binds at once; the peer takes the new pipe in when
+    its task next reads the socket, which it does before every task is
+    blocked.  A PUB is the exception: nobody reads it, and while sending it
+    takes in new subscribers at most once per ~1 ms of *real* time
+    (libzmq's command throttling), which under the autojump clock would
+    decide whether a message published right after a SUB connected reaches
+    it.  So every PUB here reads EVENTS before it sends, which takes them in
+    at once: the server's publisher (``admit``, before each batch), a
+    ``RawClient`` (``set``) and a ``Gate``.  No real time is involved.
     """
     await settle()
-    time.sleep(0.005)
 
 
 # --------------------------------------------------------------------------
@@ -141,6 +141,7 @@ class Gate:
         while True:
             for frames in await self._in.receive_batch():
                 if self.is_open():
+                    self._out.refresh()  # take in the collector: see settle_links
                     self._out.try_send(frames)
                     self.passed += 1
                 else:
