@@ -21,6 +21,7 @@ import contextlib
 import itertools
 import math
 import os
+import re
 import signal
 import socket
 import struct
@@ -113,6 +114,31 @@ class ServerProcess:
                 return True
             if time.monotonic() >= deadline or not self.alive:
                 return self.log().count(text) >= count
+            time.sleep(0.05)
+
+    def wait_for_status(self, timeout: float, **expected: object) -> bool:
+        """True once one status line shows every ``expected`` field's value.
+
+        The server logs a status line every ``--status-interval`` seconds,
+        e.g. ``status {'state': 'PASSIVE', 'sequence': 7, 'pending': 0, ...}``.
+        """
+        wanted = [
+            re.compile(rf"[{{ ]{re.escape(f'{name!r}: {value!r}')}[,}}]")
+            for name, value in expected.items()
+        ]
+
+        def seen() -> bool:
+            return any(
+                " status {" in line and all(w.search(line) for w in wanted)
+                for line in self.log().splitlines()
+            )
+
+        deadline = time.monotonic() + timeout
+        while True:
+            if seen():
+                return True
+            if time.monotonic() >= deadline or not self.alive:
+                return seen()
             time.sleep(0.05)
 
 
@@ -545,8 +571,8 @@ class Pair:
             *self.timing,
         ]
 
-    def start_primary(self, name: str = "primary") -> ServerProcess:
-        return self.procs.start(name, *self._args("primary"), port=self.p1)
+    def start_primary(self, name: str = "primary", *extra: str) -> ServerProcess:
+        return self.procs.start(name, *self._args("primary"), *extra, port=self.p1)
 
     def start_backup(self, name: str = "backup") -> ServerProcess:
         return self.procs.start(name, *self._args("backup"), port=self.p2)

@@ -85,7 +85,7 @@ def test_failover_loses_no_published_update_then_double_failover(
         assert final.values() == pair.known, "the backup's map is not the whole map"
 
         # -- the primary comes back PASSIVE and must not answer ---------------
-        restarted = pair.start_primary("primary-restarted")
+        restarted = pair.start_primary("primary-restarted", "--status-interval", "0.1")
         assert_unanswered(pair, pair.p1, seconds=2.5)
         assert restarted.wait_for_log("-> PASSIVE", 10), restarted.log()[-2000:]
         synced = restarted.wait_for_log("synced from the active", 10)
@@ -94,7 +94,16 @@ def test_failover_loses_no_published_update_then_double_failover(
         # More writes while the backup is active: the passive primary mirrors them.
         pair.probe(pair.sub_backup)
         pair.write_until_seen(b"/late", 100, pair.sub_backup)
-        time.sleep(0.5)
+        # Every write has been published (the last ones just now); the
+        # passive must have mirrored all of it before the active dies: its
+        # sequence is the active's and nothing waits in its pending list.
+        active = request_snapshot(pair.ctx, pair.p2)
+        assert active is not None
+        assert active.values() == pair.known, "the active's map is not the whole map"
+        mirrored = restarted.wait_for_status(
+            10, state="PASSIVE", sequence=active.sequence, pending=0
+        )
+        assert mirrored, restarted.log()[-2000:]
 
         # -- second failover: SIGKILL the backup, vote on the primary ---------
         procs.kill(backup)

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import errno
-import time
 from dataclasses import dataclass, field, replace
 from typing import Any
+from weakref import WeakValueDictionary
 
 import trio
 import zmq
@@ -49,6 +48,8 @@ class Running:
 
     server: CloneServer
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    #: Set once the server's task has ended (its sockets are closed).
+    stopped: trio.Event = field(default_factory=trio.Event)
 
     def kill(self) -> None:
         self.scope.cancel()
@@ -57,25 +58,37 @@ class Running:
 async def _run(
     running: Running, *, task_status: Any = trio.TASK_STATUS_IGNORED
 ) -> None:
-    with running.scope:
-        await running.server.run(task_status=task_status)
+    try:
+        with running.scope:
+            await running.server.run(task_status=task_status)
+    finally:
+        running.stopped.set()
+
+
+#: The last server started at each snapshot endpoint.
+_servers: WeakValueDictionary[str, Running] = WeakValueDictionary()
 
 
 async def start(
     nursery: trio.Nursery, settings: ServerSettings, context: zmq.Context[Any]
 ) -> Running:
-    """Start a server; retry while libzmq's reaper still holds the names."""
-    for _ in range(1000):
-        running = Running(CloneServer(settings, context=context))
-        try:
-            await nursery.start(_run, running)
-        except zmq.ZMQError as exc:
-            if exc.errno != errno.EADDRINUSE:
-                raise
-            time.sleep(0.002)  # a real thread (the reaper) frees inproc names
-            continue
-        return running
-    raise AssertionError("inproc endpoints never freed")
+    """Start a server; a restart first waits for the killed one to stop.
+
+    Names are reused (peers and clients find a restarted server where it
+    was), so the test ``context`` fixture (tests/conftest.py) must be used:
+    its sockets free their inproc names when closed, where libzmq would free
+    them later in its reaper thread.  Once the previous server's task has
+    ended, its names are free: the bind cannot fail, whatever the real time.
+    """
+    where = settings.bind.snapshot
+    previous = _servers.get(where)
+    if previous is not None:
+        assert previous.scope.cancel_called, f"a server still runs at {where}"
+        await previous.stopped.wait()
+    running = Running(CloneServer(settings, context=context))
+    _servers[where] = running
+    await nursery.start(_run, running)
+    return running
 
 
 class Relay:

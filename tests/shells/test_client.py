@@ -3,8 +3,8 @@
 Servers run in this process (``tests.shells.pair.start``): a standalone
 server, or a Binary Star pair where "killing" the primary is cancelling its
 scope.  Every test runs under the autojump clock inside ``trio.fail_after``
-(virtual time), so the times asserted are exact, except where libzmq's
-slow joiner depends on real time (see ``settle_links``).
+(virtual time), so the times asserted are exact (see ``settle_links`` for
+how libzmq's real-time command throttling is kept out).
 
 Timings are the defaults unless a test says otherwise: the client's
 request_timeout 1.0, silence_timeout 2.0, back-off 0.5 doubling to 5.0,
@@ -44,19 +44,19 @@ GUARD = 60.0  # virtual seconds
 
 
 async def settle_links() -> None:
-    """Let every task block, then let libzmq attach freshly connected SUBs.
+    """Let every task block: every link made so far is then attached.
 
-    A PUB takes in a newly connected subscriber only when it processes its
-    command queue, and a send does that at most once per 3 million CPU
-    timestamp ticks (~1 ms of *real* time; libzmq's ``max_command_delay``).
-    Under the autojump clock virtual seconds can pass in microseconds, so a
-    message published right after a SUB connected may miss it: the slow
-    joiner, even over inproc.  Waiting 5 ms of real time makes the next send
-    attach it.  Where trioclone connects and publishes in the same instant
-    (a client's sync, a takeover), tests accept the resync that follows.
+    inproc connects and binds at once; the peer takes the new pipe in when
+    its task next reads the socket, which it does before every task is
+    blocked.  A PUB is the exception: nobody reads it, and while sending it
+    takes in new subscribers at most once per ~1 ms of *real* time
+    (libzmq's command throttling), which under the autojump clock would
+    decide whether a message published right after a SUB connected reaches
+    it.  So every PUB here reads EVENTS before it sends, which takes them in
+    at once: the server's publisher (``admit``, before each batch), a
+    ``RawClient`` (``set``) and a ``Gate``.  No real time is involved.
     """
     await settle()
-    time.sleep(0.005)
 
 
 # --------------------------------------------------------------------------
@@ -141,6 +141,7 @@ class Gate:
         while True:
             for frames in await self._in.receive_batch():
                 if self.is_open():
+                    self._out.refresh()  # take in the collector: see settle_links
                     self._out.try_send(frames)
                     self.passed += 1
                 else:
@@ -395,16 +396,17 @@ async def test_a_client_started_before_the_servers_syncs_when_they_come_up(
                 assert primary.server.state.value == State.ACTIVE
                 await trio.sleep(10.0)
                 # The write made while no server was up is resent right after
-                # the sync (5.5) and applied once.  When it is confirmed
-                # depends on libzmq's real-time command throttling (see
-                # settle_links): the client's PUB may not have attached the
-                # collector's pipe yet (then the next resend, a second later,
-                # goes through), and its KVPUB may miss the client's SUB (then
-                # one of the primary's next HUGZ, on x.25, shows the gap and a
-                # resync confirms it).  Seen: 5.5 nearly always, 6.25 under load.
+                # the sync (5.5), applied once and confirmed at once: the
+                # primary's publisher takes in the client's SUB (connected
+                # before it asked) before it publishes the update.  The
+                # client's own PUB takes in the collector only while sending,
+                # and then only if ~1 ms of real time passed since it last
+                # did (its first send, at 0): here ~5 ms pass, so this one
+                # place still leans on real time until the client reads
+                # EVENTS before sending, as the server's publisher does.
                 ((when, sequence),) = written
                 assert sequence == 1
-                assert when == 5.5 or (5.5 < when < 15.5 and when % 0.25 == 0)
+                assert when == 5.5
                 assert primary.server.core.store.sequence == 1  # applied once
                 assert clone.get("/early") == b"bird"
                 assert recorder.events[0] == ResyncEvent(str(p.bind), {})
@@ -528,13 +530,12 @@ async def test_a_write_lost_before_failover_is_resent_after_it_and_applied_once(
                 # sent at t0 and resent at t0 + 1: dropped; resent after the sync
                 assert gate.dropped == 2
                 assert gate.passed == 1
-                # Applied at synced_at.  Its KVPUB may miss the client's SUB,
-                # connected in that very instant (see settle_links); then one
-                # of the backup's next HUGZ (on whole seconds after the
-                # takeover) shows the gap and a resync confirms it.
+                # Applied and confirmed at synced_at: the backup's publisher
+                # takes in the client's SUB, connected in that very instant,
+                # before it publishes the update (see settle_links).
                 ((when, sequence),) = result
                 assert sequence == backup.server.core.store.sequence
-                assert when - synced_at in (0.0, 1.0, 2.0, 3.0)
+                assert when == synced_at
                 assert [u.key for u in tally.updates] == [b"/lost"]
                 assert clone.get("/lost") == b"found"
                 assert backup.server.core.stats["duplicates"] == 0

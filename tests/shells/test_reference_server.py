@@ -22,7 +22,6 @@ are deterministic.  Everything runs over inproc under the autojump clock.
 from __future__ import annotations
 
 import struct
-import time
 import uuid as uuidlib
 from dataclasses import dataclass
 from typing import NoReturn
@@ -168,10 +167,11 @@ class ReferenceServer:
 
 
 async def settle_links() -> None:
-    """Settle, then 5 ms of real time so PUBs attach new SUBs (libzmq's
-    command throttling; see tests/shells/test_client.py)."""
+    """Let every task block: every link made so far is then attached (see
+    tests/shells/test_client.py).  The fake's PUB does not read EVENTS before
+    sending; here each update that must reach a fresh subscriber is the
+    first message it ever sends, which libzmq never throttles."""
     await settle()
-    time.sleep(0.005)
 
 
 class Recorder:
