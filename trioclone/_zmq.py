@@ -19,8 +19,10 @@ The rules (see the design notes) and where each is kept:
    DEALER and on ROUTER with ``ROUTER_MANDATORY`` waits for room instead of
    dropping, and an unroutable ROUTER message raises ``UnroutableError``.
 7. ``close`` calls ``notify_closing`` first (waiters get
-   ``trio.ClosedResourceError``), then closes with linger; a ``Sockets``
-   group closes every socket before its context is terminated.
+   ``trio.ClosedResourceError``), unbinds its ``inproc://`` names (libzmq
+   would free them later, in its reaper thread, so a server restarted in
+   the same process could not bind them at once), then closes with linger;
+   a ``Sockets`` group closes every socket before its context is terminated.
 8. No protocol timing in zmq options: timeouts live on Trio's clock.
 """
 
@@ -61,10 +63,11 @@ class UnroutableError(CloneError):
 class Socket:
     """A pyzmq socket driven from one Trio task."""
 
-    def __init__(self, sock: zmq.Socket[bytes]) -> None:
+    def __init__(self, sock: zmq.Socket[bytes], inproc: Sequence[str] = ()) -> None:
         self._sock = sock
         self._fd: int = sock.FD
         self._closed = False
+        self._inproc = list(inproc)
 
     @property
     def raw(self) -> zmq.Socket[bytes]:
@@ -177,6 +180,9 @@ class Socket:
         self._closed = True
         with contextlib.suppress(RuntimeError):  # outside Trio nobody can wait
             trio.lowlevel.notify_closing(self._fd)
+        for endpoint in self._inproc:  # free the name now, not in the reaper
+            with contextlib.suppress(zmq.ZMQError):
+                self._sock.unbind(endpoint)
         self._sock.close(linger)
 
 
@@ -202,6 +208,7 @@ class Sockets:
         options: Iterable[tuple[int, int | bytes]] = (),
     ) -> Socket:
         """A new socket of ``kind``, configured, bound and connected."""
+        bind = list(bind)
         raw: zmq.Socket[bytes] = self.context.socket(kind)
         try:
             raw.setsockopt(zmq.LINGER, 0)
@@ -216,7 +223,7 @@ class Sockets:
         except BaseException:
             raw.close(0)
             raise
-        sock = Socket(raw)
+        sock = Socket(raw, [e for e in bind if e.startswith("inproc://")])
         self._sockets = [s for s in self._sockets if not s.closed]
         self._sockets.append(sock)
         return sock

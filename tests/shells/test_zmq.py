@@ -845,3 +845,16 @@ async def test_sockets_terminates_a_context_it_made(
             assert await pull.receive() == [b"x"]
     assert push.closed and pull.closed
     assert group.context.closed
+
+
+async def test_a_closed_socket_frees_its_inproc_name_at_once(context):
+    """A server restarted in the same process binds its names again at once
+    (libzmq alone frees them later, in its reaper thread)."""
+    with Sockets(context) as sockets:
+        for _ in range(200):
+            sock = sockets.open(zmq.PUB, bind=["inproc://reused"])
+            sock.close()
+        # and a generator of endpoints is bound and remembered alike
+        sock = sockets.open(zmq.PUB, bind=(e for e in ["inproc://reused"]))
+        sock.close()
+        sockets.open(zmq.PUB, bind=["inproc://reused"]).close()

@@ -268,6 +268,8 @@ class CloneClient:
         """Carry out the core's actions and deliver its events."""
         core = self._core
         actions, core.actions = core.actions, []
+        if actions:
+            self._pub.refresh()  # take in collectors that connected meanwhile
         for action in actions:
             if isinstance(action, Send):
                 self._pub.try_send(action.frames)

@@ -492,6 +492,8 @@ class CloneServer:
         core = self.core
         while True:
             deletes = core.expire(trio.current_time())
+            if deletes:
+                self.publisher.admit()
             self.publisher.publish_all(deletes)
             if deletes:
                 await trio.lowlevel.checkpoint()  # more may be due: a step at a time

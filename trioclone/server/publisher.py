@@ -79,6 +79,7 @@ class Publisher:
 
     def open(self) -> None:
         self._open = True
+        self.admit()
         held, self._held = self._held, []
         self.publish_all(held)
 
