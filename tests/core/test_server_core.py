@@ -990,14 +990,36 @@ def test_an_empty_restarted_server_never_wins_over_the_map() -> None:
     assert sorted(backup.store.keys()) == [b"/kept", b"/new", b"/shared"]
 
 
-def test_dual_actives_wait_for_a_claim_then_the_primary_wins() -> None:
+def test_without_claims_a_fresh_map_yields_at_once() -> None:
+    """The primary founded the map (fresh); the backup holds a copy.  With no
+    HUGZ heard either way, the fresh side steps down at the first heartbeat
+    and the held side stays: nothing decides against the map."""
     primary, backup = split_pair()
-    for beat in range(2):  # no HUGZ heard from the peer: not yet decided
+    assert primary.fresh and not backup.fresh
+    heartbeat(primary, backup, 20.0)
+    assert (primary.role, backup.role) == (Role.PASSIVE, Role.ACTIVE)
+    for beat in range(1, 5):  # the backup now hears PASSIVE: settled
+        heartbeat(primary, backup, 20.0 + beat)
+        assert (primary.role, backup.role) == (Role.PASSIVE, Role.ACTIVE)
+
+
+def test_without_claims_two_held_maps_wait_then_the_primary_wins() -> None:
+    primary, backup = split_pair()
+    primary.fresh = False  # as if it had synced its map from the backup once
+    for beat in range(2):
         heartbeat(primary, backup, 20.0 + beat)
         assert (primary.role, backup.role) == (Role.ACTIVE, Role.ACTIVE)
     heartbeat(primary, backup, 22.0)
     assert (primary.role, backup.role) == (Role.ACTIVE, Role.PASSIVE)
     assert primary.bstar is not None and primary.bstar.faults["dual actives"] == 1
+
+
+def test_a_stale_claim_counts_as_none() -> None:
+    primary, backup = split_pair()
+    primary.fresh = False
+    exchange_hugz(primary, backup, 10.0)  # heard long before the link heals
+    heartbeat(primary, backup, 20.0)
+    assert (primary.role, backup.role) == (Role.ACTIVE, Role.ACTIVE)
 
 
 # --------------------------------------------------------------------------

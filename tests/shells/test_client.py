@@ -360,6 +360,35 @@ async def test_watch_yields_changes_in_order_and_ttl_expiry_at_the_deadline(
             nursery.cancel_scope.cancel()
 
 
+async def test_a_watcher_that_falls_behind_gets_a_resync_instead(
+    context, autojump_clock, monkeypatch
+):
+    monkeypatch.setattr("trioclone.client.agent.WATCH_BUFFER", 5)
+    with trio.fail_after(GUARD):
+        async with trio.open_nursery() as nursery:
+            server, _ = await standalone(nursery, context)
+            async with open_client([server], context=context) as clone:
+                watch = clone.watch("/w/")  # nobody iterates it for a while
+                await clone.wait_synced()
+                await settle_links()
+                for n in range(8):
+                    await clone.set("/w/%d" % (n % 3), "%d" % n)
+                await clone.set("/other", "x")  # not under the prefix
+                events = [await watch.__anext__() for _ in range(5)]
+                # Five events were queued (the first sync's and four sets);
+                # the sixth overflowed the buffer: what was queued is replaced
+                # by the state then, and the events from that one on follow.
+                state = {"/w/0": b"3", "/w/1": b"4", "/w/2": b"2"}
+                assert events == [
+                    ResyncEvent(str(server), state),
+                    SetEvent("/w/1", b"4", 5),
+                    SetEvent("/w/2", b"5", 6),
+                    SetEvent("/w/0", b"6", 7),
+                    SetEvent("/w/1", b"7", 8),
+                ]
+            nursery.cancel_scope.cancel()
+
+
 # --------------------------------------------------------------------------
 # start-up, failover
 # --------------------------------------------------------------------------

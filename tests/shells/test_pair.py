@@ -12,7 +12,7 @@ from tests.chp import RawClient, settle
 from tests.shells.pair import Relay, pair_settings, start
 from trioclone._zmq import Sockets
 from trioclone.core.bstar import DUAL_ACTIVES, State
-from trioclone.core.chp import encode_request
+from trioclone.core.chp import decode_kvmsg, encode_request
 
 
 async def started_pair(nursery, context, **options):
@@ -390,4 +390,102 @@ async def test_peer_restarting_mid_snapshot_converges(context, autojump_clock, c
             assert (await client.next_update()).key == b"/after"
             await settle()
             assert primary.server.core.store.get(b"/after").body == b"1"
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_healed_split_loses_no_write_and_applies_none_twice(
+    context, autojump_clock, caplog
+):
+    """Islands: writers who reach only the primary, or only the backup, while
+    the link between the servers is cut.  When it heals, the backup (same
+    map, not the primary) steps down, hands its island's writes to the
+    primary, and resyncs: every confirmed write is there, each applied once."""
+    with trio.fail_after(120), Sockets(context) as sockets:
+        async with trio.open_nursery() as nursery:
+            p, b = pair_settings(relayed=True)
+            relays = [Relay.between(nursery, sockets, side) for side in (p, b)]
+            primary = await start(nursery, p, context)
+            backup = await start(nursery, b, context)
+            await backup.server.synced.wait_value(True)
+            stream = RawClient(sockets, p.bind)  # what the primary publishes
+            await settle()
+            for relay in relays:
+                relay.cut = True
+            await trio.sleep(3)
+            await vote_until_answered(sockets, b.bind)
+            assert backup.server.state.value == State.ACTIVE
+            west = RawClient(sockets, p.bind, writes_to=(p.bind,))
+            east = RawClient(sockets, b.bind, writes_to=(b.bind,))
+            both = RawClient(sockets, p.bind, writes_to=(p.bind, b.bind))
+            await settle()
+            west_uuids = [west.set(b"/west/%d" % i, b"w") for i in range(3)]
+            east_uuids = [east.set(b"/east/%d" % i, b"e") for i in range(3)]
+            shared = both.set(b"/both", b"x")
+            gone = east.set(b"/west/0", b"")  # an island's client deletes
+            await settle()
+            for relay in relays:
+                relay.cut = False
+            await backup.server.state.wait_value(State.PASSIVE)
+            await backup.server.synced.wait_value(True)
+            await trio.sleep(3)  # hand-overs resent, if any were lost
+            assert primary.server.state.value == State.ACTIVE
+            store = primary.server.core.store
+            assert sorted(store.keys()) == [
+                b"/both",
+                b"/east/0",
+                b"/east/1",
+                b"/east/2",
+                b"/west/1",
+                b"/west/2",
+            ]
+            assert [store.uuid_of(b"/east/%d" % i) for i in range(3)] == east_uuids
+            published = [decode_kvmsg(f) for f in stream.sub.receive_nowait(10_000)]
+            uuids = [m.uuid for m in published if m.key != b"HUGZ"]
+            for name, uuid in [
+                *[("west", u) for u in west_uuids],
+                *[("east", u) for u in east_uuids],
+                ("shared", shared),
+                ("gone", gone),
+            ]:
+                assert uuids.count(uuid) == 1, (name, [m.key for m in published])
+            assert backup.server.core.store.keys() == store.keys()
+            assert len(backup.server.core.pending) == 0
+            assert any("handing the writes" in r.getMessage() for r in caplog.records)
+            nursery.cancel_scope.cancel()
+
+
+async def test_an_empty_restarted_primary_never_wins_over_the_map(
+    context, autojump_clock
+):
+    """The primary dies; the backup takes over with the map.  The primary
+    comes back empty, cut off from the backup, and a client votes for it.
+    When the link heals it is the one that steps down: the map survives."""
+    with trio.fail_after(120), Sockets(context) as sockets:
+        async with trio.open_nursery() as nursery:
+            p, b = pair_settings(relayed=True)
+            relays = [Relay.between(nursery, sockets, side) for side in (p, b)]
+            primary = await start(nursery, p, context)
+            backup = await start(nursery, b, context)
+            await backup.server.synced.wait_value(True)
+            writer = RawClient(sockets, p.bind, writes_to=(p.bind, b.bind))
+            await settle()
+            for i in range(5):
+                writer.set(b"/map/%d" % i, b"v")
+            await writer.updates(5)
+            primary.kill()
+            await trio.sleep(3)
+            await vote_until_answered(sockets, b.bind)
+            relays[1].cut = True  # the restarted primary cannot hear the backup
+            primary = await start(nursery, p, context)
+            relays[0].reconnect()
+            await trio.sleep(3)
+            await vote_until_answered(sockets, p.bind)
+            assert primary.server.state.value == State.ACTIVE
+            assert primary.server.core.fresh and len(primary.server.core.store) == 0
+            relays[1].cut = False
+            await primary.server.state.wait_value(State.PASSIVE)
+            await primary.server.synced.wait_value(True)
+            assert backup.server.state.value == State.ACTIVE
+            assert len(backup.server.core.store) == 5
+            assert primary.server.core.store.keys() == backup.server.core.store.keys()
             nursery.cancel_scope.cancel()

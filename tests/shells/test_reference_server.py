@@ -21,6 +21,7 @@ are deterministic.  Everything runs over inproc under the autojump clock.
 
 from __future__ import annotations
 
+import random
 import struct
 import uuid as uuidlib
 from dataclasses import dataclass
@@ -288,4 +289,60 @@ async def test_subtree_client_of_a_reference_server(context, autojump_clock):
                 assert clone.phase == "active"
                 assert clone.failovers == 0
                 assert sorted(clone.keys()) == ["/a/1", "/a/2"]
+            nursery.cancel_scope.cancel()
+
+
+class CReferenceServer(ReferenceServer):
+    """The Guide's C server's collector (clonesrv6.c, spec defect 12): it reads
+    ``ttl`` with ``sscanf("%d")`` into an uninitialised int, so a KVSET with
+    no ``ttl`` gets whatever was on the stack: here, a random 1-3 seconds.
+    A ttl is stored as absolute milliseconds."""
+
+    def __init__(self, sockets: Sockets, endpoints: Endpoints, seed: int) -> None:
+        super().__init__(sockets, endpoints)
+        self.garbage = random.Random(seed)
+
+    async def _collect(self) -> NoReturn:
+        while True:
+            key, _, uuid, properties, body = await self.collector.receive()
+            self.sequence += 1
+            self._publish([key, SEQ.pack(self.sequence), uuid, properties, body])
+            parsed = parse_props(properties)
+            text = parsed.get(b"ttl")
+            ttl = int(float(text)) if text else self.garbage.randint(1, 3)
+            if ttl:
+                parsed[b"ttl"] = b"%f" % (self.wall() + ttl)  # swept as seconds
+            else:
+                parsed.pop(b"ttl", None)
+            if body:
+                self.kvmap[key] = Stored(key, self.sequence, uuid, parsed, body)
+            else:
+                self.kvmap.pop(key, None)
+
+
+async def test_writes_through_the_guides_c_server_do_not_vanish(
+    context, autojump_clock
+):
+    """The client sends ttl=0 for a write without expiry, which the C server
+    reads as "never"; a write with a ttl keeps its ttl."""
+    with trio.fail_after(GUARD), Sockets(context) as sockets:
+        async with trio.open_nursery() as nursery:
+            ref = CReferenceServer(sockets, Endpoints.inproc(unique("c-ref")), seed=7)
+            nursery.start_soon(ref.run)
+            async with open_client([ref.endpoints], context=context) as clone:
+                await clone.wait_synced()
+                await settle_links()
+                for n in range(5):
+                    await clone.set("/t/%d" % n, "one")
+                await clone.set("/t/short", "soon", ttl=2)
+                await trio.sleep(5)
+                assert sorted(clone.keys()) == ["/t/%d" % n for n in range(5)]
+                assert sorted(ref.kvmap) == [b"/t/%d" % n for n in range(5)]
+                # the fake does what the C server does: a write without ttl
+                # (another client's) vanishes
+                raw = RawClient(sockets, ref.endpoints)
+                await settle()
+                raw.set(b"/t/raw", b"no ttl")
+                await trio.sleep(5)
+                assert clone.get("/t/raw") is None
             nursery.cancel_scope.cancel()

@@ -387,6 +387,78 @@ async def test_many_snapshots_at_once(context, autojump_clock):
             assert len(received) == 600 and set(received) == keys
 
 
+async def _fill(s: Served, count: int) -> RawClient:
+    writer = s.client()
+    await settle()
+    for n in range(count):
+        writer.set(b"/k/%05d" % n, b"x" * 100)
+        if n % 500 == 499:
+            await settle()
+    await writer.updates(count)
+    return writer
+
+
+async def test_a_slow_snapshot_reader_gets_every_entry(context, autojump_clock):
+    """Its queue fills (ROUTER high-water mark): the server waits, never drops."""
+    async with standalone(context, guard=120) as s:
+        await _fill(s, 25_000)
+        slow = s.client()
+        await settle()
+        await slow.dealer.send([ICANHAZ, b""])
+        received = 0
+        while (frames := await slow.dealer.receive())[0] != KTHXBAI:
+            received += 1
+            if received % 1000 == 0:
+                await trio.sleep(1.0)  # slower than the server by far
+        assert received == 25_000
+        assert s.server.core.stats["snapshots_stalled"] == 0
+
+
+async def test_a_snapshot_reader_that_stops_is_dropped_after_the_stall_time(
+    context, autojump_clock, caplog
+):
+    async with standalone(context, snapshot_stall=5.0) as s:
+        await _fill(s, 25_000)
+        stuck = s.client()
+        await settle()
+        await stuck.dealer.send([ICANHAZ, b""])
+        await settle()
+        asked = trio.current_time()
+        assert len(s.server._transfers) == 1
+        # It never reads.  Others are served meanwhile.
+        other = s.client()
+        await settle()
+        entries, end = await other.snapshot(b"/k/0000")
+        assert len(entries) == 10 and end.sequence == 25_000
+        while s.server._transfers:
+            await trio.sleep(0.0005)
+        # dropped at the first retry once 5 s passed (retries every 2 ms)
+        assert 5.0 <= trio.current_time() - asked <= 5.0025
+        assert s.server.core.stats["snapshots_stalled"] == 1
+        assert any("took nothing for 5 s" in r.getMessage() for r in caplog.records)
+        # Nothing polls for it any more: the snapshot task waits for requests.
+        await settle()
+        assert not s.server._transfers and s.server._snapshot_wait is not None
+
+
+async def test_a_snapshot_client_that_goes_away_mid_transfer_is_forgotten(
+    context, autojump_clock, caplog
+):
+    caplog.set_level(logging.INFO, "trioclone")
+    async with standalone(context) as s:
+        await _fill(s, 25_000)
+        leaving = s.client()
+        await settle()
+        await leaving.dealer.send([ICANHAZ, b""])
+        await leaving.dealer.receive()
+        leaving.dealer.close()
+        await trio.sleep(0.1)
+        assert not s.server._transfers
+        assert any("went away" in r.getMessage() for r in caplog.records)
+        entries, end = await s.client().snapshot(b"/k/0000")
+        assert len(entries) == 10
+
+
 # --------------------------------------------------------------------------
 # 4. TTL
 # --------------------------------------------------------------------------

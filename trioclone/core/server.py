@@ -255,13 +255,20 @@ class ServerCore:
         )
 
     def _verdict(self, now: float) -> bool | None:
-        """Should we stay active if both are?  None: cannot tell yet."""
+        """Should we stay active if both are?  None: cannot tell yet.
+
+        A map handed down (synced, or kept on disk) beats a map founded
+        empty by this process.  Without the peer's claim, a fresh map yields
+        at once and a handed-down one waits (then Binary Star lets the
+        primary win): so an empty, restarted server never wins, even when
+        its peer's HUGZ do not reach it.
+        """
         claim, bstar = self.peer_claim, self.bstar
         assert bstar is not None
         if claim is None or now - claim.heard > bstar.expiry:
-            return None
+            return False if self.fresh else None
         if claim.lineage != self.lineage and claim.fresh != self.fresh:
-            return not self.fresh  # a map that was handed down beats a new one
+            return not self.fresh
         return bstar.primary
 
     def _follow(self, outcome: Outcome, now: float) -> None:

@@ -339,7 +339,7 @@ class CloneServer:
                 continue
             if self._pump(router, now):
                 await trio.lowlevel.checkpoint()
-            else:  # every client's queue is full: poll, but wake for requests
+            elif transfers:  # every client's queue is full: poll, wake for requests
                 with trio.move_on_after(ROUTER_RETRY_INTERVAL):
                     await router.wait(zmq.POLLIN)
 
