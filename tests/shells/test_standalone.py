@@ -455,7 +455,7 @@ async def test_a_snapshot_client_that_goes_away_mid_transfer_is_forgotten(
         await trio.sleep(0.1)
         assert not s.server._transfers
         assert any("went away" in r.getMessage() for r in caplog.records)
-        entries, end = await s.client().snapshot(b"/k/0000")
+        entries, _end = await s.client().snapshot(b"/k/0000")
         assert len(entries) == 10
 
 
