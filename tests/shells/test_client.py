@@ -372,7 +372,7 @@ async def test_a_watcher_that_falls_behind_gets_a_resync_instead(
                 await clone.wait_synced()
                 await settle_links()
                 for n in range(8):
-                    await clone.set("/w/%d" % (n % 3), "%d" % n)
+                    await clone.set(f"/w/{n % 3}", f"{n}")
                 await clone.set("/other", "x")  # not under the prefix
                 events = [await watch.__anext__() for _ in range(5)]
                 # Five events were queued (the first sync's and four sets);

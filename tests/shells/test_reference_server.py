@@ -333,10 +333,10 @@ async def test_writes_through_the_guides_c_server_do_not_vanish(
                 await clone.wait_synced()
                 await settle_links()
                 for n in range(5):
-                    await clone.set("/t/%d" % n, "one")
+                    await clone.set(f"/t/{n}", "one")
                 await clone.set("/t/short", "soon", ttl=2)
                 await trio.sleep(5)
-                assert sorted(clone.keys()) == ["/t/%d" % n for n in range(5)]
+                assert sorted(clone.keys()) == [f"/t/{n}" for n in range(5)]
                 assert sorted(ref.kvmap) == [b"/t/%d" % n for n in range(5)]
                 # the fake does what the C server does: a write without ttl
                 # (another client's) vanishes

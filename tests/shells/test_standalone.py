@@ -406,7 +406,7 @@ async def test_a_slow_snapshot_reader_gets_every_entry(context, autojump_clock):
         await settle()
         await slow.dealer.send([ICANHAZ, b""])
         received = 0
-        while (frames := await slow.dealer.receive())[0] != KTHXBAI:
+        while (await slow.dealer.receive())[0] != KTHXBAI:
             received += 1
             if received % 1000 == 0:
                 await trio.sleep(1.0)  # slower than the server by far
