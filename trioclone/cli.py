@@ -11,7 +11,14 @@ from collections.abc import Sequence
 import trio
 import zmq
 
-from trioclone.cli_client import add_client_commands
+from trioclone.cli_client import (
+    add_client_commands,
+    base_port,
+    count,
+    heartbeats,
+    port,
+    seconds,
+)
 from trioclone.errors import ConfigError
 from trioclone.server.clone import CloneServer
 from trioclone.server.settings import pair_settings
@@ -68,46 +75,49 @@ def add_serve(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     mode.add_argument(
         "--pair", action="store_true", help="a primary and a backup on this host"
     )
-    serve.add_argument("--port", type=int, help="base port P (default by role)")
+    serve.add_argument("--port", type=base_port, help="base port P (default by role)")
     serve.add_argument(
         "--bind", default="*", help="interface to bind (default: all, '*')"
     )
     serve.add_argument("--peer", default="localhost", help="the peer's host")
-    serve.add_argument("--peer-port", type=int, help="the peer's base port P")
-    serve.add_argument("--state-port", type=int, help="our Binary Star port")
+    serve.add_argument("--peer-port", type=base_port, help="the peer's base port P")
+    serve.add_argument("--state-port", type=port, help="our Binary Star port")
     serve.add_argument(
-        "--peer-state-port", type=int, help="the peer's Binary Star port"
+        "--peer-state-port", type=port, help="the peer's Binary Star port"
     )
     serve.add_argument(
         "--heartbeat",
-        type=float,
+        type=seconds,
         default=1.0,
         help="Binary Star heartbeat in seconds; the same on both (default 1.0)",
     )
     serve.add_argument(
         "--peer-expiry",
-        type=float,
+        type=heartbeats,
         default=2.0,
         help="heartbeats of peer silence before it counts as dead (default 2)",
     )
     serve.add_argument(
-        "--hugz", type=float, default=1.0, help="HUGZ interval in seconds (default 1.0)"
+        "--hugz",
+        type=seconds,
+        default=1.0,
+        help="HUGZ interval in seconds (default 1.0)",
     )
     serve.add_argument(
         "--sync-timeout",
-        type=float,
+        type=seconds,
         default=5.0,
         help="passive: seconds of silence before a snapshot is retried (default 5)",
     )
     serve.add_argument(
-        "--pending-size", type=int, default=100_000, help="pending list bound"
+        "--pending-size", type=count, default=100_000, help="pending list bound"
     )
     serve.add_argument(
-        "--pending-age", type=float, default=30.0, help="pending entry max age (s)"
+        "--pending-age", type=seconds, default=30.0, help="pending entry max age (s)"
     )
     serve.add_argument(
         "--status-interval",
-        type=float,
+        type=seconds,
         default=60.0,
         help="seconds between status lines in the log (default 60)",
     )

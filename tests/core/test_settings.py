@@ -41,6 +41,10 @@ def pair(**options: Any) -> PairSettings:
     )
 
 
+def server(**options: Any) -> ServerSettings:
+    return ServerSettings(bind=BIND, **options)
+
+
 def test_defaults_are_valid() -> None:
     ServerSettings(bind=BIND, pair=pair())
 
@@ -49,27 +53,27 @@ def test_defaults_are_valid() -> None:
 @pytest.mark.parametrize("value", BAD_SECONDS)
 def test_server_settings_reject_bad_seconds(name: str, value: float) -> None:
     with pytest.raises(ConfigError, match=name):
-        ServerSettings(bind=BIND, **{name: value})
+        server(**{name: value})
 
 
 @pytest.mark.parametrize("name", SECONDS_FIELDS)
 def test_server_settings_accept_small_and_large_seconds(name: str) -> None:
-    ServerSettings(bind=BIND, **{name: 0.001})
-    ServerSettings(bind=BIND, **{name: 1e9})
+    server(**{name: 0.001})
+    server(**{name: 1e9})
 
 
 @pytest.mark.parametrize("name", COUNT_FIELDS)
 @pytest.mark.parametrize("value", BAD_COUNTS)
 def test_server_settings_reject_bad_counts(name: str, value: Any) -> None:
     with pytest.raises(ConfigError, match=name):
-        ServerSettings(bind=BIND, **{name: value})
+        server(**{name: value})
 
 
 @pytest.mark.parametrize("name", ["publisher_hwm", "collector_hwm"])
 def test_high_water_marks_may_be_zero_but_not_negative(name: str) -> None:
-    ServerSettings(bind=BIND, **{name: 0})  # ZeroMQ: no limit
+    server(**{name: 0})  # ZeroMQ: no limit
     with pytest.raises(ConfigError, match=name):
-        ServerSettings(bind=BIND, **{name: -1})
+        server(**{name: -1})
 
 
 @pytest.mark.parametrize("value", BAD_SECONDS)
