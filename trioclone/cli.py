@@ -7,6 +7,7 @@ import logging
 import signal
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import trio
 import zmq
@@ -19,11 +20,29 @@ from trioclone.cli_client import (
     port,
     seconds,
 )
+from trioclone.endpoints import BACKUP_PORT, PRIMARY_PORT
 from trioclone.errors import ConfigError
 from trioclone.server.clone import CloneServer
-from trioclone.server.settings import pair_settings
+from trioclone.server.settings import (
+    BACKUP_STATE_PORT,
+    PRIMARY_STATE_PORT,
+    ServerSettings,
+    check_ports_apart,
+    pair_settings,
+)
 
 log = logging.getLogger("trioclone")
+
+#: ``serve`` options passed unchanged to both servers of ``serve --pair``.
+SHARED_OPTIONS = (
+    "heartbeat",
+    "peer_expiry",
+    "hugz",
+    "sync_timeout",
+    "pending_size",
+    "pending_age",
+    "status_interval",
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -66,20 +85,25 @@ def add_serve(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
         description=(
             "Run a Clone server. Ports P (snapshots), P+1 (updates), P+2 (writes). "
             "Defaults as the ZeroMQ Guide: primary P=5556 with Binary Star port "
-            "5003, backup P=5566 with 5004."
+            "5003, backup P=5566 with 5004. With --pair, --port and --state-port "
+            "are the primary's, --peer-port and --peer-state-port the backup's."
         ),
     )
     mode = serve.add_mutually_exclusive_group(required=True)
     mode.add_argument("--standalone", action="store_true", help="one server, no pair")
     mode.add_argument("--role", choices=["primary", "backup"], help="side of the pair")
     mode.add_argument(
-        "--pair", action="store_true", help="a primary and a backup on this host"
+        "--pair",
+        action="store_true",
+        help="a primary and a backup on this host",
     )
     serve.add_argument("--port", type=base_port, help="base port P (default by role)")
     serve.add_argument(
         "--bind", default="*", help="interface to bind (default: all, '*')"
     )
-    serve.add_argument("--peer", default="localhost", help="the peer's host")
+    serve.add_argument(
+        "--peer", help="the peer's host (default localhost; not with --pair)"
+    )
     serve.add_argument("--peer-port", type=base_port, help="the peer's base port P")
     serve.add_argument("--state-port", type=port, help="our Binary Star port")
     serve.add_argument(
@@ -128,21 +152,14 @@ def run_serve(args: argparse.Namespace) -> int:
     if args.pair:
         return run_local_pair(args)
     role = "standalone" if args.standalone else args.role
-    settings = pair_settings(
+    settings = server_settings(
+        args,
         role,
         port=args.port,
-        bind_host=args.bind,
-        peer_host=args.peer,
+        peer_host=args.peer or "localhost",
         peer_port=args.peer_port,
         state_port=args.state_port,
         peer_state_port=args.peer_state_port,
-        heartbeat=args.heartbeat,
-        expiry_heartbeats=args.peer_expiry,
-        hugz_interval=args.hugz,
-        sync_timeout=args.sync_timeout,
-        pending_size=args.pending_size,
-        pending_age=args.pending_age,
-        status_interval=args.status_interval,
     )
     failed = False
     try:
@@ -152,6 +169,34 @@ def run_serve(args: argparse.Namespace) -> int:
             log.error("cannot start the %s server: %s", role, exc)
         failed = True
     return 1 if failed else 0
+
+
+def server_settings(
+    args: argparse.Namespace,
+    role: str,
+    *,
+    port: int | None,
+    peer_host: str,
+    peer_port: int | None,
+    state_port: int | None,
+    peer_state_port: int | None,
+) -> ServerSettings:
+    return pair_settings(
+        role,
+        port=port,
+        bind_host=args.bind,
+        peer_host=peer_host,
+        peer_port=peer_port,
+        state_port=state_port,
+        peer_state_port=peer_state_port,
+        heartbeat=args.heartbeat,
+        expiry_heartbeats=args.peer_expiry,
+        hugz_interval=args.hugz,
+        sync_timeout=args.sync_timeout,
+        pending_size=args.pending_size,
+        pending_age=args.pending_age,
+        status_interval=args.status_interval,
+    )
 
 
 async def serve_until_signalled(server: CloneServer) -> None:
@@ -164,26 +209,86 @@ async def serve_until_signalled(server: CloneServer) -> None:
                 return
 
 
+# -- serve --pair: two servers on this host -----------------------------------
+
+
+@dataclass(frozen=True)
+class Side:
+    """Where one server of a local pair listens."""
+
+    port: int  # base port P
+    state_port: int  # Binary Star heartbeat
+
+
 def run_local_pair(args: argparse.Namespace) -> int:
     """Run ``serve --role primary`` and ``--role backup`` as two processes."""
-    common = [
-        "--log-level",
-        args.log_level,
-        "serve",
-        "--heartbeat",
-        str(args.heartbeat),
-        "--peer-expiry",
-        str(args.peer_expiry),
-        "--hugz",
-        str(args.hugz),
-        "--bind",
-        args.bind,
-    ]
-    commands = [
-        [sys.executable, "-m", "trioclone", *common, "--role", role]
-        for role in ("primary", "backup")
-    ]
-    return trio.run(supervise_children, commands)
+    commands = local_pair_commands(args)
+    return trio.run(supervise_children, list(commands.values()))
+
+
+def local_pair_commands(args: argparse.Namespace) -> dict[str, list[str]]:
+    """The two children's command lines; ConfigError if the options clash."""
+    if args.peer is not None:
+        raise ConfigError(
+            "--peer does not go with --pair: both servers run on this host "
+            "(use --role primary/backup --peer HOST for servers on two hosts)"
+        )
+    primary = Side(
+        PRIMARY_PORT if args.port is None else args.port,
+        PRIMARY_STATE_PORT if args.state_port is None else args.state_port,
+    )
+    backup = Side(
+        BACKUP_PORT if args.peer_port is None else args.peer_port,
+        BACKUP_STATE_PORT if args.peer_state_port is None else args.peer_state_port,
+    )
+    check_ports_apart(
+        {
+            "the primary's --port": (primary.port, 3),
+            "the backup's --peer-port": (backup.port, 3),
+            "the primary's --state-port": (primary.state_port, 1),
+            "the backup's --peer-state-port": (backup.state_port, 1),
+        }
+    )
+    # The servers reach each other at the address they bind, or at localhost.
+    peer_host = "localhost" if args.bind in ("*", "0.0.0.0") else args.bind
+    shared: list[str] = []
+    for name in SHARED_OPTIONS:
+        shared += [f"--{name.replace('_', '-')}", repr(getattr(args, name))]
+    commands = {}
+    for role, own, peer in (("primary", primary, backup), ("backup", backup, primary)):
+        server_settings(  # the child would refuse these too, after we started it
+            args,
+            role,
+            port=own.port,
+            peer_host=peer_host,
+            peer_port=peer.port,
+            state_port=own.state_port,
+            peer_state_port=peer.state_port,
+        )
+        commands[role] = [
+            sys.executable,
+            "-m",
+            "trioclone",
+            "--log-level",
+            args.log_level,
+            "serve",
+            "--role",
+            role,
+            "--bind",
+            args.bind,
+            "--peer",
+            peer_host,
+            "--port",
+            str(own.port),
+            "--peer-port",
+            str(peer.port),
+            "--state-port",
+            str(own.state_port),
+            "--peer-state-port",
+            str(peer.state_port),
+            *shared,
+        ]
+    return commands
 
 
 async def supervise_children(commands: list[list[str]]) -> int:

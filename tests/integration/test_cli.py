@@ -36,7 +36,7 @@ from tests.integration.procs import (
     time_limit,
 )
 from trioclone import ClientClosedError, DeleteEvent, NoServerError, SetEvent
-from trioclone.cli import build_parser, main
+from trioclone.cli import build_parser, local_pair_commands, main
 
 RUN_TIMEOUT = 30.0  # seconds any one CLI command may take
 STOP_GRACE = 5.0
@@ -524,6 +524,79 @@ def test_set_ttl_inf_exits_2_without_a_traceback(pair: Pair) -> None:
     assert "argument --ttl: must be a positive, finite number of seconds" in got.stderr
     assert cli("get", "/cli/inf", servers=pair.servers).returncode == 1  # not written
     assert "Traceback" not in got.stderr
+
+
+# --------------------------------------------------------------------------
+# serve --pair options
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("options", "complaint"),
+    [
+        (["--peer", "otherhost"], "--peer does not go with --pair"),
+        (["--peer", "localhost"], "--peer does not go with --pair"),
+        (["--port", "5566"], "the primary's --port (ports 5566-5568) and the backup's"),
+        (["--port", "7000", "--peer-port", "7002"], "overlap"),
+        (["--peer-port", "5554"], "overlap"),  # 5554-5556 against 5556-5558
+        (["--state-port", "5557"], "--state-port (port 5557)"),
+        (["--peer-state-port", "5568"], "--peer-state-port (port 5568)"),
+        (["--state-port", "6000", "--peer-state-port", "6000"], "overlap"),
+    ],
+)
+def test_serve_pair_rejects_clashing_options(
+    options: list[str], complaint: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    err = exits_2(["serve", "--pair", *options], capsys)
+    assert complaint in err
+
+
+def test_serve_pair_passes_every_option_to_its_servers() -> None:
+    parser = build_parser()
+    args = parser.parse_args(
+        [
+            "--log-level=WARNING",
+            "serve",
+            "--pair",
+            "--bind=127.0.0.1",
+            "--port=7000",
+            "--peer-port=7010",
+            "--state-port=7020",
+            "--peer-state-port=7021",
+            "--heartbeat=0.5",
+            "--peer-expiry=3",
+            "--hugz=0.25",
+            "--sync-timeout=3",
+            "--pending-size=10",
+            "--pending-age=4",
+            "--status-interval=5",
+        ]
+    )
+    commands = local_pair_commands(args)
+    assert set(commands) == {"primary", "backup"}
+    expected = {
+        "primary": (7000, 7010, 7020, 7021),
+        "backup": (7010, 7000, 7021, 7020),
+    }
+    for role, command in commands.items():
+        assert command[:3] == [sys.executable, "-m", "trioclone"]
+        child = parser.parse_args(command[3:])
+        assert child.log_level == "WARNING"
+        assert (child.role, child.bind, child.peer) == (role, "127.0.0.1", "127.0.0.1")
+        ports = (child.port, child.peer_port, child.state_port, child.peer_state_port)
+        assert ports == expected[role]
+        assert (child.heartbeat, child.peer_expiry, child.hugz) == (0.5, 3.0, 0.25)
+        assert (child.sync_timeout, child.pending_size) == (3.0, 10)
+        assert (child.pending_age, child.status_interval) == (4.0, 5.0)
+
+
+def test_serve_pair_defaults_are_the_guides() -> None:
+    commands = local_pair_commands(build_parser().parse_args(["serve", "--pair"]))
+    parser = build_parser()
+    primary = parser.parse_args(commands["primary"][3:])
+    backup = parser.parse_args(commands["backup"][3:])
+    assert (primary.port, primary.state_port, primary.peer) == (5556, 5003, "localhost")
+    assert (backup.port, backup.state_port, backup.bind) == (5566, 5004, "*")
 
 
 # --------------------------------------------------------------------------
