@@ -6,7 +6,7 @@ import argparse
 import logging
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import trio
@@ -32,6 +32,7 @@ from trioclone.server.settings import (
 )
 
 log = logging.getLogger("trioclone")
+supervisor_log = logging.getLogger("trioclone.pair")
 
 #: ``serve`` options passed unchanged to both servers of ``serve --pair``.
 SHARED_OPTIONS = (
@@ -48,9 +49,11 @@ SHARED_OPTIONS = (
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    role = getattr(args, "role", None)
+    tag = f" [{role}]" if role else ""  # tells apart the two servers' lines
     logging.basicConfig(
         level=getattr(logging, args.log_level),
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        format=f"%(asctime)s{tag} %(name)s %(levelname)s %(message)s",
     )
     try:
         code: int = args.run(args)
@@ -95,7 +98,7 @@ def add_serve(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     mode.add_argument(
         "--pair",
         action="store_true",
-        help="a primary and a backup on this host",
+        help="a primary and a backup on this host, each restarted when it exits",
     )
     serve.add_argument("--port", type=base_port, help="base port P (default by role)")
     serve.add_argument(
@@ -209,7 +212,7 @@ async def serve_until_signalled(server: CloneServer) -> None:
                 return
 
 
-# -- serve --pair: two servers on this host -----------------------------------
+# -- serve --pair: two servers on this host, kept running --------------------
 
 
 @dataclass(frozen=True)
@@ -221,9 +224,9 @@ class Side:
 
 
 def run_local_pair(args: argparse.Namespace) -> int:
-    """Run ``serve --role primary`` and ``--role backup`` as two processes."""
+    """Run ``serve --role primary`` and ``--role backup`` as supervised children."""
     commands = local_pair_commands(args)
-    return trio.run(supervise_children, list(commands.values()))
+    return trio.run(Supervisor(commands).run)
 
 
 def local_pair_commands(args: argparse.Namespace) -> dict[str, list[str]]:
@@ -291,33 +294,124 @@ def local_pair_commands(args: argparse.Namespace) -> dict[str, list[str]]:
     return commands
 
 
-async def supervise_children(commands: list[list[str]]) -> int:
-    """Run the children; when one exits (or on a signal) stop them all."""
-    processes = [await trio.lowlevel.open_process(cmd) for cmd in commands]
-    codes: list[int] = []
-    async with trio.open_nursery() as nursery:
+@dataclass(frozen=True)
+class Backoff:
+    """How long to wait before restarting a child that exited."""
 
-        async def watch(process: trio.Process) -> None:
-            codes.append(await process.wait())
-            nursery.cancel_scope.cancel()
+    first: float = 1.0
+    cap: float = 30.0
+    steady: float = 10.0  # after a run this long, start again from ``first``
 
-        async def stop_on_signal() -> None:
-            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                async for _ in signals:
+    def delay(self, previous: float | None, ran: float) -> float:
+        if previous is None or ran >= self.steady:
+            return self.first
+        return min(2 * previous, self.cap)
+
+
+class Supervisor:
+    """Keeps child processes running until SIGINT or SIGTERM.
+
+    A child that exits is restarted after a back-off; the others keep
+    running.  A signal stops every child (SIGTERM, SIGKILL after ``grace``
+    seconds) and ``run`` returns 0; it returns 1 if every child failed at
+    its first start (ports taken, say), as there is nothing to keep running.
+    """
+
+    def __init__(
+        self,
+        commands: Mapping[str, Sequence[str]],
+        backoff: Backoff | None = None,
+        grace: float = 5.0,
+    ) -> None:
+        self.commands = dict(commands)
+        self.backoff = backoff or Backoff()
+        self.grace = grace
+        self._failed_at_start: set[str] = set()
+        self._gave_up = False
+        self._scope: trio.CancelScope | None = None
+
+    async def run(self) -> int:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with trio.open_nursery() as nursery:
+                self._scope = nursery.cancel_scope
+                for name, command in self.commands.items():
+                    nursery.start_soon(self._keep_running, name, command)
+                async for signum in signals:
+                    supervisor_log.info(
+                        "stopping the servers on %s", signal.Signals(signum).name
+                    )
                     nursery.cancel_scope.cancel()
-                    return
+                    break
+        return 1 if self._gave_up else 0
 
-        for process in processes:
-            nursery.start_soon(watch, process)
-        nursery.start_soon(stop_on_signal)
-    for process in processes:
+    async def _keep_running(self, name: str, command: Sequence[str]) -> None:
+        delay: float | None = None
+        first = True
+        while True:
+            started = trio.current_time()
+            pid, status = await self._run_once(name, command)
+            ran = trio.current_time() - started
+            supervisor_log.warning(
+                "the %s server (pid %d) %s after %.1f s",
+                name,
+                pid,
+                describe(status),
+                ran,
+            )
+            if first and status > 0 and ran < self.backoff.steady:
+                self._failed_to_start(name)
+                if self._gave_up:
+                    return
+            first = False
+            delay = self.backoff.delay(delay, ran)
+            supervisor_log.info("restarting the %s server in %.1f s", name, delay)
+            await trio.sleep(delay)
+
+    async def _run_once(self, name: str, command: Sequence[str]) -> tuple[int, int]:
+        """Run ``command`` until it exits: its PID and exit status."""
+        process = await trio.lowlevel.open_process(list(command))
+        supervisor_log.info("started the %s server: pid %d", name, process.pid)
+        try:
+            return process.pid, await process.wait()
+        finally:
+            if process.returncode is None:  # cancelled: we are stopping
+                with trio.CancelScope(shield=True):
+                    await self._stop(name, process)
+
+    async def _stop(self, name: str, process: trio.Process) -> None:
+        process.terminate()
+        with trio.move_on_after(self.grace):
+            await process.wait()
         if process.returncode is None:
-            process.terminate()
-    with trio.CancelScope(shield=True):
-        for process in processes:
-            codes.append(await process.wait())
-    failed = [code for code in codes if code not in (0, -signal.SIGTERM)]
-    if failed:
-        log.error("a server exited with status %d; stopped the other", failed[0])
-        return 1
-    return 0
+            supervisor_log.warning(
+                "the %s server (pid %d) ignored SIGTERM for %g s; killing it",
+                name,
+                process.pid,
+                self.grace,
+            )
+            process.kill()
+        status = await process.wait()
+        supervisor_log.info(
+            "stopped the %s server (pid %d): it %s", name, process.pid, describe(status)
+        )
+
+    def _failed_to_start(self, name: str) -> None:
+        self._failed_at_start.add(name)
+        if self._failed_at_start == set(self.commands):
+            supervisor_log.error(
+                "no server could start (see the errors above); giving up"
+            )
+            self._gave_up = True
+            assert self._scope is not None
+            self._scope.cancel()
+
+
+def describe(status: int) -> str:
+    """An exit status as words: "exited with status 1", "was killed by SIGKILL"."""
+    if status >= 0:
+        return f"exited with status {status}"
+    try:
+        name = signal.Signals(-status).name
+    except ValueError:
+        name = f"signal {-status}"
+    return f"was killed by {name}"
