@@ -6,25 +6,54 @@ import argparse
 import logging
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import trio
 import zmq
 
-from trioclone.cli_client import add_client_commands
+from trioclone.cli_client import (
+    add_client_commands,
+    base_port,
+    count,
+    heartbeats,
+    port,
+    seconds,
+)
+from trioclone.endpoints import BACKUP_PORT, PRIMARY_PORT
 from trioclone.errors import ConfigError
 from trioclone.server.clone import CloneServer
-from trioclone.server.settings import pair_settings
+from trioclone.server.settings import (
+    BACKUP_STATE_PORT,
+    PRIMARY_STATE_PORT,
+    ServerSettings,
+    check_ports_apart,
+    pair_settings,
+)
 
 log = logging.getLogger("trioclone")
+supervisor_log = logging.getLogger("trioclone.pair")
+
+#: ``serve`` options passed unchanged to both servers of ``serve --pair``.
+SHARED_OPTIONS = (
+    "heartbeat",
+    "peer_expiry",
+    "hugz",
+    "sync_timeout",
+    "pending_size",
+    "pending_age",
+    "status_interval",
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    role = getattr(args, "role", None)
+    tag = f" [{role}]" if role else ""  # tells apart the two servers' lines
     logging.basicConfig(
         level=getattr(logging, args.log_level),
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        format=f"%(asctime)s{tag} %(name)s %(levelname)s %(message)s",
     )
     try:
         code: int = args.run(args)
@@ -59,55 +88,63 @@ def add_serve(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
         description=(
             "Run a Clone server. Ports P (snapshots), P+1 (updates), P+2 (writes). "
             "Defaults as the ZeroMQ Guide: primary P=5556 with Binary Star port "
-            "5003, backup P=5566 with 5004."
+            "5003, backup P=5566 with 5004. With --pair, --port and --state-port "
+            "are the primary's, --peer-port and --peer-state-port the backup's."
         ),
     )
     mode = serve.add_mutually_exclusive_group(required=True)
     mode.add_argument("--standalone", action="store_true", help="one server, no pair")
     mode.add_argument("--role", choices=["primary", "backup"], help="side of the pair")
     mode.add_argument(
-        "--pair", action="store_true", help="a primary and a backup on this host"
+        "--pair",
+        action="store_true",
+        help="a primary and a backup on this host, each restarted when it exits",
     )
-    serve.add_argument("--port", type=int, help="base port P (default by role)")
+    serve.add_argument("--port", type=base_port, help="base port P (default by role)")
     serve.add_argument(
         "--bind", default="*", help="interface to bind (default: all, '*')"
     )
-    serve.add_argument("--peer", default="localhost", help="the peer's host")
-    serve.add_argument("--peer-port", type=int, help="the peer's base port P")
-    serve.add_argument("--state-port", type=int, help="our Binary Star port")
     serve.add_argument(
-        "--peer-state-port", type=int, help="the peer's Binary Star port"
+        "--peer", help="the peer's host (default localhost; not with --pair)"
+    )
+    serve.add_argument("--peer-port", type=base_port, help="the peer's base port P")
+    serve.add_argument("--state-port", type=port, help="our Binary Star port")
+    serve.add_argument(
+        "--peer-state-port", type=port, help="the peer's Binary Star port"
     )
     serve.add_argument(
         "--heartbeat",
-        type=float,
+        type=seconds,
         default=1.0,
         help="Binary Star heartbeat in seconds; the same on both (default 1.0)",
     )
     serve.add_argument(
         "--peer-expiry",
-        type=float,
+        type=heartbeats,
         default=2.0,
         help="heartbeats of peer silence before it counts as dead (default 2)",
     )
     serve.add_argument(
-        "--hugz", type=float, default=1.0, help="HUGZ interval in seconds (default 1.0)"
+        "--hugz",
+        type=seconds,
+        default=1.0,
+        help="HUGZ interval in seconds (default 1.0)",
     )
     serve.add_argument(
         "--sync-timeout",
-        type=float,
+        type=seconds,
         default=5.0,
         help="passive: seconds of silence before a snapshot is retried (default 5)",
     )
     serve.add_argument(
-        "--pending-size", type=int, default=100_000, help="pending list bound"
+        "--pending-size", type=count, default=100_000, help="pending list bound"
     )
     serve.add_argument(
-        "--pending-age", type=float, default=30.0, help="pending entry max age (s)"
+        "--pending-age", type=seconds, default=30.0, help="pending entry max age (s)"
     )
     serve.add_argument(
         "--status-interval",
-        type=float,
+        type=seconds,
         default=60.0,
         help="seconds between status lines in the log (default 60)",
     )
@@ -118,21 +155,14 @@ def run_serve(args: argparse.Namespace) -> int:
     if args.pair:
         return run_local_pair(args)
     role = "standalone" if args.standalone else args.role
-    settings = pair_settings(
+    settings = server_settings(
+        args,
         role,
         port=args.port,
-        bind_host=args.bind,
-        peer_host=args.peer,
+        peer_host=args.peer or "localhost",
         peer_port=args.peer_port,
         state_port=args.state_port,
         peer_state_port=args.peer_state_port,
-        heartbeat=args.heartbeat,
-        expiry_heartbeats=args.peer_expiry,
-        hugz_interval=args.hugz,
-        sync_timeout=args.sync_timeout,
-        pending_size=args.pending_size,
-        pending_age=args.pending_age,
-        status_interval=args.status_interval,
     )
     failed = False
     try:
@@ -142,6 +172,34 @@ def run_serve(args: argparse.Namespace) -> int:
             log.error("cannot start the %s server: %s", role, exc)
         failed = True
     return 1 if failed else 0
+
+
+def server_settings(
+    args: argparse.Namespace,
+    role: str,
+    *,
+    port: int | None,
+    peer_host: str,
+    peer_port: int | None,
+    state_port: int | None,
+    peer_state_port: int | None,
+) -> ServerSettings:
+    return pair_settings(
+        role,
+        port=port,
+        bind_host=args.bind,
+        peer_host=peer_host,
+        peer_port=peer_port,
+        state_port=state_port,
+        peer_state_port=peer_state_port,
+        heartbeat=args.heartbeat,
+        expiry_heartbeats=args.peer_expiry,
+        hugz_interval=args.hugz,
+        sync_timeout=args.sync_timeout,
+        pending_size=args.pending_size,
+        pending_age=args.pending_age,
+        status_interval=args.status_interval,
+    )
 
 
 async def serve_until_signalled(server: CloneServer) -> None:
@@ -154,55 +212,206 @@ async def serve_until_signalled(server: CloneServer) -> None:
                 return
 
 
+# -- serve --pair: two servers on this host, kept running --------------------
+
+
+@dataclass(frozen=True)
+class Side:
+    """Where one server of a local pair listens."""
+
+    port: int  # base port P
+    state_port: int  # Binary Star heartbeat
+
+
 def run_local_pair(args: argparse.Namespace) -> int:
-    """Run ``serve --role primary`` and ``--role backup`` as two processes."""
-    common = [
-        "--log-level",
-        args.log_level,
-        "serve",
-        "--heartbeat",
-        str(args.heartbeat),
-        "--peer-expiry",
-        str(args.peer_expiry),
-        "--hugz",
-        str(args.hugz),
-        "--bind",
-        args.bind,
-    ]
-    commands = [
-        [sys.executable, "-m", "trioclone", *common, "--role", role]
-        for role in ("primary", "backup")
-    ]
-    return trio.run(supervise_children, commands)
+    """Run ``serve --role primary`` and ``--role backup`` as supervised children."""
+    commands = local_pair_commands(args)
+    return trio.run(Supervisor(commands).run)
 
 
-async def supervise_children(commands: list[list[str]]) -> int:
-    """Run the children; when one exits (or on a signal) stop them all."""
-    processes = [await trio.lowlevel.open_process(cmd) for cmd in commands]
-    codes: list[int] = []
-    async with trio.open_nursery() as nursery:
+def local_pair_commands(args: argparse.Namespace) -> dict[str, list[str]]:
+    """The two children's command lines; ConfigError if the options clash."""
+    if args.peer is not None:
+        raise ConfigError(
+            "--peer does not go with --pair: both servers run on this host "
+            "(use --role primary/backup --peer HOST for servers on two hosts)"
+        )
+    primary = Side(
+        PRIMARY_PORT if args.port is None else args.port,
+        PRIMARY_STATE_PORT if args.state_port is None else args.state_port,
+    )
+    backup = Side(
+        BACKUP_PORT if args.peer_port is None else args.peer_port,
+        BACKUP_STATE_PORT if args.peer_state_port is None else args.peer_state_port,
+    )
+    check_ports_apart(
+        {
+            "the primary's --port": (primary.port, 3),
+            "the backup's --peer-port": (backup.port, 3),
+            "the primary's --state-port": (primary.state_port, 1),
+            "the backup's --peer-state-port": (backup.state_port, 1),
+        }
+    )
+    # The servers reach each other at the address they bind, or at localhost.
+    peer_host = "localhost" if args.bind in ("*", "0.0.0.0") else args.bind
+    shared: list[str] = []
+    for name in SHARED_OPTIONS:
+        shared += [f"--{name.replace('_', '-')}", repr(getattr(args, name))]
+    commands = {}
+    for role, own, peer in (("primary", primary, backup), ("backup", backup, primary)):
+        server_settings(  # the child would refuse these too, after we started it
+            args,
+            role,
+            port=own.port,
+            peer_host=peer_host,
+            peer_port=peer.port,
+            state_port=own.state_port,
+            peer_state_port=peer.state_port,
+        )
+        commands[role] = [
+            sys.executable,
+            "-m",
+            "trioclone",
+            "--log-level",
+            args.log_level,
+            "serve",
+            "--role",
+            role,
+            "--bind",
+            args.bind,
+            "--peer",
+            peer_host,
+            "--port",
+            str(own.port),
+            "--peer-port",
+            str(peer.port),
+            "--state-port",
+            str(own.state_port),
+            "--peer-state-port",
+            str(peer.state_port),
+            *shared,
+        ]
+    return commands
 
-        async def watch(process: trio.Process) -> None:
-            codes.append(await process.wait())
-            nursery.cancel_scope.cancel()
 
-        async def stop_on_signal() -> None:
-            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                async for _ in signals:
+@dataclass(frozen=True)
+class Backoff:
+    """How long to wait before restarting a child that exited."""
+
+    first: float = 1.0
+    cap: float = 30.0
+    steady: float = 10.0  # after a run this long, start again from ``first``
+
+    def delay(self, previous: float | None, ran: float) -> float:
+        if previous is None or ran >= self.steady:
+            return self.first
+        return min(2 * previous, self.cap)
+
+
+class Supervisor:
+    """Keeps child processes running until SIGINT or SIGTERM.
+
+    A child that exits is restarted after a back-off; the others keep
+    running.  A signal stops every child (SIGTERM, SIGKILL after ``grace``
+    seconds) and ``run`` returns 0; it returns 1 if every child failed at
+    its first start (ports taken, say), as there is nothing to keep running.
+    """
+
+    def __init__(
+        self,
+        commands: Mapping[str, Sequence[str]],
+        backoff: Backoff | None = None,
+        grace: float = 5.0,
+    ) -> None:
+        self.commands = dict(commands)
+        self.backoff = backoff or Backoff()
+        self.grace = grace
+        self._failed_at_start: set[str] = set()
+        self._gave_up = False
+        self._scope: trio.CancelScope | None = None
+
+    async def run(self) -> int:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with trio.open_nursery() as nursery:
+                self._scope = nursery.cancel_scope
+                for name, command in self.commands.items():
+                    nursery.start_soon(self._keep_running, name, command)
+                async for signum in signals:
+                    supervisor_log.info(
+                        "stopping the servers on %s", signal.Signals(signum).name
+                    )
                     nursery.cancel_scope.cancel()
-                    return
+                    break
+        return 1 if self._gave_up else 0
 
-        for process in processes:
-            nursery.start_soon(watch, process)
-        nursery.start_soon(stop_on_signal)
-    for process in processes:
+    async def _keep_running(self, name: str, command: Sequence[str]) -> None:
+        delay: float | None = None
+        first = True
+        while True:
+            started = trio.current_time()
+            pid, status = await self._run_once(name, command)
+            ran = trio.current_time() - started
+            supervisor_log.warning(
+                "the %s server (pid %d) %s after %.1f s",
+                name,
+                pid,
+                describe(status),
+                ran,
+            )
+            if first and status > 0 and ran < self.backoff.steady:
+                self._failed_to_start(name)
+                if self._gave_up:
+                    return
+            first = False
+            delay = self.backoff.delay(delay, ran)
+            supervisor_log.info("restarting the %s server in %.1f s", name, delay)
+            await trio.sleep(delay)
+
+    async def _run_once(self, name: str, command: Sequence[str]) -> tuple[int, int]:
+        """Run ``command`` until it exits: its PID and exit status."""
+        process = await trio.lowlevel.open_process(list(command))
+        supervisor_log.info("started the %s server: pid %d", name, process.pid)
+        try:
+            return process.pid, await process.wait()
+        finally:
+            if process.returncode is None:  # cancelled: we are stopping
+                with trio.CancelScope(shield=True):
+                    await self._stop(name, process)
+
+    async def _stop(self, name: str, process: trio.Process) -> None:
+        process.terminate()
+        with trio.move_on_after(self.grace):
+            await process.wait()
         if process.returncode is None:
-            process.terminate()
-    with trio.CancelScope(shield=True):
-        for process in processes:
-            codes.append(await process.wait())
-    failed = [code for code in codes if code not in (0, -signal.SIGTERM)]
-    if failed:
-        log.error("a server exited with status %d; stopped the other", failed[0])
-        return 1
-    return 0
+            supervisor_log.warning(
+                "the %s server (pid %d) ignored SIGTERM for %g s; killing it",
+                name,
+                process.pid,
+                self.grace,
+            )
+            process.kill()
+        status = await process.wait()
+        supervisor_log.info(
+            "stopped the %s server (pid %d): it %s", name, process.pid, describe(status)
+        )
+
+    def _failed_to_start(self, name: str) -> None:
+        self._failed_at_start.add(name)
+        if self._failed_at_start == set(self.commands):
+            supervisor_log.error(
+                "no server could start (see the errors above); giving up"
+            )
+            self._gave_up = True
+            assert self._scope is not None
+            self._scope.cancel()
+
+
+def describe(status: int) -> str:
+    """An exit status as words: "exited with status 1", "was killed by SIGKILL"."""
+    if status >= 0:
+        return f"exited with status {status}"
+    try:
+        name = signal.Signals(-status).name
+    except ValueError:
+        name = f"signal {-status}"
+    return f"was killed by {name}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import math
 import sys
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -13,7 +14,8 @@ import trio
 
 from trioclone.client.agent import DEFAULT_SERVERS, CloneClient, open_client
 from trioclone.client.events import CloneEvent, DeleteEvent, ResyncEvent, SetEvent
-from trioclone.errors import LocalProtocolError, WriteTimeoutError
+from trioclone.endpoints import Endpoints, check_port
+from trioclone.errors import ConfigError, LocalProtocolError, WriteTimeoutError
 
 EXIT_NOT_FOUND = 1
 EXIT_NO_SERVER = 3
@@ -29,13 +31,14 @@ def add_client_commands(
     common.add_argument(
         "--server",
         action="append",
+        type=server_address,
         metavar="ADDRESS",
         help="tcp://HOST:PORT of a server; repeat for a pair "
         f"(default: {' and '.join(DEFAULT_SERVERS)})",
     )
     common.add_argument(
         "--timeout",
-        type=float,
+        type=seconds,
         default=5.0,
         help="seconds to wait for a server (default 5)",
     )
@@ -45,7 +48,7 @@ def add_client_commands(
     put = commands.add_parser("set", parents=[common], help="write a value")
     put.add_argument("key")
     put.add_argument("value")
-    put.add_argument("--ttl", type=float, help="seconds until the key expires")
+    put.add_argument("--ttl", type=seconds, help="seconds until the key expires")
     put.set_defaults(run=client_command(do_set, subtree="key"))
     delete = commands.add_parser("del", parents=[common], help="delete a key")
     delete.add_argument("key")
@@ -58,6 +61,82 @@ def add_client_commands(
         cmd.add_argument("prefix", nargs="?", default="", help="key prefix")
         cmd.add_argument("--json", action="store_true", help="JSON output")
         cmd.set_defaults(run=client_command(handler, subtree="prefix"))
+
+
+# -- option types: a bad value exits 2 with "argument --NAME: ..." -------------
+
+
+def seconds(text: str) -> float:
+    """A positive, finite number of seconds."""
+    value = _float(text)
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(
+            f"must be a positive, finite number of seconds, not {text!r}"
+        )
+    return value
+
+
+def heartbeats(text: str) -> float:
+    """A finite number of heartbeats, at least one."""
+    value = _float(text)
+    if not (math.isfinite(value) and value >= 1):
+        raise argparse.ArgumentTypeError(
+            f"must be a finite number of heartbeats, at least 1, not {text!r}"
+        )
+    return value
+
+
+def count(text: str) -> int:
+    """A whole number, at least one."""
+    value = _int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, not {text!r}")
+    return value
+
+
+def port(text: str) -> int:
+    """A TCP port, 1-65535."""
+    return _port(text, span=1)
+
+
+def base_port(text: str) -> int:
+    """A server's base port P: P, P+1 and P+2 are all TCP ports."""
+    return _port(text, span=3)
+
+
+def server_address(text: str) -> str:
+    """``tcp://HOST:PORT`` (or ``HOST:PORT``, ``HOST``, ``[IPv6]:PORT``)."""
+    try:
+        Endpoints.parse(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _port(text: str, span: int) -> int:
+    value = _int(text)
+    try:
+        check_port(value, span)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return value
+
+
+def _float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+
+
+# -- running a command -----------------------------------------------------------
 
 
 def client_command(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass
 
@@ -11,7 +12,12 @@ from trioclone.errors import ConfigError
 PRIMARY_PORT = 5556
 BACKUP_PORT = 5566
 
-_SERVER = re.compile(r"^(?:tcp://)?(?P<host>\[[^\]]+\]|[^:/\[\]]+)(?::(?P<port>\d+))?$")
+#: ``[tcp://]HOST[:PORT]``; HOST a name, an IPv4 address or ``[IPv6]``.
+_SERVER = re.compile(
+    r"(?:tcp://)?(?:\[(?P<ipv6>[^\]]+)\]|(?P<host>[A-Za-z0-9._-]+))"
+    r"(?::(?P<port>[0-9]{1,9}))?",
+    re.ASCII,
+)
 
 
 @dataclass(frozen=True)
@@ -35,17 +41,40 @@ class Endpoints:
 
     @classmethod
     def parse(cls, server: str) -> Endpoints:
-        """``tcp://host:P``, ``host:P`` or ``host`` (P defaults to 5556)."""
-        match = _SERVER.match(server.strip())
+        """``tcp://host:P``, ``host:P`` or ``host`` (P defaults to 5556).
+
+        An IPv6 address goes in brackets: ``tcp://[::1]:5556``, ``[::1]``.
+        """
+        match = _SERVER.fullmatch(server.strip())
         if match is None:
-            raise ConfigError(f"not a server address: {server!r} (try tcp://HOST:PORT)")
+            hint = "try tcp://HOST:PORT"
+            bare = server.strip().removeprefix("tcp://")
+            if bare.count(":") >= 2 and "[" not in bare:
+                hint = "an IPv6 address goes in brackets: tcp://[::1]:5556"
+            raise ConfigError(f"not a server address: {server!r} ({hint})")
+        host = match["host"]
+        if host is None:
+            try:
+                ipaddress.IPv6Address(match["ipv6"])
+            except ValueError:
+                raise ConfigError(
+                    f"not a server address: {server!r} "
+                    "(brackets hold an IPv6 address, as in tcp://[::1]:5556)"
+                ) from None
+            host = f"[{match['ipv6']}]"
         port = int(match["port"]) if match["port"] else PRIMARY_PORT
-        return cls.tcp(match["host"], port)
+        return cls.tcp(host, port)
 
     def __str__(self) -> str:
         return self.snapshot
 
 
 def check_port(port: int, span: int = 1) -> None:
+    """``port`` .. ``port + span - 1`` are all valid TCP ports (1-65535)."""
     if not 1 <= port <= 65536 - span:
-        raise ConfigError(f"port {port} is out of range (needs {span} from it)")
+        if span == 1:
+            raise ConfigError(f"port {port} is out of range 1-65535")
+        raise ConfigError(
+            f"port {port} is out of range: a base port P needs P to P+{span - 1} "
+            f"within 1-65535, so at most {65536 - span}"
+        )

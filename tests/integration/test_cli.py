@@ -9,23 +9,34 @@ timing is asserted.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import queue
+import re
 import signal
+import struct
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
+import zmq
 
 import trioclone
-from tests.integration.procs import HOST, free_base_ports
+from tests.integration.procs import (
+    HOST,
+    Processes,
+    free_base_ports,
+    start_standalone,
+    time_limit,
+)
 from trioclone import ClientClosedError, DeleteEvent, NoServerError, SetEvent
+from trioclone.cli import build_parser, local_pair_commands, main
 
 RUN_TIMEOUT = 30.0  # seconds any one CLI command may take
 STOP_GRACE = 5.0
@@ -392,3 +403,296 @@ def test_blocking_connect_without_a_server_raises(unused_port: int) -> None:
     with pytest.raises(NoServerError):
         trioclone.connect([address(unused_port)], sync_timeout=1)
     assert time.monotonic() - started < 10
+
+
+# --------------------------------------------------------------------------
+# numeric options: a bad value exits 2 naming the option (in-process parser)
+# --------------------------------------------------------------------------
+
+BAD_SECONDS = ["0", "-1", "nan", "inf", "-inf", "1e999", "soon"]
+BAD_HEARTBEATS = ["0", "0.5", "-2", "nan", "inf", "two"]
+BAD_COUNTS = ["0", "-5", "1.5", "nan", "inf", "many"]
+BAD_BASE_PORTS = ["0", "-1", "65534", "65536", "1.5", "http"]
+BAD_PORTS = ["0", "-1", "65536", "1.5", "http"]
+
+SERVE_OPTIONS = [
+    *((name, BAD_SECONDS) for name in ["--heartbeat", "--hugz", "--sync-timeout"]),
+    *((name, BAD_SECONDS) for name in ["--pending-age", "--status-interval"]),
+    ("--peer-expiry", BAD_HEARTBEATS),
+    ("--pending-size", BAD_COUNTS),
+    ("--port", BAD_BASE_PORTS),
+    ("--peer-port", BAD_BASE_PORTS),
+    ("--state-port", BAD_PORTS),
+    ("--peer-state-port", BAD_PORTS),
+]
+CLIENT_COMMANDS = [
+    ["get", "/k"],
+    ["set", "/k", "v"],
+    ["del", "/k"],
+    ["watch"],
+    ["dump"],
+]
+
+
+def exits_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    """Run ``trioclone ARGV`` in-process; it must exit 2.  Its stderr."""
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err
+
+
+@pytest.mark.parametrize("mode", [["--standalone"], ["--role", "backup"], ["--pair"]])
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [(option, value) for option, values in SERVE_OPTIONS for value in values],
+)
+def test_serve_rejects_a_bad_number(
+    mode: list[str], option: str, value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    err = exits_2(["serve", *mode, f"{option}={value}"], capsys)
+    assert f"argument {option}: " in err
+    assert repr(value) in err or "out of range" in err
+
+
+@pytest.mark.parametrize("command", CLIENT_COMMANDS)
+@pytest.mark.parametrize("value", BAD_SECONDS)
+def test_client_commands_reject_a_bad_timeout(
+    command: list[str], value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    err = exits_2([*command, f"--timeout={value}"], capsys)
+    assert "argument --timeout: " in err
+    assert repr(value) in err
+
+
+@pytest.mark.parametrize("value", BAD_SECONDS)
+def test_set_rejects_a_bad_ttl(value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    err = exits_2(["set", "/k", "v", f"--ttl={value}"], capsys)
+    assert "argument --ttl: " in err
+    assert repr(value) in err
+
+
+@pytest.mark.parametrize("command", CLIENT_COMMANDS)
+@pytest.mark.parametrize("server", ["::1", "tcp://host:0", "tcp://*:5556", "[x]:1"])
+def test_client_commands_reject_a_bad_server(
+    command: list[str], server: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    err = exits_2([*command, "--server", server], capsys)
+    assert "argument --server: " in err
+
+
+def test_good_numbers_are_parsed() -> None:
+    args = build_parser().parse_args(
+        [
+            "serve",
+            "--role",
+            "primary",
+            "--port=65533",
+            "--peer-port=1",
+            "--state-port=65535",
+            "--peer-state-port=1",
+            "--heartbeat=0.25",
+            "--peer-expiry=1",
+            "--hugz=1e-3",
+            "--sync-timeout=3",
+            "--pending-size=1",
+            "--pending-age=0.5",
+            "--status-interval=86400",
+        ]
+    )
+    assert (args.port, args.peer_port, args.state_port, args.peer_state_port) == (
+        65533,
+        1,
+        65535,
+        1,
+    )
+    assert (args.heartbeat, args.peer_expiry, args.hugz) == (0.25, 1.0, 0.001)
+    assert (args.sync_timeout, args.pending_size, args.pending_age) == (3.0, 1, 0.5)
+    assert args.status_interval == 86400.0
+    put = build_parser().parse_args(
+        ["set", "/k", "v", "--ttl", "0.5", "--timeout", "2"]
+    )
+    assert (put.ttl, put.timeout) == (0.5, 2.0)
+
+
+@pytest.mark.slow
+def test_set_ttl_inf_exits_2_without_a_traceback(pair: Pair) -> None:
+    got = cli("set", "/cli/inf", "v", "--ttl", "inf", servers=pair.servers)
+    assert got.returncode == 2
+    assert "argument --ttl: must be a positive, finite number of seconds" in got.stderr
+    assert cli("get", "/cli/inf", servers=pair.servers).returncode == 1  # not written
+    assert "Traceback" not in got.stderr
+
+
+# --------------------------------------------------------------------------
+# serve --pair options
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("options", "complaint"),
+    [
+        (["--peer", "otherhost"], "--peer does not go with --pair"),
+        (["--peer", "localhost"], "--peer does not go with --pair"),
+        (["--port", "5566"], "the primary's --port (ports 5566-5568) and the backup's"),
+        (["--port", "7000", "--peer-port", "7002"], "overlap"),
+        (["--peer-port", "5554"], "overlap"),  # 5554-5556 against 5556-5558
+        (["--state-port", "5557"], "--state-port (port 5557)"),
+        (["--peer-state-port", "5568"], "--peer-state-port (port 5568)"),
+        (["--state-port", "6000", "--peer-state-port", "6000"], "overlap"),
+    ],
+)
+def test_serve_pair_rejects_clashing_options(
+    options: list[str], complaint: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    err = exits_2(["serve", "--pair", *options], capsys)
+    assert complaint in err
+
+
+def test_serve_pair_passes_every_option_to_its_servers() -> None:
+    parser = build_parser()
+    args = parser.parse_args(
+        [
+            "--log-level=WARNING",
+            "serve",
+            "--pair",
+            "--bind=127.0.0.1",
+            "--port=7000",
+            "--peer-port=7010",
+            "--state-port=7020",
+            "--peer-state-port=7021",
+            "--heartbeat=0.5",
+            "--peer-expiry=3",
+            "--hugz=0.25",
+            "--sync-timeout=3",
+            "--pending-size=10",
+            "--pending-age=4",
+            "--status-interval=5",
+        ]
+    )
+    commands = local_pair_commands(args)
+    assert set(commands) == {"primary", "backup"}
+    expected = {
+        "primary": (7000, 7010, 7020, 7021),
+        "backup": (7010, 7000, 7021, 7020),
+    }
+    for role, command in commands.items():
+        assert command[:3] == [sys.executable, "-m", "trioclone"]
+        child = parser.parse_args(command[3:])
+        assert child.log_level == "WARNING"
+        assert (child.role, child.bind, child.peer) == (role, "127.0.0.1", "127.0.0.1")
+        ports = (child.port, child.peer_port, child.state_port, child.peer_state_port)
+        assert ports == expected[role]
+        assert (child.heartbeat, child.peer_expiry, child.hugz) == (0.5, 3.0, 0.25)
+        assert (child.sync_timeout, child.pending_size) == (3.0, 10)
+        assert (child.pending_age, child.status_interval) == (4.0, 5.0)
+
+
+def test_serve_pair_defaults_are_the_guides() -> None:
+    commands = local_pair_commands(build_parser().parse_args(["serve", "--pair"]))
+    parser = build_parser()
+    primary = parser.parse_args(commands["primary"][3:])
+    backup = parser.parse_args(commands["backup"][3:])
+    assert (primary.port, primary.state_port, primary.peer) == (5556, 5003, "localhost")
+    assert (backup.port, backup.state_port, backup.bind) == (5566, 5004, "*")
+
+
+# --------------------------------------------------------------------------
+# exit code 4, and the status line of serve
+# --------------------------------------------------------------------------
+
+SEQUENCE = struct.Struct("!q")
+
+
+@dataclass
+class MuteServer:
+    """Answers snapshots (an empty map) and sends HUGZ; publishes no write."""
+
+    address: str
+    received: list[bytes] = field(default_factory=list)  # keys of KVSETs
+
+
+@contextlib.contextmanager
+def mute_server() -> Iterator[MuteServer]:
+    (port,) = free_base_ports(1)
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    router, pub, collector = (
+        ctx.socket(kind) for kind in (zmq.ROUTER, zmq.PUB, zmq.SUB)
+    )
+    collector.setsockopt(zmq.SUBSCRIBE, b"")
+    for offset, sock in enumerate((router, pub, collector)):
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.bind(f"tcp://{HOST}:{port + offset}")
+    server = MuteServer(address(port))
+    stop = threading.Event()
+
+    def serve() -> None:
+        poller = zmq.Poller()
+        poller.register(router, zmq.POLLIN)
+        poller.register(collector, zmq.POLLIN)
+        while not stop.is_set():
+            pub.send_multipart([b"HUGZ", SEQUENCE.pack(0), b"", b"", b""])
+            for sock, _ in poller.poll(100):
+                frames = sock.recv_multipart()
+                if sock is collector:
+                    server.received.append(frames[0])
+                elif frames[1:2] == [b"ICANHAZ?"]:
+                    subtree = frames[2] if len(frames) > 2 else b""
+                    kthxbai = [b"KTHXBAI", SEQUENCE.pack(0), b"", b"", subtree]
+                    router.send_multipart([frames[0], *kthxbai])
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        stop.set()
+        thread.join(5)
+        for sock in (router, pub, collector):
+            sock.close(linger=0)
+        ctx.destroy(linger=0)
+
+
+@pytest.mark.slow
+def test_an_unconfirmed_write_exits_4() -> None:
+    with mute_server() as server:
+        started = time.monotonic()
+        put = cli("set", "/cli/mute", "v", "--timeout", "2", servers=[server.address])
+        assert put.returncode == 4, put.stderr
+        assert put.stdout == ""
+        assert "not confirmed within 2" in put.stderr
+        assert "Traceback" not in put.stderr
+        assert time.monotonic() - started < 20
+        assert b"/cli/mute" in server.received  # sent, just never published
+        deleted = cli("del", "/cli/mute", "--timeout", "1", servers=[server.address])
+        assert deleted.returncode == 4, deleted.stderr
+
+
+STATUS = re.compile(
+    r"status \{'state': '(?P<state>\w+)', 'sequence': (?P<seq>\d+), 'keys': (?P<keys>\d+)"
+)
+
+
+@pytest.mark.slow
+def test_serve_logs_a_status_line_every_status_interval(tmp_path: Path) -> None:
+    with time_limit(60), Processes(tmp_path) as procs:
+        server = start_standalone(procs, "--status-interval", "0.2")
+        assert server.wait_for_log("status {", 15), server.log()
+        first = STATUS.search(server.log())
+        assert first is not None, server.log()
+        assert (first["state"], first["seq"], first["keys"]) == ("ACTIVE", "0", "0")
+        assert server.port is not None
+        put = cli("set", "/cli/status", "v", servers=[address(server.port)])
+        assert put.returncode == 0, put.stderr
+        sequence = put.stdout.split()[-1]
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # a later status line shows the write
+            lines = [m.groupdict() for m in STATUS.finditer(server.log())]
+            if {"state": "ACTIVE", "seq": sequence, "keys": "1"} in lines:
+                break
+            time.sleep(0.1)
+        else:
+            raise AssertionError("no status line with the write:\n" + server.log())
+        assert len(lines) >= 3  # every 0.2 s, not once a minute

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from trioclone.endpoints import BACKUP_PORT, PRIMARY_PORT, Endpoints, check_port
@@ -24,8 +26,11 @@ class PairSettings:
 
     def __post_init__(self) -> None:
         check_positive("heartbeat", self.heartbeat)
-        if self.expiry_heartbeats < 1:
-            raise ConfigError("peer expiry must be at least one heartbeat")
+        if not (math.isfinite(self.expiry_heartbeats) and self.expiry_heartbeats >= 1):
+            raise ConfigError(
+                "expiry_heartbeats (the peer expiry) must be a finite number of "
+                f"heartbeats, at least 1, got {self.expiry_heartbeats}"
+            )
 
 
 @dataclass(frozen=True)
@@ -63,13 +68,39 @@ class ServerSettings:
         ):
             check_positive(name, getattr(self, name))
         for name in ("pending_size", "applied_limit", "backlog_limit"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be at least 1")
+            check_count(name, getattr(self, name))
+        for name in ("publisher_hwm", "collector_hwm"):  # 0: no limit (ZeroMQ)
+            check_count(name, getattr(self, name), minimum=0)
 
 
 def check_positive(name: str, value: float) -> None:
-    if not value > 0:
-        raise ConfigError(f"{name} must be a positive number of seconds, got {value}")
+    """``value`` is a finite number of seconds greater than zero."""
+    if not (math.isfinite(value) and value > 0):
+        raise ConfigError(
+            f"{name} must be a positive, finite number of seconds, got {value}"
+        )
+
+
+def check_count(name: str, value: int, minimum: int = 1) -> None:
+    """``value`` is a whole number (not a bool or a float) of at least ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{name} must be a whole number >= {minimum}, got {value!r}")
+
+
+def check_ports_apart(ports: Mapping[str, tuple[int, int]]) -> None:
+    """No two of the named port blocks ``(first, count)`` share a port."""
+    named = list(ports.items())
+    for i, (name, (first, count)) in enumerate(named):
+        for other, (other_first, other_count) in named[:i]:
+            if first < other_first + other_count and other_first < first + count:
+                raise ConfigError(
+                    f"{other} ({_span(other_first, other_count)}) and "
+                    f"{name} ({_span(first, count)}) overlap"
+                )
+
+
+def _span(first: int, count: int) -> str:
+    return f"port {first}" if count == 1 else f"ports {first}-{first + count - 1}"
 
 
 def pair_settings(
@@ -95,7 +126,8 @@ def pair_settings(
         if primary
         else (BACKUP_STATE_PORT, PRIMARY_STATE_PORT)
     )
-    bind = Endpoints.tcp(bind_host, port if port is not None else own)
+    port = port if port is not None else own
+    bind = Endpoints.tcp(bind_host, port)
     pair = None
     if role != "standalone":
         state_port = state_port if state_port is not None else own_state
@@ -104,6 +136,12 @@ def pair_settings(
         )
         check_port(state_port)
         check_port(peer_state_port)
+        check_ports_apart(
+            {
+                "the CHP ports": (port, 3),
+                "the Binary Star port": (state_port, 1),
+            }
+        )
         pair = PairSettings(
             primary=primary,
             state_bind=f"tcp://{bind_host}:{state_port}",
