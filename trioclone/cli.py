@@ -43,6 +43,11 @@ SHARED_OPTIONS = (
     "pending_size",
     "pending_age",
     "status_interval",
+    "applied_horizon",
+    "applied_limit",
+    "backlog_limit",
+    "snapshot_stall",
+    "publisher_hwm",
 )
 
 
@@ -148,6 +153,38 @@ def add_serve(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
         default=60.0,
         help="seconds between status lines in the log (default 60)",
     )
+    serve.add_argument(
+        "--applied-horizon",
+        type=seconds,
+        default=120.0,
+        help="seconds a replaced write is remembered, so a client's resend of it "
+        "is dropped; keep it above the clients' write horizon (default 120)",
+    )
+    serve.add_argument(
+        "--applied-limit",
+        type=count,
+        default=1_000_000,
+        help="at most this many replaced writes are remembered (default 1000000)",
+    )
+    serve.add_argument(
+        "--backlog-limit",
+        type=count,
+        default=1_000_000,
+        help="passive: stream updates kept while a snapshot loads (default 1000000)",
+    )
+    serve.add_argument(
+        "--snapshot-stall",
+        type=seconds,
+        default=30.0,
+        help="a snapshot client that reads nothing this long is dropped (default 30)",
+    )
+    serve.add_argument(
+        "--publisher-hwm",
+        type=count,
+        default=100_000,
+        help="updates queued per subscriber before the publisher drops "
+        "(the client notices and snapshots again; default 100000)",
+    )
     serve.set_defaults(run=run_serve)
 
 
@@ -199,6 +236,11 @@ def server_settings(
         pending_size=args.pending_size,
         pending_age=args.pending_age,
         status_interval=args.status_interval,
+        applied_horizon=args.applied_horizon,
+        applied_limit=args.applied_limit,
+        backlog_limit=args.backlog_limit,
+        snapshot_stall=args.snapshot_stall,
+        publisher_hwm=args.publisher_hwm,
     )
 
 

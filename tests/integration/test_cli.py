@@ -217,10 +217,15 @@ def test_an_empty_value_is_refused_by_set(pair: Pair) -> None:
     assert "trioclone del" in put.stderr
 
 
-def read_lines(stream: Any, lines: queue.Queue[str | None]) -> None:
-    """Every line but resync reports (a watcher may resync at any time)."""
+def read_lines(
+    stream: Any, lines: queue.Queue[str | None], first: list[str] | None = None
+) -> None:
+    """Every line but resync reports (a watcher may resync at any time); the
+    very first line goes to ``first``."""
     for line in stream:
-        if json.loads(line)["event"] != "resync":
+        if first is not None and not first:
+            first.append(line)
+        elif json.loads(line)["event"] != "resync":
             lines.put(line)
     lines.put(None)
 
@@ -239,7 +244,8 @@ def test_watch_json_prints_a_line_for_a_set_done_meanwhile(
             command, stdout=subprocess.PIPE, stderr=stderr, text=True
         ) as watch,
     ):
-        reader = threading.Thread(target=read_lines, args=(watch.stdout, lines))
+        first: list[str] = []
+        reader = threading.Thread(target=read_lines, args=(watch.stdout, lines, first))
         reader.start()
         try:
             event = None
@@ -259,6 +265,10 @@ def test_watch_json_prints_a_line_for_a_set_done_meanwhile(
                 event = json.loads(line)
                 break
             assert event is not None, "watch printed nothing for 20 writes"
+            # Its first line was the state under the prefix, as a resync.
+            start = json.loads(first[0])
+            assert (start["event"], start["server"]) == ("resync", pair.servers[0])
+            assert set(start["changes"]) <= {"/cli/watch/k"}
             assert event == {
                 "event": "set",
                 "key": "/cli/watch/k",
@@ -418,8 +428,12 @@ BAD_PORTS = ["0", "-1", "65536", "1.5", "http"]
 SERVE_OPTIONS = [
     *((name, BAD_SECONDS) for name in ["--heartbeat", "--hugz", "--sync-timeout"]),
     *((name, BAD_SECONDS) for name in ["--pending-age", "--status-interval"]),
+    *((name, BAD_SECONDS) for name in ["--applied-horizon", "--snapshot-stall"]),
     ("--peer-expiry", BAD_HEARTBEATS),
     ("--pending-size", BAD_COUNTS),
+    ("--applied-limit", BAD_COUNTS),
+    ("--backlog-limit", BAD_COUNTS),
+    ("--publisher-hwm", BAD_COUNTS),
     ("--port", BAD_BASE_PORTS),
     ("--peer-port", BAD_BASE_PORTS),
     ("--state-port", BAD_PORTS),
@@ -570,6 +584,11 @@ def test_serve_pair_passes_every_option_to_its_servers() -> None:
             "--pending-size=10",
             "--pending-age=4",
             "--status-interval=5",
+            "--applied-horizon=90",
+            "--applied-limit=5000",
+            "--backlog-limit=6000",
+            "--snapshot-stall=7",
+            "--publisher-hwm=8000",
         ]
     )
     commands = local_pair_commands(args)
@@ -588,6 +607,9 @@ def test_serve_pair_passes_every_option_to_its_servers() -> None:
         assert (child.heartbeat, child.peer_expiry, child.hugz) == (0.5, 3.0, 0.25)
         assert (child.sync_timeout, child.pending_size) == (3.0, 10)
         assert (child.pending_age, child.status_interval) == (4.0, 5.0)
+        assert (child.applied_horizon, child.applied_limit) == (90.0, 5000)
+        assert (child.backlog_limit, child.snapshot_stall) == (6000, 7.0)
+        assert child.publisher_hwm == 8000
 
 
 def test_serve_pair_defaults_are_the_guides() -> None:
@@ -670,9 +692,16 @@ def test_an_unconfirmed_write_exits_4() -> None:
         assert deleted.returncode == 4, deleted.stderr
 
 
-STATUS = re.compile(
-    r"status \{'state': '(?P<state>\w+)', 'sequence': (?P<seq>\d+), 'keys': (?P<keys>\d+)"
-)
+STATUS_FIELD = re.compile(r"'(state|sequence|keys)': '?(\w+)'?[,}]")
+
+
+def status_lines(log: str) -> list[dict[str, str]]:
+    """The state, sequence and keys of each status line, in order."""
+    return [
+        dict(STATUS_FIELD.findall(line))
+        for line in log.splitlines()
+        if " status {" in line
+    ]
 
 
 @pytest.mark.slow
@@ -680,17 +709,17 @@ def test_serve_logs_a_status_line_every_status_interval(tmp_path: Path) -> None:
     with time_limit(60), Processes(tmp_path) as procs:
         server = start_standalone(procs, "--status-interval", "0.2")
         assert server.wait_for_log("status {", 15), server.log()
-        first = STATUS.search(server.log())
-        assert first is not None, server.log()
-        assert (first["state"], first["seq"], first["keys"]) == ("ACTIVE", "0", "0")
+        first = status_lines(server.log())[0]
+        assert first == {"state": "ACTIVE", "sequence": "0", "keys": "0"}, server.log()
         assert server.port is not None
         put = cli("set", "/cli/status", "v", servers=[address(server.port)])
         assert put.returncode == 0, put.stderr
         sequence = put.stdout.split()[-1]
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:  # a later status line shows the write
-            lines = [m.groupdict() for m in STATUS.finditer(server.log())]
-            if {"state": "ACTIVE", "seq": sequence, "keys": "1"} in lines:
+            lines = status_lines(server.log())
+            written = {"state": "ACTIVE", "sequence": sequence, "keys": "1"}
+            if written in lines and len(lines) >= 3:
                 break
             time.sleep(0.1)
         else:

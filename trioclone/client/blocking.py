@@ -124,6 +124,11 @@ class BlockingClient:
         """The sequence of the last update applied."""
         return self._live().sequence
 
+    @property
+    def failovers(self) -> int:
+        """How many times a silent server made the client move to the next."""
+        return self._live().failovers
+
     def items(self, prefix: str = "") -> list[tuple[str, bytes]]:
         client = self._live()
         return trio.from_thread.run_sync(client.items, prefix, trio_token=self._token)
