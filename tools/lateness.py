@@ -24,8 +24,14 @@ c. concurrent whole-map snapshots: N keys stored (100-byte values), then
 d. a and c together: N stored keys plus N keys expiring while K clients
    snapshot the whole map.
 
-Full mode: N = 100,000, K = 50.  Quick mode: smaller N and K, a shorter
-baseline (a few minutes in all).  Each scenario also reports the Binary
+A stall shorter than the interval delays a beat only if one falls due
+during it, so the work of a, b and d is timed to begin just before a beat
+of the measured server is due (runs alternate between HUGZ and the
+heartbeat); each stream's figure is its worst over the runs.
+
+Full mode: N = 100,000, K = 50, two runs of each scenario (about 7 minutes
+here).  Quick mode: N = 20,000, K = 10, one run, a 10 s baseline (about a
+minute).  Each scenario also reports the Binary
 Star states seen on the state ports before and after (a false failover),
 whether a gap passed the clients' 2 s silence timeout or the 2 s peer
 expiry, and the observer's own worst wake-up delay in the window.
@@ -45,6 +51,7 @@ import math
 import os
 import signal
 import sys
+import textwrap
 import time
 import traceback
 from collections.abc import Callable
@@ -100,6 +107,12 @@ PENDING_AGE = 600.0  # b: the pending list keeps every entry until the takeover
 STATUS_EVERY = 0.5  # b: the backup logs its status this often
 VOTE_TIMEOUT = 60.0
 WAIT = 300.0  # the bound on every wait for the servers' work
+# A stall shorter than the interval makes a beat late only if one falls due
+# during it, so the work of a, b and d is timed to begin this long before a
+# beat of the measured server is due (the stall then shows in full rather
+# than by chance of phase).  Runs alternate between the two streams.
+ALIGN_EARLY = 0.03
+ALIGNED = ("heartbeat", "hugz")
 STATE_NAMES = {1: "PRIMARY", 2: "BACKUP", 3: "ACTIVE", 4: "PASSIVE"}
 
 
@@ -110,13 +123,14 @@ class Mode:
     clients: int  # K: concurrent whole-map snapshots
     processes: int  # the processes the snapshot clients run in
     baseline: float  # seconds of the idle pair
-    repeats: int  # runs of each scenario (a fresh pair each); the worst kept
+    repeats: int  # runs of each scenario (a fresh pair each); the worst counts
 
 
 QUICK = Mode("quick", keys=20_000, clients=10, processes=2, baseline=10.0, repeats=1)
 FULL = Mode("full", keys=100_000, clients=50, processes=2, baseline=60.0, repeats=2)
 
-Work = Callable[[Server, Server], tuple[float, float, dict[str, Any]]]
+Window = tuple[float, float, dict[str, Any]]  # start, end, what the work saw
+Work = Callable[[Server, Server, int], Window]
 
 
 class Lateness:
@@ -167,19 +181,19 @@ class Lateness:
         print(f"-- {name}: {title} ...", file=sys.stderr, flush=True)
         began = time.monotonic()
         runs = []
-        for _ in range(self.mode.repeats):
+        for run in range(self.mode.repeats):
             try:
-                runs.append(self.observe(work, measured))
+                runs.append(self.observe(work, measured, run))
             except Exception:
                 self.results["errors"][name] = traceback.format_exc()
                 print(traceback.format_exc(), file=sys.stderr, flush=True)
         if runs:
-            self.results["scenarios"][name] = dict(worst_run(runs), title=title)
+            self.results["scenarios"][name] = combine(runs, title)
         print(
             f"   {name}: {time.monotonic() - began:.1f} s", file=sys.stderr, flush=True
         )
 
-    def observe(self, work: Work, measured: str) -> dict[str, Any]:
+    def observe(self, work: Work, measured: str, run: int) -> dict[str, Any]:
         """A fresh pair, the observer on it, ``work``; lateness in its window."""
         extra: tuple[str, ...] = ()
         if measured == "backup":  # the takeover: keep every pending entry, say so
@@ -199,7 +213,7 @@ class Lateness:
                 )
                 observer.wait_warm()
                 load_before = os.getloadavg()[0]
-                start, end, info = work(primary, backup)
+                start, end, info = work(primary, backup, run)
                 info["load"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
                 seen = observer.finish()
         finally:
@@ -208,20 +222,18 @@ class Lateness:
 
     # -- the scenarios -----------------------------------------------------------
 
-    def idle(
-        self, primary: Server, backup: Server
-    ) -> tuple[float, float, dict[str, Any]]:
+    def idle(self, primary: Server, backup: Server, run: int) -> Window:
         start = time.perf_counter()
         time.sleep(self.mode.baseline)
         return start, time.perf_counter(), {}
 
-    def expiry(
-        self, primary: Server, backup: Server
-    ) -> tuple[float, float, dict[str, Any]]:
+    def expiry(self, primary: Server, backup: Server, run: int) -> Window:
         n = self.mode.keys
-        target = time.perf_counter() + n / TTL_RATE * 1.2 + TTL_SETTLE
+        aligned = ALIGNED[run % 2]
+        target = aligned_deadline(self.ctx, primary, aligned, n)
         info: dict[str, Any] = {
-            "writes": write_expiring(self.ctx, primary, backup, 0, n, target)
+            "aligned_to": aligned,
+            "writes": write_expiring(self.ctx, primary, backup, 0, n, target),
         }
         info["deadline_spread"] = deadlines(self.ctx, primary.port, 0, n, target)
         start = target - LEAD
@@ -231,28 +243,35 @@ class Lateness:
         sleep_until(max(time.perf_counter(), target) + TAIL)
         return start, time.perf_counter(), info
 
-    def takeover(
-        self, primary: Server, backup: Server
-    ) -> tuple[float, float, dict[str, Any]]:
+    def takeover(self, primary: Server, backup: Server, run: int) -> Window:
         n = self.mode.keys
-        info: dict[str, Any] = {"held": hold_on_backup(self.ctx, backup, n)}
+        info: dict[str, Any] = {
+            "aligned_to": "heartbeat",
+            "held": hold_on_backup(self.ctx, backup, n),
+        }
+        phase = beat_phase(self.ctx, backup, "heartbeat")
         start = time.perf_counter()
         time.sleep(LEAD)
         killed = time.perf_counter()
         self.fleet.kill(primary, signal.SIGKILL)
+        # the backup counts its peer dead 2 heartbeats after the last it heard
+        voted = just_before_beat(phase, killed + PEER_EXPIRY + 0.3)
+        sleep_until(voted)
         took, votes, _ = pair.vote(
-            self.ctx, backup.port, killed, VOTE_TIMEOUT, subtree=NO_SUBTREE
+            self.ctx, backup.port, voted, VOTE_TIMEOUT, subtree=NO_SUBTREE
         )
-        info["takeover"] = {"killed_at_s": round(killed - start, 3), "votes": votes}
-        info["takeover"]["vote_answered_s"] = None if took is None else round(took, 3)
+        info["takeover"] = {
+            "killed_at_s": round(killed - start, 3),
+            "first_vote_s_after_kill": round(voted - killed, 3),
+            "votes": votes,  # 1: the first vote took it over, at the aligned time
+            "answered_s_after_vote": None if took is None else round(took, 3),
+        }
         time.sleep(TAIL)
         end = time.perf_counter()
         info["takeover"]["replayed"] = status_figure(backup, "takeover_applied", 0)
         return start, end, info
 
-    def snapshots(
-        self, primary: Server, backup: Server
-    ) -> tuple[float, float, dict[str, Any]]:
+    def snapshots(self, primary: Server, backup: Server, run: int) -> Window:
         n = self.mode.keys
         info: dict[str, Any] = {"fill": snapshots.fill(self.ctx, primary, 0, n)}
         start = time.perf_counter()
@@ -261,12 +280,14 @@ class Lateness:
         time.sleep(TAIL)
         return start, time.perf_counter(), info
 
-    def together(
-        self, primary: Server, backup: Server
-    ) -> tuple[float, float, dict[str, Any]]:
+    def together(self, primary: Server, backup: Server, run: int) -> Window:
         n = self.mode.keys
-        info: dict[str, Any] = {"fill": snapshots.fill(self.ctx, primary, 0, n)}
-        target = time.perf_counter() + n / TTL_RATE * 1.2 + TTL_SETTLE
+        aligned = ALIGNED[run % 2]
+        info: dict[str, Any] = {
+            "aligned_to": aligned,
+            "fill": snapshots.fill(self.ctx, primary, 0, n),
+        }
+        target = aligned_deadline(self.ctx, primary, aligned, n)
         info["writes"] = write_expiring(self.ctx, primary, backup, n, 2 * n, target)
         info["deadline_spread"] = deadlines(self.ctx, primary.port, n, 2 * n, target)
         start = target - SNAP_LEAD - LEAD
@@ -301,6 +322,43 @@ class Lateness:
             result.pop("complete")
             result.pop("short")
         return result
+
+
+# -- timing --------------------------------------------------------------------------
+
+
+def beat_phase(
+    ctx: Context, server: Server, stream: str, timeout: float = 5.0
+) -> float:
+    """When a beat of ``stream`` ("hugz" or "heartbeat") next arrives here."""
+    sub = socket(ctx, zmq.SUB)
+    if stream == "hugz":
+        sub.setsockopt(zmq.SUBSCRIBE, HUGZ)
+        sub.connect(tcp(server.port + 1))
+    else:
+        sub.setsockopt(zmq.SUBSCRIBE, b"")
+        sub.connect(tcp(server.state_port or 0))
+    try:
+        if not sub.poll(int(timeout * 1000), zmq.POLLIN):
+            raise RuntimeError(f"no {stream} from {server.name} in {timeout} s")
+        sub.recv_multipart()
+        return time.perf_counter()
+    finally:
+        sub.close(0)
+
+
+def just_before_beat(phase: float, earliest: float) -> float:
+    """The first moment from ``earliest`` that is ``ALIGN_EARLY`` before a beat
+    is due (beats come every ``INTERVAL`` from ``phase``)."""
+    beats = math.ceil((earliest + ALIGN_EARLY - phase) / INTERVAL)
+    return phase + beats * INTERVAL - ALIGN_EARLY
+
+
+def aligned_deadline(ctx: Context, server: Server, stream: str, keys: int) -> float:
+    """A common deadline for ``keys`` ttl writes, just before a beat is due."""
+    phase = beat_phase(ctx, server, stream)
+    earliest = time.perf_counter() + keys / TTL_RATE * 1.2 + TTL_SETTLE
+    return just_before_beat(phase, earliest)
 
 
 # -- load ---------------------------------------------------------------------------
@@ -519,17 +577,29 @@ def false_failover(seen: dict[str, Any], measured: str) -> bool:
     ) != (3, 4)
 
 
-def worst_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """The run with the latest beat; the others' worst figures kept."""
+def combine(runs: list[dict[str, Any]], title: str) -> dict[str, Any]:
+    """A scenario's figures: each stream's worst run; every run kept."""
 
-    def worst(run: dict[str, Any]) -> float:
-        figures = [run[s].get("worst_ms") for s in ("hugz", "heartbeat")]
-        return max(math.inf if f is None else f for f in figures)
+    def worst(stream: str) -> dict[str, Any]:
+        figures = [run[stream] for run in runs]
+        return max(
+            figures, key=lambda f: math.inf if f["worst_ms"] is None else f["worst_ms"]
+        )
 
-    chosen = max(runs, key=worst)
-    if len(runs) == 1:
-        return chosen
-    return dict(chosen, runs_worst_ms=[worst(r) for r in runs])
+    result: dict[str, Any] = {
+        "title": title,
+        "measured": runs[0]["measured"],
+        "hugz": worst("hugz"),
+        "heartbeat": worst("heartbeat"),
+    }
+    if all("peer_heartbeat" in run for run in runs):
+        result["peer_heartbeat"] = worst("peer_heartbeat")
+    for flag in ("false_failover", "client_silence_passed", "peer_expiry_passed"):
+        result[flag] = any(run[flag] for run in runs)
+    result["pass"] = all(run["pass"] for run in runs)
+    result["observer_own_worst_ms"] = max(run["observer_own_worst_ms"] for run in runs)
+    result["runs"] = runs
+    return result
 
 
 # -- the table ----------------------------------------------------------------------
@@ -566,7 +636,15 @@ def render(results: dict[str, Any]) -> str:
                 f"{pct(figures, 'worst'):>17}{pct(figures, 'p99'):>17}"
                 f"{gap(figures):>9}  {verdict}"
             )
-        lines.append(f"{'':<4}{notes(run)}")
+        for i, each in enumerate(run["runs"]):
+            lines.append(
+                textwrap.fill(
+                    f"run {i + 1}: {notes(each)}",
+                    width=100,
+                    initial_indent=" " * 4,
+                    subsequent_indent=" " * 6,
+                )
+            )
     for name, error in results["errors"].items():
         lines.append(f"ERROR in {name}: {error.strip().splitlines()[-1]}")
     return "\n".join(lines)
@@ -589,6 +667,7 @@ def gap(figures: dict[str, Any]) -> str:
 def notes(run: dict[str, Any]) -> str:
     seen = run["states"]
     parts = [
+        f"HUGZ {fmt_ms(run['hugz'])}, heartbeat {fmt_ms(run['heartbeat'])} late",
         "states "
         + ", ".join(
             f"{role} {state_name(seen[role]['before'])}->{after(seen[role])}"
@@ -600,6 +679,10 @@ def notes(run: dict[str, Any]) -> str:
         parts.append("HUGZ gap > 2 s client timeout")
     if run["peer_expiry_passed"]:
         parts.append("heartbeat gap > 2 s peer expiry")
+    if "aligned_to" in run:
+        parts.append(
+            f"work timed {ALIGN_EARLY * 1e3:.0f} ms before a {run['aligned_to']}"
+        )
     parts.append(f"observer's own worst wake-up {run['observer_own_worst_ms']} ms")
     parts.append("load {} -> {}".format(*run["load"]))
     if "deadline_spread" in run:
@@ -617,7 +700,8 @@ def notes(run: dict[str, Any]) -> str:
         t = run["takeover"]
         parts.append(
             f"{t['replayed']:,} of {run['held']['pending']:,} pending replayed, "
-            f"vote answered {t['vote_answered_s']} s after the kill"
+            f"{t['votes']} vote(s) from {t['first_vote_s_after_kill']} s after the "
+            f"kill, answered {t['answered_s_after_vote']} s after the first"
         )
     if "snapshots" in run:
         s = run["snapshots"]
@@ -626,6 +710,11 @@ def notes(run: dict[str, Any]) -> str:
         if s.get("running_at_deadline") is False:
             parts.append("SNAPSHOTS NOT RUNNING AT THE DEADLINE")
     return "; ".join(parts)
+
+
+def fmt_ms(figures: dict[str, Any]) -> str:
+    ms = figures.get("worst_ms")
+    return "-" if ms is None else f"{ms:,.1f} ms"
 
 
 def state_name(state: int | None) -> str:
