@@ -262,8 +262,11 @@ class Lateness:
         )
         info["takeover"] = {
             "killed_at_s": round(killed - start, 3),
+            "first_vote_at_s": round(voted - start, 3),
             "first_vote_s_after_kill": round(voted - killed, 3),
-            "votes": votes,  # 1: the first vote took it over, at the aligned time
+            # sent every 0.2 s until the answer: the first is accepted (the peer
+            # has expired), but its answer waits for the replay
+            "votes": votes,
             "answered_s_after_vote": None if took is None else round(took, 3),
         }
         time.sleep(TAIL)
@@ -702,6 +705,12 @@ def notes(run: dict[str, Any]) -> str:
             f"{t['replayed']:,} of {run['held']['pending']:,} pending replayed, "
             f"{t['votes']} vote(s) from {t['first_vote_s_after_kill']} s after the "
             f"kill, answered {t['answered_s_after_vote']} s after the first"
+        )
+        active = [c["at_s"] for c in seen["backup"]["changes"] if c["to"] == 3]
+        parts.append(
+            "ACTIVE announced "
+            + (f"{active[0] - t['first_vote_at_s']:.3f} s" if active else "never")
+            + " after the first vote"
         )
     if "snapshots" in run:
         s = run["snapshots"]
