@@ -1,4 +1,4 @@
-"""Sessions: lint, typecheck, tests, bench (``nox -s bench -- --quick``)."""
+"""Sessions: lint, typecheck, tests, bench and lateness (``nox -s bench -- --quick``)."""
 
 import nox
 
@@ -28,3 +28,9 @@ def tests(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     session.install("-e", ".")
     session.run("python", "tools/bench.py", *session.posargs)
+
+
+@nox.session
+def lateness(session: nox.Session) -> None:
+    session.install("-e", ".")
+    session.run("python", "tools/lateness.py", *session.posargs)

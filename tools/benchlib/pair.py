@@ -83,9 +83,12 @@ def drain(sub: zmq.Socket[bytes], seen: set[bytes], seconds: float) -> None:
 
 
 def vote(
-    ctx: Context, port: int, killed: float, timeout: float
+    ctx: Context, port: int, killed: float, timeout: float, subtree: bytes = b""
 ) -> tuple[float | None, int, set[bytes] | None]:
-    """ICANHAZ every 0.2 s until KTHXBAI: (seconds since kill, votes, keys)."""
+    """ICANHAZ every 0.2 s until KTHXBAI: (seconds since kill, votes, keys).
+
+    ``subtree``: what the votes ask for (the whole map by default).
+    """
     dealer = socket(ctx, zmq.DEALER)
     dealer.connect(tcp(port))
     keys: set[bytes] = set()
@@ -97,7 +100,7 @@ def vote(
             if now - killed > timeout:
                 return None, votes, None
             if now >= next_vote:
-                dealer.send_multipart([ICANHAZ, b""])
+                dealer.send_multipart([ICANHAZ, subtree])
                 votes += 1
                 next_vote += VOTE_EVERY
             if not dealer.poll(max(int((next_vote - now) * 1000), 1), zmq.POLLIN):

@@ -14,6 +14,7 @@ import socket as pysocket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,6 +65,7 @@ class Server:
     port: int
     popen: subprocess.Popen[bytes]
     log_path: Path
+    state_port: int | None = None  # a pair's Binary Star heartbeat PUB
 
     @property
     def pid(self) -> int:
@@ -104,7 +106,14 @@ class Fleet:
     def __exit__(self, *exc_info: object) -> None:
         self.stop_all()
 
-    def _spawn(self, name: str, kind: str, port: int, args: list[str]) -> Server:
+    def _spawn(
+        self,
+        name: str,
+        kind: str,
+        port: int,
+        args: list[str],
+        state_port: int | None = None,
+    ) -> Server:
         log_path = self.log_dir / f"{len(self.started):02d}-{name}.log"
         with log_path.open("wb") as log_file:
             popen = subprocess.Popen(
@@ -113,7 +122,7 @@ class Fleet:
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
             )
-        server = Server(name, kind, port, popen, log_path)
+        server = Server(name, kind, port, popen, log_path, state_port)
         self.started.append(server)
         return server
 
@@ -132,8 +141,13 @@ class Fleet:
         self.wait_ready(server, timeout)
         return server
 
-    def start_pair(self, *, fast: bool, timeout: float = 30.0) -> tuple[Server, Server]:
-        """A trioclone pair: primary ACTIVE, backup PASSIVE and synced."""
+    def start_pair(
+        self, *, fast: bool, timeout: float = 30.0, extra: Sequence[str] = ()
+    ) -> tuple[Server, Server]:
+        """A trioclone pair: primary ACTIVE, backup PASSIVE and synced.
+
+        ``extra``: more ``trioclone serve`` options, for both servers.
+        """
         p1, p2 = free_ports(), free_ports()
         s1, s2 = free_ports(1), free_ports(1)
         timing = list(FAST) if fast else []
@@ -143,9 +157,9 @@ class Fleet:
             args = trioclone_command(
                 "--role", role, "--port", str(own), "--peer-port", str(peer),
                 "--state-port", str(state), "--peer-state-port", str(peer_state),
-                "--bind", HOST, "--peer", HOST, *timing,
+                "--bind", HOST, "--peer", HOST, *timing, *extra,
             )  # fmt: skip
-            return self._spawn(f"{role}-{tag}", "trioclone", own, args)
+            return self._spawn(f"{role}-{tag}", "trioclone", own, args, state)
 
         primary = side("primary", p1, p2, s1, s2)
         backup = side("backup", p2, p1, s2, s1)
