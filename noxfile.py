@@ -1,4 +1,5 @@
-"""Sessions: lint, typecheck, tests, bench and lateness (``nox -s bench -- --quick``)."""
+"""Sessions: lint, typecheck, tests, bench, lateness and subtrees
+(``nox -s bench -- --quick``)."""
 
 import nox
 
@@ -34,3 +35,9 @@ def bench(session: nox.Session) -> None:
 def lateness(session: nox.Session) -> None:
     session.install("-e", ".")
     session.run("python", "tools/lateness.py", *session.posargs)
+
+
+@nox.session
+def subtrees(session: nox.Session) -> None:
+    session.install("-e", ".")
+    session.run("python", "tools/subtree_cost.py", *session.posargs)

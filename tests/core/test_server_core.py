@@ -29,7 +29,7 @@ from trioclone.core.chp import (
 )
 from trioclone.core.replica import Connect, Request
 from trioclone.core.server import Role, ServerCore
-from trioclone.core.snapshot import Transfer
+from trioclone.core.snapshot import SKIP, Transfer
 from trioclone.core.store import Store
 from trioclone.errors import RemoteProtocolError
 
@@ -1136,3 +1136,40 @@ def test_history_transfer_sends_the_window_in_batches() -> None:
     batches = [decode_kvmsg(f[1:]) for f in sent[:-1]]
     assert [len(b.body) // 16 for b in batches] == [4096, 4999 - 4096]
     assert {b.properties["age"] for b in batches} == {"1"}
+
+
+def test_the_backlog_is_bounded_and_an_overflow_is_a_gap() -> None:
+    """A snapshot slower than the stream: the oldest updates waiting for it
+    are dropped (counted), and the gap they leave makes the passive sync
+    again rather than skip them."""
+    core = passive_core(0, backlog_limit=10)
+    _resyncing(core)  # stream update 7 waits; a snapshot is on its way
+    for n in range(8, 30):
+        core.on_update(kvpub(b"/k/%d" % n, n, b"v", _uuid(n)), 1.0)
+    assert core.replica is not None
+    assert core.replica.stats["backlog_dropped"] == 13
+    core.on_reply(kthxbai(9, b"", {"lineage": ACTIVES}), 1.5)
+    core.on_reply(kthxbai(9, HISTORY), 1.5)
+    run(core, 1.5)
+    assert actions(core) == [Request(HISTORY), Request(b"")]  # 10..19 missing
+    assert core.sequence == 29
+
+
+def test_a_transfer_looks_at_a_bounded_number_of_deleted_keys_per_peek() -> None:
+    """After a mass expiry most of a key list may be gone: one ``peek`` never
+    scans all of it, so the server stays responsive."""
+    store = Store()
+    for n in range(2000):
+        store.put(b"/k/%04d" % n, n + 1, _uuid(n), b"", b"v", None, 0.0)
+    store.sequence = 2000
+    transfer = Transfer(b"id", store, store.keys(), END, 0.0)
+    for n in range(1999):  # all but the last are deleted meanwhile
+        store.remove(b"/k/%04d" % n)
+    peeks = 0
+    while transfer.peek(1.0) is None:
+        peeks += 1
+        assert not transfer.done and transfer.examined == peeks * SKIP
+    assert peeks == 1999 // SKIP and transfer.examined == 2000
+    assert transfer.peek(1.0)[1] == b"/k/1999"
+    transfer.advance(1.0)
+    assert transfer.peek(1.0) == [b"id", *END]

@@ -415,6 +415,12 @@ def test_blocking_connect_without_a_server_raises(unused_port: int) -> None:
     assert time.monotonic() - started < 10
 
 
+@pytest.mark.parametrize("value", [0, -1.0, float("nan"), float("inf")])
+def test_blocking_connect_rejects_a_bad_sync_timeout(value: float) -> None:
+    with pytest.raises(trioclone.LocalProtocolError, match="sync_timeout"):
+        trioclone.connect(["tcp://127.0.0.1:9"], sync_timeout=value)
+
+
 # --------------------------------------------------------------------------
 # numeric options: a bad value exits 2 naming the option (in-process parser)
 # --------------------------------------------------------------------------

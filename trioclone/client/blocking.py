@@ -9,6 +9,7 @@ atomic under the GIL, so they cost no thread hop.
 
 from __future__ import annotations
 
+import math
 import queue
 import threading
 from collections.abc import Iterator, Sequence
@@ -20,7 +21,7 @@ import trio
 from trioclone.client.agent import DEFAULT_SERVERS, CloneClient, open_client
 from trioclone.client.events import CloneEvent
 from trioclone.core.client import ClientTimings
-from trioclone.errors import ClientClosedError, NoServerError
+from trioclone.errors import ClientClosedError, LocalProtocolError, NoServerError
 
 _CLOSED = object()
 
@@ -36,6 +37,11 @@ class BlockingClient:
         timings: ClientTimings | None = None,
         sync_timeout: float | None = 10.0,
     ) -> None:
+        if sync_timeout is not None and not 0 < sync_timeout < math.inf:
+            raise LocalProtocolError(
+                "sync_timeout must be None or a positive, finite number of "
+                f"seconds, got {sync_timeout}"
+            )
         self._started = threading.Event()
         self._failure: BaseException | None = None
         self._client: CloneClient | None = None
@@ -91,6 +97,8 @@ class BlockingClient:
     def wait_synced(self, timeout: float | None = None) -> bool:
         """Wait until the client holds a snapshot; False on timeout."""
         client = self._live()
+        if timeout is not None and not timeout >= 0:
+            raise LocalProtocolError(f"timeout must be None or >= 0, got {timeout}")
 
         async def wait() -> bool:
             with trio.move_on_after(_seconds(timeout)):

@@ -390,23 +390,26 @@ class CloneServer:
         client that took nothing for ``snapshot_stall`` seconds is dropped.
         """
         transfers, stall = self._transfers, self.settings.snapshot_stall
-        budget = PUMP
+        budget = PUMP  # keys looked at, sent or found deleted
         moved = False
         for _ in range(len(transfers)):
             if budget <= 0:
                 break
             transfer = transfers.popleft()
+            examined, sent = transfer.examined, transfer.sent
             try:
                 for _ in range(min(CHUNK, budget)):
                     frames = transfer.peek(now)
                     if frames is None or not router.try_send(frames):
                         break
                     transfer.advance(now)
-                    budget -= 1
-                    moved = True
             except UnroutableError:
                 log.info("snapshot client went away after %d messages", transfer.sent)
                 continue
+            finally:
+                work = max(transfer.examined - examined, transfer.sent - sent)
+                budget -= max(work, 1)
+                moved = moved or work > 0
             if transfer.done:
                 continue
             if now - transfer.idle_since >= stall:
