@@ -921,6 +921,10 @@ def test_a_healed_split_hands_the_losers_writes_to_the_winner() -> None:
     both = kvset(b"/both", b"x", _uuid(23))
     primary.collect(both, 12.0)
     backup.collect(both, 12.0)
+    # Two clients wrote one key, each on its own side: the loser's value is
+    # handed over after the split, so it is applied last and wins.
+    primary.collect(kvset(b"/conflict", b"west", _uuid(24)), 12.5)
+    backup.collect(kvset(b"/conflict", b"east", _uuid(25)), 12.6)
     # The link heals: each hears the other's HUGZ, then its heartbeat.
     exchange_hugz(primary, backup, 20.0)
     heartbeat(primary, backup, 20.0)
@@ -931,22 +935,24 @@ def test_a_healed_split_hands_the_losers_writes_to_the_winner() -> None:
     assert sorted(decode_kvmsg(f).key for f in relays) == [
         b"/b-only",
         b"/both",
+        b"/conflict",
         b"/shared",
     ]
-    assert len(backup.pending) == 3
+    assert len(backup.pending) == 4
     published = [p for f in relays if (p := primary.collect(f, 20.1)) is not None]
     # /both was applied by the winner already: not twice.
-    assert sorted(f[0] for f in published) == [b"/b-only", b"/shared"]
+    assert sorted(f[0] for f in published) == [b"/b-only", b"/conflict", b"/shared"]
     assert primary.stats["duplicates"] == 1
     assert b"/shared" not in primary.store  # the confirmed delete holds
-    assert primary.store.get(b"/b-only") == KVMsg(b"/b-only", 4, _uuid(21), {}, b"b")
+    assert primary.store.get(b"/b-only").body == b"b"
+    assert primary.store.get(b"/conflict").body == b"east"
     # The published copies are what the loser waits for: its resync matches
     # them (and /both, which the winner holds) so nothing is resent for ever.
     snapshot = [f[1:] for f in _drain(_transfer(primary, b""), 21.0)][:-1]
     history = [f[1:] for f in _drain(_transfer(primary, HISTORY), 21.0)][:-1]
     sync(backup, primary.store.sequence, snapshot, 21.0, history, lineage=OURS)
     assert len(backup.pending) == 0
-    assert len(backup.relays) == 3  # resent once meanwhile (a second passed)
+    assert len(backup.relays) == 4  # resent once meanwhile (a second passed)
     backup.relays.clear()
     backup.poll(30.0)
     assert backup.relays == []

@@ -921,3 +921,49 @@ async def test_valid_updates_are_not_logged(context, autojump_clock, caplog):
         noisy = [r for r in caplog.records if r.levelno >= logging.INFO]
         assert noisy == [], [r.getMessage() for r in noisy]
         assert s.sequence == 100
+
+
+# --------------------------------------------------------------------------
+# 9. trioclone's additions are invisible to a client that follows the RFC
+# --------------------------------------------------------------------------
+
+
+async def test_a_guide_style_client_never_stores_trioclones_additions(
+    context, autojump_clock
+):
+    """The Guide's clients apply an update only if its sequence is newer than
+    theirs, whatever its key: the lineage property of HUGZ and KTHXBAI, and
+    the subtree heartbeats (sequence 0), never reach their maps."""
+    async with standalone(context) as s:
+        whole, under_a = s.client(), s.client(b"/a/")
+        under_a.sub.raw.setsockopt(zmq.SUBSCRIBE, HUGZ)
+        await settle()
+        writer = s.client()
+        await settle()
+        maps: list[dict[bytes, bytes]] = [{}, {}]
+        sequences = [0, 0]
+        for n, client in enumerate((whole, under_a)):
+            entries, end = await client.snapshot(b"" if n == 0 else b"/a/")
+            maps[n] = {e.key: e.body for e in entries}
+            sequences[n] = end.sequence
+        for i in range(5):
+            writer.set(b"/a/%d" % i, b"v")
+            writer.set(b"/b/%d" % i, b"w")
+        await trio.sleep(3.5)  # HUGZ and subtree heartbeats went out meanwhile
+        kinds = set()
+        for n, client in enumerate((whole, under_a)):
+            for frames in queued(client.sub):
+                msg = decode_kvmsg(frames)
+                kinds.add(msg.key if msg.key in (HUGZ, b"/a/\x00HUGZ") else b"data")
+                if msg.sequence > sequences[n]:  # the Guide's rule (a subtree
+                    sequences[n] = msg.sequence  # client applies HUGZ too: an
+                    if msg.body:  # empty body, so it deletes nothing)
+                        maps[n][msg.key] = msg.body
+                    else:
+                        maps[n].pop(msg.key, None)
+        assert kinds == {HUGZ, b"/a/\x00HUGZ", b"data"}  # all of them were seen
+        assert maps[0] == {
+            **{b"/a/%d" % i: b"v" for i in range(5)},
+            **{b"/b/%d" % i: b"w" for i in range(5)},
+        }
+        assert maps[1] == {b"/a/%d" % i: b"v" for i in range(5)}
