@@ -367,6 +367,23 @@ def test_blocking_client_set_get_delete_close(pair: Pair) -> None:
 
 
 @pytest.mark.slow
+def test_blocking_client_state_and_set_nowait(pair: Pair) -> None:
+    with trioclone.connect(pair.servers, sync_timeout=10) as clone:
+        assert clone.synced is True  # a bool: `if clone.synced:` means it
+        assert (clone.phase, clone.server) == ("active", pair.servers[0])
+        assert clone.failovers == 0
+        before = clone.sequence
+        clone.set_nowait("/blk/nowait", "fire and forget")
+        deadline = time.monotonic() + 10
+        while clone.get("/blk/nowait") != b"fire and forget":
+            assert time.monotonic() < deadline, "the write never came back"
+            time.sleep(0.01)
+        assert clone.sequence > before
+    with pytest.raises(ClientClosedError):
+        clone.synced  # noqa: B018
+
+
+@pytest.mark.slow
 def test_blocking_watch_iterates_changes_and_ends_on_close(pair: Pair) -> None:
     events: queue.Queue[Any] = queue.Queue()
     with trioclone.connect(pair.servers, sync_timeout=10) as clone:

@@ -21,7 +21,16 @@ import zmq
 
 from benchlib.children import Children
 from benchlib.servers import Fleet
-from benchlib.wire import DATA_PREFIXES, ICANHAZ, KTHXBAI, Context, Feeder, socket, tcp
+from benchlib.wire import (
+    DATA_PREFIXES,
+    ICANHAZ,
+    KTHXBAI,
+    Context,
+    Feeder,
+    is_data,
+    socket,
+    tcp,
+)
 
 VOTE_EVERY = 0.2
 KEY_SPACE = 10**11  # every update a new key: a lost one is a missing key
@@ -78,7 +87,7 @@ def drain(sub: zmq.Socket[bytes], seen: set[bytes], seconds: float) -> None:
         if left <= 0 or not sub.poll(int(left * 1000) + 1, zmq.POLLIN):
             return
         key = sub.recv_multipart()[0]
-        if key[:5] in DATA_PREFIXES:
+        if is_data(key):
             seen.add(key)
 
 

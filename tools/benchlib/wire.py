@@ -29,6 +29,15 @@ PROBE = b"/pr/"
 KEY = b"/key/"
 HOT = b"/hot/"
 DATA_PREFIXES = (KEY, HOT)
+#: trioclone's subtree heartbeats (key: a subscribed prefix and this marker,
+#: sequence 0, empty body) reach subscribers of data prefixes: not data.
+SUBTREE_HUGZ = b"\x00HUGZ"
+
+
+def is_data(key: bytes) -> bool:
+    return key[:5] in DATA_PREFIXES and not key.endswith(SUBTREE_HUGZ)
+
+
 NO_SUBTREE = b"/none/"  # a subtree with no keys: the reply is just KTHXBAI
 KEY_SIZE = 16
 VALUE_SIZE = 100

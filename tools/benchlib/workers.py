@@ -25,6 +25,7 @@ from benchlib.wire import (
     ICANHAZ,
     KTHXBAI,
     PROBE,
+    SUBTREE_HUGZ,
     VALUE_SIZE,
     Feeder,
     Frames,
@@ -153,7 +154,7 @@ def count_batch(sub: zmq.Socket[bytes], stats: Any, base: int) -> None:
         recv(), recv(), recv(), recv()  # every KVPUB has five frames
         if key.startswith(PROBE):
             probes += 1
-        else:
+        elif not key.endswith(SUBTREE_HUGZ):
             data += 1
     now = time.perf_counter()
     if data:
@@ -220,7 +221,8 @@ def run_latency(
                     frames = recv(zmq.NOBLOCK)
                 except zmq.Again:
                     break
-                if not frames[0].startswith(PROBE):
+                key = frames[0]
+                if not key.startswith(PROBE) and not key.endswith(SUBTREE_HUGZ):
                     latencies.append(clock() - unpack(frames[4])[0])
     elapsed = (clock() - start) / 1e9
     return {
