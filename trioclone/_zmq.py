@@ -137,11 +137,12 @@ class Socket:
                 raise trio.ClosedResourceError(str(exc)) from exc
         return batch
 
-    def refresh(self) -> None:
+    def refresh(self) -> int:
         """Let libzmq act on its pending commands now (a PUB takes in new
         subscribers), which it otherwise does at most once a millisecond
-        while sending.  Only for sockets no task waits on (rule 2)."""
-        self._events()
+        while sending; return ``EVENTS``.  Only for sockets no task waits on
+        (rule 2)."""
+        return self._events()
 
     def try_send(self, frames: Sequence[bytes]) -> bool:
         """Send without waiting; False if the peer's queue is full."""

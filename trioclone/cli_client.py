@@ -187,13 +187,19 @@ async def do_set(clone: CloneClient, args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    timeout = write_timeout(clone, args)
     return await confirmed(
-        clone.set(args.key, args.value, ttl=args.ttl, timeout=args.timeout)
+        clone.set(args.key, args.value, ttl=args.ttl, timeout=timeout)
     )
 
 
 async def do_del(clone: CloneClient, args: argparse.Namespace) -> int:
-    return await confirmed(clone.delete(args.key, timeout=args.timeout))
+    return await confirmed(clone.delete(args.key, timeout=write_timeout(clone, args)))
+
+
+def write_timeout(clone: CloneClient, args: argparse.Namespace) -> float:
+    """``--timeout``, but no longer than the client resends a write."""
+    return float(min(args.timeout, clone.write_horizon))
 
 
 async def confirmed(write: Coroutine[Any, Any, int]) -> int:

@@ -367,6 +367,14 @@ def test_blocking_client_set_get_delete_close(pair: Pair) -> None:
 
 
 @pytest.mark.slow
+def test_a_timeout_beyond_the_write_horizon_still_writes(pair: Pair) -> None:
+    """``--timeout`` also bounds the sync; the write waits at most the
+    client's write horizon (30 s), past which it would stop resending."""
+    put = cli("set", "/cli/long", "v", "--timeout", "60", servers=pair.servers)
+    assert (put.returncode, put.stderr) == (0, "")
+
+
+@pytest.mark.slow
 def test_blocking_client_state_and_set_nowait(pair: Pair) -> None:
     with trioclone.connect(pair.servers, sync_timeout=10) as clone:
         assert clone.synced is True  # a bool: `if clone.synced:` means it

@@ -140,6 +140,11 @@ class CloneClient:
         return None if index < 0 else str(self._endpoints[index])
 
     @property
+    def write_horizon(self) -> float:
+        """Seconds a write is resent before it is given up as unconfirmed."""
+        return self._core.timings.write_horizon
+
+    @property
     def phase(self) -> str:
         return self._core.phase.value
 

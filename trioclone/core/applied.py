@@ -40,6 +40,7 @@ class Applied:
         self._order: deque[bytes] = deque()
         # (time of the bucket's first UUID, how many UUIDs it holds), oldest first
         self._buckets: deque[list[float | int]] = deque()
+        self._last: list[float | int] | None = None  # the newest bucket
 
     def __len__(self) -> int:
         return len(self._uuids)
@@ -53,11 +54,12 @@ class Applied:
             return
         self._uuids.add(uuid)
         self._order.append(uuid)
-        buckets = self._buckets
-        if buckets and now - buckets[-1][0] < BUCKET:
-            buckets[-1][1] += 1
+        last = self._last
+        if last is not None and now - last[0] < BUCKET:
+            last[1] += 1
         else:
-            buckets.append([now, 1])
+            self._last = last = [now, 1]
+            self._buckets.append(last)
             self.evict(now)
         if len(self._order) > self.limit:
             self._pop(1)
@@ -80,8 +82,8 @@ class Applied:
         for _ in range(count):
             uuids.discard(order.popleft())
             buckets[0][1] -= 1
-            if not buckets[0][1]:
-                buckets.popleft()
+            if not buckets[0][1] and buckets.popleft() is self._last:
+                self._last = None
 
     def export(self, now: float) -> list[tuple[float, list[bytes]]]:
         """Every UUID held, in batches of the same age (seconds before ``now``)."""
@@ -104,3 +106,4 @@ class Applied:
         self._uuids.clear()
         self._order.clear()
         self._buckets.clear()
+        self._last = None

@@ -68,8 +68,10 @@ from trioclone.core.chp import (
     FRESH,
     HISTORY,
     HUGZ,
+    KTHXBAI,
     LINEAGE,
     SEQUENCE,
+    SUBTREE_HUGZ,
     TTL,
     KVMsg,
     decode_history,
@@ -78,7 +80,6 @@ from trioclone.core.chp import (
     history_batch,
     hugz,
     integer_property,
-    is_reserved,
     kthxbai,
     lineage_of,
 )
@@ -91,6 +92,7 @@ from trioclone.errors import RemoteProtocolError
 Frames = list[bytes]
 
 RULE_RESERVED = "a client may not write the reserved keys HUGZ and KTHXBAI"
+RESERVED = frozenset((HUGZ, KTHXBAI))
 #: Work done per ``step``: enough to be cheap per schedule point, small
 #: enough that heartbeats are never late.
 STEP = 512
@@ -287,7 +289,7 @@ class ServerCore:
         Raises ``RemoteProtocolError`` for a malformed update; nothing changes.
         """
         msg = decode_kvmsg(frames)
-        if is_reserved(msg.key):
+        if msg.key in RESERVED or msg.key.endswith(SUBTREE_HUGZ):  # is_reserved
             raise RemoteProtocolError(RULE_RESERVED)
         if msg.sequence and LINEAGE in msg.properties:
             handed = self._handed_over(msg)
@@ -338,7 +340,7 @@ class ServerCore:
             self.applied.add(msg.uuid, now)  # a delete leaves no record to hold it
             self._tombstone(key, sequence, msg.uuid)
         store.put(key, sequence, msg.uuid, props, msg.body, msg.ttl, now)
-        if self.subtrees:
+        if self.subtrees.tracked:
             self.subtrees.published(key, sequence)
         self.stats["updates"] += 1
         return [key, SEQUENCE.pack(sequence), frames[2], props, frames[4]]
@@ -380,7 +382,7 @@ class ServerCore:
         for key, uuid in store.expire_with_uuids(now, limit):
             applied.add(uuid, now)
             sequence = store.next_sequence()
-            if subtrees:
+            if subtrees.tracked:
                 subtrees.published(key, sequence)
             deletes.append([key, SEQUENCE.pack(sequence), b"", b"", b""])
         self.stats["expired"] += len(deletes)

@@ -33,7 +33,10 @@ class Subtrees:
     def __init__(self, limit: int = 10_000) -> None:
         self.limit = limit
         self.untracked = 0  # subscriptions beyond ``limit``
-        self._last: dict[bytes, int] = {}
+        #: prefix -> the last sequence published under it (0: none yet);
+        #: the server tests it before calling ``published`` (no call if empty)
+        self.tracked: dict[bytes, int] = {}
+        self._last = self.tracked
         self._lengths: dict[int, int] = {}  # prefix length -> prefixes of it
 
     def __len__(self) -> int:

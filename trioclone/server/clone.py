@@ -292,11 +292,10 @@ class CloneServer:
                     continue
                 if update is not None:
                     publish(update)
-            if core.serving:
+            if core.serving:  # (a client write changes no role: no _after)
                 deadline = core.store.next_deadline()
                 if deadline is not None and deadline < self._expiry_at:
                     self._expiry_wakeup.set()
-            self._after(now)
 
     async def _timers(self) -> NoReturn:
         core = self.core

@@ -18,11 +18,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 
+import zmq
+
 from trioclone._zmq import Socket
 from trioclone.core.subtrees import Subtrees
 from trioclone.errors import RemoteProtocolError
 
 Frames = list[bytes]
+POLLIN = int(zmq.POLLIN)
 
 
 class Publisher:
@@ -53,7 +56,8 @@ class Publisher:
         so a client that just subscribed misses nothing sent after it did.
         """
         sock = self._sock
-        sock.refresh()
+        if not sock.refresh() & POLLIN:
+            return  # the usual case: nothing to read, and no exception raised
         for _ in range(4):  # bounded: a flood of them waits for the next call
             messages = sock.receive_nowait(256)
             if not messages:
