@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import NoReturn
+from typing import NoReturn, Protocol
 
 import trio
 import zmq
@@ -22,12 +22,38 @@ import zmq
 from trioclone._zmq import Socket, Sockets
 from trioclone.core.chp import encode_request
 from trioclone.endpoints import Endpoints
+from trioclone.errors import RemoteProtocolError
 
 Frames = list[bytes]
 #: Called with every batch read: ``(True, replies)`` or ``(False, updates)``.
 BatchHandler = Callable[[bool, list[Frames]], Awaitable[None]]
 
 BATCH = 512
+
+
+class Fed(Protocol):
+    """What a connection feeds: a replica (a client core, a server core)."""
+
+    def on_reply(self, frames: Sequence[bytes], now: float) -> None: ...
+
+    def on_update(self, frames: Sequence[bytes], now: float) -> None: ...
+
+
+def feed(
+    target: Fed,
+    is_reply: bool,
+    batch: list[Frames],
+    now: float,
+    reject: Callable[[str, RemoteProtocolError], None],
+) -> None:
+    """Hand a batch to ``target``; a malformed message goes to ``reject``
+    (with "snapshot reply" or "stream") and the rest still count."""
+    handle = target.on_reply if is_reply else target.on_update
+    for frames in batch:
+        try:
+            handle(frames, now)
+        except RemoteProtocolError as exc:
+            reject("snapshot reply" if is_reply else "stream", exc)
 
 
 @dataclass

@@ -34,21 +34,22 @@ from trioclone.server.settings import (
 log = logging.getLogger("trioclone")
 supervisor_log = logging.getLogger("trioclone.pair")
 
-#: ``serve`` options passed unchanged to both servers of ``serve --pair``.
-SHARED_OPTIONS = (
-    "heartbeat",
-    "peer_expiry",
-    "hugz",
-    "sync_timeout",
-    "pending_size",
-    "pending_age",
-    "status_interval",
-    "applied_horizon",
-    "applied_limit",
-    "backlog_limit",
-    "snapshot_stall",
-    "publisher_hwm",
-)
+#: ``serve`` options passed unchanged to both servers of ``serve --pair``,
+#: and the ``pair_settings`` keyword each one sets.
+SHARED_OPTIONS = {
+    "heartbeat": "heartbeat",
+    "peer_expiry": "expiry_heartbeats",
+    "hugz": "hugz_interval",
+    "sync_timeout": "sync_timeout",
+    "pending_size": "pending_size",
+    "pending_age": "pending_age",
+    "status_interval": "status_interval",
+    "applied_horizon": "applied_horizon",
+    "applied_limit": "applied_limit",
+    "backlog_limit": "backlog_limit",
+    "snapshot_stall": "snapshot_stall",
+    "publisher_hwm": "publisher_hwm",
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -229,18 +230,9 @@ def server_settings(
         peer_port=peer_port,
         state_port=state_port,
         peer_state_port=peer_state_port,
-        heartbeat=args.heartbeat,
-        expiry_heartbeats=args.peer_expiry,
-        hugz_interval=args.hugz,
-        sync_timeout=args.sync_timeout,
-        pending_size=args.pending_size,
-        pending_age=args.pending_age,
-        status_interval=args.status_interval,
-        applied_horizon=args.applied_horizon,
-        applied_limit=args.applied_limit,
-        backlog_limit=args.backlog_limit,
-        snapshot_stall=args.snapshot_stall,
-        publisher_hwm=args.publisher_hwm,
+        **{
+            setting: getattr(args, option) for option, setting in SHARED_OPTIONS.items()
+        },
     )
 
 

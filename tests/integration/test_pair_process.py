@@ -14,8 +14,6 @@ Real clock, bounds with margin: failover is expected near the peer expiry
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import zmq
@@ -29,22 +27,16 @@ from tests.integration.procs import (
     open_socket,
     recv,
     request_snapshot,
-    time_limit,
     vote_until_snapshot,
 )
 
 pytestmark = pytest.mark.slow
+TIME_LIMIT = 75  # seconds, for the procs fixture
 
 TIMINGS = [
     pytest.param(DEFAULT_TIMING, 6.0, id="heartbeat-1.0"),
     pytest.param(FAST_TIMING, 3.0, id="heartbeat-0.2"),
 ]
-
-
-@pytest.fixture
-def procs(tmp_path: Path) -> Iterator[Processes]:
-    with Processes(tmp_path) as processes, time_limit(75):
-        yield processes
 
 
 @pytest.mark.parametrize(("timing", "bound"), TIMINGS)

@@ -12,7 +12,6 @@ import json
 import random
 import socket
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -31,27 +30,13 @@ from tests.integration.procs import (
     open_socket,
     recv,
     start_standalone,
-    time_limit,
     wait_snapshot,
-    zmq_context,
 )
 
 pytestmark = pytest.mark.slow
 
 VECTORS = Path(__file__).parent.parent / "vectors.json"
 Context = zmq.Context[zmq.Socket[bytes]]
-
-
-@pytest.fixture
-def procs(tmp_path: Path) -> Iterator[Processes]:
-    with Processes(tmp_path) as processes, time_limit(60):
-        yield processes
-
-
-@pytest.fixture
-def ctx() -> Iterator[Context]:
-    with zmq_context() as context:
-        yield context
 
 
 @pytest.fixture

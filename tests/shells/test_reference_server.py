@@ -138,13 +138,17 @@ class ReferenceServer:
             self.sequence += 1
             self._publish([key, SEQ.pack(self.sequence), uuid, properties, body])
             parsed = parse_props(properties)
-            ttl = float(parsed.get(b"ttl", 0))  # as clonesrv6: 0 is no expiry
+            ttl = self._ttl(parsed)
             if ttl:
                 parsed[b"ttl"] = b"%f" % (self.wall() + ttl)
             if body:
                 self.kvmap[key] = Stored(key, self.sequence, uuid, parsed, body)
             else:
                 self.kvmap.pop(key, None)
+
+    def _ttl(self, parsed: dict[bytes, bytes]) -> float:
+        """Seconds to live, as clonesrv6.py reads them: 0 is no expiry."""
+        return float(parsed.get(b"ttl", 0))
 
     async def _every_second(self, action) -> NoReturn:
         while True:
@@ -296,28 +300,15 @@ class CReferenceServer(ReferenceServer):
     """The Guide's C server's collector (clonesrv6.c, spec defect 12): it reads
     ``ttl`` with ``sscanf("%d")`` into an uninitialised int, so a KVSET with
     no ``ttl`` gets whatever was on the stack: here, a random 1-3 seconds.
-    A ttl is stored as absolute milliseconds."""
+    (It stores the absolute time in milliseconds; the fake keeps seconds.)"""
 
     def __init__(self, sockets: Sockets, endpoints: Endpoints, seed: int) -> None:
         super().__init__(sockets, endpoints)
         self.garbage = random.Random(seed)
 
-    async def _collect(self) -> NoReturn:
-        while True:
-            key, _, uuid, properties, body = await self.collector.receive()
-            self.sequence += 1
-            self._publish([key, SEQ.pack(self.sequence), uuid, properties, body])
-            parsed = parse_props(properties)
-            text = parsed.get(b"ttl")
-            ttl = int(float(text)) if text else self.garbage.randint(1, 3)
-            if ttl:
-                parsed[b"ttl"] = b"%f" % (self.wall() + ttl)  # swept as seconds
-            else:
-                parsed.pop(b"ttl", None)
-            if body:
-                self.kvmap[key] = Stored(key, self.sequence, uuid, parsed, body)
-            else:
-                self.kvmap.pop(key, None)
+    def _ttl(self, parsed: dict[bytes, bytes]) -> float:
+        text = parsed.get(b"ttl")
+        return int(float(text)) if text else self.garbage.randint(1, 3)
 
 
 async def test_writes_through_the_guides_c_server_do_not_vanish(

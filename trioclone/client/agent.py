@@ -21,7 +21,7 @@ import trio
 import zmq
 from trio_util import AsyncValue
 
-from trioclone._follow import Follower
+from trioclone._follow import Follower, feed
 from trioclone._log import Limited
 from trioclone._zmq import Socket, Sockets
 from trioclone.client.events import (
@@ -253,21 +253,15 @@ class CloneClient:
 
     async def _handle(self, is_reply: bool, batch: list[list[bytes]]) -> None:
         core = self._core
-        handle = core.on_reply if is_reply else core.on_update
-        now = trio.current_time()
-        for frames in batch:
-            try:
-                handle(frames, now)
-            except RemoteProtocolError as exc:
-                where = "snapshot reply" if is_reply else "update"
-                self._log.log(
-                    logging.WARNING, where, "rejected %s from server: %s", where, exc
-                )
+        feed(core, is_reply, batch, trio.current_time(), self._reject)
         self._dispatch()
         while core.catching_up:  # a long backlog: in steps, others run between
             await trio.lowlevel.checkpoint()
             core.catch_up(trio.current_time())
             self._dispatch()
+
+    def _reject(self, where: str, exc: RemoteProtocolError) -> None:
+        self._log.log(logging.WARNING, where, "rejected %s from server: %s", where, exc)
 
     def _dispatch(self) -> None:
         """Carry out the core's actions and deliver its events."""

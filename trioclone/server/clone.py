@@ -34,7 +34,7 @@ import trio
 import zmq
 from trio_util import AsyncValue
 
-from trioclone._follow import Follower
+from trioclone._follow import Follower, feed
 from trioclone._log import Limited
 from trioclone._zmq import ROUTER_RETRY_INTERVAL, Socket, Sockets, UnroutableError
 from trioclone.core.bstar import BinaryStar, Outcome, State, encode_state
@@ -527,12 +527,9 @@ class CloneServer:
             self._trace("passive", "exit")
 
     async def _mirror(self, is_reply: bool, batch: list[list[bytes]]) -> None:
-        core = self.core
-        handle = core.on_reply if is_reply else core.on_update
         now = trio.current_time()
-        for frames in batch:
-            try:
-                handle(frames, now)
-            except RemoteProtocolError as exc:
-                self._reject("snapshot reply" if is_reply else "active's stream", exc)
+        feed(self.core, is_reply, batch, now, self._reject_from_active)
         self._after(now)
+
+    def _reject_from_active(self, where: str, exc: RemoteProtocolError) -> None:
+        self._reject(f"active's {where}", exc)
