@@ -10,6 +10,7 @@ replica of the active is fed with ``on_reply`` (snapshot socket) and
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping, Sequence
 
 import pytest
@@ -1179,3 +1180,24 @@ def test_a_transfer_looks_at_a_bounded_number_of_deleted_keys_per_peek() -> None
     assert transfer.peek(1.0)[1] == b"/k/1999"
     transfer.advance(1.0)
     assert transfer.peek(1.0) == [b"id", *END]
+
+
+def test_confirming_a_long_backlog_is_done_in_steps_too() -> None:
+    """Confirming what a new snapshot holds (pending copies matched) is
+    bounded work per step, like applying the backlog."""
+    core = passive_core(5, (kvpub(b"/a", 5, b"A", U4),))
+    for n in range(3000):
+        core.collect(kvset(b"/p/%d" % n, b"v", _uuid(100 + n)), 1.0)
+    _resyncing(core)
+    for n in range(3000):  # the active's copies, all in the new snapshot
+        core.on_update(kvpub(b"/p/%d" % n, 8 + n, b"v", _uuid(100 + n)), 1.0)
+    core.on_reply(kthxbai(3007, b"", {"lineage": ACTIVES}), 1.0)
+    core.on_reply(kthxbai(3007, HISTORY), 1.0)
+    assert core.busy and len(core.pending) == 3000  # nothing live yet
+    sizes = []
+    while core.busy:
+        core.step(1.0, limit=500)
+        sizes.append(len(core.pending))
+    drops = [a - b for a, b in itertools.pairwise([3000, *sizes])]
+    assert sizes[-1] == 0 and len(sizes) > 4
+    assert max(drops) <= 500 + 1024  # a step, and the first batch at go-live

@@ -255,7 +255,7 @@ class CloneClient:
         core = self._core
         feed(core, is_reply, batch, trio.current_time(), self._reject)
         self._dispatch()
-        while core.catching_up:  # a long backlog: in steps, others run between
+        while core.busy:  # a long backlog: in steps, others run between
             await trio.lowlevel.checkpoint()
             core.catch_up(trio.current_time())
             self._dispatch()

@@ -170,6 +170,8 @@ class Replica(Generic[M]):
         self._caught_sequence = 0
         self._gap = False
         self._confirming: list[KVMsg] = []
+        # confirmations of a map that went live, done a step at a time
+        self._to_confirm: deque[tuple[M, KVMsg]] = deque()
         # the stream
         self._backlog: deque[tuple[KVMsg, float]] = deque()
         self._live_from: int | None = None
@@ -205,6 +207,11 @@ class Replica(Generic[M]):
     def catching_up(self) -> bool:
         """A complete snapshot waits for ``catch_up`` to apply the backlog."""
         return self._catching_up
+
+    @property
+    def busy(self) -> bool:
+        """``catch_up`` has work: a backlog to apply, or updates to confirm."""
+        return self._catching_up or bool(self._to_confirm)
 
     def covers(self, key: bytes) -> bool:
         return any(key.startswith(subtree) for subtree in self.subtrees)
@@ -309,8 +316,14 @@ class Replica(Generic[M]):
         self.catch_up(now)
 
     def catch_up(self, now: float, limit: int = CATCH_UP_STEP) -> None:
-        """Apply up to ``limit`` backlog entries; go live once it is empty."""
-        if not self._catching_up:
+        """Up to ``limit`` steps of work: confirm what a map that went live
+        holds, then apply backlog entries; go live once the backlog is empty."""
+        to_confirm = self._to_confirm
+        for _ in range(min(limit, len(to_confirm))):
+            target, msg = to_confirm.popleft()
+            self._confirm(target, msg, now)
+            limit -= 1
+        if not self._catching_up or limit <= 0:
             return
         incoming = self._incoming
         assert incoming is not None
@@ -353,9 +366,9 @@ class Replica(Generic[M]):
         self.sequence = self._caught_sequence
         self._incoming = None
         self._catching_up = False
-        confirming, self._confirming = self._confirming, []
-        for msg in confirming:
-            self._confirm(incoming, msg, now)
+        self._to_confirm.extend((incoming, msg) for msg in self._confirming)
+        self._confirming = []
+        self.catch_up(now, CATCH_UP_STEP)  # the first step of them at once
         if self._settling:
             return
         for subtree, seq in self._thresholds.items():
@@ -490,7 +503,7 @@ class Replica(Generic[M]):
     def settle(self, now: float) -> None:
         """Stop following: bring the backlog into the newest complete map.
 
-        After ``settle``, call ``catch_up`` until ``catching_up`` is False;
+        After ``settle``, call ``catch_up`` until ``busy`` is False;
         ``live`` then holds every update the server published that reached
         us, gaps or not.  No more requests or connections are made.
         """

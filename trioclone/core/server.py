@@ -210,7 +210,7 @@ class ServerCore:
         return (
             self._takeover is not None
             or self._handoff is not None
-            or (replica is not None and replica.catching_up)
+            or (replica is not None and replica.busy)
         )
 
     def start(self, now: float) -> None:
@@ -466,14 +466,14 @@ class ServerCore:
             self._handoff_step(now, limit)
             return []
         replica = self.replica
-        if replica is not None and replica.catching_up:
+        if replica is not None and replica.busy:
             replica.catch_up(now, limit)
             return []
         takeover = self._takeover
         if takeover is None:
             return []
         if takeover.replica is not None:
-            if takeover.replica.catching_up:
+            if takeover.replica.busy:
                 takeover.replica.catch_up(now, limit)
                 return []
             self._adopt(takeover.replica)
