@@ -81,11 +81,13 @@ class Follower:
         subscriptions: Iterable[bytes],
         *,
         sub_options: Iterable[tuple[int, int | bytes]] = (),
+        identity: Callable[[], bytes] | None = None,
     ) -> None:
         self._sockets = sockets
         self._endpoints = list(endpoints)
         self._subscriptions = list(subscriptions)
         self._sub_options = list(sub_options)
+        self._identity = identity  # a fresh routing id for each DEALER
         self.current: Connection | None = None
         self._changed = trio.Event()
 
@@ -126,7 +128,10 @@ class Follower:
 
     async def _serve(self, connection: Connection, handle: BatchHandler) -> None:
         server = self._endpoints[connection.server]
-        dealer = self._sockets.open(zmq.DEALER, connect=[server.snapshot])
+        options = [] if self._identity is None else [(zmq.ROUTING_ID, self._identity())]
+        dealer = self._sockets.open(
+            zmq.DEALER, connect=[server.snapshot], options=options
+        )
         sub = self._sockets.open(
             zmq.SUB,
             connect=[server.publisher],

@@ -921,3 +921,22 @@ def test_a_ttl_must_be_finite(ttl):
 def test_client_timings_reject_what_makes_no_sense(name, value):
     with pytest.raises(LocalProtocolError, match=name):
         ClientTimings(**{name: value})
+
+
+def test_the_rest_of_a_reply_to_an_abandoned_request_is_skipped():
+    """A reset in the middle of a snapshot asks again on the same DEALER: the
+    first reply's tail comes first and must not fill the new map."""
+    core = ClientCore(1)
+    core.poll(0.0)
+    take(core)
+    core.on_update(hugz(3, {"lineage": L1}), 0.0)
+    core.on_reply(kv(b"/old/1", 2, b"o"), 0.1)
+    core.on_update(hugz(1, {"lineage": L2}), 0.2)  # restarted meanwhile
+    assert actions(core) == [Request(b"")]
+    core.on_reply(kv(b"/old/2", 3, b"o"), 0.3)  # the old reply's tail
+    core.on_reply(kthxbai(3, b"", {"lineage": L1}), 0.3)  # skipped too
+    assert core.phase is Phase.SYNCING
+    core.on_reply(kv(b"/new", 1, b"n"), 0.4)
+    core.on_reply(kthxbai(1, b"", {"lineage": L2}), 0.4)
+    assert core.phase is Phase.ACTIVE
+    assert values(core) == {b"/new": b"n"} and core.lineage == L2

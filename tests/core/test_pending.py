@@ -185,16 +185,31 @@ def test_relay_entries_are_due_every_interval_until_matched() -> None:
     assert pending.due(10.0, 1.0) == []
 
 
-def test_relay_stops_when_dropped_taken_or_switched_off() -> None:
+def test_relay_entries_are_never_pushed_out_by_size() -> None:
+    """A hand-over pushed out would be a confirmed write never resent."""
     pending = Pending(max_size=2, max_age=5.0)
-    for n in range(1, 4):  # 1 is pushed out by size
+    for n in range(1, 4):
         pending.hold(_uuid(n), _frames(n), 0.0, relay=True)
-    assert pending.due(1.0, 1.0) == [_frames(2), _frames(3)]
-    pending.take(1)  # 2 is replayed at a takeover
-    assert pending.due(2.0, 1.0) == [_frames(3)]
+    pending.hold(_uuid(7), _frames(7), 0.0)  # ordinary ones are bounded
+    pending.hold(_uuid(8), _frames(8), 0.0)
+    pending.hold(_uuid(9), _frames(9), 0.0)
+    assert len(pending) == 5 and pending.dropped == 1
+    assert pending.due(1.0, 1.0) == [_frames(1), _frames(2), _frames(3)]
+    assert pending.due(2.0, 1.0, limit=2) == [_frames(1), _frames(2)]  # bounded
+    assert pending.due(2.0, 1.0) == [_frames(3)]  # the oldest sent goes first
+
+
+def test_relay_stops_when_taken_expired_or_switched_off() -> None:
+    pending = Pending(max_size=2, max_age=5.0)
+    for n in range(1, 3):
+        pending.hold(_uuid(n), _frames(n), 0.0, relay=True)
+    pending.hold(_uuid(5), _frames(5), 0.0)
+    assert [list(h.frames) for h in pending.take(1)] == [_frames(1)]  # relays first
+    assert pending.due(2.0, 1.0) == [_frames(2)]
     pending.relay_off()
     assert pending.due(3.0, 1.0) == []
-    assert len(pending) == 1  # still held: a takeover replays it
+    assert len(pending) == 2  # still held: a takeover replays them
     pending.hold(_uuid(4), _frames(4), 3.0, relay=True)
-    assert pending.expire(8.0) == 2
+    assert pending.expire(8.0) == 3
     assert pending.due(9.0, 1.0) == []
+    assert pending.key_of(_uuid(4)) is None and _uuid(4) not in pending

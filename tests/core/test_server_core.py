@@ -523,13 +523,30 @@ def test_pending_is_applied_once() -> None:
     assert core.store.sequence == 1
 
 
-def test_takeover_never_replays_a_pending_write_a_later_one_overwrote() -> None:
+def test_takeover_replays_a_pending_write_the_stream_did_not_show_applied() -> None:
+    """Both writes of /k were held; the passive heard only U2, at 1, with no
+    gap before it.  So U1 was not applied up to 1: either never (its writer
+    resends it anyway) or after U2, with the active dead before we heard
+    it.  Replayed after U2, it keeps the active's order."""
     core = passive_core(0)
     old, new = kvset(b"/k", b"old", U1), kvset(b"/k", b"new", U2)
-    core.collect(old, 1.0)  # its copy from the active was missed
+    core.collect(old, 1.0)
     core.collect(new, 1.1)
-    core.on_update(kvpub(b"/k", 1, b"new", U2), 1.2)  # only the newer one seen
+    core.on_update(kvpub(b"/k", 1, b"new", U2), 1.2)
     assert len(core.pending) == 1
+    assert [f[4] for f in take_over(core, 2.0)] == [b"old"]
+    assert core.store.get(b"/k").body == b"old"
+    assert core.stats["pending_superseded"] == 0
+
+
+def test_takeover_skips_a_pending_write_a_later_one_overwrote_past_a_gap() -> None:
+    """The passive missed update 2 (a gap), then heard U2 write /k at 3.  U1
+    may be update 2, applied before U2: the later write wins, U1 is not
+    replayed over it."""
+    core = passive_core(0)
+    core.on_update(kvpub(b"/other", 1, b"o", U3), 1.0)
+    core.collect(kvset(b"/k", b"old", U1), 1.0)  # held at 1
+    core.on_update(kvpub(b"/k", 3, b"new", U2), 1.2)  # 2 was missed
     assert take_over(core, 2.0) == []
     assert core.store.get(b"/k").body == b"new"
     assert core.stats["pending_superseded"] == 1
@@ -1201,3 +1218,42 @@ def test_confirming_a_long_backlog_is_done_in_steps_too() -> None:
     drops = [a - b for a, b in itertools.pairwise([3000, *sizes])]
     assert sizes[-1] == 0 and len(sizes) > 4
     assert max(drops) <= 500 + 1024  # a step, and the first batch at go-live
+
+
+def test_a_founder_is_fresh_only_until_its_peer_copied_its_map() -> None:
+    primary = new_core(bstar=BinaryStar(True, 0.0))
+    primary.on_peer_state(state(State.BACKUP), 0.0)
+    run(primary, 0.0)
+    assert primary.fresh
+    assert primary.on_request(0.5, from_peer=True) == (True, None)  # not a vote
+    primary.peer_synced()  # it answered the peer's HISTORY request
+    assert not primary.fresh
+    # A passive answers no peer request and counts none as a vote.
+    passive = passive_core(0)
+    assert passive.on_request(100.0, from_peer=True) == (False, None)
+    assert passive.role is Role.PASSIVE
+
+
+def test_the_passive_never_adopts_a_map_founded_over_the_one_it_holds() -> None:
+    """The primary restarted empty and, cut off from the backup, got a
+    client's vote: it serves a fresh map.  The backup, which holds the old
+    one, would throw it away by syncing: instead it takes over, so dual
+    actives follow, which the held map wins."""
+    backup = passive_core(5, (kvpub(b"/kept", 5, b"k", U1),))
+    restarted = ServerCore(bstar=BinaryStar(True, 10.0), new_lineage=lambda: "c" * 32)
+    assert restarted.on_vote(12.0) is not None and restarted.role is Role.ACTIVE
+    run(restarted, 12.0)
+    backup.on_peer_hugz(restarted.hugz(), 12.5)
+    backup.on_update(restarted.hugz(), 12.5)  # a new lineage: a reset
+    assert actions(backup) == [Request(b"")]
+    backup.on_reply(restarted.kthxbai(b""), 12.6)
+    assert backup.role is Role.ACTIVE
+    assert backup.bstar is not None
+    assert backup.bstar.faults["the peer serves a map it founded after ours"] == 1
+    assert any("founded empty after ours" in text for _, text in backup.notices)
+    run(backup, 12.6)
+    assert backup.store.get(b"/kept").body == b"k" and backup.lineage == ACTIVES
+    heartbeat(restarted, backup, 13.0)  # the link heals
+    exchange_hugz(restarted, backup, 13.0)
+    heartbeat(restarted, backup, 14.0)
+    assert (restarted.role, backup.role) == (Role.PASSIVE, Role.ACTIVE)

@@ -65,16 +65,18 @@ class Applied:
             self._pop(1)
             self.evicted_early += 1
 
-    def evict(self, now: float) -> None:
-        """Forget UUIDs that went more than ``horizon`` seconds ago."""
+    def evict(self, now: float, limit: int = 65_536) -> None:
+        """Forget UUIDs that went more than ``horizon`` seconds ago (at most
+        about ``limit`` a call: after a long split, the rest next time)."""
         if self.retain:
             return
         buckets = self._buckets
         # a bucket goes once its newest possible entry is past the horizon
-        while buckets and buckets[0][0] + BUCKET <= now - self.horizon:
-            count = int(buckets[0][1])
+        while buckets and buckets[0][0] + BUCKET <= now - self.horizon and limit > 0:
+            count = min(int(buckets[0][1]), limit)
             self._pop(count)
             self.evicted += count
+            limit -= count
 
     def _pop(self, count: int) -> None:
         """Drop the ``count`` oldest UUIDs."""

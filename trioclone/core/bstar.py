@@ -73,6 +73,7 @@ DUAL_PASSIVES = "dual passives"
 BOTH_PRIMARY = "both servers are configured as primary"
 BOTH_BACKUP = "both servers are configured as backup"
 HEARTBEAT_MISMATCH = "peer heartbeat interval differs from ours"
+NEW_MAP_OVER_OURS = "the peer serves a map it founded after ours"
 
 Input = Event | str
 Next = State | str
@@ -163,6 +164,14 @@ class BinaryStar:
         return self._step(
             VOTE_PEER_EXPIRED if self.peer_expired(now) else VOTE_PEER_ALIVE
         )
+
+    def seize(self) -> Outcome:
+        """Become ACTIVE on the server core's word: the peer is active with a
+        map it founded empty after ours, which a sync would throw away.  If
+        the peer is alive, dual actives follow, and ours wins them."""
+        previous, self.state = self.state, State.ACTIVE
+        self.faults[NEW_MAP_OVER_OURS] += 1
+        return Outcome(previous, self.state, fault=NEW_MAP_OVER_OURS)
 
     def _step(self, event: Input, keep_active: bool | None = None) -> Outcome:
         previous = self.state

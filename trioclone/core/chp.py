@@ -222,9 +222,10 @@ def lineage_of(msg: KVMsg) -> str | None:
 
 
 def integer_property(msg: KVMsg, name: str) -> int | None:
-    """A property holding a non-negative integer; None if absent or not one."""
+    """A property holding a non-negative integer of at most 18 ASCII digits;
+    None if absent or anything else."""
     text = msg.properties.get(name)
-    if text is None or not text.isdigit():
+    if text is None or not (0 < len(text) <= 18 and text.isascii() and text.isdigit()):
         return None
     return int(text)
 

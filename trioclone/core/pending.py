@@ -13,10 +13,13 @@ Updates with an empty UUID (allowed by CHP) can never be matched, so they
 are never held: the active applies them once and a takeover never replays
 them.  A writer that may resend must give its writes a UUID.
 
-Entries marked ``relay`` were handed over by this server when it stepped
-down after a split: they are sent to the active's collector again every
-``interval`` until its copy arrives, since the first send can be lost while
-the link to it is still coming up.
+Entries marked ``relay`` are the writes this server accepted while active
+and handed over to its peer when it stepped down after a split.  They are
+kept apart: bounded by age only (their number is bounded by the map they
+came from, and pushing one out would lose a confirmed write), sent to the
+active's collector again every ``interval`` until its copy arrives (the
+first send can be lost while the link comes up), and replayed first, the
+oldest writes, if this server takes over again.
 """
 
 from __future__ import annotations
@@ -40,13 +43,14 @@ class Pending:
         self.max_age = max_age
         self.dropped = 0
         self._entries: OrderedDict[bytes, Held] = OrderedDict()
-        self._relay: dict[bytes, float] = {}  # uuid -> last sent
+        self._relays: OrderedDict[bytes, Held] = OrderedDict()
+        self._sent: OrderedDict[bytes, float] = OrderedDict()  # relay -> last sent
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._entries) + len(self._relays)
 
     def __contains__(self, uuid: bytes) -> bool:
-        return uuid in self._entries
+        return uuid in self._entries or uuid in self._relays
 
     def hold(
         self,
@@ -65,69 +69,86 @@ class Pending:
         """
         if not uuid:
             return False
-        entries = self._entries
-        if uuid not in entries:  # a resend keeps the first copy's place
-            entries[uuid] = Held(now, frames, sequence)
-            if len(entries) > self.max_size:
-                self._relay.pop(entries.popitem(last=False)[0], None)
-                self.dropped += 1
         if relay:
-            self._relay[uuid] = now
+            self._entries.pop(uuid, None)
+            self._relays.setdefault(uuid, Held(now, frames, sequence))
+            self._sent[uuid] = now
+            self._sent.move_to_end(uuid)
+            return True
+        entries = self._entries
+        if uuid not in entries and uuid not in self._relays:
+            entries[uuid] = Held(now, frames, sequence)  # a resend keeps its place
+            if len(entries) > self.max_size:
+                entries.popitem(last=False)
+                self.dropped += 1
         return True
 
     def match(self, uuid: bytes) -> bool:
         """The active's copy of ``uuid`` is in our map: forget ours."""
-        if not uuid or self._entries.pop(uuid, None) is None:
+        if not uuid:
             return False
-        self._relay.pop(uuid, None)
-        return True
+        if self._relays.pop(uuid, None) is not None:
+            self._sent.pop(uuid, None)
+            return True
+        return self._entries.pop(uuid, None) is not None
 
     def expire(self, now: float) -> int:
         """Drop entries held ``max_age`` seconds or more; return how many."""
-        entries = self._entries
         limit = now - self.max_age
         count = 0
-        while entries:
-            uuid, held = next(iter(entries.items()))
-            if held.since > limit:
-                break
-            del entries[uuid]
-            self._relay.pop(uuid, None)
-            count += 1
+        for entries in (self._relays, self._entries):
+            while entries:
+                uuid, held = next(iter(entries.items()))
+                if held.since > limit:
+                    break
+                del entries[uuid]
+                self._sent.pop(uuid, None)
+                count += 1
         self.dropped += count
         return count
 
-    def due(self, now: float, interval: float) -> list[Sequence[bytes]]:
-        """Relay entries last sent ``interval`` ago or more (marked sent now)."""
-        due = [uuid for uuid, sent in self._relay.items() if now - sent >= interval]
-        for uuid in due:
-            self._relay[uuid] = now
-        return [self._entries[uuid].frames for uuid in due]
+    def due(
+        self, now: float, interval: float, limit: int = 4096
+    ) -> list[Sequence[bytes]]:
+        """Relay entries last sent ``interval`` ago or more, oldest first and
+        at most ``limit`` (marked sent now)."""
+        sent, due = self._sent, list[Sequence[bytes]]()
+        while sent and len(due) < limit:
+            uuid, when = next(iter(sent.items()))
+            if now - when < interval:
+                break
+            sent[uuid] = now
+            sent.move_to_end(uuid)
+            due.append(self._relays[uuid].frames)
+        return due
 
     def take(self, limit: int) -> list[Held]:
-        """Up to ``limit`` of the oldest held updates, removed from the list."""
-        entries = self._entries
+        """Up to ``limit`` of the oldest held updates, removed from the list:
+        hand-overs first (they were accepted before the rest arrived)."""
         taken: list[Held] = []
-        while entries and len(taken) < limit:
-            uuid, held = entries.popitem(last=False)
-            self._relay.pop(uuid, None)
-            taken.append(held)
+        for entries in (self._relays, self._entries):
+            while entries and len(taken) < limit:
+                uuid, held = entries.popitem(last=False)
+                self._sent.pop(uuid, None)
+                taken.append(held)
         return taken
 
     def drain(self) -> list[Held]:
         """Every held update, oldest first; the list is left empty."""
-        return self.take(len(self._entries))
+        return self.take(len(self))
 
     def uuids(self) -> list[bytes]:
-        return list(self._entries)
+        return [*self._relays, *self._entries]
 
-    def key_of(self, uuid: bytes) -> bytes:
-        return self._entries[uuid].frames[0]
+    def key_of(self, uuid: bytes) -> bytes | None:
+        held = self._relays.get(uuid) or self._entries.get(uuid)
+        return None if held is None else held.frames[0]
 
     def relay_off(self) -> None:
         """Stop resending hand-over entries (we are the active now)."""
-        self._relay.clear()
+        self._sent.clear()
 
     def clear(self) -> None:
         self._entries.clear()
-        self._relay.clear()
+        self._relays.clear()
+        self._sent.clear()

@@ -122,6 +122,17 @@ class Send:
 Action = Connect | Request | Send
 
 
+def _outermost(subtrees: Sequence[bytes]) -> tuple[bytes, ...]:
+    """The subtrees, in order, less those inside another: the snapshot of
+    "/a/" holds "/a/b/", and two snapshots of one key disagree."""
+    unique = list(dict.fromkeys(subtrees))
+    return tuple(
+        sub
+        for sub in unique
+        if not any(sub.startswith(other) for other in unique if other != sub)
+    )
+
+
 class Replica(Generic[M]):
     """A live copy of one server's map (or of some subtrees of it).
 
@@ -144,8 +155,8 @@ class Replica(Generic[M]):
         if not subtrees:
             raise LocalProtocolError("a client needs at least one subtree")
         self.server_count = server_count
-        self.subtrees = tuple(dict.fromkeys(subtrees))
-        self.whole_tree = b"" in self.subtrees
+        self.subtrees = _outermost(subtrees)
+        self.whole_tree = self.subtrees == (b"",)
         self.timings = timings
         self.backlog_limit = backlog_limit
         self.phase = Phase.INITIAL
@@ -154,6 +165,8 @@ class Replica(Generic[M]):
         self.live = live
         self.sequence = 0
         self.lineage: str | None = None
+        #: Every update with a sequence up to this one is in ``live``.
+        self.contiguous = 0
         self.synced_once = False
         self.actions: list[Action] = []
         self.stats: Counter[str] = Counter()
@@ -164,7 +177,11 @@ class Replica(Generic[M]):
         self._incoming: M | None = None
         self._incoming_lineage: str | None = None
         self._asked = 0
+        self._in_flight = False  # a request on this connection awaits KTHXBAI
+        self._stale = 0  # KTHXBAIs still due for requests since abandoned
         self._thresholds: dict[bytes, int] = {}
+        self._snapshot_at = 0
+        self._contiguous = 0
         self._catching_up = False
         self._settling = False
         self._caught_sequence = 0
@@ -176,6 +193,7 @@ class Replica(Generic[M]):
         self._backlog: deque[tuple[KVMsg, float]] = deque()
         self._live_from: int | None = None
         self._high = 0
+        self._numbered_hugz = False  # this server's HUGZ carry its sequence
         self._heard_lineage: str | None = None
         self._seen: dict[bytes, int] = {}  # subtree -> newest sequence held
         self._new_connection = False
@@ -194,6 +212,10 @@ class Replica(Generic[M]):
 
     def _extra(self, request: bytes, msg: KVMsg, now: float) -> None:
         """A reply to one of the ``extra`` requests (not a subtree)."""
+
+    def _adopting(self, lineage: str | None, now: float) -> bool:
+        """A snapshot of the map ``lineage`` is coming: go on with it?"""
+        return True
 
     def _updated(self, msg: KVMsg) -> None:
         """``msg`` was applied to the live map as it arrived."""
@@ -242,6 +264,9 @@ class Replica(Generic[M]):
         self.server = server
         self._live_from = None
         self._high = 0
+        self._numbered_hugz = False
+        self._in_flight = False
+        self._stale = 0
         self._new_connection = True
         self.actions.append(Connect(server))
         self._request_snapshots(now)
@@ -249,6 +274,9 @@ class Replica(Generic[M]):
     def _request_snapshots(self, now: float) -> None:
         """Ask the current server for every subtree (and extra) again."""
         self.phase = Phase.SYNCING
+        if self._in_flight:  # its reply is on its way: skip it when it comes
+            self._stale += 1
+        self._in_flight = True
         self._incoming = self._new_map()
         self._incoming_lineage = None
         self._asked = 0
@@ -277,6 +305,9 @@ class Replica(Generic[M]):
         if self.phase is not Phase.SYNCING or self._catching_up:
             return  # a late reply from an abandoned attempt
         msg = decode_kvmsg(frames)
+        if self._stale:  # the rest of a reply to a request since abandoned
+            self._stale -= msg.key == KTHXBAI
+            return
         incoming = self._incoming
         assert incoming is not None
         self._deadline = now + self.timings.request_timeout
@@ -292,12 +323,17 @@ class Replica(Generic[M]):
             if self._thresholds and lineage != self._incoming_lineage:
                 self._reset(now)  # the map changed between two subtrees
                 return
+            if not self._thresholds and not self._adopting(lineage, now):
+                self._in_flight = False  # (that was its KTHXBAI)
+                self._give_up_on_server(now)
+                return
             self._incoming_lineage = lineage
             self._thresholds[request] = msg.sequence
         self._asked += 1
         if self._asked < len(self._requests):
             self.actions.append(Request(self._requests[self._asked]))
         else:
+            self._in_flight = False
             self._start_catch_up(now)
 
     def _start_catch_up(self, now: float) -> None:
@@ -310,7 +346,8 @@ class Replica(Generic[M]):
             self._reset(now)
             return
         self._catching_up = True
-        self._caught_sequence = min(self._thresholds.values())
+        self._caught_sequence = self._snapshot_at = min(self._thresholds.values())
+        self._contiguous = self._snapshot_at
         self._gap = False
         self._deadline = now + self.timings.silence_timeout
         self.catch_up(now)
@@ -342,6 +379,8 @@ class Replica(Generic[M]):
             return
         if self.whole_tree and msg.sequence != self._caught_sequence + 1:
             self._gap = True
+        if msg.sequence == self._contiguous + 1:
+            self._contiguous = msg.sequence
         self._caught_sequence = msg.sequence
         threshold = self._held_by(msg)
         if threshold is None:
@@ -364,6 +403,7 @@ class Replica(Generic[M]):
         old, self.live = self.live, incoming
         self.lineage = self._incoming_lineage
         self.sequence = self._caught_sequence
+        self.contiguous = self._contiguous
         self._incoming = None
         self._catching_up = False
         self._to_confirm.extend((incoming, msg) for msg in self._confirming)
@@ -382,7 +422,7 @@ class Replica(Generic[M]):
         self.stats["syncs"] += 1
         self._swapped(old, now)
         self._new_connection = False
-        late = self._live_from is not None and self._live_from > self.sequence
+        late = self._live_from is not None and self._live_from > self._snapshot_at
         if late or self._gap:
             self.stats["gaps"] += 1
             self._request_snapshots(now)
@@ -439,7 +479,9 @@ class Replica(Generic[M]):
                     return True
                 if self.phase is Phase.ACTIVE and self.lineage not in (None, lineage):
                     return True
-            if not msg.sequence:
+            if msg.sequence:
+                self._numbered_hugz = True
+            elif not self._numbered_hugz:
                 return False  # the RFC's HUGZ: no sequence to compare
         return msg.sequence < self._high
 
@@ -478,6 +520,8 @@ class Replica(Generic[M]):
 
     def _apply(self, msg: KVMsg, now: float) -> None:
         """A live update newer than ``self.sequence``."""
+        if self.contiguous == msg.sequence - 1:
+            self.contiguous = msg.sequence
         self.sequence = msg.sequence
         if self._thresholds:
             threshold = self._held_by(msg)
@@ -516,7 +560,8 @@ class Replica(Generic[M]):
         self._incoming_lineage = self.lineage
         self._thresholds = {subtree: self.sequence for subtree in self.subtrees}
         self._catching_up = True
-        self._caught_sequence = self.sequence
+        self._caught_sequence = self._snapshot_at = self.sequence
+        self._contiguous = self.contiguous
         self._gap = False
         self._live_from = None
         self.catch_up(now)

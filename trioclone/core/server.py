@@ -92,6 +92,9 @@ from trioclone.errors import RemoteProtocolError
 Frames = list[bytes]
 
 RULE_RESERVED = "a client may not write the reserved keys HUGZ and KTHXBAI"
+#: The passive's snapshot requests come from a DEALER whose routing id starts
+#: with this: they are not Binary Star votes (a peer is not a client).
+PEER_IDENTITY = b"trioclone-peer:"
 RESERVED = frozenset((HUGZ, KTHXBAI))
 #: Work done per ``step``: enough to be cheap per schedule point, small
 #: enough that heartbeats are never late.
@@ -135,6 +138,7 @@ class Takeover:
 
     replica: Mirror | None
     base: int = 0  # the store's sequence once the backlog is in
+    contiguous: int = 0  # every update of the old active's up to here is in
     arrivals: deque[Frames] = field(default_factory=deque)
 
 
@@ -173,8 +177,10 @@ class ServerCore:
         self.stats: Counter[str] = Counter()
         self._new_lineage = new_lineage
         self._takeover: Takeover | None = None
-        self._handoff: Iterator[Frames] | None = None
+        self._handoff: Iterator[Frames | None] | None = None
         self._handoff_held_at = 0
+        self._sweep: Iterator[bytes] | None = None
+        self._seizing = False
         self._tombstones: OrderedDict[bytes, tuple[int, bytes]] = OrderedDict()
         self._following_since: float | None = None
         self._housekeeping_at = 0.0
@@ -210,6 +216,7 @@ class ServerCore:
         return (
             self._takeover is not None
             or self._handoff is not None
+            or self._sweep is not None
             or (replica is not None and replica.busy)
         )
 
@@ -219,6 +226,25 @@ class ServerCore:
             self._become_active(now)
 
     # -- Binary Star ---------------------------------------------------------
+
+    def on_request(
+        self, now: float, *, from_peer: bool = False
+    ) -> tuple[bool, Outcome | None]:
+        """A snapshot request: whether to answer it, and its Binary Star vote.
+
+        A request from the peer (its passive syncing) is no vote: only the
+        active answers it.  Any other request is a client's vote.
+        """
+        if from_peer:
+            return self.role is Role.ACTIVE, None
+        outcome = self.on_vote(now)
+        return outcome is None or outcome.accepted, outcome
+
+    def peer_synced(self) -> None:
+        """The peer asked for our window: it completed a copy of our map, so
+        the map is the pair's now, not one this server just founded."""
+        if self.role is Role.ACTIVE:
+            self.fresh = False
 
     def on_vote(self, now: float) -> Outcome | None:
         """A snapshot request (a vote); None for a standalone server.
@@ -365,6 +391,17 @@ class ServerCore:
         """A message on the passive's snapshot connection to the active."""
         if self.role is Role.PASSIVE and self.replica is not None:
             self.replica.on_reply(frames, now)
+            if self._seizing and self.bstar is not None:
+                self._seizing = False
+                self.notices.append(
+                    (
+                        logging.ERROR,
+                        "the active serves a map it founded empty after ours; "
+                        "keeping ours: taking over (the other steps down when "
+                        "it hears us, and hands over its writes)",
+                    )
+                )
+                self._follow(self.bstar.seize(), now)
 
     def on_update(self, frames: Sequence[bytes], now: float) -> None:
         """A message on the passive's subscription to the active's stream."""
@@ -428,10 +465,13 @@ class ServerCore:
         self.relays.extend(self.pending.due(now, HOUSEKEEPING))
 
     def _retaining(self, now: float) -> bool:
-        """Keep replaced writes while a split may have to be reconciled."""
+        """Keep replaced writes while a split may have to be reconciled: while
+        the peer is not heard following us, and for a while after."""
         bstar = self.bstar
         if bstar is None or self.role is not Role.ACTIVE:
             return False
+        if bstar.peer_state is not State.PASSIVE or bstar.peer_expired(now):
+            self._following_since = None
         since = self._following_since
         grace = self.pending.max_age + bstar.expiry
         return since is None or now - since < grace
@@ -465,6 +505,9 @@ class ServerCore:
         if self._handoff is not None:
             self._handoff_step(now, limit)
             return []
+        if self._sweep is not None:
+            self._sweep_step(limit)
+            return []
         replica = self.replica
         if replica is not None and replica.busy:
             replica.catch_up(now, limit)
@@ -486,6 +529,8 @@ class ServerCore:
         live = replica.live
         self.store, self.applied = live.store, live.applied
         self.store.sequence = replica.sequence
+        assert self._takeover is not None
+        self._takeover.contiguous = replica.contiguous
         if replica.lineage is not None:
             self.lineage = replica.lineage
         if replica.synced_once:
@@ -504,12 +549,14 @@ class ServerCore:
             )
 
     def _begin_replay(self) -> None:
-        if self.lineage is None:  # no map to inherit: found one
+        if self.lineage is None:  # no map was ever handed to us: found one
             self.lineage = self._new_lineage()
-            self.fresh = not self.store.sequence
+            self.fresh = True
             self.branch = 0
         assert self._takeover is not None
         self._takeover.base = self.store.sequence
+        if self._takeover.replica is None and not self._takeover.contiguous:
+            self._takeover.contiguous = self.store.sequence  # nothing was heard
         self.pending.relay_off()
 
     def _replay(self, now: float, limit: int) -> list[Frames]:
@@ -522,8 +569,13 @@ class ServerCore:
             current = store.uuid_of(msg.key)
             if msg.uuid and (msg.uuid == current or msg.uuid in self.applied):
                 continue
-            if held.sequence < store.sequence_of(msg.key) <= takeover.base:
-                self.stats["pending_superseded"] += 1  # the old active wrote it later
+            # Unmatched, so not applied by the old active up to where we heard
+            # it without a gap: replayed now, it keeps the active's order.
+            # Past a gap it may have been applied there, before a later write
+            # to the same key that we did hear: that later write wins.
+            written = store.sequence_of(msg.key)
+            if held.sequence < written <= takeover.base and written > takeover.contiguous:
+                self.stats["pending_superseded"] += 1
                 continue
             published.append(self._apply(msg, held.frames, now, current))
         self.stats["takeover_applied"] += len(published)
@@ -539,6 +591,18 @@ class ServerCore:
         if not self.pending and not arrivals:
             self._takeover = None
         return published
+
+    def _sweep_step(self, limit: int) -> None:
+        """Match pending writes that a new snapshot holds or replaced."""
+        sweep, pending, store, applied = self._sweep, self.pending, self.store, self.applied
+        assert sweep is not None
+        for count, uuid in enumerate(sweep, 1):
+            key = pending.key_of(uuid)
+            if key is not None and (uuid in applied or store.uuid_of(key) == uuid):
+                pending.match(uuid)
+            if count >= limit:
+                return
+        self._sweep = None
 
     # -- a split that heals ----------------------------------------------------
 
@@ -570,10 +634,12 @@ class ServerCore:
     def _handoff_step(self, now: float, limit: int) -> None:
         handoff = self._handoff
         assert handoff is not None
-        for count, frames in enumerate(handoff, 1):
-            self.pending.hold(frames[2], frames, now, self._handoff_held_at, relay=True)
-            self.relays.append(frames)
-            self.stats["handoff_sent"] += 1
+        for count, frames in enumerate(handoff, 1):  # records looked at
+            if frames is not None:
+                held_at = self._handoff_held_at
+                self.pending.hold(frames[2], frames, now, held_at, relay=True)
+                self.relays.append(frames)
+                self.stats["handoff_sent"] += 1
             if count >= limit:
                 return
         self._handoff = None
@@ -606,13 +672,13 @@ def _handoff_frames(
     bound: int,
     lineage: str,
     now: float,
-) -> Iterator[Frames]:
-    """KVSETs for every client write newer than ``bound``: values, then deletes."""
+) -> Iterator[Frames | None]:
+    """KVSETs for every client write newer than ``bound``: values, then
+    deletes; None for each record passed over (so a step counts it)."""
     for key in store.keys(b""):
-        if store.sequence_of(key) <= bound:
-            continue
-        msg = store.get(key, now)
+        msg = store.get(key, now) if store.sequence_of(key) > bound else None
         if msg is None or not msg.uuid:
+            yield None
             continue
         props = encode_properties({**msg.properties, LINEAGE: lineage})
         yield [key, SEQUENCE.pack(msg.sequence), msg.uuid, props, msg.body]
@@ -620,6 +686,8 @@ def _handoff_frames(
     for key, (sequence, uuid) in tombstones.items():
         if sequence > bound and key not in store:
             yield [key, SEQUENCE.pack(sequence), uuid, props, b""]
+        else:
+            yield None
 
 
 class Mirror(Replica[ServerMap]):
@@ -661,6 +729,23 @@ class Mirror(Replica[ServerMap]):
         if msg.uuid and target.store.uuid_of(msg.key) != msg.uuid:
             target.applied.add(msg.uuid, now)  # in the snapshot, then replaced
 
+    def _adopting(self, lineage: str | None, now: float) -> bool:
+        """Never replace the map we hold by one the active founded empty
+        since (a restarted server that got a vote while cut off from us)."""
+        core = self.core
+        claim = core.peer_claim
+        holding = core.lineage is not None and not core.fresh
+        if (
+            holding
+            and lineage != core.lineage
+            and claim is not None
+            and claim.lineage == lineage
+            and claim.fresh
+        ):
+            core._seizing = True
+            return False
+        return True
+
     def _extra(self, request: bytes, msg: KVMsg, now: float) -> None:
         if request == HISTORY and msg.key == HISTORY and self._incoming is not None:
             uuids, age = decode_history(msg)
@@ -677,7 +762,4 @@ class Mirror(Replica[ServerMap]):
         if self.lineage is not None:
             core.lineage = self.lineage
         core.fresh = False
-        pending = core.pending
-        for uuid in pending.uuids():  # the snapshot holds them, or replaced them
-            if uuid in applied or store.uuid_of(pending.key_of(uuid)) == uuid:
-                pending.match(uuid)
+        core._sweep = iter(core.pending.uuids())  # matched a step at a time

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections import Counter, deque
 from collections.abc import Callable
 from typing import Any, NoReturn
@@ -40,7 +41,7 @@ from trioclone._zmq import ROUTER_RETRY_INTERVAL, Socket, Sockets, UnroutableErr
 from trioclone.core.bstar import BinaryStar, Outcome, State, encode_state
 from trioclone.core.chp import HISTORY, decode_request
 from trioclone.core.replica import Connect, Request, Timings
-from trioclone.core.server import Role, ServerCore
+from trioclone.core.server import PEER_IDENTITY, Role, ServerCore
 from trioclone.core.snapshot import Transfer
 from trioclone.core.store import Store
 from trioclone.errors import RemoteProtocolError
@@ -349,12 +350,15 @@ class CloneServer:
         except RemoteProtocolError as exc:
             self._reject("snapshot", exc)
             return
-        outcome = self.core.on_vote(now)
+        from_peer = identity.startswith(PEER_IDENTITY)
+        answer, outcome = self.core.on_request(now, from_peer=from_peer)
         self._on_bstar(outcome)
         self._after(now)
-        if outcome is not None and not outcome.accepted:
-            log.debug("vote rejected in state %s", outcome.state.name)
+        if not answer:
+            log.debug("request not answered in role %s", self.core.role.value)
             return
+        if from_peer and subtree == HISTORY:
+            self.core.peer_synced()
         if self.core.serving:
             self._start_transfer(identity, subtree, now)
         else:  # answered once the takeover is done
@@ -517,6 +521,7 @@ class CloneServer:
             [pair.peer],
             [b""],
             sub_options=[(zmq.RCVHWM, self.settings.publisher_hwm)],
+            identity=lambda: PEER_IDENTITY + os.urandom(8).hex().encode(),
         )
         self._follower = follower
         self._after(trio.current_time())  # the replica's first requests

@@ -1,0 +1,72 @@
+"""Adversarial review: ClientCore cases that leave a client with a wrong map
+without it noticing, or that crash it.  Literal times, no sockets."""
+
+from __future__ import annotations
+
+from tests.core.test_client_core import actions, kv, synced, take, values
+from trioclone.core.chp import hugz, kthxbai, subtree_hugz
+from trioclone.core.client import ClientCore, Phase, Request
+
+
+def test_a_subtree_stream_that_went_live_after_the_snapshot_is_noticed():
+    """The snapshot request reached the server before the SUB's subscription
+    did (two connections: nothing orders them).  The server published /a/x at
+    6 in between, then /a/y at 7, which is the first thing the client hears.
+    The stream says "live from 6" and the snapshot ends at 5: update 6 was
+    missed, and the client must snapshot again.  It compares "live from" with
+    the sequence *after* the backlog (7) instead of the snapshot's (5), so it
+    never does; and the subtree heartbeat (last=7) agrees with it for ever."""
+    core = ClientCore(1, [b"/a/"])
+    core.poll(0.0)
+    take(core)
+    core.on_update(kv(b"/a/y", 7, b"y"), 0.1)  # first word on the stream
+    core.on_reply(kthxbai(5, b"/a/"), 0.2)  # the snapshot ends at 5
+    # live from 6 > 5: update 6 may be missing, so it snapshots again at once
+    assert actions(core) == [Request(b"/a/")]
+    assert core.phase is Phase.SYNCING
+    core.on_reply(kv(b"/a/x", 6, b"x"), 0.3)
+    core.on_reply(kv(b"/a/y", 7, b"y"), 0.3)
+    core.on_reply(kthxbai(7, b"/a/"), 0.3)
+    core.on_update(subtree_hugz(b"/a/", 7), 1.0)  # the last update under /a/: 7
+    assert actions(core) == [] and core.phase is Phase.ACTIVE
+    assert values(core) == {b"/a/x": b"x", b"/a/y": b"y"}
+
+
+def test_a_guide_server_that_restarted_is_noticed_at_its_first_hugz():
+    """README: a client notices a server that lost its map "at the first HUGZ
+    it sends, within one HUGZ interval ... so does a sequence that goes
+    backwards (the Guide's servers send no lineage)".  The Guide's servers
+    send HUGZ with their current sequence, so a restarted one sends HUGZ 0
+    until someone writes.  The client ignores every HUGZ 0 (the RFC's form)
+    even on a connection whose HUGZ always carried the sequence before: it
+    keeps the lost map, synced, until the next write reaches it."""
+    core = synced([(b"/k", 5, b"v")], 5, servers=1)
+    core.on_update(hugz(5), 0.5)  # this server sends the reference HUGZ
+    core.on_update(kv(b"/j", 6, b"w"), 0.7)
+    core.on_update(hugz(6), 1.5)
+    assert actions(core) == []
+    # The server restarts, empty: its HUGZ now carry sequence 0.
+    for t in (2.5, 3.5, 4.5, 5.5):
+        core.on_update(hugz(0), t)
+    assert Request(b"") in actions(core), f"still serving {values(core)}"
+
+
+def test_overlapping_subtrees_do_not_bring_back_a_deleted_key():
+    """``open_client(servers, subtree=["/a/b/", "/a/"])``: each snapshot has
+    its own sequence and a key under both takes the newer one's.  /a/b/x
+    comes in the /a/b/ snapshot (at 10); it is deleted at 12; the /a/
+    snapshot (at 15) no longer lists it.  The delete is "already in" the /a/
+    snapshot, so it is skipped, and the key from the older snapshot stays
+    in the map for ever: the client holds a key the server deleted."""
+    core = ClientCore(1, [b"/a/b/", b"/a/"])
+    assert core.subtrees == (b"/a/",)  # /a/b/ is inside /a/: one snapshot
+    core.poll(0.0)
+    assert take(core)[0][-1] == Request(b"/a/")
+    core.on_reply(kv(b"/a/b/x", 3, b"v"), 0.1)
+    core.on_update(hugz(10), 0.1)
+    core.on_reply(kthxbai(10, b"/a/"), 0.1)
+    core.on_update(kv(b"/a/b/x", 12), 0.2)  # deleted later
+    assert core.phase is Phase.ACTIVE
+    assert b"/a/b/x" not in values(core)
+    assert ClientCore(1, [b"/a/", b""]).subtrees == (b"",)
+    assert ClientCore(1, [b"/b/", b"/a/", b"/b/"]).subtrees == (b"/b/", b"/a/")
