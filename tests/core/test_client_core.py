@@ -940,3 +940,24 @@ def test_the_rest_of_a_reply_to_an_abandoned_request_is_skipped():
     core.on_reply(kthxbai(1, b"", {"lineage": L2}), 0.4)
     assert core.phase is Phase.ACTIVE
     assert values(core) == {b"/new": b"n"} and core.lineage == L2
+
+
+def test_the_rest_of_an_abandoned_reply_is_skipped_without_a_lineage_too():
+    """A Guide server (no lineage) restarts while a snapshot is in flight: the
+    stream's sequence goes backwards, a reset.  Without the lineage, only
+    knowing that a reply was still due tells its tail from the new one."""
+    core = ClientCore(1)
+    core.poll(0.0)
+    take(core)
+    core.on_update(hugz(8), 0.0)
+    core.on_reply(kv(b"/old/1", 2, b"o"), 0.1)
+    core.on_update(kv(b"/x", 9, b"x"), 0.15)
+    core.on_update(kv(b"/fresh", 1, b"f"), 0.2)  # backwards: restarted
+    assert actions(core) == [Request(b"")]
+    core.on_reply(kv(b"/old/2", 3, b"o"), 0.3)  # the old reply's tail
+    core.on_reply(kthxbai(9, b""), 0.3)
+    assert core.phase is Phase.SYNCING
+    core.on_reply(kv(b"/fresh", 1, b"f"), 0.4)
+    core.on_reply(kthxbai(1, b""), 0.4)
+    assert core.phase is Phase.ACTIVE
+    assert values(core) == {b"/fresh": b"f"} and core.sequence == 1

@@ -489,3 +489,37 @@ async def test_an_empty_restarted_primary_never_wins_over_the_map(
             assert len(backup.server.core.store) == 5
             assert primary.server.core.store.keys() == backup.server.core.store.keys()
             nursery.cancel_scope.cancel()
+
+
+async def test_the_passives_own_resync_is_not_a_vote_for_an_empty_restarted_primary(
+    context, autojump_clock
+):
+    """The passive's snapshot requests are no Binary Star votes: the primary
+    restarts (empty) while the heartbeat link is down and no client votes
+    for anyone; the backup's own resyncs must not make the empty primary
+    ACTIVE, and the backup keeps the map."""
+    with trio.fail_after(120), Sockets(context) as sockets:
+        async with trio.open_nursery() as nursery:
+            p, b = pair_settings(relayed=True)
+            relays = [Relay.between(nursery, sockets, side) for side in (p, b)]
+            primary = await start(nursery, p, context)
+            backup = await start(nursery, b, context)
+            await backup.server.synced.wait_value(True)
+            writer = RawClient(sockets, p.bind, writes_to=(p.bind, b.bind))
+            await settle()
+            for i in range(5):
+                writer.set(b"/map/%d" % i, b"v")
+            await writer.updates(5)
+            await settle()
+            assert len(backup.server.core.store) == 5
+            for relay in relays:  # the heartbeat link goes down
+                relay.cut = True
+            primary.kill()
+            primary = await start(nursery, p, context)  # back at once, empty
+            await trio.sleep(30)  # no client votes at all
+            assert backup.server.core.bstar.state is State.PASSIVE
+            assert len(backup.server.core.store) == 5, "the passive dropped the map"
+            assert primary.server.state.value is not State.ACTIVE or len(
+                primary.server.core.store
+            ), "the empty primary was voted ACTIVE by its passive peer"
+            nursery.cancel_scope.cancel()

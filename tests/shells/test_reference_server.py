@@ -337,3 +337,26 @@ async def test_writes_through_the_guides_c_server_do_not_vanish(
                 await trio.sleep(5)
                 assert clone.get("/t/raw") is None
             nursery.cancel_scope.cancel()
+
+
+async def test_a_subtree_heartbeat_with_a_strange_last_does_not_kill_the_client(
+    context, autojump_clock
+):
+    """A Guide server republishes whatever a client writes, a key that looks
+    like a subtree heartbeat with a strange ``last`` too ("²"): the client
+    ignores it and keeps serving."""
+    with trio.fail_after(GUARD), Sockets(context) as sockets:
+        async with trio.open_nursery() as nursery:
+            ref = ReferenceServer(sockets, Endpoints.inproc(unique("reference")))
+            ref.preload(b"/a/1", b"one")
+            nursery.start_soon(ref.run)
+            raw = RawClient(sockets, ref.endpoints)
+            async with open_client([ref.endpoints], "/a/", context=context) as clone:
+                await clone.wait_synced()
+                await settle_links()
+                raw.set(b"/a/\x00HUGZ", b"", properties={"last": "\u00b2"})
+                await settle()
+                await trio.sleep(2)
+                assert clone.phase == "active"
+                assert clone.get("/a/1") == b"one"
+            nursery.cancel_scope.cancel()

@@ -21,6 +21,7 @@ import itertools
 import json
 import logging
 import struct
+import time
 import uuid as uuidlib
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -46,6 +47,7 @@ from trioclone.core.chp import (
     KVMsg,
     decode_kvmsg,
     decode_request,
+    encode_request,
 )
 from trioclone.endpoints import Endpoints
 from trioclone.errors import RemoteProtocolError
@@ -967,3 +969,78 @@ async def test_a_guide_style_client_never_stores_trioclones_additions(
             **{b"/b/%d" % i: b"w" for i in range(5)},
         }
         assert maps[1] == {b"/a/%d" % i: b"v" for i in range(5)}
+
+
+class LongestStep(trio.abc.Instrument):
+    """The longest time (real seconds) any one task ran without yielding."""
+
+    def __init__(self) -> None:
+        self.longest = 0.0
+        self._started: float | None = None
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        self._started = time.perf_counter()
+
+    def after_task_step(self, task: trio.lowlevel.Task) -> None:
+        if self._started is not None:
+            step = time.perf_counter() - self._started
+            self.longest = max(self.longest, step)
+        self._started = None
+
+
+async def test_subtree_snapshot_requests_do_not_stall_the_server(
+    context, autojump_clock
+):
+    """50 clients ask at once for snapshots of 50 subtrees of a 100,000-key
+    map: no task of the server (HUGZ, heartbeat, collector) may wait 0.1 s.
+    Each transfer picks its subtree's keys from the shared list of all keys
+    as it goes, a bounded number per step, instead of scanning the map when
+    the request comes."""
+    async with standalone(context) as served:
+        store = served.server.core.store
+        for n in range(100_000):
+            store.put(b"/k/%06d" % n, store.next_sequence(), b"", b"", b"v", None, 0)
+        dealers = [
+            served.sockets.open(zmq.DEALER, connect=[served.endpoints.snapshot])
+            for _ in range(50)
+        ]
+        await settle()
+        longest = LongestStep()
+        trio.lowlevel.add_instrument(longest)
+        try:
+            for n, dealer in enumerate(dealers):
+                assert dealer.try_send(encode_request(b"/sub/%02d/" % n))
+            for dealer in dealers:
+                await dealer.receive()  # each KTHXBAI (no key under its subtree)
+        finally:
+            trio.lowlevel.remove_instrument(longest)
+        assert longest.longest < 0.1, f"one task step ran {longest.longest:.3f} s"
+
+
+async def test_snapshot_requests_beyond_the_limits_wait_or_are_refused(
+    context, autojump_clock, monkeypatch, caplog
+):
+    """At most MAX_TRANSFERS replies are in progress (each holds a key list);
+    the next requests wait their turn, up to MAX_QUEUED; beyond that one is
+    not answered (logged and counted), and the client asks again."""
+    monkeypatch.setattr("trioclone.server.clone.MAX_TRANSFERS", 2)
+    monkeypatch.setattr("trioclone.server.clone.MAX_QUEUED", 3)
+    async with standalone(context) as s:
+        await _fill(s, 20_000)  # more than a client's queue holds: they wait
+        clients = [s.client() for _ in range(6)]
+        await settle()
+        for client in clients:  # all at once, none read yet
+            await client.dealer.send([ICANHAZ, b""])
+        await settle()
+        assert len(s.server._transfers) == 2 and len(s.server._queued) == 3
+        assert s.server.core.stats["snapshots_refused"] == 1
+        assert any("one more is not answered" in r.getMessage() for r in caplog.records)
+        answered = 0
+        for client in clients[:5]:
+            received = 0
+            while (await client.dealer.receive())[0] != KTHXBAI:
+                received += 1
+            assert received == 20_000
+            answered += 1
+        assert answered == 5 and not s.server._transfers and not s.server._queued
+        assert queued(clients[5].dealer) == []

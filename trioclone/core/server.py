@@ -574,7 +574,10 @@ class ServerCore:
             # Past a gap it may have been applied there, before a later write
             # to the same key that we did hear: that later write wins.
             written = store.sequence_of(msg.key)
-            if held.sequence < written <= takeover.base and written > takeover.contiguous:
+            if (
+                held.sequence < written <= takeover.base
+                and written > takeover.contiguous
+            ):
                 self.stats["pending_superseded"] += 1
                 continue
             published.append(self._apply(msg, held.frames, now, current))
@@ -594,7 +597,12 @@ class ServerCore:
 
     def _sweep_step(self, limit: int) -> None:
         """Match pending writes that a new snapshot holds or replaced."""
-        sweep, pending, store, applied = self._sweep, self.pending, self.store, self.applied
+        sweep, pending, store, applied = (
+            self._sweep,
+            self.pending,
+            self.store,
+            self.applied,
+        )
         assert sweep is not None
         for count, uuid in enumerate(sweep, 1):
             key = pending.key_of(uuid)

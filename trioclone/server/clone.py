@@ -54,6 +54,8 @@ BATCH = 512  # messages drained per schedule point on the busy sockets
 CHUNK = 256  # snapshot messages sent to one client before the next one's turn
 PUMP = 1024  # snapshot messages sent, over all clients, per schedule point
 SNAPSHOT_HWM = 10_000
+MAX_TRANSFERS = 256  # snapshot replies in progress at once
+MAX_QUEUED = 10_000  # snapshot requests waiting for one
 
 Context = zmq.Context[zmq.Socket[bytes]]
 
@@ -93,8 +95,9 @@ class CloneServer:
         self.rejections: Counter[str] = Counter()
         self._role = Role.WAITING
         self._transfers: deque[Transfer] = deque()
-        self._waiting: list[tuple[bytes, bytes]] = []  # during a takeover
-        self._key_list: tuple[Store, int, bytes, list[bytes]] | None = None
+        #: requests to answer once a transfer is free (or a takeover is done)
+        self._queued: deque[tuple[bytes, bytes]] = deque()
+        self._key_list: tuple[Store, int, list[bytes]] | None = None
         self._role_scope: trio.CancelScope | None = None
         self._snapshot_wait: trio.CancelScope | None = None
         self._state_sock: Socket | None = None
@@ -217,10 +220,8 @@ class CloneServer:
                 self._relay_sock.try_send(frames)
         if core.busy:
             self._work_wakeup.set()
-        elif self._waiting and core.serving:
-            for identity, subtree in self._waiting:
-                self._start_transfer(identity, subtree, now)
-            self._waiting.clear()
+        elif self._queued:
+            self._start_queued(now)
         synced = core.synced
         if synced and not self.synced.value and core.role is Role.PASSIVE:
             log.info(
@@ -236,7 +237,7 @@ class CloneServer:
         if role is Role.PASSIVE:
             self.publisher.close(discard=True)
             self._transfers.clear()
-            self._waiting.clear()
+            self._queued.clear()
             self._key_list = None
         bstar = self.core.bstar
         self.state.value = State.ACTIVE if bstar is None else bstar.state
@@ -337,7 +338,10 @@ class CloneServer:
                 self._on_request(frames, now)
             if not transfers:
                 continue
-            if self._pump(router, now):
+            moved = self._pump(router, now)
+            if self._queued:
+                self._start_queued(now)
+            if moved:
                 await trio.lowlevel.checkpoint()
             elif transfers:  # every client's queue is full: poll, wake for requests
                 with trio.move_on_after(ROUTER_RETRY_INTERVAL):
@@ -359,31 +363,43 @@ class CloneServer:
             return
         if from_peer and subtree == HISTORY:
             self.core.peer_synced()
-        if self.core.serving:
-            self._start_transfer(identity, subtree, now)
-        else:  # answered once the takeover is done
-            self._waiting.append((identity, subtree))
-
-    def _start_transfer(self, identity: bytes, subtree: bytes, now: float) -> None:
-        core = self.core
-        if subtree == HISTORY:
-            transfer = Transfer(
-                identity, core.store, [], core.kthxbai(subtree), now, core.history(now)
+        if len(self._queued) >= MAX_QUEUED:
+            self.core.stats["snapshots_refused"] += 1
+            self._log.log(
+                logging.WARNING,
+                "snapshot queue",
+                "%d snapshot requests wait already: one more is not answered",
+                MAX_QUEUED,
             )
-        else:
-            keys = self._keys(subtree)
-            transfer = Transfer(identity, core.store, keys, core.kthxbai(subtree), now)
-        self._transfers.append(transfer)
-        if self._snapshot_wait is not None:
-            self._snapshot_wait.cancel()
+            return
+        self._queued.append((identity, subtree))  # answered in turn
+        self._start_queued(now)
 
-    def _keys(self, subtree: bytes) -> list[bytes]:
-        """The subtree's key list, shared by requests while nothing changed."""
+    def _start_queued(self, now: float) -> None:
+        """Start waiting transfers, at most ``MAX_TRANSFERS`` at a time, once
+        a takeover is done (each holds a key list until it ends)."""
+        core, queued, transfers = self.core, self._queued, self._transfers
+        while queued and core.serving and len(transfers) < MAX_TRANSFERS:
+            identity, subtree = queued.popleft()
+            end = core.kthxbai(subtree)
+            if subtree == HISTORY:
+                history = core.history(now)
+                transfer = Transfer(identity, core.store, [], end, now, history)
+            else:
+                keys = self._keys()
+                transfer = Transfer(identity, core.store, keys, end, now, None, subtree)
+            transfers.append(transfer)
+            if self._snapshot_wait is not None:
+                self._snapshot_wait.cancel()
+
+    def _keys(self) -> list[bytes]:
+        """Every key, shared by the transfers that start while nothing changed
+        (a subtree's are picked from it as the transfer goes)."""
         store, cached = self.core.store, self._key_list
-        if cached is not None and cached[:3] == (store, store.sequence, subtree):
-            return cached[3]
-        keys = store.keys(subtree)
-        self._key_list = (store, store.sequence, subtree, keys)
+        if cached is not None and cached[:2] == (store, store.sequence):
+            return cached[2]
+        keys = store.keys(b"")
+        self._key_list = (store, store.sequence, keys)
         return keys
 
     def _pump(self, router: Socket, now: float) -> bool:

@@ -1,4 +1,4 @@
-"""Adversarial review: ClientCore cases that leave a client with a wrong map
+"""ClientCore in cases that could leave a client with a wrong map
 without it noticing, or that crash it.  Literal times, no sockets."""
 
 from __future__ import annotations
@@ -12,10 +12,9 @@ def test_a_subtree_stream_that_went_live_after_the_snapshot_is_noticed():
     """The snapshot request reached the server before the SUB's subscription
     did (two connections: nothing orders them).  The server published /a/x at
     6 in between, then /a/y at 7, which is the first thing the client hears.
-    The stream says "live from 6" and the snapshot ends at 5: update 6 was
-    missed, and the client must snapshot again.  It compares "live from" with
-    the sequence *after* the backlog (7) instead of the snapshot's (5), so it
-    never does; and the subtree heartbeat (last=7) agrees with it for ever."""
+    The stream is live from 6 and the snapshot ends at 5 (the snapshot's
+    sequence counts, not the one after the backlog): update 6 may be lost,
+    so the client snapshots again."""
     core = ClientCore(1, [b"/a/"])
     core.poll(0.0)
     take(core)
@@ -33,13 +32,10 @@ def test_a_subtree_stream_that_went_live_after_the_snapshot_is_noticed():
 
 
 def test_a_guide_server_that_restarted_is_noticed_at_its_first_hugz():
-    """README: a client notices a server that lost its map "at the first HUGZ
-    it sends, within one HUGZ interval ... so does a sequence that goes
-    backwards (the Guide's servers send no lineage)".  The Guide's servers
-    send HUGZ with their current sequence, so a restarted one sends HUGZ 0
-    until someone writes.  The client ignores every HUGZ 0 (the RFC's form)
-    even on a connection whose HUGZ always carried the sequence before: it
-    keeps the lost map, synced, until the next write reaches it."""
+    """The Guide's servers send HUGZ with their current sequence, so a
+    restarted one sends HUGZ 0 until someone writes.  On a connection whose
+    HUGZ carried a sequence before, a HUGZ 0 below it is a reset (an RFC
+    server, whose HUGZ are always 0, never triggers this)."""
     core = synced([(b"/k", 5, b"v")], 5, servers=1)
     core.on_update(hugz(5), 0.5)  # this server sends the reference HUGZ
     core.on_update(kv(b"/j", 6, b"w"), 0.7)
@@ -52,12 +48,10 @@ def test_a_guide_server_that_restarted_is_noticed_at_its_first_hugz():
 
 
 def test_overlapping_subtrees_do_not_bring_back_a_deleted_key():
-    """``open_client(servers, subtree=["/a/b/", "/a/"])``: each snapshot has
-    its own sequence and a key under both takes the newer one's.  /a/b/x
-    comes in the /a/b/ snapshot (at 10); it is deleted at 12; the /a/
-    snapshot (at 15) no longer lists it.  The delete is "already in" the /a/
-    snapshot, so it is skipped, and the key from the older snapshot stays
-    in the map for ever: the client holds a key the server deleted."""
+    """``open_client(servers, subtree=["/a/b/", "/a/"])``: "/a/b/" is inside
+    "/a/", so the client asks for "/a/" alone.  (Two snapshots of one key at
+    different sequences would disagree: a key deleted between them would
+    stay in the map for ever.)"""
     core = ClientCore(1, [b"/a/b/", b"/a/"])
     assert core.subtrees == (b"/a/",)  # /a/b/ is inside /a/: one snapshot
     core.poll(0.0)

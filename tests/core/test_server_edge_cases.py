@@ -1,4 +1,4 @@
-"""Adversarial review: ServerCore cases that lose a published write, apply
+"""ServerCore in cases that could lose a published write, apply
 one twice, or crash.  Literal times, no sockets."""
 
 from __future__ import annotations
@@ -34,16 +34,12 @@ from trioclone.errors import RemoteProtocolError
 
 def test_a_pending_write_the_active_applied_after_the_one_we_heard_survives():
     """Two clients write /k nearly at once: X (v0, U1), then Y (v1, U2).  Both
-    KVSETs reach the passive's collector before the active's copies (one hop
-    less), so both are held with "heard sequence" 10.  The active applies U1
-    as 11 and U2 as 12 and publishes both; Y sees 12 (its write confirmed).
-    The passive hears 11, the active dies with 12 still in flight to it.
-
-    The passive heard every update up to 11 without a gap, so U2, unmatched,
-    was not applied at or below 11: it must be replayed.  The "superseded"
-    rule (held at 10 < /k written at 11 <= base) drops it instead, and the
-    map keeps v0: a write the active published and its writer saw confirmed
-    is lost (Y does not resend a confirmed write)."""
+    KVSETs reach the passive's collector before the active's copies, so both
+    are held at "heard sequence" 10.  The active applies U1 as 11 and U2 as
+    12 and publishes both; Y sees 12 (its write confirmed).  The passive
+    hears 11 and the active dies with 12 in flight.  The passive heard every
+    update up to 11 without a gap, so U2, unmatched, was not applied at or
+    below 11: it is replayed, and Y's confirmed write holds."""
     core = passive_core(10)
     core.collect(kvset(b"/k", b"v0", U1), 1.0)
     core.collect(kvset(b"/k", b"v1", U2), 1.0)
@@ -54,19 +50,15 @@ def test_a_pending_write_the_active_applied_after_the_one_we_heard_survives():
 
 
 def test_a_split_longer_than_the_window_horizon_applies_no_write_twice():
-    """applied.py: "While retain is set (the active of a pair whose peer is
-    not following it, so that a split can be reconciled later), nothing is
-    evicted by age at all."  But ``_retaining`` only looks at when the peer
-    was last heard PASSIVE (``_following_since``), which a split does not
-    reset: an active whose peer had followed it for a while keeps evicting
-    by age during the split.
+    """The window of replaced writes is not evicted by age while the peer is
+    not heard following (a split), however long the split lasts.
 
-    X writes /k=v1 (U1): the primary applies it as 2 and publishes it; the
-    backup holds it, the link breaks before 2 reaches it.  The backup takes
+    X writes /k=v1 (U1): the primary applies it; the backup holds it, and
+    the link breaks before the primary's copy reaches it.  The backup takes
     over and replays U1.  On the primary's side, Z writes /k=v2 (U2): U1 is
-    replaced.  The split lasts 200 s (> the 120 s horizon).  It heals: the
-    backup hands U1 over; the primary no longer knows U1 and applies it a
-    second time, bringing back v1 over v2."""
+    replaced.  The split lasts 200 s (more than the 120 s horizon).  When it
+    heals the backup hands U1 over: the primary must still know it, and not
+    apply it a second time over v2."""
     primary = new_core(bstar=BinaryStar(True, 0.0))
     primary.on_peer_state(state(State.BACKUP), 0.0)
     run(primary, 0.0)
@@ -101,17 +93,12 @@ def test_a_split_longer_than_the_window_horizon_applies_no_write_twice():
 
 
 def test_a_restarted_backup_that_never_synced_never_wins_over_the_map():
-    """README: "the map that was handed down (synced, not founded empty by a
-    restarted server) wins ... An empty, just-restarted server never wins
-    over the map."  The primary founded the map (so it is ``fresh`` for
-    ever) and holds it.  The backup restarts, subscribes, hears one update
-    on the stream, and the link breaks before its snapshot completes; a
-    client on its island votes for it.  Its takeover serves an almost empty
-    map, founded anew, but ``fresh`` is computed as "sequence is 0", and the
-    backlog made it 7: so when the link heals the primary's full map loses.
-    It is then only handed over, record by record: a write without a UUID
-    is never handed over and is lost (as is anything beyond the pending
-    list's size, which bounds what is resent)."""
+    """The backup restarts, hears one update on the stream and is cut off
+    before its snapshot completes; a client on its island votes for it.  The
+    map it serves is founded anew (fresh), even though the stream made its
+    sequence non-zero: when the link heals, the primary's full map wins, and
+    nothing of it (a write without a UUID, which no hand-over carries) is
+    lost."""
     primary = new_core(bstar=BinaryStar(True, 0.0))
     primary.on_peer_state(state(State.BACKUP), 0.0)
     run(primary, 0.0)
@@ -144,9 +131,8 @@ def test_a_restarted_backup_that_never_synced_never_wins_over_the_map():
 
 @pytest.mark.parametrize("branch", ["\u00b2", "1" * 5000], ids=["superscript", "long"])
 def test_a_peer_hugz_with_a_strange_branch_is_a_rejection_not_a_crash(branch):
-    """``integer_property`` trusts ``str.isdigit()``; ``int()`` then raises
-    ValueError for "²" and for more than 4300 digits.  The shell's
-    ``_hear_claims`` catches only RemoteProtocolError, so the server dies."""
+    """A branch property that ``str.isdigit()`` accepts but ``int()`` does not
+    ("²", more than 4300 digits) is ignored, not a crash of the server."""
     core = new_core(bstar=BinaryStar(True, 0.0))
     frames = encode_kvmsg(
         KVMsg(b"HUGZ", 5, b"", {"lineage": "x" * 32, "branch": branch}, b"")
@@ -156,11 +142,9 @@ def test_a_peer_hugz_with_a_strange_branch_is_a_rejection_not_a_crash(branch):
 
 
 def test_a_hand_over_step_is_bounded_by_the_records_it_looks_at():
-    """ "Long work runs in bounded steps": a hand-over step yields at most
-    ``limit`` KVSETs, but the records at or below the branch point, which
-    it skips, are not counted.  A loser whose map is mostly older than the
-    split walks (and unpacks) all of it in its first step: 20,000 records
-    here, 1,000,000 on a big map, with no schedule point."""
+    """A hand-over step looks at no more than ``limit`` records, the ones it
+    passes over (at or below the branch point) included: on a big map most
+    records are, and one step must not walk them all."""
     primary = new_core(bstar=BinaryStar(True, 0.0))
     primary.on_peer_state(state(State.BACKUP), 0.0)
     run(primary, 0.0)
@@ -184,17 +168,11 @@ def test_a_hand_over_step_is_bounded_by_the_records_it_looks_at():
 
 
 def test_a_founder_that_steps_down_resends_its_island_writes_until_applied():
-    """The primary founded the map, so it is ``fresh`` for ever; when a split
-    heals and the first Binary Star heartbeat comes before the backup's
-    first HUGZ claim, it "yields at once" (test_without_claims_a_fresh_map_
-    yields_at_once).  With no claim its bound is its own branch, 0: it hands
-    over its *whole* map, in dict order, and holds every record on its
-    pending list, which keeps only the newest ``pending_size`` (100,000 by
-    default; 1,000 here with a 2,000-key map).  A write its island's client
-    saw confirmed, to an old key (early in dict order), is pushed out: sent
-    once, never resent.  If that one send is lost (the collector's HWM
-    under a burst of a whole map, or the link still coming up, which the
-    resends exist for), the confirmed write is gone."""
+    """The primary founded the map and yields without a claim when the split
+    heals, handing over its whole map; a write its island's client saw
+    confirmed must be resent until the winner applies it, however many
+    records were handed over (hand-overs are not bounded by --pending-size),
+    when the first sends are lost."""
     primary = new_core(bstar=BinaryStar(True, 0.0), pending_size=1000)
     primary.on_peer_state(state(State.BACKUP), 0.0)
     run(primary, 0.0)
