@@ -40,10 +40,18 @@ async def test_pair_starts_primary_active_backup_passive_and_mirrors(
 ):
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
-            (p, b), _primary, backup = await started_pair(nursery, context)
+            (p, b), primary, backup = await started_pair(nursery, context)
             # The first heartbeats go out before the links are up (slow joiner).
             assert trio.current_time() <= 1.0
             assert backup.server.state.value == State.PASSIVE
+            # One lineage; the primary's map is no longer "fresh" once its
+            # peer copied it (it asked for the window), and the backup's
+            # requests were no votes.
+            await settle()
+            primary_core, backup_core = primary.server.core, backup.server.core
+            assert backup_core.lineage == primary_core.lineage is not None
+            assert not primary_core.fresh and not backup_core.fresh
+            assert primary_core.bstar.faults == {}
             with Sockets(context) as sockets:
                 client = RawClient(sockets, p.bind, writes_to=(p.bind, b.bind))
                 await settle()
