@@ -665,6 +665,7 @@ class ServerCore:
             "window": len(self.applied),
             "window_evicted_early": self.applied.evicted_early,
             "subtrees_tracked": len(self.subtrees),
+            "subtrees_untracked": self.subtrees.untracked,
             **self.stats,
             **({} if self.replica is None else _prefixed(self.replica.stats)),
         }

@@ -1,0 +1,72 @@
+"""Subtree tracking and heartbeats (trioclone.core.subtrees), no sockets."""
+
+from __future__ import annotations
+
+import pytest
+
+from trioclone.core.chp import decode_kvmsg
+from trioclone.core.subtrees import RULE_SUBSCRIPTION, Subtrees
+from trioclone.errors import RemoteProtocolError
+
+
+def subscribe(subtrees: Subtrees, *prefixes: bytes) -> None:
+    for prefix in prefixes:
+        subtrees.on_subscription([b"\x01" + prefix])
+
+
+def beats(subtrees: Subtrees) -> dict[bytes, str]:
+    """Subtree -> its heartbeat's ``last``, checking each heartbeat's shape."""
+    out = {}
+    for frames in subtrees.heartbeats():
+        msg = decode_kvmsg(frames)
+        assert msg.key.endswith(b"\x00HUGZ") and msg.sequence == 0 and not msg.body
+        out[msg.key[: -len(b"\x00HUGZ")]] = msg.properties["last"]
+    return out
+
+
+def test_the_last_update_under_each_subscribed_prefix() -> None:
+    subtrees = Subtrees()
+    subscribe(subtrees, b"/a/", b"/a/b/", b"/svc/")
+    assert beats(subtrees) == {}  # nothing published under them yet
+    subtrees.published(b"/a/b/1", 7)
+    subtrees.published(b"/a/x", 8)
+    subtrees.published(b"/other", 9)
+    assert beats(subtrees) == {b"/a/": "8", b"/a/b/": "7"}
+    subtrees.clear()  # a new role: a new history
+    assert beats(subtrees) == {} and len(subtrees) == 3
+
+
+def test_whole_map_and_hugz_subscriptions_are_not_tracked() -> None:
+    subtrees = Subtrees()
+    subscribe(subtrees, b"", b"HUGZ")
+    assert len(subtrees) == 0 and subtrees.tracked == {}
+
+
+def test_the_last_unsubscription_stops_the_tracking() -> None:
+    subtrees = Subtrees()
+    subscribe(subtrees, b"/a/", b"/b/")
+    subtrees.on_subscription([b"\x00/a/"])
+    subtrees.published(b"/a/1", 3)
+    subtrees.published(b"/b/1", 4)
+    assert beats(subtrees) == {b"/b/": "4"}
+    subtrees.on_subscription([b"\x00/never/"])  # harmless
+    assert len(subtrees) == 1
+
+
+def test_prefixes_beyond_the_limit_are_counted_not_tracked() -> None:
+    subtrees = Subtrees(limit=2)
+    subscribe(subtrees, b"/a/", b"/b/", b"/c/", b"/a/")
+    assert len(subtrees) == 2 and subtrees.untracked == 1
+
+
+@pytest.mark.parametrize(
+    "frames",
+    [[b""], [b"\x02/a/"], [b"/a/"], [b"\x01/a/", b"extra"], []],
+    ids=["empty", "bad-flag", "no-flag", "two-frames", "no-frames"],
+)
+def test_anything_else_from_the_xpub_is_a_rejection(frames: list[bytes]) -> None:
+    subtrees = Subtrees()
+    with pytest.raises(RemoteProtocolError) as raised:
+        subtrees.on_subscription(frames)
+    assert raised.value.rule == RULE_SUBSCRIPTION
+    assert len(subtrees) == 0
