@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from tests.core.test_client_core import actions, kv, synced, take, values
 from trioclone.core.chp import hugz, kthxbai, subtree_hugz
-from trioclone.core.client import ClientCore, Phase, Request
+from trioclone.core.client import ClientCore, Connect, Phase, Request
 
 
 def test_a_subtree_stream_that_went_live_after_the_snapshot_is_noticed():
@@ -64,3 +64,42 @@ def test_overlapping_subtrees_do_not_bring_back_a_deleted_key():
     assert b"/a/b/x" not in values(core)
     assert ClientCore(1, [b"/a/", b""]).subtrees == (b"",)
     assert ClientCore(1, [b"/b/", b"/a/", b"/b/"]).subtrees == (b"/b/", b"/a/")
+
+
+def test_a_map_changed_between_two_subtrees_is_snapshotted_again_at_once():
+    """A client of /a/ and /b/ gets /a/'s snapshot from map L1, then /b/'s
+    from map L2 (the server restarted in between).  That KTHXBAI answered the
+    request in flight, so the same connection asks again at once."""
+    core = ClientCore(1, [b"/a/", b"/b/"])
+    core.poll(0.0)
+    actions(core)
+    core.on_reply(kv(b"/a/1", 2, b"old"), 0.0)
+    core.on_reply(kthxbai(4, b"/a/", {"lineage": "1" * 32}), 0.0)
+    assert actions(core) == [Request(b"/b/")]
+    core.on_reply(kthxbai(3, b"/b/", {"lineage": "2" * 32}), 0.1)  # restarted
+    assert actions(core) == [Request(b"/a/")]  # the map changed: again
+    core.on_reply(kv(b"/a/1", 1, b"new"), 0.2)
+    core.on_reply(kthxbai(3, b"/a/", {"lineage": "2" * 32}), 0.2)
+    assert actions(core) == [Request(b"/b/")], "the fresh reply was skipped"
+    core.on_reply(kthxbai(3, b"/b/", {"lineage": "2" * 32}), 0.2)
+    assert core.phase is Phase.ACTIVE
+    assert values(core) == {b"/a/1": b"new"}
+
+
+def test_a_server_that_restarts_before_answering_is_snapshotted_again_at_once():
+    """The client asked for a snapshot; the server restarted before answering
+    (the request died with the old process).  The new server's first HUGZ
+    carries another lineage: a reset.  The old request will never be
+    answered, so the client asks on a new connection, and syncs at once from
+    what comes (not after a request timeout and a back-off)."""
+    core = ClientCore(1, [b""])
+    core.poll(0.0)
+    actions(core)
+    core.on_update(hugz(5, {"lineage": "1" * 32}), 0.1)  # the old server
+    # ... restarts before answering; the new one sends its first HUGZ.
+    core.on_update(hugz(0, {"lineage": "2" * 32}), 0.5)
+    assert actions(core) == [Connect(0), Request(b"")]  # a new DEALER
+    core.on_reply(kv(b"/new", 1, b"n"), 0.6)
+    core.on_reply(kthxbai(1, b"", {"lineage": "2" * 32}), 0.6)
+    assert core.phase is Phase.ACTIVE, "the new server's reply was skipped"
+    assert values(core) == {b"/new": b"n"}

@@ -173,43 +173,64 @@ def test_take_removes_the_oldest_in_order_with_their_sequences() -> None:
 # --------------------------------------------------------------------------
 
 
-def test_relay_entries_are_due_every_interval_until_matched() -> None:
+def _peer(n: int) -> list[bytes]:
+    """A hand-over as sent to the peer (its own form)."""
+    return [b"/k/%d" % n, bytes(7) + b"\x09", _uuid(n), b"lineage=x\n", b"v%d" % n]
+
+
+def test_hand_overs_are_resent_every_interval_until_matched() -> None:
     pending = Pending()
-    pending.hold(_uuid(1), _frames(1), 0.0, relay=True)
+    pending.hold(_uuid(1), _frames(1), 0.0, relay=_peer(1))
     pending.hold(_uuid(2), _frames(2), 0.0)  # an ordinary client copy
     assert pending.due(0.999, 1.0) == []
-    assert pending.due(1.0, 1.0) == [_frames(1)]
+    assert pending.due(1.0, 1.0) == [_peer(1)]  # the peer's form is sent
     assert pending.due(1.5, 1.0) == []  # sent at 1.0
-    assert pending.due(2.0, 1.0) == [_frames(1)]
-    assert pending.match(_uuid(1))
-    assert pending.due(10.0, 1.0) == []
+    assert pending.due(2.0, 1.0) == [_peer(1)]
+    assert [list(h.frames) for h in pending.take(1)] == [_frames(1)]  # the
+    assert pending.due(10.0, 1.0) == []  # client's form is replayed
 
 
-def test_relay_entries_are_never_pushed_out_by_size() -> None:
+def test_hand_overs_are_never_pushed_out_by_size() -> None:
     """A hand-over pushed out would be a confirmed write never resent."""
     pending = Pending(max_size=2, max_age=5.0)
     for n in range(1, 4):
-        pending.hold(_uuid(n), _frames(n), 0.0, relay=True)
+        pending.hold(_uuid(n), _frames(n), 0.0, relay=_peer(n))
     pending.hold(_uuid(7), _frames(7), 0.0)  # ordinary ones are bounded
     pending.hold(_uuid(8), _frames(8), 0.0)
     pending.hold(_uuid(9), _frames(9), 0.0)
     assert len(pending) == 5 and pending.dropped == 1
-    assert pending.due(1.0, 1.0) == [_frames(1), _frames(2), _frames(3)]
-    assert pending.due(2.0, 1.0, limit=2) == [_frames(1), _frames(2)]  # bounded
-    assert pending.due(2.0, 1.0) == [_frames(3)]  # the oldest sent goes first
+    assert pending.due(1.0, 1.0) == [_peer(1), _peer(2), _peer(3)]
+    assert pending.due(2.0, 1.0, limit=2) == [_peer(1), _peer(2)]  # bounded
+    assert pending.due(2.0, 1.0) == [_peer(3)]  # the least recently sent first
 
 
-def test_relay_stops_when_taken_expired_or_switched_off() -> None:
+def test_a_hand_over_ages_out_only_once_sent_three_times() -> None:
+    pending = Pending(max_age=5.0)
+    pending.hold(_uuid(1), _frames(1), 0.0, relay=_peer(1))  # sent once
+    assert pending.expire(100.0) == 0  # old, but sent once only
+    pending.due(100.0, 1.0)
+    assert pending.expire(100.0) == 0
+    pending.due(101.0, 1.0)  # the third send
+    assert pending.expire(101.0) == 1
+    assert len(pending) == 0 and pending.dropped == 1
+
+
+def test_expiry_is_bounded_work_per_call() -> None:
+    pending = Pending(max_age=1.0)
+    for n in range(70_000):
+        pending.hold(_uuid(10 + n), _frames(n), 0.0)
+    assert pending.expire(5.0) == 65_536
+    assert pending.expire(5.0) == 70_000 - 65_536
+
+
+def test_hand_overs_stop_when_taken_or_switched_off() -> None:
     pending = Pending(max_size=2, max_age=5.0)
     for n in range(1, 3):
-        pending.hold(_uuid(n), _frames(n), 0.0, relay=True)
+        pending.hold(_uuid(n), _frames(n), 0.0, relay=_peer(n))
     pending.hold(_uuid(5), _frames(5), 0.0)
     assert [list(h.frames) for h in pending.take(1)] == [_frames(1)]  # relays first
-    assert pending.due(2.0, 1.0) == [_frames(2)]
+    assert pending.due(2.0, 1.0) == [_peer(2)]
     pending.relay_off()
     assert pending.due(3.0, 1.0) == []
     assert len(pending) == 2  # still held: a takeover replays them
-    pending.hold(_uuid(4), _frames(4), 3.0, relay=True)
-    assert pending.expire(8.0) == 3
-    assert pending.due(9.0, 1.0) == []
-    assert pending.key_of(_uuid(4)) is None and _uuid(4) not in pending
+    assert pending.key_of(_uuid(2)) == b"/k/2" and pending.key_of(_uuid(4)) is None

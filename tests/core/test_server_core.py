@@ -30,7 +30,7 @@ from trioclone.core.chp import (
 )
 from trioclone.core.replica import Connect, Request
 from trioclone.core.server import Role, ServerCore
-from trioclone.core.snapshot import SKIP, Transfer
+from trioclone.core.snapshot import SKIP, KeyIndex, Transfer
 from trioclone.core.store import Store
 from trioclone.errors import RemoteProtocolError
 
@@ -1257,3 +1257,36 @@ def test_the_passive_never_adopts_a_map_founded_over_the_one_it_holds() -> None:
     exchange_hugz(restarted, backup, 13.0)
     heartbeat(restarted, backup, 14.0)
     assert (restarted.role, backup.role) == (Role.PASSIVE, Role.ACTIVE)
+
+
+def test_sibling_subtrees_asked_together_share_one_bounded_scan() -> None:
+    store = Store()
+    for n in range(3000):
+        key = b"/svc/%d/%04d" % (n % 3, n)
+        store.put(key, n + 1, _uuid(n), b"", b"v", None, 0.0)
+    store.sequence = 3000
+    index = KeyIndex(store.keys(b""))
+    sources = [index.source(b"/svc/%d/" % n) for n in range(3)]
+    assert len({id(scan) for _, scan in sources}) == 1  # one pass for all
+    again = index.source(b"/svc/1/")  # the same subtree: the same keys
+    assert again[0] is sources[1][0]
+    transfers = [
+        Transfer(b"id%d" % n, store, keys, END, 0.0, None, scan)
+        for n, (keys, scan) in enumerate(sources)
+    ]
+    sent: list[list[bytes]] = [[], [], []]
+    while not all(t.done for t in transfers):
+        for n, transfer in enumerate(transfers):
+            before = transfer.examined
+            frames = transfer.peek(1.0)
+            assert transfer.examined - before <= SKIP  # bounded per peek
+            if frames is not None:
+                sent[n].append(frames[1])
+                transfer.advance(1.0)
+    for n in range(3):
+        assert sent[n][:-1] == [b"/svc/%d/%04d" % (n, k) for k in range(n, 3000, 3)]
+        assert sent[n][-1] == KTHXBAI
+    # a sibling asked once the scan began gets a scan of its own
+    late_keys, late_scan = index.source(b"/svc/9/")
+    assert late_scan is not sources[0][1] and late_keys == []
+    assert index.source(b"")[1] is None  # the whole map: no scan needed

@@ -5,6 +5,7 @@ process dies.  Times asserted are exact virtual times.
 """
 
 import math
+import time
 
 import trio
 
@@ -530,4 +531,53 @@ async def test_the_passives_own_resync_is_not_a_vote_for_an_empty_restarted_prim
             assert primary.server.state.value is not State.ACTIVE or len(
                 primary.server.core.store
             ), "the empty primary was voted ACTIVE by its passive peer"
+            nursery.cancel_scope.cancel()
+
+
+class LongestReplyStep(trio.abc.Instrument):
+    """The longest real time one step of a task reading snapshot replies ran
+    (the passive's Follower ``_replies`` task feeds its core)."""
+
+    def __init__(self) -> None:
+        self.longest = 0.0
+        self._started: float | None = None
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        self._started = time.perf_counter() if "_replies" in task.name else None
+
+    def after_task_step(self, task: trio.lowlevel.Task) -> None:
+        if self._started is not None:
+            self.longest = max(self.longest, time.perf_counter() - self._started)
+        self._started = None
+
+
+async def test_a_passive_loads_a_large_window_in_bounded_steps(context, autojump_clock):
+    """The active's window of replaced writes holds 1,000,000 UUIDs (the
+    default ``--applied-limit``; a busy hour, or a split).  The backup syncs:
+    the HISTORY reply is 245 messages of 4,096 UUIDs, which arrive in one
+    receive batch and are all loaded into the window in one task step.  Long
+    work must run in bounded steps (the README promises heartbeats at most
+    20 ms late): no step of the passive's reply reader may run 0.1 s."""
+    with trio.fail_after(120):
+        async with trio.open_nursery() as nursery:
+            settings = pair_settings()
+            primary = await start(nursery, settings[0], context)
+            backup = await start(nursery, settings[1], context)
+            await primary.server.state.wait_value(State.ACTIVE)
+            await backup.server.synced.wait_value(True)
+            applied, now = primary.server.core.applied, trio.current_time()
+            for n in range(1_000_000):
+                applied.add(n.to_bytes(16, "big"), now)
+            backup.kill()  # it restarts, and syncs the map and the window again
+            longest = LongestReplyStep()
+            trio.lowlevel.add_instrument(longest)
+            try:
+                backup = await start(nursery, settings[1], context)
+                await backup.server.synced.wait_value(True)
+            finally:
+                trio.lowlevel.remove_instrument(longest)
+            assert len(backup.server.core.applied) == 1_000_000
+            assert longest.longest < 0.1, (
+                f"one step of the passive's reply reader ran {longest.longest:.3f} s"
+            )
             nursery.cancel_scope.cancel()

@@ -49,6 +49,7 @@ from trioclone.core.chp import (
     decode_request,
     encode_request,
 )
+from trioclone.core.client import ClientTimings
 from trioclone.endpoints import Endpoints
 from trioclone.errors import RemoteProtocolError
 from trioclone.server.clone import CloneServer
@@ -1044,3 +1045,43 @@ async def test_snapshot_requests_beyond_the_limits_wait_or_are_refused(
             answered += 1
         assert answered == 5 and not s.server._transfers and not s.server._queued
         assert queued(clients[5].dealer) == []
+
+
+async def test_a_sparse_subtree_snapshot_starts_within_the_clients_request_timeout(
+    context, autojump_clock
+):
+    """128 clients of small subtrees ask at once; the map holds 250,000 other
+    keys, and each subtree's key was written last.  Each transfer now scans
+    the shared key list, 256 keys a turn, round-robin with the others, so
+    every client's first message waits for about 128 scans of the whole map.
+    A client that hears nothing for its request timeout (1 s by default)
+    gives up, connects again and asks again (the abandoned transfer scans on
+    until it finds a key to send).  Every client must hear its first message
+    within that timeout."""
+    timeout = ClientTimings().request_timeout
+    async with standalone(context, guard=600.0) as served:
+        store = served.server.core.store
+        for n in range(250_000):
+            store.put(b"/k/%06d" % n, store.next_sequence(), b"", b"", b"v", None, 0)
+        clients = 128
+        for n in range(clients):
+            store.put(b"/s/%03d/x" % n, store.next_sequence(), b"", b"", b"v", None, 0)
+        dealers = [
+            served.sockets.open(zmq.DEALER, connect=[served.endpoints.snapshot])
+            for _ in range(clients)
+        ]
+        await settle()
+        started = time.perf_counter()
+        for n, dealer in enumerate(dealers):
+            assert dealer.try_send(encode_request(b"/s/%03d/" % n))
+        first: list[float] = []
+        for dealer in dealers:
+            frames = await dealer.receive()
+            first.append(time.perf_counter() - started)
+            assert frames[0] == b"/s/%03d/x" % len(first[:-1])
+            assert (await dealer.receive())[0] == KTHXBAI
+        late = [t for t in first if t > timeout]
+        assert not late, (
+            f"{len(late)} of {clients} clients heard nothing for more than "
+            f"{timeout} s (the first message came after {max(first):.2f} s)"
+        )

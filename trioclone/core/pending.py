@@ -13,20 +13,26 @@ Updates with an empty UUID (allowed by CHP) can never be matched, so they
 are never held: the active applies them once and a takeover never replays
 them.  A writer that may resend must give its writes a UUID.
 
-Entries marked ``relay`` are the writes this server accepted while active
-and handed over to its peer when it stepped down after a split.  They are
-kept apart: bounded by age only (their number is bounded by the map they
-came from, and pushing one out would lose a confirmed write), sent to the
-active's collector again every ``interval`` until its copy arrives (the
-first send can be lost while the link comes up), and replayed first, the
-oldest writes, if this server takes over again.
+Hand-overs (``relay``: the frames to send) are the writes this server
+accepted while active and handed to its peer when it stepped down after a
+split.  They are kept apart: not bounded by size (their number is bounded
+by the map they came from, and pushing one out would lose a confirmed
+write), sent to the active's collector again every ``interval`` until its
+copy arrives (the first send can be lost while the link comes up), dropped
+by age only once sent ``RELAY_TRIES`` times, and replayed first, the oldest
+writes, if this server takes over again.  Every call does bounded work.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
+
+#: A hand-over is sent at least this many times before it may age out.
+RELAY_TRIES = 3
+#: At most this many entries are dropped by age in one call.
+EXPIRE_STEP = 65_536
 
 
 class Held(NamedTuple):
@@ -44,7 +50,8 @@ class Pending:
         self.dropped = 0
         self._entries: OrderedDict[bytes, Held] = OrderedDict()
         self._relays: OrderedDict[bytes, Held] = OrderedDict()
-        self._sent: OrderedDict[bytes, float] = OrderedDict()  # relay -> last sent
+        # relay -> [last sent, times sent, frames to send], least recent first
+        self._sent: OrderedDict[bytes, list[Any]] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._entries) + len(self._relays)
@@ -59,20 +66,22 @@ class Pending:
         now: float,
         sequence: int = 0,
         *,
-        relay: bool = False,
+        relay: Sequence[bytes] | None = None,
     ) -> bool:
         """Keep a client update until the active's copy arrives.
 
         ``sequence`` is the active's sequence as known when it arrived: a
         write to the same key applied later than that supersedes it.
-        False if it cannot be held (no UUID).
+        ``relay``: a hand-over, sent now as these frames (``frames`` are the
+        client's form, replayed at a takeover).  False if it cannot be held
+        (no UUID).
         """
         if not uuid:
             return False
-        if relay:
+        if relay is not None:
             self._entries.pop(uuid, None)
             self._relays.setdefault(uuid, Held(now, frames, sequence))
-            self._sent[uuid] = now
+            self._sent[uuid] = [now, 1, relay]
             self._sent.move_to_end(uuid)
             return True
         entries = self._entries
@@ -93,17 +102,24 @@ class Pending:
         return self._entries.pop(uuid, None) is not None
 
     def expire(self, now: float) -> int:
-        """Drop entries held ``max_age`` seconds or more; return how many."""
+        """Drop entries held ``max_age`` seconds or more (hand-overs only once
+        sent ``RELAY_TRIES`` times), at most ``EXPIRE_STEP``; return how many."""
         limit = now - self.max_age
         count = 0
-        for entries in (self._relays, self._entries):
-            while entries:
-                uuid, held = next(iter(entries.items()))
-                if held.since > limit:
-                    break
-                del entries[uuid]
-                self._sent.pop(uuid, None)
-                count += 1
+        sent, relays = self._sent, self._relays
+        while sent and count < EXPIRE_STEP:  # the least recently sent first
+            uuid, (_, times, _) = next(iter(sent.items()))
+            if times < RELAY_TRIES or relays[uuid].since > limit:
+                break
+            del sent[uuid], relays[uuid]
+            count += 1
+        entries = self._entries
+        while entries and count < EXPIRE_STEP:
+            uuid, held = next(iter(entries.items()))
+            if held.since > limit:
+                break
+            del entries[uuid]
+            count += 1
         self.dropped += count
         return count
 
@@ -114,12 +130,13 @@ class Pending:
         at most ``limit`` (marked sent now)."""
         sent, due = self._sent, list[Sequence[bytes]]()
         while sent and len(due) < limit:
-            uuid, when = next(iter(sent.items()))
-            if now - when < interval:
+            uuid, record = next(iter(sent.items()))
+            if now - record[0] < interval:
                 break
-            sent[uuid] = now
+            record[0] = now
+            record[1] += 1
             sent.move_to_end(uuid)
-            due.append(self._relays[uuid].frames)
+            due.append(record[2])
         return due
 
     def take(self, limit: int) -> list[Held]:

@@ -178,7 +178,7 @@ class Replica(Generic[M]):
         self._incoming_lineage: str | None = None
         self._asked = 0
         self._in_flight = False  # a request on this connection awaits KTHXBAI
-        self._stale = 0  # KTHXBAIs still due for requests since abandoned
+        self._extras: deque[tuple[bytes, KVMsg]] = deque()  # loaded in steps
         self._thresholds: dict[bytes, int] = {}
         self._snapshot_at = 0
         self._contiguous = 0
@@ -210,11 +210,17 @@ class Replica(Generic[M]):
     def _confirm(self, target: M, msg: KVMsg, now: float) -> None:
         """The stream update ``msg`` is in the live map ``target`` now."""
 
-    def _extra(self, request: bytes, msg: KVMsg, now: float) -> None:
-        """A reply to one of the ``extra`` requests (not a subtree)."""
+    def _check_extra(self, request: bytes, msg: KVMsg) -> None:
+        """A reply to one of the ``extra`` requests, as it arrives: raise
+        ``RemoteProtocolError`` if it is malformed."""
 
-    def _adopting(self, lineage: str | None, now: float) -> bool:
-        """A snapshot of the map ``lineage`` is coming: go on with it?"""
+    def _extra(self, request: bytes, msg: KVMsg, now: float) -> int:
+        """Take in a reply to one of the ``extra`` requests, once the whole
+        snapshot is in; return how much work it was (``catch_up`` steps)."""
+        return 1
+
+    def _adopting(self, end: KVMsg, now: float) -> bool:
+        """The first KTHXBAI of a snapshot (its map's lineage): go on?"""
         return True
 
     def _updated(self, msg: KVMsg) -> None:
@@ -266,7 +272,6 @@ class Replica(Generic[M]):
         self._high = 0
         self._numbered_hugz = False
         self._in_flight = False
-        self._stale = 0
         self._new_connection = True
         self.actions.append(Connect(server))
         self._request_snapshots(now)
@@ -274,9 +279,17 @@ class Replica(Generic[M]):
     def _request_snapshots(self, now: float) -> None:
         """Ask the current server for every subtree (and extra) again."""
         self.phase = Phase.SYNCING
-        if self._in_flight:  # its reply is on its way: skip it when it comes
-            self._stale += 1
+        if self._in_flight:
+            # A reply to the request in flight may still come on this DEALER
+            # (or never: the server may be new): a new connection, so that
+            # what comes next answers the new request.
+            self.actions.append(Connect(self.server))
+            self._live_from = None
+            self._high = 0
+            self._numbered_hugz = False
+            self._new_connection = True
         self._in_flight = True
+        self._extras.clear()
         self._incoming = self._new_map()
         self._incoming_lineage = None
         self._asked = 0
@@ -305,25 +318,24 @@ class Replica(Generic[M]):
         if self.phase is not Phase.SYNCING or self._catching_up:
             return  # a late reply from an abandoned attempt
         msg = decode_kvmsg(frames)
-        if self._stale:  # the rest of a reply to a request since abandoned
-            self._stale -= msg.key == KTHXBAI
-            return
         incoming = self._incoming
         assert incoming is not None
         self._deadline = now + self.timings.request_timeout
         request = self._requests[self._asked]
         if msg.key != KTHXBAI:
             if request not in self.subtrees:
-                self._extra(request, msg, now)
+                self._check_extra(request, msg)
+                self._extras.append((request, msg))
             elif msg.key.startswith(request):
                 self._put(incoming, msg, now)
             return
         if request in self.subtrees:
             lineage = lineage_of(msg)
             if self._thresholds and lineage != self._incoming_lineage:
+                self._in_flight = False  # (that was its KTHXBAI)
                 self._reset(now)  # the map changed between two subtrees
                 return
-            if not self._thresholds and not self._adopting(lineage, now):
+            if not self._thresholds and not self._adopting(msg, now):
                 self._in_flight = False  # (that was its KTHXBAI)
                 self._give_up_on_server(now)
                 return
@@ -361,6 +373,12 @@ class Replica(Generic[M]):
             self._confirm(target, msg, now)
             limit -= 1
         if not self._catching_up or limit <= 0:
+            return
+        extras = self._extras
+        while extras and limit > 0:
+            request, extra = extras.popleft()
+            limit -= self._extra(request, extra, now)
+        if extras:
             return
         incoming = self._incoming
         assert incoming is not None
@@ -556,6 +574,9 @@ class Replica(Generic[M]):
         self._settling = True
         if self._catching_up:
             return  # the snapshot in hand is newer than ``live``
+        heard = self._heard_lineage
+        if heard is not None and self.lineage is not None and heard != self.lineage:
+            self._backlog.clear()  # another map's updates: not for ours
         self._incoming = self.live
         self._incoming_lineage = self.lineage
         self._thresholds = {subtree: self.sequence for subtree in self.subtrees}

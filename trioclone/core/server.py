@@ -138,7 +138,7 @@ class Takeover:
 
     replica: Mirror | None
     base: int = 0  # the store's sequence once the backlog is in
-    contiguous: int = 0  # every update of the old active's up to here is in
+    contiguous: int | None = None  # every update up to it was heard
     arrivals: deque[Frames] = field(default_factory=deque)
 
 
@@ -177,7 +177,7 @@ class ServerCore:
         self.stats: Counter[str] = Counter()
         self._new_lineage = new_lineage
         self._takeover: Takeover | None = None
-        self._handoff: Iterator[Frames | None] | None = None
+        self._handoff: Iterator[tuple[Frames, Frames] | None] | None = None
         self._handoff_held_at = 0
         self._sweep: Iterator[bytes] | None = None
         self._seizing = False
@@ -434,7 +434,10 @@ class ServerCore:
         return hugz(self.store.sequence, props)
 
     def kthxbai(self, subtree: bytes) -> Frames:
-        return kthxbai(self.store.sequence, subtree, {LINEAGE: self.lineage or ""})
+        props = {LINEAGE: self.lineage or ""}
+        if self.fresh and self.bstar is not None:
+            props[FRESH] = "1"  # a passive holding another map keeps it
+        return kthxbai(self.store.sequence, subtree, props)
 
     def history(self, now: float) -> Iterator[Frames]:
         """The reply to a HISTORY request: the window, in batches."""
@@ -555,8 +558,8 @@ class ServerCore:
             self.branch = 0
         assert self._takeover is not None
         self._takeover.base = self.store.sequence
-        if self._takeover.replica is None and not self._takeover.contiguous:
-            self._takeover.contiguous = self.store.sequence  # nothing was heard
+        if self._takeover.contiguous is None:  # no replica: nothing was heard
+            self._takeover.contiguous = self.store.sequence
         self.pending.relay_off()
 
     def _replay(self, now: float, limit: int) -> list[Frames]:
@@ -574,11 +577,10 @@ class ServerCore:
             # Past a gap it may have been applied there, before a later write
             # to the same key that we did hear: that later write wins.
             written = store.sequence_of(msg.key)
-            if (
-                held.sequence < written <= takeover.base
-                and written > takeover.contiguous
-            ):
+            contiguous = takeover.contiguous or 0
+            if held.sequence < written <= takeover.base and written > contiguous:
                 self.stats["pending_superseded"] += 1
+                self.applied.add(msg.uuid, now)  # its resend is a repeat too
                 continue
             published.append(self._apply(msg, held.frames, now, current))
         self.stats["takeover_applied"] += len(published)
@@ -642,11 +644,12 @@ class ServerCore:
     def _handoff_step(self, now: float, limit: int) -> None:
         handoff = self._handoff
         assert handoff is not None
-        for count, frames in enumerate(handoff, 1):  # records looked at
-            if frames is not None:
+        for count, forms in enumerate(handoff, 1):  # records looked at
+            if forms is not None:
+                client, peer = forms
                 held_at = self._handoff_held_at
-                self.pending.hold(frames[2], frames, now, held_at, relay=True)
-                self.relays.append(frames)
+                self.pending.hold(client[2], client, now, held_at, relay=peer)
+                self.relays.append(peer)
                 self.stats["handoff_sent"] += 1
             if count >= limit:
                 return
@@ -681,20 +684,24 @@ def _handoff_frames(
     bound: int,
     lineage: str,
     now: float,
-) -> Iterator[Frames | None]:
-    """KVSETs for every client write newer than ``bound``: values, then
-    deletes; None for each record passed over (so a step counts it)."""
+) -> Iterator[tuple[Frames, Frames] | None]:
+    """Every client write newer than ``bound`` (values, then deletes), as the
+    client wrote it and as handed over (our sequence, our ``lineage``); None
+    for each record passed over, so a step counts it."""
+    zero, stamp = bytes(8), encode_properties({LINEAGE: lineage})
     for key in store.keys(b""):
         msg = store.get(key, now) if store.sequence_of(key) > bound else None
         if msg is None or not msg.uuid:
             yield None
             continue
-        props = encode_properties({**msg.properties, LINEAGE: lineage})
-        yield [key, SEQUENCE.pack(msg.sequence), msg.uuid, props, msg.body]
-    props = encode_properties({LINEAGE: lineage})
+        props = encode_properties(msg.properties) if msg.properties else b""
+        ours = SEQUENCE.pack(msg.sequence)
+        client = [key, zero, msg.uuid, props, msg.body]
+        yield client, [key, ours, msg.uuid, props + stamp, msg.body]
     for key, (sequence, uuid) in tombstones.items():
         if sequence > bound and key not in store:
-            yield [key, SEQUENCE.pack(sequence), uuid, props, b""]
+            client = [key, zero, uuid, b"", b""]
+            yield client, [key, SEQUENCE.pack(sequence), uuid, stamp, b""]
         else:
             yield None
 
@@ -738,27 +745,28 @@ class Mirror(Replica[ServerMap]):
         if msg.uuid and target.store.uuid_of(msg.key) != msg.uuid:
             target.applied.add(msg.uuid, now)  # in the snapshot, then replaced
 
-    def _adopting(self, lineage: str | None, now: float) -> bool:
+    def _adopting(self, end: KVMsg, now: float) -> bool:
         """Never replace the map we hold by one the active founded empty
-        since (a restarted server that got a vote while cut off from us)."""
+        since (a restarted server that got a vote while cut off from us):
+        its KTHXBAI says ``fresh``."""
         core = self.core
-        claim = core.peer_claim
         holding = core.lineage is not None and not core.fresh
-        if (
-            holding
-            and lineage != core.lineage
-            and claim is not None
-            and claim.lineage == lineage
-            and claim.fresh
-        ):
+        if holding and lineage_of(end) != core.lineage and end.properties.get(FRESH):
             core._seizing = True
             return False
         return True
 
-    def _extra(self, request: bytes, msg: KVMsg, now: float) -> None:
-        if request == HISTORY and msg.key == HISTORY and self._incoming is not None:
-            uuids, age = decode_history(msg)
-            self._incoming.applied.load([(age, uuids)], now)
+    def _check_extra(self, request: bytes, msg: KVMsg) -> None:
+        if request == HISTORY and msg.key == HISTORY:
+            decode_history(msg)  # RemoteProtocolError as it arrives
+
+    def _extra(self, request: bytes, msg: KVMsg, now: float) -> int:
+        """A batch of the active's window, into the incoming one."""
+        if request != HISTORY or msg.key != HISTORY or self._incoming is None:
+            return 1
+        uuids, age = decode_history(msg)
+        self._incoming.applied.load([(age, uuids)], now)
+        return 1 + len(uuids) // 8
 
     def _updated(self, msg: KVMsg) -> None:
         self.live.store.sequence = msg.sequence

@@ -42,7 +42,7 @@ from trioclone.core.bstar import BinaryStar, Outcome, State, encode_state
 from trioclone.core.chp import HISTORY, decode_request
 from trioclone.core.replica import Connect, Request, Timings
 from trioclone.core.server import PEER_IDENTITY, Role, ServerCore
-from trioclone.core.snapshot import Transfer
+from trioclone.core.snapshot import KeyIndex, Transfer
 from trioclone.core.store import Store
 from trioclone.errors import RemoteProtocolError
 from trioclone.server.publisher import Publisher
@@ -97,7 +97,7 @@ class CloneServer:
         self._transfers: deque[Transfer] = deque()
         #: requests to answer once a transfer is free (or a takeover is done)
         self._queued: deque[tuple[bytes, bytes]] = deque()
-        self._key_list: tuple[Store, int, list[bytes]] | None = None
+        self._key_index: tuple[Store, int, KeyIndex] | None = None
         self._role_scope: trio.CancelScope | None = None
         self._snapshot_wait: trio.CancelScope | None = None
         self._state_sock: Socket | None = None
@@ -238,7 +238,7 @@ class CloneServer:
             self.publisher.close(discard=True)
             self._transfers.clear()
             self._queued.clear()
-            self._key_list = None
+            self._key_index = None
         bstar = self.core.bstar
         self.state.value = State.ACTIVE if bstar is None else bstar.state
         if self._state_sock is not None and bstar is not None:
@@ -386,21 +386,21 @@ class CloneServer:
                 history = core.history(now)
                 transfer = Transfer(identity, core.store, [], end, now, history)
             else:
-                keys = self._keys()
-                transfer = Transfer(identity, core.store, keys, end, now, None, subtree)
+                keys, scan = self._index().source(subtree)
+                transfer = Transfer(identity, core.store, keys, end, now, None, scan)
             transfers.append(transfer)
             if self._snapshot_wait is not None:
                 self._snapshot_wait.cancel()
 
-    def _keys(self) -> list[bytes]:
+    def _index(self) -> KeyIndex:
         """Every key, shared by the transfers that start while nothing changed
-        (a subtree's are picked from it as the transfer goes)."""
-        store, cached = self.core.store, self._key_list
+        (a subtree's are picked from it as the transfers go)."""
+        store, cached = self.core.store, self._key_index
         if cached is not None and cached[:2] == (store, store.sequence):
             return cached[2]
-        keys = store.keys(b"")
-        self._key_list = (store, store.sequence, keys)
-        return keys
+        index = KeyIndex(store.keys(b""))
+        self._key_index = (store, store.sequence, index)
+        return index
 
     def _pump(self, router: Socket, now: float) -> bool:
         """Send the next chunk of each snapshot in turn; True if any moved.
@@ -428,7 +428,9 @@ class CloneServer:
             finally:
                 work = max(transfer.examined - examined, transfer.sent - sent)
                 budget -= max(work, 1)
-                moved = moved or work > 0
+                if work:  # progress for the client, even if nothing was sent
+                    transfer.idle_since = now
+                    moved = True
             if transfer.done:
                 continue
             if now - transfer.idle_since >= stall:
