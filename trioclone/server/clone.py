@@ -330,6 +330,8 @@ class CloneServer:
             if transfers:
                 requests = router.receive_nowait(64)
             else:
+                if not self._queued:
+                    self._key_index = None  # no transfer holds it: let it go
                 with trio.CancelScope() as self._snapshot_wait:
                     requests = await router.receive_batch(64)
                 self._snapshot_wait = None
