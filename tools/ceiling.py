@@ -1,4 +1,4 @@
-"""The bare synchronous pyzmq ceiling for a CHP server (no Trio, no checks).
+"""A bare synchronous pyzmq CHP server (no Trio, no checks): the bench baseline.
 
     python tools/ceiling.py --port P [--bind 127.0.0.1]
 
@@ -12,8 +12,9 @@ The loop: poll; drain up to 512 KVSETs (each: stamp the next sequence as
 ``!q``, republish the five frames, store the frames under the key); answer
 each ICANHAZ with a KVSYNC per stored key under the subtree and a KTHXBAI,
 with blocking sends.  Nothing else: no validation, no TTL, no deletes, no
-HUGZ, no logging.  This is what any Python CHP server can at best reach on
-this machine.  Stopped by SIGTERM/SIGINT (default handlers).
+HUGZ, no logging.  It is a baseline, not a ceiling: it uses pyzmq's own
+multipart calls, which cost more per message than trioclone's whole CHP
+path, and trioclone outruns it (see the README).  Stopped by SIGTERM/SIGINT (default handlers).
 """
 
 from __future__ import annotations
