@@ -13,8 +13,9 @@ The loop: poll; drain up to 512 KVSETs (each: stamp the next sequence as
 each ICANHAZ with a KVSYNC per stored key under the subtree and a KTHXBAI,
 with blocking sends.  Nothing else: no validation, no TTL, no deletes, no
 HUGZ, no logging.  It is a baseline, not a ceiling: it uses pyzmq's own
-multipart calls, which cost more per message than trioclone's whole CHP
-path, and trioclone outruns it (see the README).  Stopped by SIGTERM/SIGINT (default handlers).
+multipart calls, which are slower than trioclone's own, and trioclone
+outruns it (see the README).  Stopped by SIGTERM or
+SIGINT (default handlers).
 """
 
 from __future__ import annotations
