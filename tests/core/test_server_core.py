@@ -912,16 +912,24 @@ def heartbeat(a: ServerCore, b: ServerCore, now: float) -> None:
     b.on_peer_state(state(a_state), now)
 
 
-def split_pair() -> tuple[ServerCore, ServerCore]:
-    """A pair that split: the backup took over, both accept writes."""
-    primary = new_core(bstar=BinaryStar(True, 0.0))
+def split_pair(
+    writes: list[list[bytes]] | None = None, **primary_options: object
+) -> tuple[ServerCore, ServerCore]:
+    """A pair that split: the backup took over, both accept writes.
+
+    Before the split the primary applied ``writes`` (by default /shared) and
+    the backup synced them."""
+    if writes is None:
+        writes = [kvset(b"/shared", b"before", U1)]
+    primary = new_core(bstar=BinaryStar(True, 0.0), **primary_options)
     primary.on_peer_state(state(State.BACKUP), 0.0)
     run(primary, 0.0)
-    primary.collect(kvset(b"/shared", b"before", U1), 0.5)
+    for frames in writes:
+        primary.collect(frames, 0.5)
     backup = new_core(bstar=BinaryStar(False, 0.0))
     backup.on_peer_state(state(State.ACTIVE), 0.0)
     snapshot = [f[1:] for f in _drain(_transfer(primary, b""), 1.0)][:-1]
-    sync(backup, 1, snapshot, 1.0, lineage=OURS)
+    sync(backup, primary.store.sequence, snapshot, 1.0, lineage=OURS)
     assert backup.lineage == primary.lineage == OURS
     # The link between them breaks; a client votes for the backup.
     assert backup.on_vote(10.0) is not None and backup.role is Role.ACTIVE

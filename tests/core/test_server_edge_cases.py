@@ -150,17 +150,9 @@ def test_a_hand_over_step_is_bounded_by_the_records_it_looks_at():
     """A hand-over step looks at no more than ``limit`` records, the ones it
     passes over (at or below the branch point) included: on a big map most
     records are, and one step must not walk them all."""
-    primary = new_core(bstar=BinaryStar(True, 0.0))
-    primary.on_peer_state(state(State.BACKUP), 0.0)
-    run(primary, 0.0)
-    for n in range(20_000):
-        primary.collect(kvset(b"/k/%06d" % n, b"v", _uuid(1000 + n)), 0.5)
-    backup = new_core(bstar=BinaryStar(False, 0.0))
-    backup.on_peer_state(state(State.ACTIVE), 0.0)
-    snapshot = [f[1:] for f in _drain(_transfer(primary, b""), 1.0)][:-1]
-    sync(backup, primary.store.sequence, snapshot, 1.0, lineage=OURS)
-    assert backup.on_vote(10.0) is not None and backup.role is Role.ACTIVE
-    run(backup, 10.0)
+    primary, backup = split_pair(
+        [kvset(b"/k/%06d" % n, b"v", _uuid(1000 + n)) for n in range(20_000)]
+    )
     backup.collect(kvset(b"/island", b"i", _uuid(7)), 11.0)
     exchange_hugz(primary, backup, 20.0)
     heartbeat(primary, backup, 20.0)
@@ -178,17 +170,10 @@ def test_a_founder_that_steps_down_resends_its_island_writes_until_applied():
     confirmed must be resent until the winner applies it, however many
     records were handed over (hand-overs are not bounded by --pending-size),
     when the first sends are lost."""
-    primary = new_core(bstar=BinaryStar(True, 0.0), pending_size=1000)
-    primary.on_peer_state(state(State.BACKUP), 0.0)
-    run(primary, 0.0)
-    for n in range(2000):
-        primary.collect(kvset(b"/k/%04d" % n, b"old", _uuid(10_000 + n)), 0.5)
-    backup = new_core(bstar=BinaryStar(False, 0.0))
-    backup.on_peer_state(state(State.ACTIVE), 0.0)
-    snapshot = [f[1:] for f in _drain(_transfer(primary, b""), 1.0)][:-1]
-    sync(backup, primary.store.sequence, snapshot, 1.0, lineage=OURS)
-    assert backup.on_vote(10.0) is not None and backup.role is Role.ACTIVE
-    run(backup, 10.0)
+    primary, backup = split_pair(
+        [kvset(b"/k/%04d" % n, b"old", _uuid(10_000 + n)) for n in range(2000)],
+        pending_size=1000,
+    )
     # The primary's island: a client updates an old key, confirmed.
     assert primary.collect(kvset(b"/k/0000", b"new", _uuid(99)), 11.0) is not None
     # Heal: the heartbeat is heard before the first HUGZ claim.

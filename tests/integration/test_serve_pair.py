@@ -264,25 +264,28 @@ class Children:
         return "\n".join(self.lines()[-40:])
 
 
-@contextlib.contextmanager
-def local_pair(procs: Processes) -> Iterator[tuple[ServerProcess, Children, list[str]]]:
-    p1, p2 = free_base_ports(2)
+def pair_options(port: int, peer_port: int) -> list[str]:
+    """``serve --pair`` on 127.0.0.1 at these base ports, with free state ports."""
     s1, s2 = free_ports(2)
-    supervisor = procs.start(
-        "pair",
+    return [
         "--pair",
         "--bind",
         HOST,
         "--port",
-        str(p1),
+        str(port),
         "--peer-port",
-        str(p2),
+        str(peer_port),
         "--state-port",
         str(s1),
         "--peer-state-port",
         str(s2),
-        *FAST_TIMING,
-    )
+    ]
+
+
+@contextlib.contextmanager
+def local_pair(procs: Processes) -> Iterator[tuple[ServerProcess, Children, list[str]]]:
+    p1, p2 = free_base_ports(2)
+    supervisor = procs.start("pair", *pair_options(p1, p2), *FAST_TIMING)
     children = Children(supervisor)
     try:
         yield supervisor, children, [tcp(p1), tcp(p2)]
@@ -401,26 +404,12 @@ def test_serve_pair_stops_on_sigint_and_exits_0(tmp_path: Path) -> None:
 def test_serve_pair_gives_up_when_both_ports_are_taken(tmp_path: Path) -> None:
     with time_limit(60), Processes(tmp_path) as procs:
         p1, p2 = free_base_ports(2)
-        s1, s2 = free_ports(2)
         for name, port in (("squatter-1", p1), ("squatter-2", p2)):
             squatter = procs.start(
                 name, "--standalone", "--bind", HOST, "--port", str(port)
             )
             assert squatter.wait_for_log("listening", 15), squatter.log()
-        supervisor = procs.start(
-            "pair",
-            "--pair",
-            "--bind",
-            HOST,
-            "--port",
-            str(p1),
-            "--peer-port",
-            str(p2),
-            "--state-port",
-            str(s1),
-            "--peer-state-port",
-            str(s2),
-        )
+        supervisor = procs.start("pair", *pair_options(p1, p2))
         children = Children(supervisor)
         try:
             assert supervisor.popen.wait(30) == 1, children.tail()

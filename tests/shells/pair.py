@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, NamedTuple
 from weakref import WeakValueDictionary
 
 import trio
@@ -135,4 +135,43 @@ class Relay:
         return relay
 
 
-__all__ = ["Running", "pair_settings", "replace", "start"]
+class StartedPair(NamedTuple):
+    """A running pair: its settings, servers and (if relayed) heartbeat relays."""
+
+    settings: tuple[ServerSettings, ServerSettings]
+    primary: Running
+    backup: Running
+    relays: list[Relay]
+
+
+async def started_pair(
+    nursery: trio.Nursery,
+    context: zmq.Context[Any],
+    sockets: Sockets | None = None,
+    **options: Any,
+) -> StartedPair:
+    """Start primary then backup; return once the backup has synced.
+
+    With ``sockets``, each side's heartbeats go through a ``Relay`` the test
+    can cut."""
+    settings = pair_settings(relayed=sockets is not None, **options)
+    relays = (
+        []
+        if sockets is None
+        else [Relay.between(nursery, sockets, side) for side in settings]
+    )
+    primary = await start(nursery, settings[0], context)
+    backup = await start(nursery, settings[1], context)
+    await backup.server.synced.wait_value(True)
+    return StartedPair(settings, primary, backup, relays)
+
+
+__all__ = [
+    "Relay",
+    "Running",
+    "StartedPair",
+    "pair_settings",
+    "replace",
+    "start",
+    "started_pair",
+]

@@ -25,7 +25,7 @@ import trio
 import zmq
 
 from tests.chp import RawClient, settle, unique
-from tests.shells.pair import Running, pair_settings, start
+from tests.shells.pair import Running, pair_settings, start, started_pair
 from trioclone import (
     ClientClosedError,
     DeleteEvent,
@@ -67,15 +67,6 @@ async def settle_links() -> None:
 async def standalone(nursery: trio.Nursery, context: Any) -> tuple[Endpoints, Running]:
     endpoints = Endpoints.inproc(unique("solo"))
     return endpoints, await start(nursery, ServerSettings(bind=endpoints), context)
-
-
-async def started_pair(nursery: trio.Nursery, context: Any) -> tuple[Any, ...]:
-    settings = pair_settings()
-    primary = await start(nursery, settings[0], context)
-    backup = await start(nursery, settings[1], context)
-    await primary.server.state.wait_value(State.ACTIVE)
-    await backup.server.synced.wait_value(True)
-    return settings[0].bind, settings[1].bind, primary, backup
 
 
 class Recorder:
@@ -447,7 +438,8 @@ async def test_failover_while_writing_loses_nothing_and_applies_nothing_twice(
 ):
     with trio.fail_after(GUARD), Sockets(context) as sockets:
         async with trio.open_nursery() as nursery:
-            p, b, primary, backup = await started_pair(nursery, context)
+            settings, primary, backup, _ = await started_pair(nursery, context)
+            p, b = (side.bind for side in settings)
             tallies = [Tally(sockets, p), Tally(sockets, b)]
             for tally in tallies:
                 nursery.start_soon(tally.run)
@@ -525,7 +517,8 @@ async def test_a_write_lost_before_failover_is_resent_after_it_and_applied_once(
 ):
     with trio.fail_after(GUARD), Sockets(context) as sockets:
         async with trio.open_nursery() as nursery:
-            p, b, primary, backup = await started_pair(nursery, context)
+            settings, primary, backup, _ = await started_pair(nursery, context)
+            p, b = (side.bind for side in settings)
 
             def backup_active() -> bool:
                 return backup.server.state.value == State.ACTIVE

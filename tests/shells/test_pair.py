@@ -10,19 +10,10 @@ import time
 import trio
 
 from tests.chp import RawClient, settle
-from tests.shells.pair import Relay, pair_settings, start
+from tests.shells.pair import Relay, pair_settings, start, started_pair
 from trioclone._zmq import Sockets
 from trioclone.core.bstar import DUAL_ACTIVES, State
 from trioclone.core.chp import decode_kvmsg, encode_request
-
-
-async def started_pair(nursery, context, **options):
-    settings = pair_settings(**options)
-    primary = await start(nursery, settings[0], context)
-    backup = await start(nursery, settings[1], context)
-    await primary.server.state.wait_value(State.ACTIVE)
-    await backup.server.synced.wait_value(True)
-    return settings, primary, backup
 
 
 async def vote_until_answered(sockets, endpoints, interval=1.0):
@@ -41,7 +32,7 @@ async def test_pair_starts_primary_active_backup_passive_and_mirrors(
 ):
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
-            (p, b), primary, backup = await started_pair(nursery, context)
+            (p, b), primary, backup, _ = await started_pair(nursery, context)
             # The first heartbeats go out before the links are up (slow joiner).
             assert trio.current_time() <= 1.0
             assert backup.server.state.value == State.PASSIVE
@@ -70,7 +61,7 @@ async def test_pair_starts_primary_active_backup_passive_and_mirrors(
 async def test_failover_needs_peer_silence_and_a_vote(context, autojump_clock):
     with trio.fail_after(60):
         async with trio.open_nursery() as nursery:
-            (_p, b), primary, backup = await started_pair(nursery, context)
+            (_p, b), primary, backup, _ = await started_pair(nursery, context)
             await trio.sleep_until(math.floor(trio.current_time()) + 0.5)
             killed = trio.current_time()
             primary.kill()
@@ -97,7 +88,7 @@ async def test_failover_needs_peer_silence_and_a_vote(context, autojump_clock):
 async def test_takeover_publishes_pending_and_keeps_published(context, autojump_clock):
     with trio.fail_after(60):
         async with trio.open_nursery() as nursery:
-            (p, b), primary, backup = await started_pair(nursery, context)
+            (p, b), primary, backup, _ = await started_pair(nursery, context)
             with Sockets(context) as sockets:
                 writer = RawClient(sockets, p.bind, writes_to=(p.bind, b.bind))
                 watcher = RawClient(sockets, b.bind)
@@ -127,7 +118,7 @@ async def test_takeover_publishes_pending_and_keeps_published(context, autojump_
 async def test_ttl_expires_at_the_same_deadline_after_takeover(context, autojump_clock):
     with trio.fail_after(60):
         async with trio.open_nursery() as nursery:
-            (p, b), primary, _backup = await started_pair(nursery, context)
+            (p, b), primary, _backup, _ = await started_pair(nursery, context)
             with Sockets(context) as sockets:
                 writer = RawClient(sockets, p.bind, writes_to=(p.bind, b.bind))
                 await settle()
@@ -151,7 +142,7 @@ async def test_ttl_expires_at_the_same_deadline_after_takeover(context, autojump
 async def test_restarted_primary_resyncs_then_double_failover(context, autojump_clock):
     with trio.fail_after(120):
         async with trio.open_nursery() as nursery:
-            (p, b), primary, backup = await started_pair(nursery, context)
+            (p, b), primary, backup, _ = await started_pair(nursery, context)
             with Sockets(context) as sockets:
                 writer = RawClient(sockets, p.bind, writes_to=(p.bind, b.bind))
                 await settle()
@@ -185,11 +176,9 @@ async def test_restarted_primary_resyncs_then_double_failover(context, autojump_
 async def test_dual_actives_converge_on_the_primary(context, autojump_clock, caplog):
     with trio.fail_after(60), Sockets(context) as sockets:
         async with trio.open_nursery() as nursery:
-            p, b = pair_settings(relayed=True)
-            relays = [Relay.between(nursery, sockets, side) for side in (p, b)]
-            primary = await start(nursery, p, context)
-            backup = await start(nursery, b, context)
-            await backup.server.synced.wait_value(True)
+            (_, b), primary, backup, relays = await started_pair(
+                nursery, context, sockets
+            )
             for relay in relays:  # partition the heartbeat link both ways
                 relay.cut = True
             await trio.sleep(3)
@@ -273,7 +262,7 @@ async def test_passive_sync_and_active_publishing_never_overlap(
 async def test_quick_flap_ends_with_the_right_scope(context, autojump_clock):
     with trio.fail_after(60), Sockets(context) as sockets:
         async with trio.open_nursery() as nursery:
-            (_, b), primary, backup = await started_pair(nursery, context)
+            (_, b), primary, backup, _ = await started_pair(nursery, context)
             primary.kill()
             await trio.sleep(2)
             await vote_until_answered(sockets, b.bind)
@@ -411,11 +400,9 @@ async def test_a_healed_split_loses_no_write_and_applies_none_twice(
     primary, and resyncs: every confirmed write is there, each applied once."""
     with trio.fail_after(120), Sockets(context) as sockets:
         async with trio.open_nursery() as nursery:
-            p, b = pair_settings(relayed=True)
-            relays = [Relay.between(nursery, sockets, side) for side in (p, b)]
-            primary = await start(nursery, p, context)
-            backup = await start(nursery, b, context)
-            await backup.server.synced.wait_value(True)
+            (p, b), primary, backup, relays = await started_pair(
+                nursery, context, sockets
+            )
             stream = RawClient(sockets, p.bind)  # what the primary publishes
             await settle()
             for relay in relays:
@@ -471,11 +458,9 @@ async def test_an_empty_restarted_primary_never_wins_over_the_map(
     When the link heals it is the one that steps down: the map survives."""
     with trio.fail_after(120), Sockets(context) as sockets:
         async with trio.open_nursery() as nursery:
-            p, b = pair_settings(relayed=True)
-            relays = [Relay.between(nursery, sockets, side) for side in (p, b)]
-            primary = await start(nursery, p, context)
-            backup = await start(nursery, b, context)
-            await backup.server.synced.wait_value(True)
+            (p, b), primary, backup, relays = await started_pair(
+                nursery, context, sockets
+            )
             writer = RawClient(sockets, p.bind, writes_to=(p.bind, b.bind))
             await settle()
             for i in range(5):
@@ -509,11 +494,9 @@ async def test_the_passives_own_resync_is_not_a_vote_for_an_empty_restarted_prim
     ACTIVE, and the backup keeps the map."""
     with trio.fail_after(120), Sockets(context) as sockets:
         async with trio.open_nursery() as nursery:
-            p, b = pair_settings(relayed=True)
-            relays = [Relay.between(nursery, sockets, side) for side in (p, b)]
-            primary = await start(nursery, p, context)
-            backup = await start(nursery, b, context)
-            await backup.server.synced.wait_value(True)
+            (p, b), primary, backup, relays = await started_pair(
+                nursery, context, sockets
+            )
             writer = RawClient(sockets, p.bind, writes_to=(p.bind, b.bind))
             await settle()
             for i in range(5):
