@@ -15,7 +15,6 @@ every 1.0 with the peer expiring after 2.0 of silence.
 from __future__ import annotations
 
 import math
-import time
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -418,12 +417,9 @@ async def test_a_client_started_before_the_servers_syncs_when_they_come_up(
                 # The write made while no server was up is resent right after
                 # the sync (5.5), applied once and confirmed at once: the
                 # primary's publisher takes in the client's SUB (connected
-                # before it asked) before it publishes the update.  The
-                # client's own PUB takes in the collector only while sending,
-                # and then only if ~1 ms of real time passed since it last
-                # did (its first send, at 0): here ~5 ms pass, so this one
-                # place still leans on real time until the client reads
-                # EVENTS before sending, as the server's publisher does.
+                # before it asked) before it publishes the update, and the
+                # client's PUB takes in the new collector before it resends
+                # (both read EVENTS first; see settle_links).
                 ((when, sequence),) = written
                 assert sequence == 1
                 assert when == 5.5
@@ -456,7 +452,6 @@ async def test_failover_while_writing_loses_nothing_and_applies_nothing_twice(
                 async def write_forever() -> None:
                     for i in range(10_000):
                         key = f"/w/{i:04d}"
-                        time.sleep(0.005)  # see settle_links: no slow joiner
                         sequence = await clone.set(key, f"v{i}")
                         confirmed[key] = (sequence, trio.current_time())
                         await trio.sleep(0.25)

@@ -21,7 +21,6 @@ import itertools
 import json
 import logging
 import struct
-import time
 import uuid as uuidlib
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -49,7 +48,7 @@ from trioclone.core.chp import (
     decode_request,
     encode_request,
 )
-from trioclone.core.client import ClientTimings
+from trioclone.core.snapshot import Scan
 from trioclone.endpoints import Endpoints
 from trioclone.errors import RemoteProtocolError
 from trioclone.server.clone import CloneServer
@@ -972,31 +971,37 @@ async def test_a_guide_style_client_never_stores_trioclones_additions(
         assert maps[1] == {b"/a/%d" % i: b"v" for i in range(5)}
 
 
-class LongestStep(trio.abc.Instrument):
-    """The longest time (real seconds) any one task ran without yielding."""
+class ScanSteps(trio.abc.Instrument):
+    """Keys looked at by subtree scans (``Scan.advance``), per task step and
+    in all: work, whatever the machine's speed."""
 
-    def __init__(self) -> None:
-        self.longest = 0.0
-        self._started: float | None = None
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.largest = self.total = self._step = 0
+        advance = Scan.advance
+
+        def counted(scan: Scan, count: int) -> int:
+            looked = advance(scan, count)
+            self._step += looked
+            self.total += looked
+            return looked
+
+        monkeypatch.setattr(Scan, "advance", counted)
 
     def before_task_step(self, task: trio.lowlevel.Task) -> None:
-        self._started = time.perf_counter()
+        self._step = 0
 
     def after_task_step(self, task: trio.lowlevel.Task) -> None:
-        if self._started is not None:
-            step = time.perf_counter() - self._started
-            self.longest = max(self.longest, step)
-        self._started = None
+        self.largest = max(self.largest, self._step)
 
 
 async def test_subtree_snapshot_requests_do_not_stall_the_server(
-    context, autojump_clock
+    context, autojump_clock, monkeypatch
 ):
     """50 clients ask at once for snapshots of 50 subtrees of a 100,000-key
-    map: no task of the server (HUGZ, heartbeat, collector) may wait 0.1 s.
-    Each transfer picks its subtree's keys from the shared list of all keys
-    as it goes, a bounded number per step, instead of scanning the map when
-    the request comes."""
+    map: no task step of the server may scan more than a schedule point's
+    worth of keys.  Each transfer picks its subtree's keys from the shared
+    list of all keys as it goes, a bounded number per step, instead of
+    scanning the map when the request comes."""
     async with standalone(context) as served:
         store = served.server.core.store
         for n in range(100_000):
@@ -1006,16 +1011,20 @@ async def test_subtree_snapshot_requests_do_not_stall_the_server(
             for _ in range(50)
         ]
         await settle()
-        longest = LongestStep()
-        trio.lowlevel.add_instrument(longest)
+        steps = ScanSteps(monkeypatch)
+        trio.lowlevel.add_instrument(steps)
         try:
             for n, dealer in enumerate(dealers):
                 assert dealer.try_send(encode_request(b"/sub/%02d/" % n))
             for dealer in dealers:
                 await dealer.receive()  # each KTHXBAI (no key under its subtree)
         finally:
-            trio.lowlevel.remove_instrument(longest)
-        assert longest.longest < 0.1, f"one task step ran {longest.longest:.3f} s"
+            trio.lowlevel.remove_instrument(steps)
+        assert steps.total >= 100_000, "the subtrees were not found by a scan"
+        # a schedule point's worth: PUMP (1,024) keys, plus a peek's SKIP (256)
+        assert steps.largest <= 1024 + 256, (
+            f"one task step scanned {steps.largest:,} keys"
+        )
 
 
 async def test_snapshot_requests_beyond_the_limits_wait_or_are_refused(
@@ -1047,18 +1056,16 @@ async def test_snapshot_requests_beyond_the_limits_wait_or_are_refused(
         assert queued(clients[5].dealer) == []
 
 
-async def test_a_sparse_subtree_snapshot_starts_within_the_clients_request_timeout(
-    context, autojump_clock
+async def test_sibling_subtree_snapshots_share_one_scan_of_the_map(
+    context, autojump_clock, monkeypatch
 ):
     """128 clients of small subtrees ask at once; the map holds 250,000 other
-    keys, and each subtree's key was written last.  Each transfer now scans
-    the shared key list, 256 keys a turn, round-robin with the others, so
-    every client's first message waits for about 128 scans of the whole map.
-    A client that hears nothing for its request timeout (1 s by default)
-    gives up, connects again and asks again (the abandoned transfer scans on
-    until it finds a key to send).  Every client must hear its first message
-    within that timeout."""
-    timeout = ClientTimings().request_timeout
+    keys, and each subtree's key was written last.  Were each transfer to
+    scan the whole map for its own subtree, round-robin with the others,
+    every client's first message would wait for 128 scans of the map
+    (seconds: past a client's 1 s request timeout).  Sibling subtrees share
+    one pass, so every client has its first message by the time about one
+    map's worth of keys was looked at."""
     async with standalone(context, guard=600.0) as served:
         store = served.server.core.store
         for n in range(250_000):
@@ -1071,17 +1078,16 @@ async def test_a_sparse_subtree_snapshot_starts_within_the_clients_request_timeo
             for _ in range(clients)
         ]
         await settle()
-        started = time.perf_counter()
+        steps = ScanSteps(monkeypatch)
         for n, dealer in enumerate(dealers):
             assert dealer.try_send(encode_request(b"/s/%03d/" % n))
-        first: list[float] = []
-        for dealer in dealers:
-            frames = await dealer.receive()
-            first.append(time.perf_counter() - started)
-            assert frames[0] == b"/s/%03d/x" % len(first[:-1])
+        scanned: list[int] = []
+        for n, dealer in enumerate(dealers):
+            assert (await dealer.receive())[0] == b"/s/%03d/x" % n
+            scanned.append(steps.total)
             assert (await dealer.receive())[0] == KTHXBAI
-        late = [t for t in first if t > timeout]
-        assert not late, (
-            f"{len(late)} of {clients} clients heard nothing for more than "
-            f"{timeout} s (the first message came after {max(first):.2f} s)"
+        map_size = len(store)
+        assert max(scanned) <= 2 * map_size, (
+            f"the last client's first message came after {max(scanned):,} keys "
+            f"were scanned, {max(scanned) / map_size:.1f} times the map"
         )
