@@ -4,6 +4,7 @@
 process dies.  Times asserted are exact virtual times.
 """
 
+import logging
 import math
 
 import trio
@@ -193,7 +194,10 @@ async def test_dual_actives_converge_on_the_primary(context, autojump_clock, cap
             assert primary.server.state.value == State.ACTIVE
             assert primary.server.core.bstar.faults[DUAL_ACTIVES] >= 1
             assert backup.server.core.bstar.faults[DUAL_ACTIVES] >= 1
-            assert any("dual actives" in r.getMessage() for r in caplog.records)
+            assert any(
+                "dual actives" in r.getMessage() and r.levelno == logging.ERROR
+                for r in caplog.records
+            )
             nursery.cancel_scope.cancel()
 
 
