@@ -2,9 +2,10 @@
 
 The supervisor runs as a real process, as do its children, on 127.0.0.1 and
 free ports with the real clock.  Every wait is bounded, every test has a
-hard time limit, and every process is stopped by PID at the end: the
-supervisor by ``Processes``, its children (found in its log, checked to be
-its children in /proc) by ``stop_children``.
+hard time limit (disarmed before the processes are stopped), and every
+process is stopped by PID at the end: the supervisor by ``Processes``, its
+children (found in its log, checked to be its children in /proc) by
+``Children.stop_leftovers``.
 """
 
 from __future__ import annotations
@@ -283,16 +284,27 @@ def pair_options(port: int, peer_port: int) -> list[str]:
 
 
 @contextlib.contextmanager
-def local_pair(procs: Processes) -> Iterator[tuple[ServerProcess, Children, list[str]]]:
-    p1, p2 = free_base_ports(2)
-    supervisor = procs.start("pair", *pair_options(p1, p2), *FAST_TIMING)
+def supervised(
+    procs: Processes, *serve_args: str
+) -> Iterator[tuple[ServerProcess, Children]]:
+    """``trioclone serve *serve_args`` (a supervisor); its children stopped at
+    the end.  Enter a ``time_limit`` after this, so that its alarm cannot
+    interrupt the stopping."""
+    supervisor = procs.start("pair", *serve_args)
     children = Children(supervisor)
     try:
-        yield supervisor, children, [tcp(p1), tcp(p2)]
+        yield supervisor, children
     finally:
         if supervisor.alive:  # in case a test failed while it was stopped
             os.kill(supervisor.pid, signal.SIGCONT)
         children.stop_leftovers()
+
+
+@contextlib.contextmanager
+def local_pair(procs: Processes) -> Iterator[tuple[ServerProcess, Children, list[str]]]:
+    p1, p2 = free_base_ports(2)
+    with supervised(procs, *pair_options(p1, p2), *FAST_TIMING) as (sup, children):
+        yield sup, children, [tcp(p1), tcp(p2)]
 
 
 def dump(servers: list[str]) -> dict[str, str]:
@@ -310,9 +322,9 @@ def dump(servers: list[str]) -> dict[str, str]:
 @pytest.mark.slow
 def test_serve_pair_survives_the_death_of_either_server(tmp_path: Path) -> None:
     with (
-        time_limit(180),
         Processes(tmp_path) as procs,
         local_pair(procs) as (supervisor, children, servers),
+        time_limit(180),  # disarmed before the processes are stopped
     ):
         children.wait_started("primary", 1)
         children.wait_started("backup", 1)
@@ -385,9 +397,9 @@ def test_serve_pair_survives_the_death_of_either_server(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_serve_pair_stops_on_sigint_and_exits_0(tmp_path: Path) -> None:
     with (
-        time_limit(60),
         Processes(tmp_path) as procs,
         local_pair(procs) as (supervisor, children, _),
+        time_limit(60),  # disarmed before the processes are stopped
     ):
         children.wait_line("[backup]", "synced from the active", after=-1)
         supervisor.popen.send_signal(signal.SIGINT)
@@ -402,21 +414,21 @@ def test_serve_pair_stops_on_sigint_and_exits_0(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_serve_pair_gives_up_when_both_ports_are_taken(tmp_path: Path) -> None:
-    with time_limit(60), Processes(tmp_path) as procs:
-        p1, p2 = free_base_ports(2)
-        for name, port in (("squatter-1", p1), ("squatter-2", p2)):
-            squatter = procs.start(
-                name, "--standalone", "--bind", HOST, "--port", str(port)
-            )
-            assert squatter.wait_for_log("listening", 15), squatter.log()
-        supervisor = procs.start("pair", *pair_options(p1, p2))
-        children = Children(supervisor)
-        try:
+    p1, p2 = free_base_ports(2)
+    with Processes(tmp_path) as procs:
+        with time_limit(40):  # disarmed before the processes are stopped
+            for name, port in (("squatter-1", p1), ("squatter-2", p2)):
+                squatter = procs.start(
+                    name, "--standalone", "--bind", HOST, "--port", str(port)
+                )
+                assert squatter.wait_for_log("listening", 15), squatter.log()
+        with (
+            supervised(procs, *pair_options(p1, p2)) as (supervisor, children),
+            time_limit(60),
+        ):
             assert supervisor.popen.wait(30) == 1, children.tail()
-        finally:
-            children.stop_leftovers()
-        log = supervisor.log()
-        assert "no server could start (see the errors above); giving up" in log
-        assert "Address already in use" in log
-        for role in ("primary", "backup"):
-            assert not alive(children.pid(role, 1))
+            log = supervisor.log()
+            assert "no server could start (see the errors above); giving up" in log
+            assert "Address already in use" in log
+            for role in ("primary", "backup"):
+                assert not alive(children.pid(role, 1))
