@@ -3,9 +3,9 @@
 The supervisor runs as a real process, as do its children, on 127.0.0.1 and
 free ports with the real clock.  Every wait is bounded, every test has a
 hard time limit (disarmed before the processes are stopped), and every
-process is stopped by PID at the end: the supervisor by ``Processes``, its
-children (found in its log, checked to be its children in /proc) by
-``Children.stop_leftovers``.
+process is stopped by PID at the end: the supervisor, then its children
+(found in its log and in /proc) by ``Children.stop``; and a test fails if
+one of them is still running after that.
 """
 
 from __future__ import annotations
@@ -39,6 +39,8 @@ from tests.integration.procs import (
 from trioclone.cli import Backoff, Supervisor, describe
 
 STARTED = re.compile(r"started the (?P<role>primary|backup) server: pid (?P<pid>\d+)")
+# The supervisor SIGKILLs a child that ignores SIGTERM this long (not an option).
+SUPERVISOR_GRACE = Supervisor({}).grace
 
 # --------------------------------------------------------------------------
 # the back-off and the words of the log
@@ -198,12 +200,42 @@ async def test_supervisor_kills_a_child_that_ignores_sigterm(
 # --------------------------------------------------------------------------
 
 
-def parent_of(pid: int) -> int | None:
+def proc_stat(pid: int) -> list[str] | None:
+    """The fields of /proc/<pid>/stat after the command: state, parent, ..."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    return int(stat.rsplit(")", 1)[1].split()[1])  # the field after the state
+    return stat.rsplit(")", 1)[1].split()
+
+
+def parent_of(pid: int) -> int | None:
+    stat = proc_stat(pid)
+    return None if stat is None else int(stat[1])
+
+
+def running(pid: int) -> bool:
+    """The process exists and is not a zombie (one is dead, only not reaped)."""
+    stat = proc_stat(pid)
+    return stat is not None and stat[0] != "Z"
+
+
+def command_line(pid: int) -> list[str]:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return raw.decode(errors="replace").split("\0")[:-1]
+
+
+def pids() -> list[int]:
+    return [
+        int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit()
+    ]
+
+
+def option(args: list[str], name: str) -> str | None:
+    return args[args.index(name) + 1] if name in args[:-1] else None
 
 
 class Children:
@@ -212,6 +244,8 @@ class Children:
     def __init__(self, supervisor: ServerProcess) -> None:
         self.supervisor = supervisor
         self.seen: set[int] = set()
+        # its children serve at these base ports (a squatter has no --role)
+        self.ports = {option(supervisor.args, o) for o in ("--port", "--peer-port")}
 
     def lines(self) -> list[str]:
         return self.supervisor.log().splitlines()
@@ -254,12 +288,66 @@ class Children:
         assert parent_of(pid) == self.supervisor.pid
         os.kill(pid, signal.SIGKILL)
 
-    def stop_leftovers(self) -> None:
-        """SIGKILL any child still running (only if still the supervisor's)."""
-        for pid in self.seen:
-            if parent_of(pid) == self.supervisor.pid:
+    def refresh(self) -> None:
+        """Add to ``seen`` every child the log names and, while the supervisor
+        runs, every process whose parent it is (one started but not logged)."""
+        self.started("primary")
+        self.started("backup")
+        if self.supervisor.alive:  # not reaped: its PID is still its own
+            self.seen.update(p for p in pids() if parent_of(p) == self.supervisor.pid)
+
+    def is_child(self, pid: int) -> bool:
+        """``pid`` runs ``trioclone serve --role ...`` at one of the pair's ports
+        (so a PID reused by another process is left alone)."""
+        args = command_line(pid)
+        return (
+            running(pid)
+            and args[1:3] == ["-m", "trioclone"]
+            and "serve" in args
+            and "--role" in args
+            and option(args, "--port") in self.ports
+        )
+
+    def stop(self, procs: Processes) -> None:
+        """Stop the supervisor, then SIGKILL any child of it still running.
+
+        SIGTERM, then a wait 5 s longer than the supervisor's own grace for
+        its children; if it still runs, SIGSTOP (it starts no other child), a
+        last look for its children, SIGKILL.  Then SIGKILL every child seen,
+        orphaned or not, that still runs ``trioclone serve``.
+        """
+        supervisor = self.supervisor
+        self.refresh()
+        if supervisor.alive:
+            os.kill(supervisor.pid, signal.SIGTERM)
+            os.kill(supervisor.pid, signal.SIGCONT)  # had a test stopped it
+            try:
+                supervisor.popen.wait(SUPERVISOR_GRACE + 5.0)
+            except subprocess.TimeoutExpired:
+                os.kill(supervisor.pid, signal.SIGSTOP)
+                self.refresh()
+                procs.kill(supervisor)
+        self.refresh()  # the log names every child it started
+        for pid in sorted(self.seen):
+            if self.is_child(pid):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
+
+    def check_none_left(self, timeout: float = 5.0) -> None:
+        """Fail if a child of the supervisor still runs after ``stop``: one in
+        ``seen``, or one that ``seen`` missed (any ``serve --role`` at the
+        pair's ports).  Those are SIGKILLed before failing."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = sorted(p for p in self.seen | set(pids()) if self.is_child(p))
+            if not left or time.monotonic() >= deadline:
+                break
+            time.sleep(0.05)
+        for pid in left:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        missed = sorted(set(left) - self.seen)
+        assert not left, f"children still running after the stop: {left} ({missed=})"
 
     def tail(self) -> str:
         return "\n".join(self.lines()[-40:])
@@ -287,17 +375,16 @@ def pair_options(port: int, peer_port: int) -> list[str]:
 def supervised(
     procs: Processes, *serve_args: str
 ) -> Iterator[tuple[ServerProcess, Children]]:
-    """``trioclone serve *serve_args`` (a supervisor); its children stopped at
-    the end.  Enter a ``time_limit`` after this, so that its alarm cannot
-    interrupt the stopping."""
+    """``trioclone serve *serve_args`` (a supervisor); at the end it and its
+    children are stopped, and no child may be left running.  Enter a
+    ``time_limit`` after this, so that its alarm cannot interrupt the stop."""
     supervisor = procs.start("pair", *serve_args)
     children = Children(supervisor)
     try:
         yield supervisor, children
     finally:
-        if supervisor.alive:  # in case a test failed while it was stopped
-            os.kill(supervisor.pid, signal.SIGCONT)
-        children.stop_leftovers()
+        children.stop(procs)
+        children.check_none_left()
 
 
 @contextlib.contextmanager
