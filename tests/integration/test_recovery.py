@@ -34,8 +34,8 @@ from tests.integration.procs import (
     HOST,
     ChpClient,
     Processes,
-    ServerProcess,
     free_base_ports,
+    start_standalone,
     wait_snapshot,
 )
 
@@ -43,19 +43,6 @@ pytestmark = pytest.mark.slow
 TIME_LIMIT = 90  # seconds, for the procs fixture
 
 Context = zmq.Context[zmq.Socket[bytes]]
-
-
-def serve(procs: Processes, port: int, *extra: str) -> ServerProcess:
-    return procs.start(
-        "standalone",
-        "--standalone",
-        "--bind",
-        HOST,
-        "--port",
-        str(port),
-        *extra,
-        port=port,
-    )
 
 
 class Watcher:
@@ -148,7 +135,7 @@ def test_clients_notice_a_server_that_restarted_with_a_new_map(
 ) -> None:
     (port,) = free_base_ports(1)
     server = f"tcp://{HOST}:{port}"
-    first = serve(procs, port, "--hugz", "0.3")
+    first = start_standalone(procs, "--hugz", "0.3", port=port)
     wait_snapshot(ctx, port)
     # A silence timeout far longer than the restart: only the new map's
     # lineage (or its sequence) can tell this client.
@@ -165,7 +152,7 @@ def test_clients_notice_a_server_that_restarted_with_a_new_map(
         before = clone.sequence
 
         procs.kill(first)
-        serve(procs, port, "--hugz", "0.3")
+        start_standalone(procs, "--hugz", "0.3", port=port)
         wait_snapshot(ctx, port)
         writer = ChpClient(ctx, port)
         writer.probe()
@@ -194,7 +181,7 @@ def test_watchers_recover_from_updates_the_server_dropped(
 ) -> None:
     (port,) = free_base_ports(1)
     server = f"tcp://{HOST}:{port}"
-    serve(procs, port, "--hugz", "0.3", "--publisher-hwm", "20")
+    start_standalone(procs, "--hugz", "0.3", "--publisher-hwm", "20", port=port)
     wait_snapshot(ctx, port)
     writer = ChpClient(ctx, port)
     writer.probe()

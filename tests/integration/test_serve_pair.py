@@ -105,6 +105,26 @@ def alive(pid: int) -> bool:
     return True
 
 
+async def run_until_signal(
+    supervisor: Supervisor, ready: Callable[[], bool], signum: int
+) -> int:
+    """Run the supervisor; once ``ready()``, send this process ``signum``.
+    What ``run`` returned (within 30 s, or trio.TooSlowError)."""
+    code: list[int] = []
+
+    async def run() -> None:
+        code.append(await supervisor.run())
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run)
+            await wait_until(ready)
+            # the signal receiver is open: the supervisor started its children
+            os.kill(os.getpid(), signum)
+    assert len(code) == 1
+    return code[0]
+
+
 @pytest.mark.slow
 async def test_supervisor_restarts_only_the_child_that_exited(
     caplog: pytest.LogCaptureFixture,
@@ -117,20 +137,12 @@ async def test_supervisor_restarts_only_the_child_that_exited(
         },
         backoff=Backoff(first=0.1, cap=0.4, steady=30.0),
     )
-    code: list[int] = []
 
-    async def run() -> None:
-        code.append(await supervisor.run())
+    def flaky_started_5_times() -> bool:
+        return sum("started the flaky" in m for m in messages(caplog)) >= 5
 
-    with trio.fail_after(30):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(run)
-            await wait_until(
-                lambda: sum("started the flaky" in m for m in messages(caplog)) >= 5
-            )
-            # the signal receiver is open: the supervisor started its children
-            os.kill(os.getpid(), signal.SIGTERM)
-    assert code == [0]
+    code = await run_until_signal(supervisor, flaky_started_5_times, signal.SIGTERM)
+    assert code == 0
     log = messages(caplog)
     steady = [m for m in log if m.startswith("started the steady server")]
     assert len(steady) == 1  # never restarted: the flaky one does not stop it
@@ -178,17 +190,7 @@ async def test_supervisor_kills_a_child_that_ignores_sigterm(
         "time.sleep(60)\n"
     )
     supervisor = Supervisor({"stubborn": stubborn}, grace=0.5)
-    code: list[int] = []
-
-    async def run() -> None:
-        code.append(await supervisor.run())
-
-    with trio.fail_after(30):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(run)
-            await wait_until(ready.exists)
-            os.kill(os.getpid(), signal.SIGINT)
-    assert code == [0]
+    assert await run_until_signal(supervisor, ready.exists, signal.SIGINT) == 0
     log = messages(caplog)
     assert any("ignored SIGTERM for 0.5 s; killing it" in m for m in log)
     assert any(m.endswith("it was killed by SIGKILL") for m in log)
