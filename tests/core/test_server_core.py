@@ -390,8 +390,12 @@ def test_mass_expiry_comes_out_a_bounded_step_at_a_time() -> None:
     for n in range(1000):
         core.collect(kvset(b"/k/%d" % n, uuid=_uuid(10 + n), props={"ttl": "5"}), 0.0)
     steps = []
-    while deletes := core.expire(5.0, limit=300):
+    for _ in range(100):
+        if not (deletes := core.expire(5.0, limit=300)):
+            break
         steps.append(len(deletes))
+    else:
+        raise AssertionError("the expiry never ended")
     assert steps == [300, 300, 300, 100]
     assert len(core.store) == 0
     assert core.store.sequence == 2000
@@ -1083,11 +1087,13 @@ END = kthxbai(3, b"", {"lineage": OURS})
 
 
 def _drain(transfer: Transfer, now: float) -> list[list[bytes]]:
-    sent = []
-    while (frames := transfer.peek(now)) is not None:
+    sent: list[list[bytes]] = []
+    for _ in range(100_000):
+        if (frames := transfer.peek(now)) is None:
+            return sent
         sent.append(frames)
         transfer.advance(now)
-    return sent
+    raise AssertionError("the transfer never ended")
 
 
 def test_transfer_sends_kvsyncs_then_the_end() -> None:
@@ -1199,9 +1205,13 @@ def test_a_transfer_looks_at_a_bounded_number_of_deleted_keys_per_peek() -> None
     for n in range(1999):  # all but the last are deleted meanwhile
         store.remove(b"/k/%04d" % n)
     peeks = 0
-    while transfer.peek(1.0) is None:
+    for _ in range(2000):
+        if transfer.peek(1.0) is not None:
+            break
         peeks += 1
         assert not transfer.done and transfer.examined == peeks * SKIP
+    else:
+        raise AssertionError("peek never came to the last key")
     assert peeks == 1999 // SKIP and transfer.examined == 2000
     assert transfer.peek(1.0)[1] == b"/k/1999"
     transfer.advance(1.0)
@@ -1221,9 +1231,13 @@ def test_confirming_a_long_backlog_is_done_in_steps_too() -> None:
     core.on_reply(kthxbai(3007, HISTORY), 1.0)
     assert core.busy and len(core.pending) == 3000  # nothing live yet
     sizes = []
-    while core.busy:
+    for _ in range(10_000):
+        if not core.busy:
+            break
         core.step(1.0, limit=500)
         sizes.append(len(core.pending))
+    else:
+        raise AssertionError("the work never ended")
     drops = [a - b for a, b in itertools.pairwise([3000, *sizes])]
     assert sizes[-1] == 0 and len(sizes) > 4
     assert max(drops) <= 500 + 1024  # a step, and the first batch at go-live
@@ -1284,7 +1298,9 @@ def test_sibling_subtrees_asked_together_share_one_bounded_scan() -> None:
         for n, (keys, scan) in enumerate(sources)
     ]
     sent: list[list[bytes]] = [[], [], []]
-    while not all(t.done for t in transfers):
+    for _ in range(100_000):
+        if all(t.done for t in transfers):
+            break
         for n, transfer in enumerate(transfers):
             before = transfer.examined
             frames = transfer.peek(1.0)
@@ -1292,6 +1308,8 @@ def test_sibling_subtrees_asked_together_share_one_bounded_scan() -> None:
             if frames is not None:
                 sent[n].append(frames[1])
                 transfer.advance(1.0)
+    else:
+        raise AssertionError("the transfers never ended")
     for n in range(3):
         assert sent[n][:-1] == [b"/svc/%d/%04d" % (n, k) for k in range(n, 3000, 3)]
         assert sent[n][-1] == KTHXBAI

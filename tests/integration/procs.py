@@ -467,9 +467,11 @@ def zmq_context() -> Iterator[zmq.Context[zmq.Socket[bytes]]]:
 
 
 def start_standalone(
-    procs: Processes, *extra: str, name: str = "standalone"
+    procs: Processes, *extra: str, name: str = "standalone", port: int | None = None
 ) -> ServerProcess:
-    (port,) = free_base_ports(1)
+    """``serve --standalone`` on 127.0.0.1 at ``port`` (a free one if None)."""
+    if port is None:
+        (port,) = free_base_ports(1)
     return procs.start(
         name,
         "--standalone",

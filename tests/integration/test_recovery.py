@@ -34,8 +34,8 @@ from tests.integration.procs import (
     HOST,
     ChpClient,
     Processes,
-    ServerProcess,
     free_base_ports,
+    start_standalone,
     wait_snapshot,
 )
 
@@ -43,19 +43,7 @@ pytestmark = pytest.mark.slow
 TIME_LIMIT = 90  # seconds, for the procs fixture
 
 Context = zmq.Context[zmq.Socket[bytes]]
-
-
-def serve(procs: Processes, port: int, *extra: str) -> ServerProcess:
-    return procs.start(
-        "standalone",
-        "--standalone",
-        "--bind",
-        HOST,
-        "--port",
-        str(port),
-        *extra,
-        port=port,
-    )
+LOST_SYNC = "lost sync with the server"  # a client's log line on silence
 
 
 class Watcher:
@@ -66,6 +54,7 @@ class Watcher:
         command = [sys.executable, "-m", "trioclone", "--log-level", "INFO"]
         command += ["watch", prefix, "--json", "--server", server]
         self.prefix = prefix
+        self.log_path = log
         self._log = log.open("w")
         self.process = subprocess.Popen(
             command, stdout=subprocess.PIPE, stderr=self._log, text=True
@@ -112,6 +101,10 @@ class Watcher:
             self.take(0.2)
         return True
 
+    def log(self) -> str:
+        """What it logged (its stderr)."""
+        return self.log_path.read_text(errors="replace")
+
     def signal(self, signum: int) -> None:
         os.kill(self.process.pid, signum)
 
@@ -148,7 +141,7 @@ def test_clients_notice_a_server_that_restarted_with_a_new_map(
 ) -> None:
     (port,) = free_base_ports(1)
     server = f"tcp://{HOST}:{port}"
-    first = serve(procs, port, "--hugz", "0.3")
+    first = start_standalone(procs, "--hugz", "0.3", port=port)
     wait_snapshot(ctx, port)
     # A silence timeout far longer than the restart: only the new map's
     # lineage (or its sequence) can tell this client.
@@ -164,9 +157,11 @@ def test_clients_notice_a_server_that_restarted_with_a_new_map(
             assert watcher.until(lambda w=watcher: "/a/1" in w.map, 15)
         before = clone.sequence
 
+        killed = time.monotonic()
         procs.kill(first)
-        serve(procs, port, "--hugz", "0.3")
+        start_standalone(procs, "--hugz", "0.3", port=port)
         wait_snapshot(ctx, port)
+        restart = time.monotonic() - killed
         writer = ChpClient(ctx, port)
         writer.probe()
         for n in range(before + 3):  # the new sequence passes the old one
@@ -187,6 +182,10 @@ def test_clients_notice_a_server_that_restarted_with_a_new_map(
                 watcher.map,
             )
             assert watcher.resyncs == 2  # the first sync, then the new map's
+            # Not by silence either: ``watch`` has no option for its silence
+            # timeout (2 s), and a client that times out logs that it lost
+            # sync; a new map (or sequence) resyncs it without that line.
+            assert LOST_SYNC not in watcher.log(), (watcher.prefix, restart)
 
 
 def test_watchers_recover_from_updates_the_server_dropped(
@@ -194,7 +193,7 @@ def test_watchers_recover_from_updates_the_server_dropped(
 ) -> None:
     (port,) = free_base_ports(1)
     server = f"tcp://{HOST}:{port}"
-    serve(procs, port, "--hugz", "0.3", "--publisher-hwm", "20")
+    start_standalone(procs, "--hugz", "0.3", "--publisher-hwm", "20", port=port)
     wait_snapshot(ctx, port)
     writer = ChpClient(ctx, port)
     writer.probe()

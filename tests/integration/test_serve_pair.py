@@ -2,9 +2,10 @@
 
 The supervisor runs as a real process, as do its children, on 127.0.0.1 and
 free ports with the real clock.  Every wait is bounded, every test has a
-hard time limit, and every process is stopped by PID at the end: the
-supervisor by ``Processes``, its children (found in its log, checked to be
-its children in /proc) by ``stop_children``.
+hard time limit (disarmed before the processes are stopped), and every
+process is stopped by PID at the end: the supervisor, then its children
+(found in its log and in /proc) by ``Children.stop``; and a test fails if
+one of them is still running after that.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ from tests.integration.procs import (
 from trioclone.cli import Backoff, Supervisor, describe
 
 STARTED = re.compile(r"started the (?P<role>primary|backup) server: pid (?P<pid>\d+)")
+# The supervisor SIGKILLs a child that ignores SIGTERM this long (not an option).
+SUPERVISOR_GRACE = Supervisor({}).grace
 
 # --------------------------------------------------------------------------
 # the back-off and the words of the log
@@ -102,6 +105,26 @@ def alive(pid: int) -> bool:
     return True
 
 
+async def run_until_signal(
+    supervisor: Supervisor, ready: Callable[[], bool], signum: int
+) -> int:
+    """Run the supervisor; once ``ready()``, send this process ``signum``.
+    What ``run`` returned (within 30 s, or trio.TooSlowError)."""
+    code: list[int] = []
+
+    async def run() -> None:
+        code.append(await supervisor.run())
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run)
+            await wait_until(ready)
+            # the signal receiver is open: the supervisor started its children
+            os.kill(os.getpid(), signum)
+    assert len(code) == 1
+    return code[0]
+
+
 @pytest.mark.slow
 async def test_supervisor_restarts_only_the_child_that_exited(
     caplog: pytest.LogCaptureFixture,
@@ -114,20 +137,12 @@ async def test_supervisor_restarts_only_the_child_that_exited(
         },
         backoff=Backoff(first=0.1, cap=0.4, steady=30.0),
     )
-    code: list[int] = []
 
-    async def run() -> None:
-        code.append(await supervisor.run())
+    def flaky_started_5_times() -> bool:
+        return sum("started the flaky" in m for m in messages(caplog)) >= 5
 
-    with trio.fail_after(30):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(run)
-            await wait_until(
-                lambda: sum("started the flaky" in m for m in messages(caplog)) >= 5
-            )
-            # the signal receiver is open: the supervisor started its children
-            os.kill(os.getpid(), signal.SIGTERM)
-    assert code == [0]
+    code = await run_until_signal(supervisor, flaky_started_5_times, signal.SIGTERM)
+    assert code == 0
     log = messages(caplog)
     steady = [m for m in log if m.startswith("started the steady server")]
     assert len(steady) == 1  # never restarted: the flaky one does not stop it
@@ -175,17 +190,7 @@ async def test_supervisor_kills_a_child_that_ignores_sigterm(
         "time.sleep(60)\n"
     )
     supervisor = Supervisor({"stubborn": stubborn}, grace=0.5)
-    code: list[int] = []
-
-    async def run() -> None:
-        code.append(await supervisor.run())
-
-    with trio.fail_after(30):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(run)
-            await wait_until(ready.exists)
-            os.kill(os.getpid(), signal.SIGINT)
-    assert code == [0]
+    assert await run_until_signal(supervisor, ready.exists, signal.SIGINT) == 0
     log = messages(caplog)
     assert any("ignored SIGTERM for 0.5 s; killing it" in m for m in log)
     assert any(m.endswith("it was killed by SIGKILL") for m in log)
@@ -197,12 +202,42 @@ async def test_supervisor_kills_a_child_that_ignores_sigterm(
 # --------------------------------------------------------------------------
 
 
-def parent_of(pid: int) -> int | None:
+def proc_stat(pid: int) -> list[str] | None:
+    """The fields of /proc/<pid>/stat after the command: state, parent, ..."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    return int(stat.rsplit(")", 1)[1].split()[1])  # the field after the state
+    return stat.rsplit(")", 1)[1].split()
+
+
+def parent_of(pid: int) -> int | None:
+    stat = proc_stat(pid)
+    return None if stat is None else int(stat[1])
+
+
+def running(pid: int) -> bool:
+    """The process exists and is not a zombie (one is dead, only not reaped)."""
+    stat = proc_stat(pid)
+    return stat is not None and stat[0] != "Z"
+
+
+def command_line(pid: int) -> list[str]:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return raw.decode(errors="replace").split("\0")[:-1]
+
+
+def pids() -> list[int]:
+    return [
+        int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit()
+    ]
+
+
+def option(args: list[str], name: str) -> str | None:
+    return args[args.index(name) + 1] if name in args[:-1] else None
 
 
 class Children:
@@ -211,6 +246,8 @@ class Children:
     def __init__(self, supervisor: ServerProcess) -> None:
         self.supervisor = supervisor
         self.seen: set[int] = set()
+        # its children serve at these base ports (a squatter has no --role)
+        self.ports = {option(supervisor.args, o) for o in ("--port", "--peer-port")}
 
     def lines(self) -> list[str]:
         return self.supervisor.log().splitlines()
@@ -253,12 +290,66 @@ class Children:
         assert parent_of(pid) == self.supervisor.pid
         os.kill(pid, signal.SIGKILL)
 
-    def stop_leftovers(self) -> None:
-        """SIGKILL any child still running (only if still the supervisor's)."""
-        for pid in self.seen:
-            if parent_of(pid) == self.supervisor.pid:
+    def refresh(self) -> None:
+        """Add to ``seen`` every child the log names and, while the supervisor
+        runs, every process whose parent it is (one started but not logged)."""
+        self.started("primary")
+        self.started("backup")
+        if self.supervisor.alive:  # not reaped: its PID is still its own
+            self.seen.update(p for p in pids() if parent_of(p) == self.supervisor.pid)
+
+    def is_child(self, pid: int) -> bool:
+        """``pid`` runs ``trioclone serve --role ...`` at one of the pair's ports
+        (so a PID reused by another process is left alone)."""
+        args = command_line(pid)
+        return (
+            running(pid)
+            and args[1:3] == ["-m", "trioclone"]
+            and "serve" in args
+            and "--role" in args
+            and option(args, "--port") in self.ports
+        )
+
+    def stop(self, procs: Processes) -> None:
+        """Stop the supervisor, then SIGKILL any child of it still running.
+
+        SIGTERM, then a wait 5 s longer than the supervisor's own grace for
+        its children; if it still runs, SIGSTOP (it starts no other child), a
+        last look for its children, SIGKILL.  Then SIGKILL every child seen,
+        orphaned or not, that still runs ``trioclone serve``.
+        """
+        supervisor = self.supervisor
+        self.refresh()
+        if supervisor.alive:
+            os.kill(supervisor.pid, signal.SIGTERM)
+            os.kill(supervisor.pid, signal.SIGCONT)  # had a test stopped it
+            try:
+                supervisor.popen.wait(SUPERVISOR_GRACE + 5.0)
+            except subprocess.TimeoutExpired:
+                os.kill(supervisor.pid, signal.SIGSTOP)
+                self.refresh()
+                procs.kill(supervisor)
+        self.refresh()  # the log names every child it started
+        for pid in sorted(self.seen):
+            if self.is_child(pid):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
+
+    def check_none_left(self, timeout: float = 5.0) -> None:
+        """Fail if a child of the supervisor still runs after ``stop``: one in
+        ``seen``, or one that ``seen`` missed (any ``serve --role`` at the
+        pair's ports).  Those are SIGKILLed before failing."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = sorted(p for p in self.seen | set(pids()) if self.is_child(p))
+            if not left or time.monotonic() >= deadline:
+                break
+            time.sleep(0.05)
+        for pid in left:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        missed = sorted(set(left) - self.seen)
+        assert not left, f"children still running after the stop: {left} ({missed=})"
 
     def tail(self) -> str:
         return "\n".join(self.lines()[-40:])
@@ -283,16 +374,26 @@ def pair_options(port: int, peer_port: int) -> list[str]:
 
 
 @contextlib.contextmanager
-def local_pair(procs: Processes) -> Iterator[tuple[ServerProcess, Children, list[str]]]:
-    p1, p2 = free_base_ports(2)
-    supervisor = procs.start("pair", *pair_options(p1, p2), *FAST_TIMING)
+def supervised(
+    procs: Processes, *serve_args: str
+) -> Iterator[tuple[ServerProcess, Children]]:
+    """``trioclone serve *serve_args`` (a supervisor); at the end it and its
+    children are stopped, and no child may be left running.  Enter a
+    ``time_limit`` after this, so that its alarm cannot interrupt the stop."""
+    supervisor = procs.start("pair", *serve_args)
     children = Children(supervisor)
     try:
-        yield supervisor, children, [tcp(p1), tcp(p2)]
+        yield supervisor, children
     finally:
-        if supervisor.alive:  # in case a test failed while it was stopped
-            os.kill(supervisor.pid, signal.SIGCONT)
-        children.stop_leftovers()
+        children.stop(procs)
+        children.check_none_left()
+
+
+@contextlib.contextmanager
+def local_pair(procs: Processes) -> Iterator[tuple[ServerProcess, Children, list[str]]]:
+    p1, p2 = free_base_ports(2)
+    with supervised(procs, *pair_options(p1, p2), *FAST_TIMING) as (sup, children):
+        yield sup, children, [tcp(p1), tcp(p2)]
 
 
 def dump(servers: list[str]) -> dict[str, str]:
@@ -310,9 +411,9 @@ def dump(servers: list[str]) -> dict[str, str]:
 @pytest.mark.slow
 def test_serve_pair_survives_the_death_of_either_server(tmp_path: Path) -> None:
     with (
-        time_limit(180),
         Processes(tmp_path) as procs,
         local_pair(procs) as (supervisor, children, servers),
+        time_limit(180),  # disarmed before the processes are stopped
     ):
         children.wait_started("primary", 1)
         children.wait_started("backup", 1)
@@ -385,9 +486,9 @@ def test_serve_pair_survives_the_death_of_either_server(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_serve_pair_stops_on_sigint_and_exits_0(tmp_path: Path) -> None:
     with (
-        time_limit(60),
         Processes(tmp_path) as procs,
         local_pair(procs) as (supervisor, children, _),
+        time_limit(60),  # disarmed before the processes are stopped
     ):
         children.wait_line("[backup]", "synced from the active", after=-1)
         supervisor.popen.send_signal(signal.SIGINT)
@@ -402,21 +503,21 @@ def test_serve_pair_stops_on_sigint_and_exits_0(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_serve_pair_gives_up_when_both_ports_are_taken(tmp_path: Path) -> None:
-    with time_limit(60), Processes(tmp_path) as procs:
-        p1, p2 = free_base_ports(2)
-        for name, port in (("squatter-1", p1), ("squatter-2", p2)):
-            squatter = procs.start(
-                name, "--standalone", "--bind", HOST, "--port", str(port)
-            )
-            assert squatter.wait_for_log("listening", 15), squatter.log()
-        supervisor = procs.start("pair", *pair_options(p1, p2))
-        children = Children(supervisor)
-        try:
+    p1, p2 = free_base_ports(2)
+    with Processes(tmp_path) as procs:
+        with time_limit(40):  # disarmed before the processes are stopped
+            for name, port in (("squatter-1", p1), ("squatter-2", p2)):
+                squatter = procs.start(
+                    name, "--standalone", "--bind", HOST, "--port", str(port)
+                )
+                assert squatter.wait_for_log("listening", 15), squatter.log()
+        with (
+            supervised(procs, *pair_options(p1, p2)) as (supervisor, children),
+            time_limit(60),
+        ):
             assert supervisor.popen.wait(30) == 1, children.tail()
-        finally:
-            children.stop_leftovers()
-        log = supervisor.log()
-        assert "no server could start (see the errors above); giving up" in log
-        assert "Address already in use" in log
-        for role in ("primary", "backup"):
-            assert not alive(children.pid(role, 1))
+            log = supervisor.log()
+            assert "no server could start (see the errors above); giving up" in log
+            assert "Address already in use" in log
+            for role in ("primary", "backup"):
+                assert not alive(children.pid(role, 1))

@@ -334,6 +334,11 @@ async def test_writes_through_the_guides_c_server_do_not_vanish(
                 raw = RawClient(sockets, ref.endpoints)
                 await settle()
                 raw.set(b"/t/raw", b"no ttl")
+                await settle()
+                # it arrived, with a garbage ttl of 1-3 s, and the client has it
+                assert b"/t/raw" in ref.kvmap
+                assert b"ttl" in ref.kvmap[b"/t/raw"].properties
+                assert clone.get("/t/raw") == b"no ttl"
                 await trio.sleep(5)
                 assert clone.get("/t/raw") is None
             nursery.cancel_scope.cancel()
@@ -355,7 +360,15 @@ async def test_a_subtree_heartbeat_with_a_strange_last_does_not_kill_the_client(
                 await clone.wait_synced()
                 await settle_links()
                 raw.set(b"/a/\x00HUGZ", b"", properties={"last": "\u00b2"})
+                raw.set(b"/a/after", b"two")
                 await settle()
+                # The fake republished both, in that order, on its one PUB:
+                # the client, which has the second, received the first before.
+                assert [f[0] for f in ref.published if f[0].startswith(b"/a/")] == [
+                    b"/a/\x00HUGZ",
+                    b"/a/after",
+                ]
+                assert clone.get("/a/after") == b"two"
                 await trio.sleep(2)
                 assert clone.phase == "active"
                 assert clone.get("/a/1") == b"one"
