@@ -17,6 +17,7 @@ from trioclone.cli_client import (
     base_port,
     count,
     heartbeats,
+    hwm,
     port,
     seconds,
 )
@@ -181,10 +182,10 @@ def add_serve(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     )
     serve.add_argument(
         "--publisher-hwm",
-        type=count,
+        type=hwm,
         default=100_000,
         help="updates queued per subscriber before the publisher drops "
-        "(the client notices and snapshots again; default 100000)",
+        "(the client notices and snapshots again; 0: no limit; default 100000)",
     )
     serve.set_defaults(run=run_serve)
 

@@ -5,10 +5,9 @@ from __future__ import annotations
 import argparse
 import base64
 import json
-import math
 import sys
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 
@@ -16,11 +15,13 @@ from trioclone.client.agent import DEFAULT_SERVERS, CloneClient, open_client
 from trioclone.client.events import CloneEvent, DeleteEvent, ResyncEvent, SetEvent
 from trioclone.endpoints import Endpoints, check_port
 from trioclone.errors import ConfigError, LocalProtocolError, WriteTimeoutError
+from trioclone.server.settings import COUNT, HEARTBEATS, HWM, SECONDS, Rule
 
 EXIT_NOT_FOUND = 1
 EXIT_NO_SERVER = 3
 EXIT_NOT_CONFIRMED = 4
 
+T = TypeVar("T")
 Command = Callable[[CloneClient, argparse.Namespace], Coroutine[Any, Any, int]]
 
 
@@ -68,30 +69,22 @@ def add_client_commands(
 
 def seconds(text: str) -> float:
     """A positive, finite number of seconds."""
-    value = _float(text)
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(
-            f"must be a positive, finite number of seconds, not {text!r}"
-        )
-    return value
+    return _checked(SECONDS, _float(text), text)
 
 
 def heartbeats(text: str) -> float:
     """A finite number of heartbeats, at least one."""
-    value = _float(text)
-    if not (math.isfinite(value) and value >= 1):
-        raise argparse.ArgumentTypeError(
-            f"must be a finite number of heartbeats, at least 1, not {text!r}"
-        )
-    return value
+    return _checked(HEARTBEATS, _float(text), text)
 
 
 def count(text: str) -> int:
     """A whole number, at least one."""
-    value = _int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, not {text!r}")
-    return value
+    return _checked(COUNT, _int(text), text)
+
+
+def hwm(text: str) -> int:
+    """A ZeroMQ high-water mark: a whole number, 0 for no limit."""
+    return _checked(HWM, _int(text), text)
 
 
 def port(text: str) -> int:
@@ -111,6 +104,13 @@ def server_address(text: str) -> str:
     except ConfigError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
     return text
+
+
+def _checked(rule: Rule, value: T, text: str) -> T:
+    """``value`` (read from ``text``) if it keeps ``rule``."""
+    if not rule.holds(value):
+        raise argparse.ArgumentTypeError(f"must be {rule.words}, not {text!r}")
+    return value
 
 
 def _port(text: str, span: int) -> int:

@@ -36,7 +36,7 @@ from tests.integration.procs import (
     time_limit,
 )
 from trioclone import ClientClosedError, DeleteEvent, NoServerError, SetEvent
-from trioclone.cli import build_parser, local_pair_commands, main
+from trioclone.cli import build_parser, local_pair_commands, main, server_settings
 
 RUN_TIMEOUT = 30.0  # seconds any one CLI command may take
 STOP_GRACE = 5.0
@@ -453,6 +453,7 @@ def test_blocking_connect_rejects_a_bad_sync_timeout(value: float) -> None:
 BAD_SECONDS = ["0", "-1", "nan", "inf", "-inf", "1e999", "soon"]
 BAD_HEARTBEATS = ["0", "0.5", "-2", "nan", "inf", "two"]
 BAD_COUNTS = ["0", "-5", "1.5", "nan", "inf", "many"]
+BAD_HWMS = ["-1", "-5", "1.5", "nan", "inf", "many"]  # 0 is ZeroMQ's "no limit"
 BAD_BASE_PORTS = ["0", "-1", "65534", "65536", "1.5", "http"]
 BAD_PORTS = ["0", "-1", "65536", "1.5", "http"]
 
@@ -464,7 +465,7 @@ SERVE_OPTIONS = [
     ("--pending-size", BAD_COUNTS),
     ("--applied-limit", BAD_COUNTS),
     ("--backlog-limit", BAD_COUNTS),
-    ("--publisher-hwm", BAD_COUNTS),
+    ("--publisher-hwm", BAD_HWMS),
     ("--port", BAD_BASE_PORTS),
     ("--peer-port", BAD_BASE_PORTS),
     ("--state-port", BAD_PORTS),
@@ -560,6 +561,27 @@ def test_good_numbers_are_parsed() -> None:
         ["set", "/k", "v", "--ttl", "0.5", "--timeout", "2"]
     )
     assert (put.ttl, put.timeout) == (0.5, 2.0)
+
+
+@pytest.mark.parametrize("mode", [["--standalone"], ["--role", "backup"], ["--pair"]])
+def test_serve_accepts_a_publisher_hwm_of_0_as_its_settings_do(
+    mode: list[str],
+) -> None:
+    """ZeroMQ reads a high-water mark of 0 as no limit; the option, like
+    ``ServerSettings.publisher_hwm``, takes it."""
+    args = build_parser().parse_args(["serve", *mode, "--publisher-hwm", "0"])
+    assert args.publisher_hwm == 0
+    role = "primary" if args.pair else "standalone" if args.standalone else args.role
+    settings = server_settings(
+        args,
+        role,
+        port=None,
+        peer_host="localhost",
+        peer_port=None,
+        state_port=None,
+        peer_state_port=None,
+    )
+    assert settings.publisher_hwm == 0
 
 
 @pytest.mark.slow
