@@ -37,6 +37,8 @@ from tests.integration.procs import (
 )
 from trioclone import ClientClosedError, DeleteEvent, NoServerError, SetEvent
 from trioclone.cli import build_parser, local_pair_commands, main, server_settings
+from trioclone.endpoints import Endpoints
+from trioclone.server.settings import pair_settings
 
 RUN_TIMEOUT = 30.0  # seconds any one CLI command may take
 STOP_GRACE = 5.0
@@ -663,6 +665,16 @@ def test_serve_pair_passes_every_option_to_its_servers() -> None:
         assert (child.applied_horizon, child.applied_limit) == (90.0, 5000)
         assert (child.backlog_limit, child.snapshot_stall) == (6000, 7.0)
         assert child.publisher_hwm == 8000
+
+
+@pytest.mark.parametrize("role", ["primary", "backup"])
+def test_serve_defaults_are_the_settings_defaults(role: str) -> None:
+    args = build_parser().parse_args(["serve", "--role", role])
+    ports = {"port": None, "peer_port": None}
+    states = {"state_port": None, "peer_state_port": None}
+    settings = server_settings(args, role, peer_host="h", **ports, **states)
+    assert settings == pair_settings(role, peer_host="h")
+    assert settings.bind == Endpoints.tcp("*", 5556 if role == "primary" else 5566)
 
 
 def test_serve_pair_defaults_are_the_guides() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import TypeGuard
 
 from trioclone.endpoints import BACKUP_PORT, PRIMARY_PORT, Endpoints, check_port
@@ -128,6 +128,21 @@ def _span(first: int, count: int) -> str:
     return f"port {first}" if count == 1 else f"ports {first}-{first + count - 1}"
 
 
+def default(setting: str) -> object:
+    """The default of a ``pair_settings`` keyword that is a settings field."""
+    for spec in (*fields(PairSettings), *fields(ServerSettings)):
+        if spec.name == setting:
+            return spec.default
+    raise KeyError(setting)
+
+
+def default_ports(role: str) -> tuple[int, int]:
+    """The Guide's base port P and Binary Star port for ``role``."""
+    if role == "backup":
+        return BACKUP_PORT, BACKUP_STATE_PORT
+    return PRIMARY_PORT, PRIMARY_STATE_PORT
+
+
 def pair_settings(
     role: str,
     *,
@@ -137,20 +152,16 @@ def pair_settings(
     peer_port: int | None = None,
     state_port: int | None = None,
     peer_state_port: int | None = None,
-    heartbeat: float = 1.0,
-    expiry_heartbeats: float = 2.0,
+    heartbeat: float = PairSettings.heartbeat,
+    expiry_heartbeats: float = PairSettings.expiry_heartbeats,
     **options: object,
 ) -> ServerSettings:
     """Settings for ``role`` ("primary", "backup" or "standalone")."""
     if role not in ("primary", "backup", "standalone"):
         raise ConfigError(f"role must be primary, backup or standalone, not {role!r}")
     primary = role != "backup"
-    own, other = (PRIMARY_PORT, BACKUP_PORT) if primary else (BACKUP_PORT, PRIMARY_PORT)
-    own_state, other_state = (
-        (PRIMARY_STATE_PORT, BACKUP_STATE_PORT)
-        if primary
-        else (BACKUP_STATE_PORT, PRIMARY_STATE_PORT)
-    )
+    own, own_state = default_ports(role)
+    other, other_state = default_ports("primary" if role == "backup" else "backup")
     port = port if port is not None else own
     bind = Endpoints.tcp(bind_host, port)
     pair = None
