@@ -35,7 +35,14 @@ from trioclone import (
 )
 from trioclone._zmq import Socket, Sockets
 from trioclone.core.bstar import State
-from trioclone.core.chp import HUGZ, KVMsg, decode_kvmsg
+from trioclone.core.chp import (
+    HUGZ,
+    ICANHAZ,
+    KVMsg,
+    decode_kvmsg,
+    encode_kvmsg,
+    kthxbai,
+)
 from trioclone.endpoints import Endpoints
 from trioclone.server.settings import ServerSettings
 
@@ -632,3 +639,67 @@ async def test_a_subtree_client_stays_synced_while_other_subtrees_change(
                 assert running.server.core.store.sequence >= 100
                 assert len(recorder.of(ResyncEvent)) == 1  # the first sync only
             nursery.cancel_scope.cancel()
+
+
+# --------------------------------------------------------------------------
+# catching up
+# --------------------------------------------------------------------------
+
+
+async def test_a_reconnect_during_a_long_catch_up_does_not_hold_back_confirmations(
+    context, autojump_clock
+):
+    """Catching up a long backlog is the agent's work, not the reader's that
+    got the snapshot: a connection replaced meanwhile (its readers cancelled)
+    does not stop it, so a write it confirms returns at once, not when the
+    new connection's first batch comes in (here: never)."""
+    backlog = 20_000
+    with trio.fail_after(GUARD), Sockets(context) as sockets:
+        server = Endpoints.inproc(unique("catch-up"))
+        router = sockets.open(zmq.ROUTER, bind=[server.snapshot])
+        publisher = sockets.open(
+            zmq.PUB, bind=[server.publisher], options=[(zmq.SNDHWM, 0)]
+        )
+        collector = sockets.open(zmq.SUB, bind=[server.collector], subscribe=[b""])
+
+        def publish(key: bytes, sequence: int, uuid: bytes = b"") -> None:
+            publisher.refresh()  # take in the client's SUB: see settle_links
+            publisher.try_send(encode_kvmsg(KVMsg(key, sequence, uuid, {}, b"v")))
+
+        async with open_client([server], context=context) as clone:
+            identity, *request = await router.receive()
+            assert request == [ICANHAZ, b""]
+            written: list[tuple[float, int]] = []
+
+            async def write() -> None:
+                sequence = await clone.set("/mine", "v", timeout=5)
+                written.append((trio.current_time(), sequence))
+
+            clone.nursery.start_soon(write)
+            uuid = decode_kvmsg(await collector.receive()).uuid
+            # The stream while the snapshot is made: our write, confirmed late
+            # in the backlog and then replaced, so only its turn among the
+            # backlog's confirmations confirms it.
+            mine = backlog - 1000
+            for sequence in range(1, backlog + 1):
+                if sequence == mine:
+                    publish(b"/mine", sequence, uuid)
+                elif sequence == mine + 1:
+                    publish(b"/mine", sequence, bytes(16))
+                else:
+                    publish(b"/other/%d" % sequence, sequence)
+            await settle()
+            assert clone.phase == "syncing" and written == []
+            router.try_send([identity, *kthxbai(0, b"")])
+            core = clone._core
+            while core.sequence < backlog:  # the backlog goes in, in steps
+                await trio.lowlevel.checkpoint()
+            assert core.busy and written == []  # confirmations still to do
+            # The stream says the client missed updates, twice: it asks again,
+            # then connects again (a request is in flight).
+            publish(b"/other/late", backlog + 2)
+            publish(b"/other/older", backlog + 1)
+            now = trio.current_time()
+            await settle()
+            assert written == [(now, mine)]
+            assert not core.busy

@@ -243,22 +243,27 @@ class CloneClient:
         raise AssertionError("the agent's tasks never return")
 
     async def _timers(self) -> NoReturn:
+        """The core's timers, and its long work (catching up a backlog,
+        confirming what a fresh map holds) in bounded steps, a schedule point
+        after each.  Here, not in a reader: replacing the connection cancels
+        its readers, never this."""
         core = self._core
         while True:
-            core.poll(trio.current_time())
+            now = trio.current_time()
+            core.poll(now)
+            if core.busy:
+                core.catch_up(now)
             self._dispatch()
+            if core.busy:
+                await trio.lowlevel.checkpoint()
+                continue
             self._wakeup = trio.Event()
             with trio.move_on_at(core.next_deadline()):
                 await self._wakeup.wait()
 
     async def _handle(self, is_reply: bool, batch: list[list[bytes]]) -> None:
-        core = self._core
-        feed(core, is_reply, batch, trio.current_time(), self._reject)
-        self._dispatch()
-        while core.busy:  # a long backlog: in steps, others run between
-            await trio.lowlevel.checkpoint()
-            core.catch_up(trio.current_time())
-            self._dispatch()
+        feed(self._core, is_reply, batch, trio.current_time(), self._reject)
+        self._dispatch()  # wakes _timers: the rest of a catch-up is its work
 
     def _reject(self, where: str, exc: RemoteProtocolError) -> None:
         self._log.log(logging.WARNING, where, "rejected %s from server: %s", where, exc)
