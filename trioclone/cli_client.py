@@ -13,6 +13,7 @@ import trio
 
 from trioclone.client.agent import DEFAULT_SERVERS, CloneClient, open_client
 from trioclone.client.events import CloneEvent, DeleteEvent, ResyncEvent, SetEvent
+from trioclone.core.client import ClientTimings
 from trioclone.endpoints import Endpoints, check_port
 from trioclone.errors import ConfigError, LocalProtocolError, WriteTimeoutError
 from trioclone.server.settings import COUNT, HEARTBEATS, HWM, SECONDS, Rule
@@ -41,7 +42,8 @@ def add_client_commands(
         "--timeout",
         type=seconds,
         default=5.0,
-        help="seconds to wait for a server (default 5)",
+        help="seconds to wait for a server, and for a write to be confirmed (at "
+        f"most the write horizon, {ClientTimings.write_horizon:g} s; default 5)",
     )
     get = commands.add_parser("get", parents=[common], help="print one value")
     get.add_argument("key")
@@ -187,19 +189,12 @@ async def do_set(clone: CloneClient, args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    timeout = write_timeout(clone, args)
-    return await confirmed(
-        clone.set(args.key, args.value, ttl=args.ttl, timeout=timeout)
-    )
+    write = clone.set(args.key, args.value, ttl=args.ttl, timeout=args.timeout)
+    return await confirmed(write)
 
 
 async def do_del(clone: CloneClient, args: argparse.Namespace) -> int:
-    return await confirmed(clone.delete(args.key, timeout=write_timeout(clone, args)))
-
-
-def write_timeout(clone: CloneClient, args: argparse.Namespace) -> float:
-    """``--timeout``, but no longer than the client resends a write."""
-    return float(min(args.timeout, clone.write_horizon))
+    return await confirmed(clone.delete(args.key, timeout=args.timeout))
 
 
 async def confirmed(write: Coroutine[Any, Any, int]) -> int:

@@ -368,12 +368,11 @@ def test_blocking_client_set_get_delete_close(pair: Pair) -> None:
     assert got.stdout == "2\n"
 
 
-@pytest.mark.slow
-def test_a_timeout_beyond_the_write_horizon_still_writes(pair: Pair) -> None:
-    """``--timeout`` also bounds the sync; the write waits at most the
-    client's write horizon (30 s), past which it would stop resending."""
-    put = cli("set", "/cli/long", "v", "--timeout", "60", servers=pair.servers)
-    assert (put.returncode, put.stderr) == (0, "")
+def test_a_timeout_beyond_the_write_horizon_is_accepted() -> None:
+    """``--timeout`` also bounds the sync; a write waits at most the client's
+    write horizon (30 s) however long it is (see the client's tests)."""
+    args = build_parser().parse_args(["set", "/cli/long", "v", "--timeout", "60"])
+    assert args.timeout == 60.0
 
 
 @pytest.mark.slow

@@ -27,7 +27,9 @@ from tests.chp import RawClient, settle, unique
 from tests.shells.pair import Running, pair_settings, start, started_pair
 from trioclone import (
     ClientClosedError,
+    ClientTimings,
     DeleteEvent,
+    LocalProtocolError,
     ResyncEvent,
     SetEvent,
     WriteTimeoutError,
@@ -311,6 +313,23 @@ async def test_write_timeout_when_no_server_is_up(context, autojump_clock):
             assert clone.get("/k") is None
             with pytest.raises(WriteTimeoutError):
                 await clone.delete("/k", timeout=0.5)
+
+
+async def test_a_write_waits_at_most_the_write_horizon(context, autojump_clock):
+    """A longer timeout ends at the horizon: the write is no longer resent."""
+    with trio.fail_after(GUARD):
+        nobody = Endpoints.inproc(unique("nobody"))
+        timings = ClientTimings(write_horizon=3.0)
+        async with open_client([nobody], timings=timings, context=context) as clone:
+            start_time = trio.current_time()
+            with pytest.raises(WriteTimeoutError, match="not confirmed within 3 s"):
+                await clone.set("/k", "v", timeout=60)
+            assert trio.current_time() - start_time == 3.0
+            with pytest.raises(WriteTimeoutError, match="within 3 s"):
+                await clone.delete("/k", timeout=math.inf)
+            for bad in (0, -1.0, math.nan):
+                with pytest.raises(LocalProtocolError, match="timeout"):
+                    await clone.set("/k", "v", timeout=bad)
 
 
 # --------------------------------------------------------------------------
