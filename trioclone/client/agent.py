@@ -39,7 +39,6 @@ from trioclone.core.client import (
     Confirmed,
     Deleted,
     Phase,
-    Request,
     Resynced,
     Send,
     Unconfirmed,
@@ -265,15 +264,15 @@ class CloneClient:
         """Carry out the core's actions and deliver its events."""
         core = self._core
         actions, core.actions = core.actions, []
+        connection = self._follower.current
+        sends = self._follower.apply(actions)
+        if self._follower.current is not connection and self._synced.value:
+            log.warning("lost sync with the server; now trying %s", self.server)
         if actions:
             self._pub.refresh()  # take in collectors that connected meanwhile
-        for action in actions:
-            if isinstance(action, Send):
-                self._pub.try_send(action.frames)
-            elif isinstance(action, Request):
-                self._follower.request(action.subtree)
-            else:
-                self._switch(action.server)
+        for send in sends:
+            assert isinstance(send, Send)
+            self._pub.try_send(send.frames)
         events, core.events = core.events, []
         for event in events:
             if isinstance(event, Confirmed):
@@ -290,13 +289,6 @@ class CloneClient:
         if waiter is not None:
             waiter[1].append(sequence)
             waiter[0].set()
-
-    def _switch(self, server: int) -> None:
-        if self._synced.value:
-            log.warning(
-                "lost sync with the server; now trying %s", self._endpoints[server]
-            )
-        self._follower.connect(server)
 
     def _deliver(self, event: Updated | Deleted | Resynced) -> None:
         if not self._watchers:

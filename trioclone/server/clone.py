@@ -40,7 +40,7 @@ from trioclone._log import Limited
 from trioclone._zmq import ROUTER_RETRY_INTERVAL, Socket, Sockets, UnroutableError
 from trioclone.core.bstar import BinaryStar, Outcome, State, encode_state
 from trioclone.core.chp import HISTORY, decode_request
-from trioclone.core.replica import Connect, Request, Timings
+from trioclone.core.replica import Timings
 from trioclone.core.server import PEER_IDENTITY, Role, ServerCore
 from trioclone.core.snapshot import KeyIndex, Transfer
 from trioclone.core.store import Store
@@ -199,19 +199,16 @@ class CloneServer:
         replica, follower = core.replica, self._follower
         if replica is not None and replica.actions and follower is not None:
             actions, replica.actions = replica.actions, []
-            for action in actions:
-                if isinstance(action, Connect):
-                    if follower.current is not None:
-                        self._log.log(
-                            logging.WARNING,
-                            "resync",
-                            "no snapshot or stream from the active in time; "
-                            "connecting again (synced %d times so far)",
-                            replica.stats["syncs"],
-                        )
-                    follower.connect(action.server)
-                elif isinstance(action, Request):
-                    follower.request(action.subtree)
+            connection = follower.current
+            follower.apply(actions)  # a passive's replica only connects, requests
+            if connection is not None and follower.current is not connection:
+                self._log.log(
+                    logging.WARNING,
+                    "resync",
+                    "no snapshot or stream from the active in time; "
+                    "connecting again (synced %d times so far)",
+                    replica.stats["syncs"],
+                )
             self._timer_wakeup.set()
         if core.relays and self._relay_sock is not None:
             relays, core.relays = core.relays, []
