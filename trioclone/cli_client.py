@@ -220,10 +220,7 @@ async def do_dump(clone: CloneClient, args: argparse.Namespace) -> int:
 async def do_watch(clone: CloneClient, args: argparse.Namespace) -> int:
     """The state under the prefix first (as a resync line), then each change:
     applied in order, the lines always rebuild the server's map."""
-    watch = clone.watch(args.prefix)  # no schedule point until the state is read
-    state = dict(clone.items(args.prefix))
-    print(render(ResyncEvent(clone.server or "", state), args.json), flush=True)
-    async for event in watch:
+    async for event in clone.watch(args.prefix, state=True):
         print(render(event, args.json), flush=True)
     return 0
 

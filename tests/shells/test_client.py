@@ -376,6 +376,26 @@ async def test_watch_yields_changes_in_order_and_ttl_expiry_at_the_deadline(
             nursery.cancel_scope.cancel()
 
 
+async def test_a_watch_with_state_starts_with_the_state_under_its_prefix(
+    context, autojump_clock
+):
+    with trio.fail_after(GUARD):
+        async with trio.open_nursery() as nursery:
+            server, _ = await standalone(nursery, context)
+            async with open_client([server], context=context) as clone:
+                await clone.wait_synced()
+                await settle_links()
+                await clone.set("/w/a", "1")
+                await clone.set("/x", "2")
+                watch = clone.watch("/w/", state=True)
+                await clone.set("/w/b", "3")
+                assert [await watch.__anext__() for _ in range(2)] == [
+                    ResyncEvent(str(server), {"/w/a": b"1"}),
+                    SetEvent("/w/b", b"3", 3),
+                ]
+            nursery.cancel_scope.cancel()
+
+
 async def test_a_watcher_that_falls_behind_gets_a_resync_instead(
     context, autojump_clock, monkeypatch
 ):

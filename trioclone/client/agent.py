@@ -154,10 +154,16 @@ class CloneClient:
     async def wait_synced(self) -> None:
         await self._synced.wait_value(True)
 
-    def watch(self, prefix: str = "") -> Watch:
-        """Changes under ``prefix`` from now on: ``async for event in ...``."""
+    def watch(self, prefix: str = "", *, state: bool = False) -> Watch:
+        """Changes under ``prefix`` from now on: ``async for event in ...``.
+
+        With ``state``, the first event is the state under ``prefix`` now, as
+        a ``ResyncEvent``: applied in order, the events rebuild the map.
+        """
         self._check_open()
         watch = Watch(prefix)
+        if state:
+            watch.put_state(self)
         self._watchers.add(watch)
         return watch
 
@@ -347,10 +353,15 @@ class Watch:
 
     def put(self, event: CloneEvent, client: CloneClient) -> None:
         if len(self._events) >= WATCH_BUFFER:  # too slow: replace by a resync
-            self._events.clear()
-            state = dict(client.view(self.prefix).items())
-            self._events.append(ResyncEvent(client.server or "", state))
+            self.put_state(client)
         self._events.append(event)
+        self._ready.set()
+
+    def put_state(self, client: CloneClient) -> None:
+        """Replace what is queued by the state under the prefix, as a resync."""
+        self._events.clear()
+        state = dict(client.view(self.prefix).items())
+        self._events.append(ResyncEvent(client.server or "", state))
         self._ready.set()
 
     def put_resync(self, server: str, changes: Mapping[str, bytes | None]) -> None:
