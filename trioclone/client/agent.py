@@ -274,7 +274,7 @@ class CloneClient:
         sends = self._follower.apply(actions)
         if self._follower.current is not connection and self._synced.value:
             log.warning("lost sync with the server; now trying %s", self.server)
-        if actions:
+        if sends:
             self._pub.refresh()  # take in collectors that connected meanwhile
         for send in sends:
             assert isinstance(send, Send)

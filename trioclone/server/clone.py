@@ -278,11 +278,11 @@ class CloneServer:
     # -- tasks for the server's whole life ----------------------------------
 
     async def _collect(self, sock: Socket) -> NoReturn:
-        core, publish = self.core, self.publisher.publish
+        core = self.core
         while True:
             batch = await sock.receive_batch(BATCH)
             now = trio.current_time()
-            self.publisher.admit()
+            updates = []
             for frames in batch:
                 try:
                     update = core.collect(frames, now)
@@ -290,7 +290,8 @@ class CloneServer:
                     self._reject("collector", exc)
                     continue
                 if update is not None:
-                    publish(update)
+                    updates.append(update)
+            self.publisher.publish_all(updates)
             if core.serving:  # (a client write changes no role: no _after)
                 deadline = core.store.next_deadline()
                 if deadline is not None and deadline < self._expiry_at:
@@ -505,9 +506,8 @@ class CloneServer:
         core, publisher = self.core, self.publisher
         deadline = trio.current_time()
         while True:
-            publisher.admit()
-            publisher.publish(core.hugz())
-            publisher.publish_all(core.subtrees.heartbeats())
+            publisher.admit()  # first: the subtree heartbeats are for subscribers
+            publisher.publish_all([core.hugz(), *core.subtrees.heartbeats()])
             deadline = max(deadline + interval, trio.current_time())
             await trio.sleep_until(deadline)
 
@@ -515,8 +515,6 @@ class CloneServer:
         core = self.core
         while True:
             deletes = core.expire(trio.current_time())
-            if deletes:
-                self.publisher.admit()
             self.publisher.publish_all(deletes)
             if deletes:
                 await trio.lowlevel.checkpoint()  # more may be due: a step at a time
