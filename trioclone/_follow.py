@@ -93,11 +93,6 @@ class Follower:
         self.current: Connection | None = None
         self._changed = trio.Event()
 
-    @property
-    def server(self) -> Endpoints | None:
-        current = self.current
-        return None if current is None else self._endpoints[current.server]
-
     def connect(self, server: int) -> None:
         old, self.current = self.current, Connection(server)
         if old is not None:

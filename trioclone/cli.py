@@ -347,7 +347,6 @@ class Supervisor:
         self.backoff = backoff or Backoff()
         self.grace = grace
         self._failed_at_start: set[str] = set()
-        self._gave_up = False
         self._scope: trio.CancelScope | None = None
 
     async def run(self) -> int:
@@ -364,9 +363,12 @@ class Supervisor:
                     break
         return 1 if self._gave_up else 0
 
+    @property
+    def _gave_up(self) -> bool:
+        return self._failed_at_start == set(self.commands)
+
     async def _keep_running(self, name: str, command: Sequence[str]) -> None:
-        delay: float | None = None
-        first = True
+        delay: float | None = None  # None: not restarted yet
         while True:
             started = trio.current_time()
             pid, status = await self._run_once(name, command)
@@ -378,11 +380,10 @@ class Supervisor:
                 describe(status),
                 ran,
             )
-            if first and status > 0 and ran < self.backoff.steady:
+            if delay is None and status > 0 and ran < self.backoff.steady:
                 self._failed_to_start(name)
                 if self._gave_up:
                     return
-            first = False
             delay = self.backoff.delay(delay, ran)
             supervisor_log.info("restarting the %s server in %.1f s", name, delay)
             await trio.sleep(delay)
@@ -417,11 +418,10 @@ class Supervisor:
 
     def _failed_to_start(self, name: str) -> None:
         self._failed_at_start.add(name)
-        if self._failed_at_start == set(self.commands):
+        if self._gave_up:
             supervisor_log.error(
                 "no server could start (see the errors above); giving up"
             )
-            self._gave_up = True
             assert self._scope is not None
             self._scope.cancel()
 

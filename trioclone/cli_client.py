@@ -99,13 +99,12 @@ def base_port(text: str) -> int:
     return _port(text, span=3)
 
 
-def server_address(text: str) -> str:
+def server_address(text: str) -> Endpoints:
     """``tcp://HOST:PORT`` (or ``HOST:PORT``, ``HOST``, ``[IPv6]:PORT``)."""
     try:
-        Endpoints.parse(text)
+        return Endpoints.parse(text)
     except ConfigError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
-    return text
 
 
 def _checked(rule: Rule, value: T, text: str) -> T:
@@ -145,7 +144,7 @@ def client_command(
     handler: Command, subtree: str
 ) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
-        servers = args.server or list(DEFAULT_SERVERS)
+        servers = args.server or [Endpoints.parse(s) for s in DEFAULT_SERVERS]
         try:
             return trio.run(connected, handler, args, servers, getattr(args, subtree))
         except KeyboardInterrupt:
@@ -158,7 +157,10 @@ def client_command(
 
 
 async def connected(
-    handler: Command, args: argparse.Namespace, servers: list[str], subtree: str
+    handler: Command,
+    args: argparse.Namespace,
+    servers: list[Endpoints],
+    subtree: str,
 ) -> int:
     async with open_client(servers, subtree) as clone:
         with trio.move_on_after(args.timeout):
@@ -166,7 +168,7 @@ async def connected(
         if not clone.synced:
             print(
                 f"trioclone: no server answered within {args.timeout:g} s "
-                f"(tried {', '.join(servers)})",
+                f"(tried {', '.join(map(str, servers))})",
                 file=sys.stderr,
             )
             return EXIT_NO_SERVER

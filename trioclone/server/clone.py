@@ -109,7 +109,6 @@ class CloneServer:
         self._work_wakeup = trio.Event()
         self._sockets: Sockets
         self.publisher: Publisher
-        self.peer_listener: Socket | None = None
 
     @property
     def pair(self) -> PairSettings | None:
@@ -163,9 +162,7 @@ class CloneServer:
             pair.primary, now, pair.heartbeat, pair.expiry_heartbeats
         )
         self._state_sock = sockets.open(zmq.PUB, bind=[pair.state_bind])
-        self.peer_listener = sockets.open(
-            zmq.SUB, connect=[pair.state_peer], subscribe=[b""]
-        )
+        peer_states = sockets.open(zmq.SUB, connect=[pair.state_peer], subscribe=[b""])
         claims = sockets.open(
             zmq.SUB, connect=[pair.peer.publisher], subscribe=[b"HUGZ"]
         )
@@ -173,7 +170,7 @@ class CloneServer:
             zmq.PUB, connect=[pair.peer.collector], options=[(zmq.SNDHWM, 0)]
         )
         nursery.start_soon(self._send_state, pair.heartbeat)
-        nursery.start_soon(self._hear_peer, self.peer_listener)
+        nursery.start_soon(self._hear_peer, peer_states)
         nursery.start_soon(self._hear_claims, claims)
 
     def status(self) -> dict[str, object]:
@@ -336,6 +333,8 @@ class CloneServer:
             now = trio.current_time()
             for frames in requests:
                 self._on_request(frames, now)
+            if requests:  # (votes may have changed the role)
+                self._after(now)
             if not transfers:
                 continue
             moved = self._pump(router, now)
@@ -357,7 +356,6 @@ class CloneServer:
         from_peer = identity.startswith(PEER_IDENTITY)
         answer, outcome = self.core.on_request(now, from_peer=from_peer)
         self._on_bstar(outcome)
-        self._after(now)
         if not answer:
             log.debug("request not answered in role %s", self.core.role.value)
             return
