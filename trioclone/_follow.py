@@ -3,7 +3,8 @@
 A connection is a DEALER to the server's snapshot socket and a SUB to its
 publisher, each owned by one task.  ``connect`` (the replica's ``Connect``)
 cancels the connection in use and opens the next; ``request`` (its
-``Request``) queues a snapshot request on the connection in use.  Each
+``Request``) queues a snapshot request on the connection in use; ``apply``
+carries out a list of the replica's actions.  Each
 connection has its own queue, so a request meant for a new connection is
 never sent on the old one while that one winds down, and a batch read by
 an old connection after it was replaced is never handed on.
@@ -21,6 +22,7 @@ import zmq
 
 from trioclone._zmq import Socket, Sockets
 from trioclone.core.chp import encode_request
+from trioclone.core.replica import Action, Connect, Request
 from trioclone.endpoints import Endpoints
 from trioclone.errors import RemoteProtocolError
 
@@ -91,11 +93,6 @@ class Follower:
         self.current: Connection | None = None
         self._changed = trio.Event()
 
-    @property
-    def server(self) -> Endpoints | None:
-        current = self.current
-        return None if current is None else self._endpoints[current.server]
-
     def connect(self, server: int) -> None:
         old, self.current = self.current, Connection(server)
         if old is not None:
@@ -105,6 +102,19 @@ class Follower:
     def request(self, subtree: bytes) -> None:
         if self.current is not None:
             self.current.request(subtree)
+
+    def apply(self, actions: Iterable[Action]) -> list[Action]:
+        """Carry out the ``Connect`` and ``Request`` actions, in order; the
+        others (a client's ``Send``) are returned for the caller."""
+        rest: list[Action] = []
+        for action in actions:
+            if isinstance(action, Connect):
+                self.connect(action.server)
+            elif isinstance(action, Request):
+                self.request(action.subtree)
+            else:
+                rest.append(action)
+        return rest
 
     def close(self) -> None:
         if self.current is not None:

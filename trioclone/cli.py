@@ -6,7 +6,7 @@ import argparse
 import logging
 import signal
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import trio
@@ -17,39 +17,83 @@ from trioclone.cli_client import (
     base_port,
     count,
     heartbeats,
+    hwm,
     port,
     seconds,
 )
-from trioclone.endpoints import BACKUP_PORT, PRIMARY_PORT
 from trioclone.errors import ConfigError
 from trioclone.server.clone import CloneServer
 from trioclone.server.settings import (
-    BACKUP_STATE_PORT,
-    PRIMARY_STATE_PORT,
     ServerSettings,
     check_ports_apart,
+    default,
+    default_ports,
     pair_settings,
 )
 
 log = logging.getLogger("trioclone")
 supervisor_log = logging.getLogger("trioclone.pair")
 
-#: ``serve`` options passed unchanged to both servers of ``serve --pair``,
-#: and the ``pair_settings`` keyword each one sets.
-SHARED_OPTIONS = {
-    "heartbeat": "heartbeat",
-    "peer_expiry": "expiry_heartbeats",
-    "hugz": "hugz_interval",
-    "sync_timeout": "sync_timeout",
-    "pending_size": "pending_size",
-    "pending_age": "pending_age",
-    "status_interval": "status_interval",
-    "applied_horizon": "applied_horizon",
-    "applied_limit": "applied_limit",
-    "backlog_limit": "backlog_limit",
-    "snapshot_stall": "snapshot_stall",
-    "publisher_hwm": "publisher_hwm",
+#: ``serve`` options that set a setting, passed unchanged to both servers of
+#: ``serve --pair``: the ``pair_settings`` keyword each sets, its type and its
+#: help.  Their defaults are the settings' (``settings.default``).
+SETTINGS_OPTIONS: dict[str, tuple[str, Callable[[str], object], str]] = {
+    "--heartbeat": (
+        "heartbeat",
+        seconds,
+        "Binary Star heartbeat in seconds; the same on both",
+    ),
+    "--peer-expiry": (
+        "expiry_heartbeats",
+        heartbeats,
+        "heartbeats of peer silence before it counts as dead",
+    ),
+    "--hugz": ("hugz_interval", seconds, "HUGZ interval in seconds"),
+    "--sync-timeout": (
+        "sync_timeout",
+        seconds,
+        "passive: seconds of silence before a snapshot is retried",
+    ),
+    "--pending-size": ("pending_size", count, "pending list bound"),
+    "--pending-age": ("pending_age", seconds, "pending entry max age in seconds"),
+    "--status-interval": (
+        "status_interval",
+        seconds,
+        "seconds between status lines in the log",
+    ),
+    "--applied-horizon": (
+        "applied_horizon",
+        seconds,
+        "seconds a replaced write is remembered, so a client's resend of it "
+        "is dropped; keep it above the clients' write horizon",
+    ),
+    "--applied-limit": (
+        "applied_limit",
+        count,
+        "at most this many replaced writes are remembered",
+    ),
+    "--backlog-limit": (
+        "backlog_limit",
+        count,
+        "passive: stream updates kept while a snapshot loads",
+    ),
+    "--snapshot-stall": (
+        "snapshot_stall",
+        seconds,
+        "a snapshot client that reads nothing this long is dropped",
+    ),
+    "--publisher-hwm": (
+        "publisher_hwm",
+        hwm,
+        "updates queued per subscriber before the publisher drops, 0 for no "
+        "limit (a client notices a drop and snapshots again)",
+    ),
 }
+
+
+def _dest(option: str) -> str:
+    """Where argparse keeps ``option``: "--peer-expiry" -> "peer_expiry"."""
+    return option.removeprefix("--").replace("-", "_")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -118,74 +162,13 @@ def add_serve(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     serve.add_argument(
         "--peer-state-port", type=port, help="the peer's Binary Star port"
     )
-    serve.add_argument(
-        "--heartbeat",
-        type=seconds,
-        default=1.0,
-        help="Binary Star heartbeat in seconds; the same on both (default 1.0)",
-    )
-    serve.add_argument(
-        "--peer-expiry",
-        type=heartbeats,
-        default=2.0,
-        help="heartbeats of peer silence before it counts as dead (default 2)",
-    )
-    serve.add_argument(
-        "--hugz",
-        type=seconds,
-        default=1.0,
-        help="HUGZ interval in seconds (default 1.0)",
-    )
-    serve.add_argument(
-        "--sync-timeout",
-        type=seconds,
-        default=5.0,
-        help="passive: seconds of silence before a snapshot is retried (default 5)",
-    )
-    serve.add_argument(
-        "--pending-size", type=count, default=100_000, help="pending list bound"
-    )
-    serve.add_argument(
-        "--pending-age", type=seconds, default=30.0, help="pending entry max age (s)"
-    )
-    serve.add_argument(
-        "--status-interval",
-        type=seconds,
-        default=60.0,
-        help="seconds between status lines in the log (default 60)",
-    )
-    serve.add_argument(
-        "--applied-horizon",
-        type=seconds,
-        default=120.0,
-        help="seconds a replaced write is remembered, so a client's resend of it "
-        "is dropped; keep it above the clients' write horizon (default 120)",
-    )
-    serve.add_argument(
-        "--applied-limit",
-        type=count,
-        default=1_000_000,
-        help="at most this many replaced writes are remembered (default 1000000)",
-    )
-    serve.add_argument(
-        "--backlog-limit",
-        type=count,
-        default=1_000_000,
-        help="passive: stream updates kept while a snapshot loads (default 1000000)",
-    )
-    serve.add_argument(
-        "--snapshot-stall",
-        type=seconds,
-        default=30.0,
-        help="a snapshot client that reads nothing this long is dropped (default 30)",
-    )
-    serve.add_argument(
-        "--publisher-hwm",
-        type=count,
-        default=100_000,
-        help="updates queued per subscriber before the publisher drops "
-        "(the client notices and snapshots again; default 100000)",
-    )
+    for option, (setting, kind, text) in SETTINGS_OPTIONS.items():
+        serve.add_argument(
+            option,
+            type=kind,
+            default=default(setting),
+            help=f"{text} (default %(default)s)",
+        )
     serve.set_defaults(run=run_serve)
 
 
@@ -231,7 +214,8 @@ def server_settings(
         state_port=state_port,
         peer_state_port=peer_state_port,
         **{
-            setting: getattr(args, option) for option, setting in SHARED_OPTIONS.items()
+            setting: getattr(args, _dest(option))
+            for option, (setting, _, _) in SETTINGS_OPTIONS.items()
         },
     )
 
@@ -270,13 +254,15 @@ def local_pair_commands(args: argparse.Namespace) -> dict[str, list[str]]:
             "--peer does not go with --pair: both servers run on this host "
             "(use --role primary/backup --peer HOST for servers on two hosts)"
         )
+    port, state_port = default_ports("primary")
+    peer_port, peer_state_port = default_ports("backup")
     primary = Side(
-        PRIMARY_PORT if args.port is None else args.port,
-        PRIMARY_STATE_PORT if args.state_port is None else args.state_port,
+        port if args.port is None else args.port,
+        state_port if args.state_port is None else args.state_port,
     )
     backup = Side(
-        BACKUP_PORT if args.peer_port is None else args.peer_port,
-        BACKUP_STATE_PORT if args.peer_state_port is None else args.peer_state_port,
+        peer_port if args.peer_port is None else args.peer_port,
+        peer_state_port if args.peer_state_port is None else args.peer_state_port,
     )
     check_ports_apart(
         {
@@ -289,8 +275,8 @@ def local_pair_commands(args: argparse.Namespace) -> dict[str, list[str]]:
     # The servers reach each other at the address they bind, or at localhost.
     peer_host = "localhost" if args.bind in ("*", "0.0.0.0") else args.bind
     shared: list[str] = []
-    for name in SHARED_OPTIONS:
-        shared += [f"--{name.replace('_', '-')}", repr(getattr(args, name))]
+    for option in SETTINGS_OPTIONS:
+        shared += [option, repr(getattr(args, _dest(option)))]
     commands = {}
     for role, own, peer in (("primary", primary, backup), ("backup", backup, primary)):
         server_settings(  # the child would refuse these too, after we started it
@@ -361,7 +347,6 @@ class Supervisor:
         self.backoff = backoff or Backoff()
         self.grace = grace
         self._failed_at_start: set[str] = set()
-        self._gave_up = False
         self._scope: trio.CancelScope | None = None
 
     async def run(self) -> int:
@@ -378,9 +363,12 @@ class Supervisor:
                     break
         return 1 if self._gave_up else 0
 
+    @property
+    def _gave_up(self) -> bool:
+        return self._failed_at_start == set(self.commands)
+
     async def _keep_running(self, name: str, command: Sequence[str]) -> None:
-        delay: float | None = None
-        first = True
+        delay: float | None = None  # None: not restarted yet
         while True:
             started = trio.current_time()
             pid, status = await self._run_once(name, command)
@@ -392,11 +380,10 @@ class Supervisor:
                 describe(status),
                 ran,
             )
-            if first and status > 0 and ran < self.backoff.steady:
+            if delay is None and status > 0 and ran < self.backoff.steady:
                 self._failed_to_start(name)
                 if self._gave_up:
                     return
-            first = False
             delay = self.backoff.delay(delay, ran)
             supervisor_log.info("restarting the %s server in %.1f s", name, delay)
             await trio.sleep(delay)
@@ -431,11 +418,10 @@ class Supervisor:
 
     def _failed_to_start(self, name: str) -> None:
         self._failed_at_start.add(name)
-        if self._failed_at_start == set(self.commands):
+        if self._gave_up:
             supervisor_log.error(
                 "no server could start (see the errors above); giving up"
             )
-            self._gave_up = True
             assert self._scope is not None
             self._scope.cancel()
 

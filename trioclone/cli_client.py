@@ -5,22 +5,24 @@ from __future__ import annotations
 import argparse
 import base64
 import json
-import math
 import sys
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 
 from trioclone.client.agent import DEFAULT_SERVERS, CloneClient, open_client
 from trioclone.client.events import CloneEvent, DeleteEvent, ResyncEvent, SetEvent
+from trioclone.core.client import ClientTimings
 from trioclone.endpoints import Endpoints, check_port
 from trioclone.errors import ConfigError, LocalProtocolError, WriteTimeoutError
+from trioclone.server.settings import COUNT, HEARTBEATS, HWM, SECONDS, Rule
 
 EXIT_NOT_FOUND = 1
 EXIT_NO_SERVER = 3
 EXIT_NOT_CONFIRMED = 4
 
+T = TypeVar("T")
 Command = Callable[[CloneClient, argparse.Namespace], Coroutine[Any, Any, int]]
 
 
@@ -40,7 +42,8 @@ def add_client_commands(
         "--timeout",
         type=seconds,
         default=5.0,
-        help="seconds to wait for a server (default 5)",
+        help="seconds to wait for a server, and for a write to be confirmed (at "
+        f"most the write horizon, {ClientTimings.write_horizon:g} s; default 5)",
     )
     get = commands.add_parser("get", parents=[common], help="print one value")
     get.add_argument("key")
@@ -68,30 +71,22 @@ def add_client_commands(
 
 def seconds(text: str) -> float:
     """A positive, finite number of seconds."""
-    value = _float(text)
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(
-            f"must be a positive, finite number of seconds, not {text!r}"
-        )
-    return value
+    return _checked(SECONDS, _float(text), text)
 
 
 def heartbeats(text: str) -> float:
     """A finite number of heartbeats, at least one."""
-    value = _float(text)
-    if not (math.isfinite(value) and value >= 1):
-        raise argparse.ArgumentTypeError(
-            f"must be a finite number of heartbeats, at least 1, not {text!r}"
-        )
-    return value
+    return _checked(HEARTBEATS, _float(text), text)
 
 
 def count(text: str) -> int:
     """A whole number, at least one."""
-    value = _int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, not {text!r}")
-    return value
+    return _checked(COUNT, _int(text), text)
+
+
+def hwm(text: str) -> int:
+    """A ZeroMQ high-water mark: a whole number, 0 for no limit."""
+    return _checked(HWM, _int(text), text)
 
 
 def port(text: str) -> int:
@@ -104,13 +99,19 @@ def base_port(text: str) -> int:
     return _port(text, span=3)
 
 
-def server_address(text: str) -> str:
+def server_address(text: str) -> Endpoints:
     """``tcp://HOST:PORT`` (or ``HOST:PORT``, ``HOST``, ``[IPv6]:PORT``)."""
     try:
-        Endpoints.parse(text)
+        return Endpoints.parse(text)
     except ConfigError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
-    return text
+
+
+def _checked(rule: Rule, value: T, text: str) -> T:
+    """``value`` (read from ``text``) if it keeps ``rule``."""
+    if not rule.holds(value):
+        raise argparse.ArgumentTypeError(f"must be {rule.words}, not {text!r}")
+    return value
 
 
 def _port(text: str, span: int) -> int:
@@ -143,7 +144,7 @@ def client_command(
     handler: Command, subtree: str
 ) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
-        servers = args.server or list(DEFAULT_SERVERS)
+        servers = args.server or [Endpoints.parse(s) for s in DEFAULT_SERVERS]
         try:
             return trio.run(connected, handler, args, servers, getattr(args, subtree))
         except KeyboardInterrupt:
@@ -156,7 +157,10 @@ def client_command(
 
 
 async def connected(
-    handler: Command, args: argparse.Namespace, servers: list[str], subtree: str
+    handler: Command,
+    args: argparse.Namespace,
+    servers: list[Endpoints],
+    subtree: str,
 ) -> int:
     async with open_client(servers, subtree) as clone:
         with trio.move_on_after(args.timeout):
@@ -164,7 +168,7 @@ async def connected(
         if not clone.synced:
             print(
                 f"trioclone: no server answered within {args.timeout:g} s "
-                f"(tried {', '.join(servers)})",
+                f"(tried {', '.join(map(str, servers))})",
                 file=sys.stderr,
             )
             return EXIT_NO_SERVER
@@ -187,19 +191,12 @@ async def do_set(clone: CloneClient, args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    timeout = write_timeout(clone, args)
-    return await confirmed(
-        clone.set(args.key, args.value, ttl=args.ttl, timeout=timeout)
-    )
+    write = clone.set(args.key, args.value, ttl=args.ttl, timeout=args.timeout)
+    return await confirmed(write)
 
 
 async def do_del(clone: CloneClient, args: argparse.Namespace) -> int:
-    return await confirmed(clone.delete(args.key, timeout=write_timeout(clone, args)))
-
-
-def write_timeout(clone: CloneClient, args: argparse.Namespace) -> float:
-    """``--timeout``, but no longer than the client resends a write."""
-    return float(min(args.timeout, clone.write_horizon))
+    return await confirmed(clone.delete(args.key, timeout=args.timeout))
 
 
 async def confirmed(write: Coroutine[Any, Any, int]) -> int:
@@ -225,10 +222,7 @@ async def do_dump(clone: CloneClient, args: argparse.Namespace) -> int:
 async def do_watch(clone: CloneClient, args: argparse.Namespace) -> int:
     """The state under the prefix first (as a resync line), then each change:
     applied in order, the lines always rebuild the server's map."""
-    watch = clone.watch(args.prefix)  # no schedule point until the state is read
-    state = dict(clone.items(args.prefix))
-    print(render(ResyncEvent(clone.server or "", state), args.json), flush=True)
-    async for event in watch:
+    async for event in clone.watch(args.prefix, state=True):
         print(render(event, args.json), flush=True)
     return 0
 

@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import argparse
 import math
+import re
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 
+from trioclone.cli_client import count, heartbeats, hwm, seconds
 from trioclone.endpoints import Endpoints
 from trioclone.errors import ConfigError
 from trioclone.server.settings import (
+    COUNT,
+    HEARTBEATS,
+    HWM,
+    SECONDS,
     PairSettings,
+    Rule,
     ServerSettings,
     check_ports_apart,
     pair_settings,
@@ -132,3 +141,44 @@ def test_check_ports_apart_names_both_blocks() -> None:
     check_ports_apart({"a": (5556, 3), "b": (5559, 3), "c": (5003, 1)})
     with pytest.raises(ConfigError, match=r"a \(ports 5556-5558\) and b \(port 5558\)"):
         check_ports_apart({"a": (5556, 3), "b": (5558, 1)})
+
+
+@pytest.mark.parametrize(
+    ("option_type", "rule", "parse"),
+    [
+        (seconds, SECONDS, float),
+        (heartbeats, HEARTBEATS, float),
+        (count, COUNT, int),
+        (hwm, HWM, int),
+    ],
+)
+@pytest.mark.parametrize(
+    "text", ["-1", "0", "0.5", "1", "2.5", "100000", "nan", "inf", "1e999"]
+)
+def test_the_option_types_take_what_the_settings_take(
+    option_type: Callable[[str], object],
+    rule: Rule,
+    parse: Callable[[str], object],
+    text: str,
+) -> None:
+    """``serve``'s number options are the settings' rules, read from text."""
+    try:
+        value = parse(text)
+    except ValueError:
+        with pytest.raises(argparse.ArgumentTypeError, match="not a whole number"):
+            option_type(text)
+        return
+    if rule.holds(value):
+        assert option_type(text) == value
+    else:
+        with pytest.raises(argparse.ArgumentTypeError, match=re.escape(rule.words)):
+            option_type(text)
+        with pytest.raises(
+            ConfigError, match=re.escape(f"the_name must be {rule.words}")
+        ):
+            rule.check("the_name", value)
+
+
+def test_seconds_are_numbers_not_flags() -> None:
+    with pytest.raises(ConfigError, match="hugz_interval"):
+        server(hugz_interval=True)

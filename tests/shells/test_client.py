@@ -27,7 +27,9 @@ from tests.chp import RawClient, settle, unique
 from tests.shells.pair import Running, pair_settings, start, started_pair
 from trioclone import (
     ClientClosedError,
+    ClientTimings,
     DeleteEvent,
+    LocalProtocolError,
     ResyncEvent,
     SetEvent,
     WriteTimeoutError,
@@ -35,7 +37,14 @@ from trioclone import (
 )
 from trioclone._zmq import Socket, Sockets
 from trioclone.core.bstar import State
-from trioclone.core.chp import HUGZ, KVMsg, decode_kvmsg
+from trioclone.core.chp import (
+    HUGZ,
+    ICANHAZ,
+    KVMsg,
+    decode_kvmsg,
+    encode_kvmsg,
+    kthxbai,
+)
 from trioclone.endpoints import Endpoints
 from trioclone.server.settings import ServerSettings
 
@@ -306,6 +315,23 @@ async def test_write_timeout_when_no_server_is_up(context, autojump_clock):
                 await clone.delete("/k", timeout=0.5)
 
 
+async def test_a_write_waits_at_most_the_write_horizon(context, autojump_clock):
+    """A longer timeout ends at the horizon: the write is no longer resent."""
+    with trio.fail_after(GUARD):
+        nobody = Endpoints.inproc(unique("nobody"))
+        timings = ClientTimings(write_horizon=3.0)
+        async with open_client([nobody], timings=timings, context=context) as clone:
+            start_time = trio.current_time()
+            with pytest.raises(WriteTimeoutError, match="not confirmed within 3 s"):
+                await clone.set("/k", "v", timeout=60)
+            assert trio.current_time() - start_time == 3.0
+            with pytest.raises(WriteTimeoutError, match="within 3 s"):
+                await clone.delete("/k", timeout=math.inf)
+            for bad in (0, -1.0, math.nan):
+                with pytest.raises(LocalProtocolError, match="timeout"):
+                    await clone.set("/k", "v", timeout=bad)
+
+
 # --------------------------------------------------------------------------
 # watching
 # --------------------------------------------------------------------------
@@ -347,6 +373,26 @@ async def test_watch_yields_changes_in_order_and_ttl_expiry_at_the_deadline(
                 assert first == ResyncEvent(str(server), {})
                 assert SetEvent("/x/other", b"o", 4) in rest
                 assert len(rest) == 6  # under_w's five and /x/other
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_watch_with_state_starts_with_the_state_under_its_prefix(
+    context, autojump_clock
+):
+    with trio.fail_after(GUARD):
+        async with trio.open_nursery() as nursery:
+            server, _ = await standalone(nursery, context)
+            async with open_client([server], context=context) as clone:
+                await clone.wait_synced()
+                await settle_links()
+                await clone.set("/w/a", "1")
+                await clone.set("/x", "2")
+                watch = clone.watch("/w/", state=True)
+                await clone.set("/w/b", "3")
+                assert [await watch.__anext__() for _ in range(2)] == [
+                    ResyncEvent(str(server), {"/w/a": b"1"}),
+                    SetEvent("/w/b", b"3", 3),
+                ]
             nursery.cancel_scope.cancel()
 
 
@@ -632,3 +678,67 @@ async def test_a_subtree_client_stays_synced_while_other_subtrees_change(
                 assert running.server.core.store.sequence >= 100
                 assert len(recorder.of(ResyncEvent)) == 1  # the first sync only
             nursery.cancel_scope.cancel()
+
+
+# --------------------------------------------------------------------------
+# catching up
+# --------------------------------------------------------------------------
+
+
+async def test_a_reconnect_during_a_long_catch_up_does_not_hold_back_confirmations(
+    context, autojump_clock
+):
+    """Catching up a long backlog is the agent's work, not the reader's that
+    got the snapshot: a connection replaced meanwhile (its readers cancelled)
+    does not stop it, so a write it confirms returns at once, not when the
+    new connection's first batch comes in (here: never)."""
+    backlog = 20_000
+    with trio.fail_after(GUARD), Sockets(context) as sockets:
+        server = Endpoints.inproc(unique("catch-up"))
+        router = sockets.open(zmq.ROUTER, bind=[server.snapshot])
+        publisher = sockets.open(
+            zmq.PUB, bind=[server.publisher], options=[(zmq.SNDHWM, 0)]
+        )
+        collector = sockets.open(zmq.SUB, bind=[server.collector], subscribe=[b""])
+
+        def publish(key: bytes, sequence: int, uuid: bytes = b"") -> None:
+            publisher.refresh()  # take in the client's SUB: see settle_links
+            publisher.try_send(encode_kvmsg(KVMsg(key, sequence, uuid, {}, b"v")))
+
+        async with open_client([server], context=context) as clone:
+            identity, *request = await router.receive()
+            assert request == [ICANHAZ, b""]
+            written: list[tuple[float, int]] = []
+
+            async def write() -> None:
+                sequence = await clone.set("/mine", "v", timeout=5)
+                written.append((trio.current_time(), sequence))
+
+            clone.nursery.start_soon(write)
+            uuid = decode_kvmsg(await collector.receive()).uuid
+            # The stream while the snapshot is made: our write, confirmed late
+            # in the backlog and then replaced, so only its turn among the
+            # backlog's confirmations confirms it.
+            mine = backlog - 1000
+            for sequence in range(1, backlog + 1):
+                if sequence == mine:
+                    publish(b"/mine", sequence, uuid)
+                elif sequence == mine + 1:
+                    publish(b"/mine", sequence, bytes(16))
+                else:
+                    publish(b"/other/%d" % sequence, sequence)
+            await settle()
+            assert clone.phase == "syncing" and written == []
+            router.try_send([identity, *kthxbai(0, b"")])
+            core = clone._core
+            while core.sequence < backlog:  # the backlog goes in, in steps
+                await trio.lowlevel.checkpoint()
+            assert core.busy and written == []  # confirmations still to do
+            # The stream says the client missed updates, twice: it asks again,
+            # then connects again (a request is in flight).
+            publish(b"/other/late", backlog + 2)
+            publish(b"/other/older", backlog + 1)
+            now = trio.current_time()
+            await settle()
+            assert written == [(now, mine)]
+            assert not core.busy

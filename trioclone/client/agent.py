@@ -39,7 +39,6 @@ from trioclone.core.client import (
     Confirmed,
     Deleted,
     Phase,
-    Request,
     Resynced,
     Send,
     Unconfirmed,
@@ -140,11 +139,6 @@ class CloneClient:
         return None if index < 0 else str(self._endpoints[index])
 
     @property
-    def write_horizon(self) -> float:
-        """Seconds a write is resent before it is given up as unconfirmed."""
-        return self._core.timings.write_horizon
-
-    @property
     def phase(self) -> str:
         return self._core.phase.value
 
@@ -160,10 +154,16 @@ class CloneClient:
     async def wait_synced(self) -> None:
         await self._synced.wait_value(True)
 
-    def watch(self, prefix: str = "") -> Watch:
-        """Changes under ``prefix`` from now on: ``async for event in ...``."""
+    def watch(self, prefix: str = "", *, state: bool = False) -> Watch:
+        """Changes under ``prefix`` from now on: ``async for event in ...``.
+
+        With ``state``, the first event is the state under ``prefix`` now, as
+        a ``ResyncEvent``: applied in order, the events rebuild the map.
+        """
         self._check_open()
         watch = Watch(prefix)
+        if state:
+            watch.put_state(self)
         self._watchers.add(watch)
         return watch
 
@@ -180,18 +180,15 @@ class CloneClient:
         """Write and wait until the active server applied it; its sequence.
 
         Raises ``WriteTimeoutError`` if no server confirmed it in ``timeout``
-        seconds (it may still have been applied).  ``timeout`` may not exceed
-        the client's write horizon (``ClientTimings.write_horizon``, 30 s by
-        default): past it, a resend could no longer be told from a new write.
-        An empty value deletes.
+        seconds, or within the client's write horizon if that is shorter
+        (``ClientTimings.write_horizon``, 30 s by default: past it the write
+        is no longer resent, as a resend could no longer be told from a new
+        write).  The write may still have been applied.  An empty value
+        deletes.
         """
         self._check_open()
-        horizon = self._core.timings.write_horizon
-        if not 0 < timeout <= horizon:
-            raise LocalProtocolError(
-                f"timeout must be more than 0 and at most the write horizon "
-                f"({horizon:g} s), got {timeout}"
-            )
+        if not timeout > 0:
+            raise LocalProtocolError(f"timeout must be more than 0, got {timeout}")
         body = value.encode() if isinstance(value, str) else value
         uuid = self._core.write(key_bytes(key), body, trio.current_time(), ttl=ttl)
         done = trio.Event()
@@ -199,15 +196,16 @@ class CloneClient:
         self._waiters[uuid] = (done, result)
         self._dispatch()
         try:
-            with trio.move_on_after(timeout):
+            with trio.move_on_after(timeout):  # or Unconfirmed at the horizon
                 await done.wait()
         finally:  # confirmed, timed out or cancelled: stop tracking it
             self._waiters.pop(uuid, None)
             self._core.forget(uuid)
         if result and result[0] is not None:
             return result[0]
+        waited = min(timeout, self._core.timings.write_horizon)
         raise WriteTimeoutError(
-            f"write of {key!r} not confirmed within {timeout} s "
+            f"write of {key!r} not confirmed within {waited:g} s "
             f"(server {self.server}, {self.phase})"
         )
 
@@ -243,22 +241,27 @@ class CloneClient:
         raise AssertionError("the agent's tasks never return")
 
     async def _timers(self) -> NoReturn:
+        """The core's timers, and its long work (catching up a backlog,
+        confirming what a fresh map holds) in bounded steps, a schedule point
+        after each.  Here, not in a reader: replacing the connection cancels
+        its readers, never this."""
         core = self._core
         while True:
-            core.poll(trio.current_time())
+            now = trio.current_time()
+            core.poll(now)
+            if core.busy:
+                core.catch_up(now)
             self._dispatch()
+            if core.busy:
+                await trio.lowlevel.checkpoint()
+                continue
             self._wakeup = trio.Event()
             with trio.move_on_at(core.next_deadline()):
                 await self._wakeup.wait()
 
     async def _handle(self, is_reply: bool, batch: list[list[bytes]]) -> None:
-        core = self._core
-        feed(core, is_reply, batch, trio.current_time(), self._reject)
-        self._dispatch()
-        while core.busy:  # a long backlog: in steps, others run between
-            await trio.lowlevel.checkpoint()
-            core.catch_up(trio.current_time())
-            self._dispatch()
+        feed(self._core, is_reply, batch, trio.current_time(), self._reject)
+        self._dispatch()  # wakes _timers: the rest of a catch-up is its work
 
     def _reject(self, where: str, exc: RemoteProtocolError) -> None:
         self._log.log(logging.WARNING, where, "rejected %s from server: %s", where, exc)
@@ -267,15 +270,15 @@ class CloneClient:
         """Carry out the core's actions and deliver its events."""
         core = self._core
         actions, core.actions = core.actions, []
-        if actions:
+        connection = self._follower.current
+        sends = self._follower.apply(actions)
+        if self._follower.current is not connection and self._synced.value:
+            log.warning("lost sync with the server; now trying %s", self.server)
+        if sends:
             self._pub.refresh()  # take in collectors that connected meanwhile
-        for action in actions:
-            if isinstance(action, Send):
-                self._pub.try_send(action.frames)
-            elif isinstance(action, Request):
-                self._follower.request(action.subtree)
-            else:
-                self._switch(action.server)
+        for send in sends:
+            assert isinstance(send, Send)
+            self._pub.try_send(send.frames)
         events, core.events = core.events, []
         for event in events:
             if isinstance(event, Confirmed):
@@ -292,13 +295,6 @@ class CloneClient:
         if waiter is not None:
             waiter[1].append(sequence)
             waiter[0].set()
-
-    def _switch(self, server: int) -> None:
-        if self._synced.value:
-            log.warning(
-                "lost sync with the server; now trying %s", self._endpoints[server]
-            )
-        self._follower.connect(server)
 
     def _deliver(self, event: Updated | Deleted | Resynced) -> None:
         if not self._watchers:
@@ -357,10 +353,15 @@ class Watch:
 
     def put(self, event: CloneEvent, client: CloneClient) -> None:
         if len(self._events) >= WATCH_BUFFER:  # too slow: replace by a resync
-            self._events.clear()
-            state = dict(client.view(self.prefix).items())
-            self._events.append(ResyncEvent(client.server or "", state))
+            self.put_state(client)
         self._events.append(event)
+        self._ready.set()
+
+    def put_state(self, client: CloneClient) -> None:
+        """Replace what is queued by the state under the prefix, as a resync."""
+        self._events.clear()
+        state = dict(client.view(self.prefix).items())
+        self._events.append(ResyncEvent(client.server or "", state))
         self._ready.set()
 
     def put_resync(self, server: str, changes: Mapping[str, bytes | None]) -> None:

@@ -9,7 +9,6 @@ atomic under the GIL, so they cost no thread hop.
 
 from __future__ import annotations
 
-import math
 import queue
 import threading
 from collections.abc import Iterator, Sequence
@@ -22,6 +21,7 @@ from trioclone.client.agent import DEFAULT_SERVERS, CloneClient, open_client
 from trioclone.client.events import CloneEvent
 from trioclone.core.client import ClientTimings
 from trioclone.errors import ClientClosedError, LocalProtocolError, NoServerError
+from trioclone.server.settings import SECONDS
 
 _CLOSED = object()
 
@@ -37,11 +37,8 @@ class BlockingClient:
         timings: ClientTimings | None = None,
         sync_timeout: float | None = 10.0,
     ) -> None:
-        if sync_timeout is not None and not 0 < sync_timeout < math.inf:
-            raise LocalProtocolError(
-                "sync_timeout must be None or a positive, finite number of "
-                f"seconds, got {sync_timeout}"
-            )
+        if sync_timeout is not None:
+            SECONDS.check("sync_timeout", sync_timeout, LocalProtocolError)
         self._started = threading.Event()
         self._failure: BaseException | None = None
         self._client: CloneClient | None = None

@@ -40,7 +40,7 @@ from trioclone._log import Limited
 from trioclone._zmq import ROUTER_RETRY_INTERVAL, Socket, Sockets, UnroutableError
 from trioclone.core.bstar import BinaryStar, Outcome, State, encode_state
 from trioclone.core.chp import HISTORY, decode_request
-from trioclone.core.replica import Connect, Request, Timings
+from trioclone.core.replica import Timings
 from trioclone.core.server import PEER_IDENTITY, Role, ServerCore
 from trioclone.core.snapshot import KeyIndex, Transfer
 from trioclone.core.store import Store
@@ -109,7 +109,6 @@ class CloneServer:
         self._work_wakeup = trio.Event()
         self._sockets: Sockets
         self.publisher: Publisher
-        self.peer_listener: Socket | None = None
 
     @property
     def pair(self) -> PairSettings | None:
@@ -163,9 +162,7 @@ class CloneServer:
             pair.primary, now, pair.heartbeat, pair.expiry_heartbeats
         )
         self._state_sock = sockets.open(zmq.PUB, bind=[pair.state_bind])
-        self.peer_listener = sockets.open(
-            zmq.SUB, connect=[pair.state_peer], subscribe=[b""]
-        )
+        peer_states = sockets.open(zmq.SUB, connect=[pair.state_peer], subscribe=[b""])
         claims = sockets.open(
             zmq.SUB, connect=[pair.peer.publisher], subscribe=[b"HUGZ"]
         )
@@ -173,7 +170,7 @@ class CloneServer:
             zmq.PUB, connect=[pair.peer.collector], options=[(zmq.SNDHWM, 0)]
         )
         nursery.start_soon(self._send_state, pair.heartbeat)
-        nursery.start_soon(self._hear_peer, self.peer_listener)
+        nursery.start_soon(self._hear_peer, peer_states)
         nursery.start_soon(self._hear_claims, claims)
 
     def status(self) -> dict[str, object]:
@@ -199,19 +196,16 @@ class CloneServer:
         replica, follower = core.replica, self._follower
         if replica is not None and replica.actions and follower is not None:
             actions, replica.actions = replica.actions, []
-            for action in actions:
-                if isinstance(action, Connect):
-                    if follower.current is not None:
-                        self._log.log(
-                            logging.WARNING,
-                            "resync",
-                            "no snapshot or stream from the active in time; "
-                            "connecting again (synced %d times so far)",
-                            replica.stats["syncs"],
-                        )
-                    follower.connect(action.server)
-                elif isinstance(action, Request):
-                    follower.request(action.subtree)
+            connection = follower.current
+            follower.apply(actions)  # a passive's replica only connects, requests
+            if connection is not None and follower.current is not connection:
+                self._log.log(
+                    logging.WARNING,
+                    "resync",
+                    "no snapshot or stream from the active in time; "
+                    "connecting again (synced %d times so far)",
+                    replica.stats["syncs"],
+                )
             self._timer_wakeup.set()
         if core.relays and self._relay_sock is not None:
             relays, core.relays = core.relays, []
@@ -281,11 +275,11 @@ class CloneServer:
     # -- tasks for the server's whole life ----------------------------------
 
     async def _collect(self, sock: Socket) -> NoReturn:
-        core, publish = self.core, self.publisher.publish
+        core = self.core
         while True:
             batch = await sock.receive_batch(BATCH)
             now = trio.current_time()
-            self.publisher.admit()
+            updates = []
             for frames in batch:
                 try:
                     update = core.collect(frames, now)
@@ -293,7 +287,8 @@ class CloneServer:
                     self._reject("collector", exc)
                     continue
                 if update is not None:
-                    publish(update)
+                    updates.append(update)
+            self.publisher.publish_all(updates)
             if core.serving:  # (a client write changes no role: no _after)
                 deadline = core.store.next_deadline()
                 if deadline is not None and deadline < self._expiry_at:
@@ -338,6 +333,8 @@ class CloneServer:
             now = trio.current_time()
             for frames in requests:
                 self._on_request(frames, now)
+            if requests:  # (votes may have changed the role)
+                self._after(now)
             if not transfers:
                 continue
             moved = self._pump(router, now)
@@ -359,7 +356,6 @@ class CloneServer:
         from_peer = identity.startswith(PEER_IDENTITY)
         answer, outcome = self.core.on_request(now, from_peer=from_peer)
         self._on_bstar(outcome)
-        self._after(now)
         if not answer:
             log.debug("request not answered in role %s", self.core.role.value)
             return
@@ -508,9 +504,8 @@ class CloneServer:
         core, publisher = self.core, self.publisher
         deadline = trio.current_time()
         while True:
-            publisher.admit()
-            publisher.publish(core.hugz())
-            publisher.publish_all(core.subtrees.heartbeats())
+            publisher.admit()  # first: the subtree heartbeats are for subscribers
+            publisher.publish_all([core.hugz(), *core.subtrees.heartbeats()])
             deadline = max(deadline + interval, trio.current_time())
             await trio.sleep_until(deadline)
 
@@ -518,8 +513,6 @@ class CloneServer:
         core = self.core
         while True:
             deletes = core.expire(trio.current_time())
-            if deletes:
-                self.publisher.admit()
             self.publisher.publish_all(deletes)
             if deletes:
                 await trio.lowlevel.checkpoint()  # more may be due: a step at a time

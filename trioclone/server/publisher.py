@@ -16,7 +16,7 @@ call and no task ever waits on this socket.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 
 import zmq
 
@@ -26,6 +26,7 @@ from trioclone.errors import RemoteProtocolError
 
 Frames = list[bytes]
 POLLIN = int(zmq.POLLIN)
+DRAIN = 256  # subscriptions read at a time
 
 
 class Publisher:
@@ -44,10 +45,6 @@ class Publisher:
         #: Called with each message published (tests observe the stream).
         self.observer: Callable[[Sequence[bytes]], None] | None = None
 
-    @property
-    def is_open(self) -> bool:
-        return self._open
-
     def admit(self) -> None:
         """Take in subscribers (and their subscriptions) since the last call.
 
@@ -59,31 +56,33 @@ class Publisher:
         if not sock.refresh() & POLLIN:
             return  # the usual case: nothing to read, and no exception raised
         for _ in range(4):  # bounded: a flood of them waits for the next call
-            messages = sock.receive_nowait(256)
-            if not messages:
-                return
+            messages = sock.receive_nowait(DRAIN)
             for frames in messages:
                 try:
                     self._subtrees.on_subscription(frames)
                 except RemoteProtocolError as exc:
                     self._reject("publisher", exc)
+            if len(messages) < DRAIN:
+                return  # that was all of them
 
-    def publish(self, frames: Sequence[bytes]) -> None:
-        if not self._open:
-            self._held.append(frames)
+    def publish_all(self, messages: Sequence[Sequence[bytes]]) -> None:
+        """Publish ``messages`` in order, subscribers that came meanwhile
+        taken in first; held while the gate is closed."""
+        if not messages:
             return
-        self._sock.try_send(frames)
-        self.published += 1
-        if self.observer is not None:
-            self.observer(frames)
-
-    def publish_all(self, messages: Iterable[Sequence[bytes]]) -> None:
+        if not self._open:
+            self._held.extend(messages)
+            return
+        self.admit()
+        sock, observer = self._sock, self.observer
         for frames in messages:
-            self.publish(frames)
+            sock.try_send(frames)
+            if observer is not None:
+                observer(frames)
+        self.published += len(messages)
 
     def open(self) -> None:
         self._open = True
-        self.admit()
         held, self._held = self._held, []
         self.publish_all(held)
 

@@ -3,14 +3,57 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from typing import TypeGuard
 
 from trioclone.endpoints import BACKUP_PORT, PRIMARY_PORT, Endpoints, check_port
-from trioclone.errors import ConfigError
+from trioclone.errors import CloneError, ConfigError
 
 PRIMARY_STATE_PORT = 5003
 BACKUP_STATE_PORT = 5004
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What a number in the settings must be: a test, and how it is said.
+
+    The settings, the blocking client and the command line's option types
+    (``trioclone.cli_client``) all check numbers with these.
+    """
+
+    words: str  # "a whole number >= 1": completes "NAME must be ..."
+    holds: Callable[[object], bool]
+
+    def check(
+        self, name: str, value: object, error: type[CloneError] = ConfigError
+    ) -> None:
+        if not self.holds(value):
+            raise error(f"{name} must be {self.words}, got {value!r}")
+
+
+def _real(value: object) -> TypeGuard[float]:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _whole(value: object) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+SECONDS = Rule(
+    "a positive, finite number of seconds",
+    lambda v: _real(v) and 0 < v < math.inf,
+)
+HEARTBEATS = Rule(
+    "a finite number of heartbeats, at least 1",
+    lambda v: _real(v) and 1 <= v < math.inf,
+)
+COUNT = Rule("a whole number >= 1", lambda v: _whole(v) and v >= 1)
+#: A ZeroMQ high-water mark.
+HWM = Rule(
+    "a whole number >= 0 (0: no limit)",
+    lambda v: _whole(v) and v >= 0,
+)
 
 
 @dataclass(frozen=True)
@@ -25,12 +68,8 @@ class PairSettings:
     expiry_heartbeats: float = 2.0
 
     def __post_init__(self) -> None:
-        check_positive("heartbeat", self.heartbeat)
-        if not (math.isfinite(self.expiry_heartbeats) and self.expiry_heartbeats >= 1):
-            raise ConfigError(
-                "expiry_heartbeats (the peer expiry) must be a finite number of "
-                f"heartbeats, at least 1, got {self.expiry_heartbeats}"
-            )
+        SECONDS.check("heartbeat", self.heartbeat)
+        HEARTBEATS.check("expiry_heartbeats (the peer expiry)", self.expiry_heartbeats)
 
 
 @dataclass(frozen=True)
@@ -66,25 +105,11 @@ class ServerSettings:
             "snapshot_stall",
             "status_interval",
         ):
-            check_positive(name, getattr(self, name))
+            SECONDS.check(name, getattr(self, name))
         for name in ("pending_size", "applied_limit", "backlog_limit"):
-            check_count(name, getattr(self, name))
-        for name in ("publisher_hwm", "collector_hwm"):  # 0: no limit (ZeroMQ)
-            check_count(name, getattr(self, name), minimum=0)
-
-
-def check_positive(name: str, value: float) -> None:
-    """``value`` is a finite number of seconds greater than zero."""
-    if not (math.isfinite(value) and value > 0):
-        raise ConfigError(
-            f"{name} must be a positive, finite number of seconds, got {value}"
-        )
-
-
-def check_count(name: str, value: int, minimum: int = 1) -> None:
-    """``value`` is a whole number (not a bool or a float) of at least ``minimum``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{name} must be a whole number >= {minimum}, got {value!r}")
+            COUNT.check(name, getattr(self, name))
+        for name in ("publisher_hwm", "collector_hwm"):
+            HWM.check(name, getattr(self, name))
 
 
 def check_ports_apart(ports: Mapping[str, tuple[int, int]]) -> None:
@@ -103,6 +128,21 @@ def _span(first: int, count: int) -> str:
     return f"port {first}" if count == 1 else f"ports {first}-{first + count - 1}"
 
 
+def default(setting: str) -> object:
+    """The default of a ``pair_settings`` keyword that is a settings field."""
+    for spec in (*fields(PairSettings), *fields(ServerSettings)):
+        if spec.name == setting:
+            return spec.default
+    raise KeyError(setting)
+
+
+def default_ports(role: str) -> tuple[int, int]:
+    """The Guide's base port P and Binary Star port for ``role``."""
+    if role == "backup":
+        return BACKUP_PORT, BACKUP_STATE_PORT
+    return PRIMARY_PORT, PRIMARY_STATE_PORT
+
+
 def pair_settings(
     role: str,
     *,
@@ -112,20 +152,16 @@ def pair_settings(
     peer_port: int | None = None,
     state_port: int | None = None,
     peer_state_port: int | None = None,
-    heartbeat: float = 1.0,
-    expiry_heartbeats: float = 2.0,
+    heartbeat: float = PairSettings.heartbeat,
+    expiry_heartbeats: float = PairSettings.expiry_heartbeats,
     **options: object,
 ) -> ServerSettings:
     """Settings for ``role`` ("primary", "backup" or "standalone")."""
     if role not in ("primary", "backup", "standalone"):
         raise ConfigError(f"role must be primary, backup or standalone, not {role!r}")
     primary = role != "backup"
-    own, other = (PRIMARY_PORT, BACKUP_PORT) if primary else (BACKUP_PORT, PRIMARY_PORT)
-    own_state, other_state = (
-        (PRIMARY_STATE_PORT, BACKUP_STATE_PORT)
-        if primary
-        else (BACKUP_STATE_PORT, PRIMARY_STATE_PORT)
-    )
+    own, own_state = default_ports(role)
+    other, other_state = default_ports("primary" if role == "backup" else "backup")
     port = port if port is not None else own
     bind = Endpoints.tcp(bind_host, port)
     pair = None
