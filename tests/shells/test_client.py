@@ -553,6 +553,35 @@ async def test_failover_while_writing_loses_nothing_and_applies_nothing_twice(
     ]
 
 
+@pytest.mark.parametrize("offset", [0.0, 0.3, 0.6, 0.9])
+async def test_failover_takes_at_most_the_documented_time(
+    context, autojump_clock, offset
+):
+    """The README: with the default timings a client is synced on the backup
+    at most 4.5 s after the active's last message.  The primary dies at
+    ``offset`` into a second, against its HUGZ and heartbeats on whole
+    seconds; here the backup's peer has expired when the client's silence
+    runs out (2 s), so its first vote is answered.  The worst case, a vote
+    the backup cannot answer yet, adds one request timeout and a back-off
+    (``test_a_successful_sync_starts_the_back_off_afresh``): 2.5 s more."""
+    with trio.fail_after(GUARD):
+        async with trio.open_nursery() as nursery:
+            settings, primary, _, _ = await started_pair(nursery, context)
+            p, b = (side.bind for side in settings)
+            await settle_links()
+            async with open_client([p, b], context=context) as clone:
+                await clone.wait_synced()
+                assert clone.server == str(p)
+                await trio.sleep_until(math.ceil(trio.current_time()) + 2 + offset)
+                primary.kill()
+                killed_at = trio.current_time()
+                await clone._synced.wait_value(False)
+                await clone.wait_synced()
+                assert clone.server == str(b)
+                assert trio.current_time() - killed_at <= 4.5
+            nursery.cancel_scope.cancel()
+
+
 async def test_a_write_lost_before_failover_is_resent_after_it_and_applied_once(
     context, autojump_clock
 ):

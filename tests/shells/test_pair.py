@@ -194,6 +194,12 @@ async def test_dual_actives_converge_on_the_primary(context, autojump_clock, cap
             assert primary.server.state.value == State.ACTIVE
             assert primary.server.core.bstar.faults[DUAL_ACTIVES] >= 1
             assert backup.server.core.bstar.faults[DUAL_ACTIVES] >= 1
+            # the status line (README): role, lineage, sequence, keys,
+            # pending size and the fault counters
+            status = backup.server.status()
+            assert status["lineage"] == primary.server.core.lineage
+            assert status[DUAL_ACTIVES] == backup.server.core.bstar.faults[DUAL_ACTIVES]
+            assert {"state", "role", "sequence", "keys", "pending"} <= set(status)
             assert any(
                 "dual actives" in r.getMessage() and r.levelno == logging.ERROR
                 for r in caplog.records
