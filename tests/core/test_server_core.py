@@ -783,6 +783,19 @@ def test_mirror_in_order_applies() -> None:
     assert actions(core) == []
 
 
+def test_the_mirrored_stream_fills_the_window_as_the_active_does() -> None:
+    active, passive = active_core(), passive_core(0)
+    writes = [(b"/a", b"A", U1), (b"/a", b"B", U2), (b"/a", b"", U3), (b"/b", b"", U4)]
+    for now, (key, body, uuid) in enumerate(writes, 1):
+        published = active.collect(kvset(key, body, uuid), float(now))
+        assert published is not None
+        passive.on_update(published, float(now))
+    assert passive.sequence == active.sequence == 4
+    assert passive.store.keys() == active.store.keys() == []
+    assert passive.applied.export(10.0) == active.applied.export(10.0)
+    assert active.applied.export(10.0) == [(8.0, [U1]), (7.0, [U2, U3]), (6.0, [U4])]
+
+
 def test_mirror_gap_asks_for_resync() -> None:
     core = passive_core(5)
     core.on_update(kvpub(b"/a", 7, b"A", U1), 1.0)

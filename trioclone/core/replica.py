@@ -210,6 +210,10 @@ class Replica(Generic[M]):
     def _confirm(self, target: M, msg: KVMsg, now: float) -> None:
         """The stream update ``msg`` is in the live map ``target`` now."""
 
+    def _confirm_live(self, msg: KVMsg, now: float) -> None:
+        """``_confirm``, for an update that ``_put`` just stored in ``live``."""
+        self._confirm(self.live, msg, now)
+
     def _check_extra(self, request: bytes, msg: KVMsg) -> None:
         """A reply to one of the ``extra`` requests, as it arrives: raise
         ``RemoteProtocolError`` if it is malformed."""
@@ -405,7 +409,8 @@ class Replica(Generic[M]):
             return  # outside our subtrees
         if msg.sequence > threshold:
             self._put(incoming, msg, now)
-            self._note(msg)
+            if not self.whole_tree:
+                self._note(msg)
         self._confirming.append(msg)
 
     def _held_by(self, msg: KVMsg) -> int | None:
@@ -547,15 +552,17 @@ class Replica(Generic[M]):
                 self._thresholds = {}  # past every snapshot: plain order now
             if threshold is None or msg.sequence <= threshold:
                 return  # outside our subtrees, or already in the snapshot
-        elif not self.covers(msg.key):
+        elif not (self.whole_tree or self.covers(msg.key)):
             return
         self._put(self.live, msg, now)
-        self._note(msg)
-        self._confirm(self.live, msg, now)
+        if not self.whole_tree:
+            self._note(msg)
+        self._confirm_live(msg, now)
         self._updated(msg)
 
     def _note(self, msg: KVMsg) -> None:
-        """Remember the newest sequence held under each of our subtrees."""
+        """Remember the newest sequence held under each of our subtrees (the
+        whole map has none: a gap in its sequences says what was missed)."""
         for subtree in self.subtrees:
             if subtree and msg.key.startswith(subtree):
                 self._seen[subtree] = msg.sequence

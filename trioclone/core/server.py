@@ -745,6 +745,11 @@ class Mirror(Replica[ServerMap]):
         if msg.uuid and target.store.uuid_of(msg.key) != msg.uuid:
             target.applied.add(msg.uuid, now)  # in the snapshot, then replaced
 
+    def _confirm_live(self, msg: KVMsg, now: float) -> None:
+        # ``_put`` just stored it: the key holds its UUID, or it was a delete
+        # and ``_put`` put its UUID in the window.
+        self.core.pending.match(msg.uuid)
+
     def _adopting(self, end: KVMsg, now: float) -> bool:
         """Never replace the map we hold by one the active founded empty
         since (a restarted server that got a vote while cut off from us):
