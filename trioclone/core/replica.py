@@ -190,7 +190,7 @@ class Replica(Generic[M]):
         # confirmations of a map that went live, done a step at a time
         self._to_confirm: deque[tuple[M, KVMsg]] = deque()
         # the stream
-        self._backlog: deque[tuple[KVMsg, float]] = deque()
+        self._backlog: deque[KVMsg] = deque()
         self._live_from: int | None = None
         self._high = 0
         self._numbered_hugz = False  # this server's HUGZ carry its sequence
@@ -388,8 +388,7 @@ class Replica(Generic[M]):
         assert incoming is not None
         backlog = self._backlog
         for _ in range(min(limit, len(backlog))):
-            msg, _arrived = backlog.popleft()
-            self._absorb(incoming, msg, now)
+            self._absorb(incoming, backlog.popleft(), now)
         if not backlog:
             self._finish(now)
 
@@ -472,7 +471,7 @@ class Replica(Generic[M]):
             self._live_from = msg.sequence if msg.key == HUGZ else msg.sequence - 1
             if self.phase is Phase.ACTIVE and self._live_from > self.sequence:
                 if msg.key != HUGZ:
-                    self._keep(msg, now)
+                    self._keep(msg)
                 self._missed(now)  # the stream started late
                 return
         if msg.key == HUGZ:
@@ -484,10 +483,10 @@ class Replica(Generic[M]):
                 self._missed(now)
             return
         if self.phase is not Phase.ACTIVE:
-            self._keep(msg, now)
+            self._keep(msg)
         elif msg.sequence > self.sequence:
             if self.whole_tree and msg.sequence != self.sequence + 1:
-                self._keep(msg, now)
+                self._keep(msg)
                 self._missed(now)
                 return
             self._apply(msg, now)
@@ -518,7 +517,7 @@ class Replica(Generic[M]):
         if msg is not None:
             self._live_from = msg.sequence if msg.key == HUGZ else msg.sequence - 1
             if msg.key != HUGZ:
-                self._backlog.append((msg, now))
+                self._backlog.append(msg)
         self._request_snapshots(now)
 
     def _check_subtree(self, msg: KVMsg, now: float) -> None:
@@ -533,10 +532,10 @@ class Replica(Generic[M]):
         self.stats["gaps"] += 1
         self._request_snapshots(now)
 
-    def _keep(self, msg: KVMsg, now: float) -> None:
+    def _keep(self, msg: KVMsg) -> None:
         """Hold a stream update until a snapshot it can be applied to."""
         backlog = self._backlog
-        backlog.append((msg, now))
+        backlog.append(msg)
         if len(backlog) > self.backlog_limit:
             backlog.popleft()
             self.stats["backlog_dropped"] += 1
