@@ -352,8 +352,8 @@ class ServerCore:
     ) -> Frames:
         store = self.store
         sequence = store.next_sequence()
-        props = frames[3]
-        if props and TTL in msg.properties and msg.ttl is None:
+        props, ttl = frames[3], msg.ttl
+        if ttl is None and props and TTL in msg.properties:
             rest = {k: v for k, v in msg.properties.items() if k != TTL}
             props = encode_properties(rest) if rest else b""  # ttl=0: canonical
         if current:
@@ -365,7 +365,7 @@ class ServerCore:
         elif msg.uuid:
             self.applied.add(msg.uuid, now)  # a delete leaves no record to hold it
             self._tombstone(key, sequence, msg.uuid)
-        store.put(key, sequence, msg.uuid, props, msg.body, msg.ttl, now)
+        store.put(key, sequence, msg.uuid, props, msg.body, ttl, now)
         if self.subtrees.tracked:
             self.subtrees.published(key, sequence)
         self.stats["updates"] += 1
