@@ -15,6 +15,8 @@ from trioclone.core.chp import (
     ICANHAZ,
     KTHXBAI,
     KVMsg,
+    check_history,
+    decode_history,
     decode_kvmsg,
     decode_properties,
     decode_request,
@@ -22,6 +24,7 @@ from trioclone.core.chp import (
     encode_properties,
     encode_request,
     format_ttl,
+    history_batch,
     hugz,
     kthxbai,
     ttl_seconds,
@@ -458,3 +461,26 @@ def test_decode_request_rejects_other_command() -> None:
     with pytest.raises(RemoteProtocolError) as info:
         decode_request([b"ICANHAZ", b""])
     assert info.value.rule == "the only snapshot command is ICANHAZ?"
+
+
+def test_a_history_batch_round_trip() -> None:
+    uuids = [bytes([n]) * 16 for n in range(3)]
+    msg = decode_kvmsg(history_batch(uuids, 2.5))
+    assert check_history(msg) == 2.5
+    assert decode_history(msg) == (uuids, 2.5)
+
+
+@pytest.mark.parametrize(
+    ("body", "age"),
+    [(b"x" * 15, "1"), (b"x" * 16, ""), (b"x" * 16, "nan"), (b"x" * 16, "-1")],
+)
+def test_a_bad_history_batch_is_refused_by_check_and_decode(
+    body: bytes, age: str
+) -> None:
+    msg = KVMsg(b"\x00history", 0, b"", {"age": age} if age else {}, body)
+    for check in (check_history, decode_history):
+        with pytest.raises(RemoteProtocolError) as info:
+            check(msg)
+        assert info.value.rule == (
+            "a history batch is whole 16-byte UUIDs with a finite age"
+        )

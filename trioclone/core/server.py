@@ -74,6 +74,7 @@ from trioclone.core.chp import (
     SUBTREE_HUGZ,
     TTL,
     KVMsg,
+    check_history,
     decode_history,
     decode_kvmsg,
     encode_properties,
@@ -763,7 +764,9 @@ class Mirror(Replica[ServerMap]):
 
     def _check_extra(self, request: bytes, msg: KVMsg) -> None:
         if request == HISTORY and msg.key == HISTORY:
-            decode_history(msg)  # RemoteProtocolError as it arrives
+            # RemoteProtocolError as it arrives; the UUIDs are cut out once,
+            # by ``_extra`` (held as one body each meanwhile: 3x smaller)
+            check_history(msg)
 
     def _extra(self, request: bytes, msg: KVMsg, now: float) -> int:
         """A batch of the active's window, into the incoming one."""
