@@ -59,7 +59,6 @@ import uuid as uuidlib
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple
 
 from trioclone.core.applied import Applied
 from trioclone.core.bstar import BinaryStar, Outcome, State, decode_state
@@ -83,6 +82,7 @@ from trioclone.core.chp import (
     integer_property,
     kthxbai,
     lineage_of,
+    ttl_seconds,
 )
 from trioclone.core.pending import Pending
 from trioclone.core.replica import Phase, Replica, Timings
@@ -126,11 +126,46 @@ class Claim:
     heard: float
 
 
-class ServerMap(NamedTuple):
-    """What a passive replicates: the map and the window of replaced writes."""
+@dataclass(frozen=True, slots=True)
+class ServerMap:
+    """A server's map and its window of replaced writes (what a passive
+    replicates), and the rules that keep the two in step.  (Slots, not a
+    named tuple: its fields are read on the update path.)"""
 
     store: Store
     applied: Applied
+
+    def is_repeat(self, uuid: bytes, current: bytes) -> bool:
+        """A write already applied: its UUID is the one its key holds
+        (``current``, from ``store.uuid_of``) or is in the window."""
+        if not uuid:
+            return False  # anonymous: never recognised
+        return uuid == current or uuid in self.applied
+
+    def record(
+        self,
+        msg: KVMsg,
+        sequence: int,
+        properties: bytes,
+        ttl: float | None,
+        now: float,
+        current: bytes,
+    ) -> None:
+        """Put a write in the map at ``sequence``: the write it replaces
+        (``current``) goes to the window, and so does a delete (it leaves no
+        record to hold its UUID)."""
+        applied = self.applied
+        if current and current != msg.uuid:
+            applied.add(current, now)
+        if not msg.body:
+            applied.add(msg.uuid, now)
+        self.store.put(msg.key, sequence, msg.uuid, properties, msg.body, ttl, now)
+
+    def remember(self, key: bytes, uuid: bytes, now: float) -> None:
+        """The write ``uuid`` to ``key`` was applied: keep it a repeat (in the
+        window, unless the key still holds it)."""
+        if uuid and self.store.uuid_of(key) != uuid:
+            self.applied.add(uuid, now)
 
 
 @dataclass
@@ -159,8 +194,8 @@ class ServerCore:
         new_lineage: Callable[[], str] = random_lineage,
     ) -> None:
         self.bstar = bstar
-        self.store = Store()
-        self.applied = Applied(applied_horizon, applied_limit)
+        #: The map served (active) or the last complete copy (passive).
+        self.map = ServerMap(Store(), Applied(applied_horizon, applied_limit))
         self.pending = Pending(pending_size, pending_age)
         self.subtrees = Subtrees()
         self.backlog_limit = backlog_limit
@@ -187,6 +222,14 @@ class ServerCore:
         self._housekeeping_at = 0.0
 
     # -- state ----------------------------------------------------------------
+
+    @property
+    def store(self) -> Store:
+        return self.map.store
+
+    @property
+    def applied(self) -> Applied:
+        return self.map.applied
 
     @property
     def active(self) -> bool:
@@ -316,16 +359,17 @@ class ServerCore:
         Raises ``RemoteProtocolError`` for a malformed update; nothing changes.
         """
         msg = decode_kvmsg(frames)
-        if msg.key in RESERVED or msg.key.endswith(SUBTREE_HUGZ):  # is_reserved
+        key = msg.key
+        if key in RESERVED or key.endswith(SUBTREE_HUGZ):  # is_reserved
             raise RemoteProtocolError(RULE_RESERVED)
         if msg.sequence and LINEAGE in msg.properties:
             handed = self._handed_over(msg)
             if handed is None:
                 return None
             msg, frames = handed
-        uuid = msg.uuid
-        current = self.store.uuid_of(msg.key)
-        if uuid and (uuid == current or uuid in self.applied):
+        smap = self.map
+        current = smap.store.uuid_of(key)
+        if smap.is_repeat(msg.uuid, current):
             self.stats["duplicates"] += 1
             return None
         if self.role is Role.ACTIVE:
@@ -333,7 +377,7 @@ class ServerCore:
                 return self._apply(msg, frames, now, current)
             self._takeover.arrivals.append(list(frames))
             return None
-        if not self.pending.hold(uuid, frames, now, self._heard_sequence()):
+        if not self.pending.hold(msg.uuid, frames, now, self._heard_sequence()):
             self.stats["anonymous_not_held"] += 1
         return None
 
@@ -351,22 +395,21 @@ class ServerCore:
     def _apply(
         self, msg: KVMsg, frames: Sequence[bytes], now: float, current: bytes
     ) -> Frames:
-        store = self.store
-        sequence = store.next_sequence()
-        props, ttl = frames[3], msg.ttl
-        if ttl is None and props and TTL in msg.properties:
-            rest = {k: v for k, v in msg.properties.items() if k != TTL}
-            props = encode_properties(rest) if rest else b""  # ttl=0: canonical
-        if current:
-            self.applied.add(current, now)  # its write was replaced
+        smap, props, ttl = self.map, frames[3], None
+        sequence = smap.store.next_sequence()
+        properties = msg.properties
+        if TTL in properties:  # parsed once, and only if there
+            ttl = ttl_seconds(properties)
+            if ttl is None:  # ttl=0: no expiry, stored and published without it
+                rest = {k: v for k, v in properties.items() if k != TTL}
+                props = encode_properties(rest) if rest else b""
+        smap.record(msg, sequence, props, ttl, now, current)
         key = msg.key
         if msg.body:
             if self._tombstones:
                 self._tombstones.pop(key, None)
         elif msg.uuid:
-            self.applied.add(msg.uuid, now)  # a delete leaves no record to hold it
             self._tombstone(key, sequence, msg.uuid)
-        store.put(key, sequence, msg.uuid, props, msg.body, ttl, now)
         if self.subtrees.tracked:
             self.subtrees.published(key, sequence)
         self.stats["updates"] += 1
@@ -502,7 +545,7 @@ class ServerCore:
         self.role = Role.PASSIVE
         self._takeover = None
         self.subtrees.clear()
-        self.replica = Mirror(self, ServerMap(self.store, self.applied))
+        self.replica = Mirror(self, self.map)
 
     def step(self, now: float, limit: int = STEP) -> list[Frames]:
         """A bounded piece of the work in hand; frames to publish."""
@@ -530,8 +573,7 @@ class ServerCore:
 
     def _adopt(self, replica: Mirror) -> None:
         """The replica's newest map becomes ours, to serve."""
-        live = replica.live
-        self.store, self.applied = live.store, live.applied
+        self.map = replica.live
         self.store.sequence = replica.sequence
         assert self._takeover is not None
         self._takeover.contiguous = replica.contiguous
@@ -567,11 +609,11 @@ class ServerCore:
         """Apply and publish the pending list, then what arrived meanwhile."""
         takeover = self._takeover
         assert takeover is not None
-        store, published = self.store, []
+        smap, store, published = self.map, self.store, []
         for held in self.pending.take(limit):
             msg = decode_kvmsg(held.frames)
             current = store.uuid_of(msg.key)
-            if msg.uuid and (msg.uuid == current or msg.uuid in self.applied):
+            if smap.is_repeat(msg.uuid, current):
                 continue
             # Unmatched, so not applied by the old active up to where we heard
             # it without a gap: replayed now, it keeps the active's order.
@@ -590,7 +632,7 @@ class ServerCore:
             frames = arrivals.popleft()
             msg = decode_kvmsg(frames)
             current = store.uuid_of(msg.key)
-            if msg.uuid and (msg.uuid == current or msg.uuid in self.applied):
+            if smap.is_repeat(msg.uuid, current):
                 self.stats["duplicates"] += 1
                 continue
             published.append(self._apply(msg, frames, now, current))
@@ -600,16 +642,11 @@ class ServerCore:
 
     def _sweep_step(self, limit: int) -> None:
         """Match pending writes that a new snapshot holds or replaced."""
-        sweep, pending, store, applied = (
-            self._sweep,
-            self.pending,
-            self.store,
-            self.applied,
-        )
+        sweep, pending, smap = self._sweep, self.pending, self.map
         assert sweep is not None
         for count, uuid in enumerate(sweep, 1):
             key = pending.key_of(uuid)
-            if key is not None and (uuid in applied or store.uuid_of(key) == uuid):
+            if key is not None and smap.is_repeat(uuid, smap.store.uuid_of(key)):
                 pending.match(uuid)
             if count >= limit:
                 return
@@ -732,19 +769,13 @@ class Mirror(Replica[ServerMap]):
         return ServerMap(Store(), Applied(window.horizon, window.limit))
 
     def _put(self, target: ServerMap, msg: KVMsg, now: float) -> None:
-        store, applied = target
-        old = store.uuid_of(msg.key)
-        if old and old != msg.uuid:
-            applied.add(old, now)
-        if not msg.body:
-            applied.add(msg.uuid, now)
         props = encode_properties(msg.properties) if msg.properties else b""
-        store.put(msg.key, msg.sequence, msg.uuid, props, msg.body, msg.ttl, now)
+        current = target.store.uuid_of(msg.key)
+        target.record(msg, msg.sequence, props, msg.ttl, now, current)
 
     def _confirm(self, target: ServerMap, msg: KVMsg, now: float) -> None:
         self.core.pending.match(msg.uuid)
-        if msg.uuid and target.store.uuid_of(msg.key) != msg.uuid:
-            target.applied.add(msg.uuid, now)  # in the snapshot, then replaced
+        target.remember(msg.key, msg.uuid, now)  # in the snapshot, then replaced
 
     def _confirm_live(self, msg: KVMsg, now: float) -> None:
         # ``_put`` just stored it: the key holds its UUID, or it was a delete
@@ -781,9 +812,8 @@ class Mirror(Replica[ServerMap]):
 
     def _swapped(self, old: ServerMap, now: float) -> None:
         core = self.core
-        store, applied = self.live
-        store.sequence = self.sequence
-        core.store, core.applied = store, applied
+        core.map = self.live
+        core.store.sequence = self.sequence
         if self.lineage is not None:
             core.lineage = self.lineage
         core.fresh = False
