@@ -566,19 +566,30 @@ class ServerCore:
             if takeover.replica.busy:
                 takeover.replica.catch_up(now, limit)
                 return []
-            self._adopt(takeover.replica)
+            self._take_over_map(takeover.replica)
             takeover.replica = None
             self._begin_replay()
         return self._replay(now, limit)
 
     def _adopt(self, replica: Mirror) -> None:
-        """The replica's newest map becomes ours, to serve."""
+        """The replica's newest complete map becomes the server's map, with
+        its sequence and lineage."""
         self.map = replica.live
         self.store.sequence = replica.sequence
-        assert self._takeover is not None
-        self._takeover.contiguous = replica.contiguous
         if replica.lineage is not None:
             self.lineage = replica.lineage
+
+    def _replica_synced(self, replica: Mirror) -> None:
+        """The passive's replica has a fresh copy of the active's map."""
+        self._adopt(replica)
+        self.fresh = False
+        self._sweep = iter(self.pending.uuids())  # matched a step at a time
+
+    def _take_over_map(self, replica: Mirror) -> None:
+        """Taking over: the replica's map, its backlog in, is ours to serve."""
+        self._adopt(replica)
+        assert self._takeover is not None
+        self._takeover.contiguous = replica.contiguous
         if replica.synced_once:
             self.fresh = False
             self.branch = self.store.sequence
@@ -808,13 +819,9 @@ class Mirror(Replica[ServerMap]):
         return 1 + len(uuids) // 8
 
     def _updated(self, msg: KVMsg) -> None:
+        # ``core.sequence`` is ours already; the store's is kept equal, as
+        # the shell and its tests read it
         self.live.store.sequence = msg.sequence
 
     def _swapped(self, old: ServerMap, now: float) -> None:
-        core = self.core
-        core.map = self.live
-        core.store.sequence = self.sequence
-        if self.lineage is not None:
-            core.lineage = self.lineage
-        core.fresh = False
-        core._sweep = iter(core.pending.uuids())  # matched a step at a time
+        self.core._replica_synced(self)
