@@ -26,6 +26,7 @@ from trioclone.core.chp import (
     format_ttl,
     history_batch,
     hugz,
+    is_reserved,
     kthxbai,
     ttl_seconds,
     with_ttl,
@@ -484,3 +485,21 @@ def test_a_bad_history_batch_is_refused_by_check_and_decode(
         assert info.value.rule == (
             "a history batch is whole 16-byte UUIDs with a finite age"
         )
+
+
+@pytest.mark.parametrize(
+    ("key", "reserved"),
+    [
+        (HUGZ, True),
+        (KTHXBAI, True),
+        (b"/a/\x00HUGZ", True),
+        (b"\x00HUGZ", True),
+        (b"/HUGZ", False),
+        (b"HUGZ/", False),
+        (b"/a/", False),
+    ],
+)
+def test_reserved_keys_are_the_commands_and_subtree_heartbeats(
+    key: bytes, reserved: bool
+) -> None:
+    assert is_reserved(key) is reserved

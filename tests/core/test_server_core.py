@@ -29,7 +29,7 @@ from trioclone.core.chp import (
     kthxbai,
 )
 from trioclone.core.replica import Connect, Request
-from trioclone.core.server import Role, ServerCore
+from trioclone.core.server import RULE_RESERVED, Role, ServerCore
 from trioclone.core.snapshot import SKIP, KeyIndex, Transfer
 from trioclone.core.store import Store
 from trioclone.errors import RemoteProtocolError
@@ -312,8 +312,9 @@ def _state(core: ServerCore) -> tuple[object, ...]:
 def test_collect_reserved_keys_are_rejected(active: bool, key: bytes) -> None:
     core = active_core() if active else passive_core(3, (kvpub(b"/a", 3),))
     before = _state(core)
-    with pytest.raises(RemoteProtocolError):
+    with pytest.raises(RemoteProtocolError) as info:
         core.collect(kvset(key, b"x", U2), 1.0)
+    assert info.value.rule == RULE_RESERVED
     assert _state(core) == before
     assert U2 not in core.applied
     if active:  # the UUID was not remembered: a real update with it applies

@@ -35,6 +35,8 @@ FRESH = "fresh"
 #: the sequence of the last update published under the subtree.
 SUBTREE_HUGZ = b"\x00HUGZ"
 LAST = "last"
+#: Keys no client may write: these, and every key ending in ``SUBTREE_HUGZ``.
+RESERVED = frozenset((HUGZ, KTHXBAI))
 #: A snapshot request for this "subtree" asks a trioclone server for the
 #: UUIDs it applied recently (its repeat window); each reply carries a batch
 #: of 16-byte UUIDs in the body and their ``AGE`` in seconds.  A Guide server
@@ -213,7 +215,7 @@ def is_subtree_hugz(key: bytes) -> bool:
 
 def is_reserved(key: bytes) -> bool:
     """Keys no client may write: the commands, and subtree heartbeats."""
-    return key in (HUGZ, KTHXBAI) or key.endswith(SUBTREE_HUGZ)
+    return key in RESERVED or key.endswith(SUBTREE_HUGZ)
 
 
 def lineage_of(msg: KVMsg) -> str | None:

@@ -67,8 +67,8 @@ from trioclone.core.chp import (
     FRESH,
     HISTORY,
     HUGZ,
-    KTHXBAI,
     LINEAGE,
+    RESERVED,
     SEQUENCE,
     SUBTREE_HUGZ,
     TTL,
@@ -92,11 +92,13 @@ from trioclone.errors import RemoteProtocolError
 
 Frames = list[bytes]
 
-RULE_RESERVED = "a client may not write the reserved keys HUGZ and KTHXBAI"
+RULE_RESERVED = (
+    "a client may not write the reserved keys: HUGZ, KTHXBAI and subtree "
+    "heartbeats (a key ending in \\x00HUGZ)"
+)
 #: The passive's snapshot requests come from a DEALER whose routing id starts
 #: with this: they are not Binary Star votes (a peer is not a client).
 PEER_IDENTITY = b"trioclone-peer:"
-RESERVED = frozenset((HUGZ, KTHXBAI))
 #: Work done per ``step``: enough to be cheap per schedule point, small
 #: enough that heartbeats are never late.
 STEP = 512
@@ -360,7 +362,7 @@ class ServerCore:
         """
         msg = decode_kvmsg(frames)
         key = msg.key
-        if key in RESERVED or key.endswith(SUBTREE_HUGZ):  # is_reserved
+        if key in RESERVED or key.endswith(SUBTREE_HUGZ):  # is_reserved, inline
             raise RemoteProtocolError(RULE_RESERVED)
         if msg.sequence and LINEAGE in msg.properties:
             handed = self._handed_over(msg)
