@@ -133,6 +133,12 @@ def _outermost(subtrees: Sequence[bytes]) -> tuple[bytes, ...]:
     )
 
 
+def _live_from(msg: KVMsg) -> int:
+    """A stream whose first message is ``msg`` holds every update after this:
+    a HUGZ with sequence h, from h; an update u, from u - 1."""
+    return msg.sequence if msg.key == HUGZ else msg.sequence - 1
+
+
 class Replica(Generic[M]):
     """A live copy of one server's map (or of some subtrees of it).
 
@@ -272,13 +278,17 @@ class Replica(Generic[M]):
             self._backlog.clear()
             self._heard_lineage = None
         self.server = server
+        self._in_flight = False
+        self._reconnect()
+        self._request_snapshots(now)
+
+    def _reconnect(self) -> None:
+        """A new connection to ``self.server``: its stream starts afresh."""
+        self.actions.append(Connect(self.server))
         self._live_from = None
         self._high = 0
         self._numbered_hugz = False
-        self._in_flight = False
         self._new_connection = True
-        self.actions.append(Connect(server))
-        self._request_snapshots(now)
 
     def _request_snapshots(self, now: float) -> None:
         """Ask the current server for every subtree (and extra) again."""
@@ -287,11 +297,7 @@ class Replica(Generic[M]):
             # A reply to the request in flight may still come on this DEALER
             # (or never: the server may be new): a new connection, so that
             # what comes next answers the new request.
-            self.actions.append(Connect(self.server))
-            self._live_from = None
-            self._high = 0
-            self._numbered_hugz = False
-            self._new_connection = True
+            self._reconnect()
         self._in_flight = True
         self._extras.clear()
         self._incoming = self._new_map()
@@ -468,7 +474,7 @@ class Replica(Generic[M]):
         if msg.sequence or msg.key != HUGZ:
             self._high = max(self._high, msg.sequence)
         if self._live_from is None:
-            self._live_from = msg.sequence if msg.key == HUGZ else msg.sequence - 1
+            self._live_from = _live_from(msg)
             if self.phase is Phase.ACTIVE and self._live_from > self.sequence:
                 if msg.key != HUGZ:
                     self._keep(msg)
@@ -515,7 +521,7 @@ class Replica(Generic[M]):
         self._high = 0 if msg is None else msg.sequence
         self._live_from = None
         if msg is not None:
-            self._live_from = msg.sequence if msg.key == HUGZ else msg.sequence - 1
+            self._live_from = _live_from(msg)
             if msg.key != HUGZ:
                 self._backlog.append(msg)
         self._request_snapshots(now)
