@@ -173,7 +173,6 @@ class Replica(Generic[M]):
         self.lineage: str | None = None
         #: Every update with a sequence up to this one is in ``live``.
         self.contiguous = 0
-        self.synced_once = False
         self.actions: list[Action] = []
         self.stats: Counter[str] = Counter()
         self._requests = (*self.subtrees, *extra)
@@ -245,6 +244,11 @@ class Replica(Generic[M]):
     def catching_up(self) -> bool:
         """A complete snapshot waits for ``catch_up`` to apply the backlog."""
         return self._catching_up
+
+    @property
+    def synced_once(self) -> bool:
+        """A snapshot went live once at least."""
+        return self.stats["syncs"] > 0
 
     @property
     def busy(self) -> bool:
@@ -444,7 +448,6 @@ class Replica(Generic[M]):
         if max(self._thresholds.values()) <= self.sequence:
             self._thresholds = {}  # past every snapshot: plain order from now
         self.phase = Phase.ACTIVE
-        self.synced_once = True
         self._failures = 0
         self._deadline = now + self.timings.silence_timeout
         self.stats["syncs"] += 1

@@ -175,8 +175,8 @@ class Takeover:
     """The work of becoming active, done in steps."""
 
     replica: Mirror | None
+    contiguous: int  # every update up to it was heard
     base: int = 0  # the store's sequence once the backlog is in
-    contiguous: int | None = None  # every update up to it was heard
     arrivals: deque[Frames] = field(default_factory=deque)
 
 
@@ -535,7 +535,8 @@ class ServerCore:
         replica, self.replica = self.replica, None
         if replica is not None:
             replica.settle(now)
-        self._takeover = Takeover(replica)
+        # without a replica nothing was heard: contiguous up to what we hold
+        self._takeover = Takeover(replica, self.store.sequence)
         if replica is None:
             self._begin_replay()
             if not self.pending:
@@ -614,8 +615,6 @@ class ServerCore:
             self.branch = 0
         assert self._takeover is not None
         self._takeover.base = self.store.sequence
-        if self._takeover.contiguous is None:  # no replica: nothing was heard
-            self._takeover.contiguous = self.store.sequence
         self.pending.relay_off()
 
     def _replay(self, now: float, limit: int) -> list[Frames]:
@@ -633,7 +632,7 @@ class ServerCore:
             # Past a gap it may have been applied there, before a later write
             # to the same key that we did hear: that later write wins.
             written = store.sequence_of(msg.key)
-            contiguous = takeover.contiguous or 0
+            contiguous = takeover.contiguous
             if held.sequence < written <= takeover.base and written > contiguous:
                 self.stats["pending_superseded"] += 1
                 self.applied.add(msg.uuid, now)  # its resend is a repeat too
