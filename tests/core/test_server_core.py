@@ -28,7 +28,7 @@ from trioclone.core.chp import (
     hugz,
     kthxbai,
 )
-from trioclone.core.replica import Connect, Request
+from trioclone.core.replica import Connect, Phase, Request
 from trioclone.core.server import RULE_RESERVED, Role, ServerCore
 from trioclone.core.snapshot import SKIP, KeyIndex, Transfer
 from trioclone.core.store import Store
@@ -504,7 +504,7 @@ def test_takeover_publishes_pending_in_order_with_fresh_sequences() -> None:
         [b"/a", SEQUENCE.pack(12), U1, sets[0][3], b"1"],
         [b"/c", SEQUENCE.pack(13), U3, b"", b"3"],  # ttl=0: canonical
     ]
-    assert core.active
+    assert core.role is Role.ACTIVE
     assert len(core.pending) == 0
     assert core.store.sequence == 13
     assert core.store.get(b"/a") == KVMsg(b"/a", 12, U1, {"ttl": "7"}, b"1")
@@ -652,7 +652,9 @@ def test_a_takeover_mid_catch_up_uses_the_new_snapshot_and_its_backlog() -> None
     core.on_reply(kvpub(b"/gap", 7, b"G", _uuid(7)), 1.0)
     core.on_reply(kthxbai(7, b"", {"lineage": ACTIVES}), 1.0)
     core.on_reply(kthxbai(7, HISTORY), 1.0)
-    assert core.replica is not None and core.replica.catching_up
+    replica = core.replica
+    assert replica is not None and replica.busy  # the backlog is being applied
+    assert replica.phase is Phase.SYNCING
     assert core.replica.stats["syncs"] == 1  # not yet the second
     take_over(core, 2.0)
     assert core.store.sequence == 2999

@@ -102,8 +102,3 @@ class Applied:
         for age, uuids in sorted(batches, key=lambda batch: -batch[0]):
             for uuid in uuids:
                 self.add(uuid, now - age)
-
-    def clear(self) -> None:
-        self._uuids.clear()
-        self._order.clear()
-        self._buckets.clear()

@@ -75,10 +75,6 @@ class KVMsg(NamedTuple):
     body: bytes = b""
 
     @property
-    def is_delete(self) -> bool:
-        return not self.body
-
-    @property
     def ttl(self) -> float | None:
         """Seconds to live, or None; ``ttl=0`` means no expiry (as the Guide)."""
         return ttl_seconds(self.properties)

@@ -241,11 +241,6 @@ class Replica(Generic[M]):
     # -- state ----------------------------------------------------------------
 
     @property
-    def catching_up(self) -> bool:
-        """A complete snapshot waits for ``catch_up`` to apply the backlog."""
-        return self._catching_up
-
-    @property
     def synced_once(self) -> bool:
         """A snapshot went live once at least."""
         return self.stats["syncs"] > 0

@@ -234,10 +234,6 @@ class ServerCore:
         return self.map.applied
 
     @property
-    def active(self) -> bool:
-        return self.role is Role.ACTIVE
-
-    @property
     def serving(self) -> bool:
         """Answering snapshots and applying writes (a takeover is done)."""
         return self.role is Role.ACTIVE and self._takeover is None
