@@ -218,7 +218,6 @@ class ServerCore:
         self._handoff: Iterator[tuple[Frames, Frames] | None] | None = None
         self._handoff_held_at = 0
         self._sweep: Iterator[bytes] | None = None
-        self._seizing = False
         self._tombstones: OrderedDict[bytes, tuple[int, bytes]] = OrderedDict()
         self._following_since: float | None = None
         self._housekeeping_at = 0.0
@@ -431,10 +430,11 @@ class ServerCore:
 
     def on_reply(self, frames: Sequence[bytes], now: float) -> None:
         """A message on the passive's snapshot connection to the active."""
-        if self.role is Role.PASSIVE and self.replica is not None:
-            self.replica.on_reply(frames, now)
-            if self._seizing and self.bstar is not None:
-                self._seizing = False
+        replica = self.replica
+        if self.role is Role.PASSIVE and replica is not None:
+            replica.on_reply(frames, now)
+            if replica.refused_new_map and self.bstar is not None:
+                replica.refused_new_map = False
                 self.notices.append(
                     (
                         logging.ERROR,
@@ -767,6 +767,8 @@ class Mirror(Replica[ServerMap]):
         self.core = core
         self.sequence = live.store.sequence
         self.lineage = core.lineage
+        #: The active serves a map founded empty after ours: not adopted.
+        self.refused_new_map = False
 
     @property
     def heard_sequence(self) -> int:
@@ -797,7 +799,7 @@ class Mirror(Replica[ServerMap]):
         core = self.core
         holding = core.lineage is not None and not core.fresh
         if holding and lineage_of(end) != core.lineage and end.properties.get(FRESH):
-            core._seizing = True
+            self.refused_new_map = True  # the core takes over
             return False
         return True
 
