@@ -1251,12 +1251,36 @@ def test_a_founder_is_fresh_only_until_its_peer_copied_its_map() -> None:
     run(primary, 0.0)
     assert primary.fresh
     assert primary.on_request(0.5, from_peer=True) == (True, None)  # not a vote
-    primary.peer_synced()  # it answered the peer's HISTORY request
+    assert primary.on_request(0.5, from_peer=True, subtree=b"") == (True, None)
+    assert primary.fresh  # the peer's map is not complete before its window
+    assert primary.on_request(0.6, from_peer=True, subtree=HISTORY) == (True, None)
     assert not primary.fresh
     # A passive answers no peer request and counts none as a vote.
     passive = passive_core(0)
     assert passive.on_request(100.0, from_peer=True) == (False, None)
+    assert passive.on_request(100.0, from_peer=True, subtree=HISTORY) == (
+        False,
+        None,
+    )
     assert passive.role is Role.PASSIVE
+
+
+def test_peer_synced_is_what_a_peers_history_request_does() -> None:
+    """The shell may still say it itself (the older way): the same rule."""
+    primary = new_core(bstar=BinaryStar(True, 0.0))
+    primary.on_peer_state(state(State.BACKUP), 0.0)
+    run(primary, 0.0)
+    primary.peer_synced()
+    assert not primary.fresh
+    assert primary.on_request(0.6, from_peer=True, subtree=HISTORY) == (True, None)
+    assert not primary.fresh
+    # A client's HISTORY request is a vote, and says nothing of the peer.
+    client = new_core(bstar=BinaryStar(True, 0.0))
+    client.on_peer_state(state(State.BACKUP), 0.0)
+    run(client, 0.0)
+    answer, outcome = client.on_request(0.6, subtree=HISTORY)
+    assert answer and outcome is not None and outcome.accepted
+    assert client.fresh
 
 
 def test_the_passive_never_adopts_a_map_founded_over_the_one_it_holds() -> None:

@@ -269,15 +269,21 @@ class ServerCore:
     # -- Binary Star ---------------------------------------------------------
 
     def on_request(
-        self, now: float, *, from_peer: bool = False
+        self, now: float, *, from_peer: bool = False, subtree: bytes | None = None
     ) -> tuple[bool, Outcome | None]:
-        """A snapshot request: whether to answer it, and its Binary Star vote.
+        """A snapshot request for ``subtree``: whether to answer it, and its
+        Binary Star vote.
 
         A request from the peer (its passive syncing) is no vote: only the
-        active answers it.  Any other request is a client's vote.
+        active answers it, and its request for our window (HISTORY, asked
+        last) says that it has a complete copy of our map (``peer_synced``).
+        Any other request is a client's vote.
         """
         if from_peer:
-            return self.role is Role.ACTIVE, None
+            answer = self.role is Role.ACTIVE
+            if answer and subtree == HISTORY:
+                self.peer_synced()
+            return answer, None
         outcome = self.on_vote(now)
         return outcome is None or outcome.accepted, outcome
 
