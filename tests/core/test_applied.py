@@ -109,12 +109,3 @@ def test_export_and_load_carry_ages_across_clocks() -> None:
     assert len(copy) == 2
     copy.evict(17.5)
     assert len(copy) == 0
-
-
-def test_clear() -> None:
-    applied = Applied(horizon=10.0)
-    applied.add(_uuid(1), 0.0)
-    applied.clear()
-    assert len(applied) == 0 and _uuid(1) not in applied
-    applied.add(_uuid(1), 20.0)  # usable again
-    assert _uuid(1) in applied

@@ -20,6 +20,7 @@ from trioclone.core.bstar import (
     DUAL_ACTIVES,
     DUAL_PASSIVES,
     HEARTBEAT_MISMATCH,
+    NEW_MAP_OVER_OURS,
     BinaryStar,
     Outcome,
     State,
@@ -87,12 +88,13 @@ SETUPS: dict[str, Callable[[], BinaryStar]] = {
 }
 
 VOTE = "CLIENT_REQUEST"
+SEIZE = "SEIZE"  # the server core keeps its map: ``seize()``
 
 
 @dataclass(frozen=True)
 class Case:
     setup: str
-    event: State | str  # a peer state heard, or VOTE
+    event: State | str  # a peer state heard, VOTE or SEIZE
     now: float
     state: State  # the state afterwards
     accepted: bool = False
@@ -147,6 +149,13 @@ TABLE_CASES = [
     Case("passive-backup", VOTE, 11.999, S),
     Case("passive-backup", A, 10.5, S),
     Case("passive-backup", S, 10.5, S, fault=DUAL_PASSIVES),  # backup stays
+    # SEIZE: only a passive takes over on the core's word
+    Case("primary", SEIZE, 1.0, P),
+    Case("backup", SEIZE, 1.0, B),
+    Case("active-primary", SEIZE, 10.5, A),
+    Case("active-backup", SEIZE, 10.5, A),
+    Case("passive-primary", SEIZE, 10.5, A, fault=NEW_MAP_OVER_OURS),
+    Case("passive-backup", SEIZE, 10.5, A, fault=NEW_MAP_OVER_OURS),
 ]
 
 
@@ -157,6 +166,8 @@ def test_table_row(case: Case) -> None:
     faults_before = sum(star.faults.values())
     if case.event == VOTE:
         outcome = star.on_vote(case.now)
+    elif case.event == SEIZE:
+        outcome = star.seize()
     else:
         assert isinstance(case.event, State)
         outcome = star.on_peer(case.event, case.now)
@@ -176,7 +187,7 @@ def test_table_row(case: Case) -> None:
 def test_table_covers_every_state_and_event() -> None:
     seen = {(SETUPS[c.setup]().state, c.event) for c in TABLE_CASES}
     for state in State:
-        for event in [*State, VOTE]:
+        for event in [*State, VOTE, SEIZE]:
             assert (state, event) in seen
 
 

@@ -15,6 +15,8 @@ from trioclone.core.chp import (
     ICANHAZ,
     KTHXBAI,
     KVMsg,
+    check_history,
+    decode_history,
     decode_kvmsg,
     decode_properties,
     decode_request,
@@ -22,7 +24,9 @@ from trioclone.core.chp import (
     encode_properties,
     encode_request,
     format_ttl,
+    history_batch,
     hugz,
+    is_reserved,
     kthxbai,
     ttl_seconds,
     with_ttl,
@@ -88,7 +92,7 @@ def test_valid_vector(vector: dict[str, Any]) -> None:
     else:
         assert msg.ttl is None
     if "delete" in expect:
-        assert msg.is_delete is expect["delete"]
+        assert (not msg.body) is expect["delete"]
         checked += 1
     assert checked >= 3, "vector checks too little"
 
@@ -153,7 +157,6 @@ def test_kvmsg_round_trip(msg: KVMsg) -> None:
     assert decoded.uuid == msg.uuid
     assert dict(decoded.properties) == dict(msg.properties)
     assert decoded.body == msg.body
-    assert decoded.is_delete == msg.is_delete
     assert decoded.ttl == msg.ttl
 
 
@@ -277,7 +280,7 @@ def test_encode_negative_sequence_is_twos_complement() -> None:
 def test_kvmsg_defaults() -> None:
     msg = KVMsg(b"k")
     assert encode_kvmsg(msg) == [b"k", bytes(8), b"", b"", b""]
-    assert msg.is_delete
+    assert msg.body == b""  # a delete
     assert msg.ttl is None
 
 
@@ -428,7 +431,6 @@ def test_hugz_frames() -> None:
     assert msg.key == HUGZ == b"HUGZ"
     assert msg.sequence == 99
     assert msg.body == b""
-    assert msg.is_delete
 
 
 @pytest.mark.parametrize("subtree", [b"", b"/client/", b"/a/b/c/", b"\x00\xff"])
@@ -458,3 +460,44 @@ def test_decode_request_rejects_other_command() -> None:
     with pytest.raises(RemoteProtocolError) as info:
         decode_request([b"ICANHAZ", b""])
     assert info.value.rule == "the only snapshot command is ICANHAZ?"
+
+
+def test_a_history_batch_round_trip() -> None:
+    uuids = [bytes([n]) * 16 for n in range(3)]
+    msg = decode_kvmsg(history_batch(uuids, 2.5))
+    assert check_history(msg) == 2.5
+    assert decode_history(msg) == (uuids, 2.5)
+
+
+@pytest.mark.parametrize(
+    ("body", "age"),
+    [(b"x" * 15, "1"), (b"x" * 16, ""), (b"x" * 16, "nan"), (b"x" * 16, "-1")],
+)
+def test_a_bad_history_batch_is_refused_by_check_and_decode(
+    body: bytes, age: str
+) -> None:
+    msg = KVMsg(b"\x00history", 0, b"", {"age": age} if age else {}, body)
+    for check in (check_history, decode_history):
+        with pytest.raises(RemoteProtocolError) as info:
+            check(msg)
+        assert info.value.rule == (
+            "a history batch is whole 16-byte UUIDs with a finite age"
+        )
+
+
+@pytest.mark.parametrize(
+    ("key", "reserved"),
+    [
+        (HUGZ, True),
+        (KTHXBAI, True),
+        (b"/a/\x00HUGZ", True),
+        (b"\x00HUGZ", True),
+        (b"/HUGZ", False),
+        (b"HUGZ/", False),
+        (b"/a/", False),
+    ],
+)
+def test_reserved_keys_are_the_commands_and_subtree_heartbeats(
+    key: bytes, reserved: bool
+) -> None:
+    assert is_reserved(key) is reserved

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 import pytest
 
+from trioclone.core import client as client_module
 from trioclone.core.chp import (
     KVMsg,
     decode_kvmsg,
@@ -583,6 +584,45 @@ def test_an_unconfirmed_write_is_resent_every_resend_interval():
     assert actions(core) == []
     core.poll(2.5)
     assert actions(core) == [first]
+
+
+def test_due_resends_go_out_in_the_order_written():
+    core = synced(sequence=1)
+    a = core.write(b"/k", b"a", 0.0)
+    b = core.write(b"/k", b"b", 0.5)
+    take(core)
+    core.on_update(hugz(1), 1.0)
+    core.poll(1.0)  # only a is due: now a was sent after b
+    assert [decode_kvmsg(s.frames).uuid for s in actions(core)] == [a]
+    core.on_update(hugz(1), 2.0)
+    core.poll(2.0)  # both due, late: still in the order written
+    assert [decode_kvmsg(s.frames).uuid for s in actions(core)] == [a, b]
+
+
+def test_timers_look_only_at_the_writes_due(monkeypatch):
+    """With thousands of unconfirmed writes, ``next_deadline`` and ``poll``
+    read the send times of the few writes due, not of every write."""
+    reads = itertools.count()
+
+    class CountedWrite(client_module.Write):
+        def __getattribute__(self, name: str) -> object:
+            if name in ("first_sent", "sent_at"):
+                next(reads)
+            return super().__getattribute__(name)
+
+    monkeypatch.setattr(client_module, "Write", CountedWrite)
+    core = synced(sequence=1)
+    tick = 2.0**-16  # exact in binary: no rounding at the boundaries
+    uuids = [core.write(b"/k%d" % i, b"v", i * tick) for i in range(5000)]
+    take(core)
+    core.on_update(hugz(1), 0.5)
+    before = next(reads)
+    assert core.next_deadline() == 1.0
+    core.poll(1.0 + 2 * tick)  # three writes due
+    sent = [decode_kvmsg(s.frames).uuid for s in actions(core)]
+    assert sent == uuids[:3]
+    assert core.next_deadline() == 1.0 + 3 * tick
+    assert next(reads) - before < 20
 
 
 def test_an_unconfirmed_write_is_resent_right_after_a_failover():

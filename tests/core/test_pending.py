@@ -18,7 +18,8 @@ def _frames(n: int) -> list[bytes]:
 
 
 def _drain(pending: Pending) -> list[list[bytes]]:
-    return [list(held.frames) for held in pending.drain()]
+    """Every held update, oldest first, taken off the list."""
+    return [list(held.frames) for held in pending.take(len(pending))]
 
 
 # --------------------------------------------------------------------------
@@ -87,15 +88,6 @@ def test_resend_at_max_size_drops_nothing() -> None:
     pending.hold(_uuid(1), _frames(1), 1.0)
     assert len(pending) == 2
     assert pending.dropped == 0
-
-
-def test_clear() -> None:
-    pending = Pending()
-    pending.hold(_uuid(1), _frames(1), 0.0)
-    pending.clear()
-    assert len(pending) == 0
-    assert pending.match(_uuid(1)) is False
-    assert _drain(pending) == []
 
 
 # --------------------------------------------------------------------------

@@ -28,8 +28,8 @@ from trioclone.core.chp import (
     hugz,
     kthxbai,
 )
-from trioclone.core.replica import Connect, Request
-from trioclone.core.server import Role, ServerCore
+from trioclone.core.replica import Connect, Phase, Request
+from trioclone.core.server import RULE_RESERVED, Role, ServerCore
 from trioclone.core.snapshot import SKIP, KeyIndex, Transfer
 from trioclone.core.store import Store
 from trioclone.errors import RemoteProtocolError
@@ -312,8 +312,9 @@ def _state(core: ServerCore) -> tuple[object, ...]:
 def test_collect_reserved_keys_are_rejected(active: bool, key: bytes) -> None:
     core = active_core() if active else passive_core(3, (kvpub(b"/a", 3),))
     before = _state(core)
-    with pytest.raises(RemoteProtocolError):
+    with pytest.raises(RemoteProtocolError) as info:
         core.collect(kvset(key, b"x", U2), 1.0)
+    assert info.value.rule == RULE_RESERVED
     assert _state(core) == before
     assert U2 not in core.applied
     if active:  # the UUID was not remembered: a real update with it applies
@@ -507,7 +508,7 @@ def test_takeover_publishes_pending_in_order_with_fresh_sequences() -> None:
         [b"/a", SEQUENCE.pack(12), U1, sets[0][3], b"1"],
         [b"/c", SEQUENCE.pack(13), U3, b"", b"3"],  # ttl=0: canonical
     ]
-    assert core.active
+    assert core.role is Role.ACTIVE
     assert len(core.pending) == 0
     assert core.store.sequence == 13
     assert core.store.get(b"/a") == KVMsg(b"/a", 12, U1, {"ttl": "7"}, b"1")
@@ -655,7 +656,9 @@ def test_a_takeover_mid_catch_up_uses_the_new_snapshot_and_its_backlog() -> None
     core.on_reply(kvpub(b"/gap", 7, b"G", _uuid(7)), 1.0)
     core.on_reply(kthxbai(7, b"", {"lineage": ACTIVES}), 1.0)
     core.on_reply(kthxbai(7, HISTORY), 1.0)
-    assert core.replica is not None and core.replica.catching_up
+    replica = core.replica
+    assert replica is not None and replica.busy  # the backlog is being applied
+    assert replica.phase is Phase.SYNCING
     assert core.replica.stats["syncs"] == 1  # not yet the second
     take_over(core, 2.0)
     assert core.store.sequence == 2999
@@ -785,6 +788,19 @@ def test_mirror_in_order_applies() -> None:
     assert core.store.keys() == [b"/b"]
     assert core.sequence == 8
     assert actions(core) == []
+
+
+def test_the_mirrored_stream_fills_the_window_as_the_active_does() -> None:
+    active, passive = active_core(), passive_core(0)
+    writes = [(b"/a", b"A", U1), (b"/a", b"B", U2), (b"/a", b"", U3), (b"/b", b"", U4)]
+    for now, (key, body, uuid) in enumerate(writes, 1):
+        published = active.collect(kvset(key, body, uuid), float(now))
+        assert published is not None
+        passive.on_update(published, float(now))
+    assert passive.sequence == active.sequence == 4
+    assert passive.store.keys() == active.store.keys() == []
+    assert passive.applied.export(10.0) == active.applied.export(10.0)
+    assert active.applied.export(10.0) == [(8.0, [U1]), (7.0, [U2, U3]), (6.0, [U4])]
 
 
 def test_mirror_gap_asks_for_resync() -> None:
@@ -1249,12 +1265,36 @@ def test_a_founder_is_fresh_only_until_its_peer_copied_its_map() -> None:
     run(primary, 0.0)
     assert primary.fresh
     assert primary.on_request(0.5, from_peer=True) == (True, None)  # not a vote
-    primary.peer_synced()  # it answered the peer's HISTORY request
+    assert primary.on_request(0.5, from_peer=True, subtree=b"") == (True, None)
+    assert primary.fresh  # the peer's map is not complete before its window
+    assert primary.on_request(0.6, from_peer=True, subtree=HISTORY) == (True, None)
     assert not primary.fresh
     # A passive answers no peer request and counts none as a vote.
     passive = passive_core(0)
     assert passive.on_request(100.0, from_peer=True) == (False, None)
+    assert passive.on_request(100.0, from_peer=True, subtree=HISTORY) == (
+        False,
+        None,
+    )
     assert passive.role is Role.PASSIVE
+
+
+def test_peer_synced_is_what_a_peers_history_request_does() -> None:
+    """The shell may still say it itself (the older way): the same rule."""
+    primary = new_core(bstar=BinaryStar(True, 0.0))
+    primary.on_peer_state(state(State.BACKUP), 0.0)
+    run(primary, 0.0)
+    primary.peer_synced()
+    assert not primary.fresh
+    assert primary.on_request(0.6, from_peer=True, subtree=HISTORY) == (True, None)
+    assert not primary.fresh
+    # A client's HISTORY request is a vote, and says nothing of the peer.
+    client = new_core(bstar=BinaryStar(True, 0.0))
+    client.on_peer_state(state(State.BACKUP), 0.0)
+    run(client, 0.0)
+    answer, outcome = client.on_request(0.6, subtree=HISTORY)
+    assert answer and outcome is not None and outcome.accepted
+    assert client.fresh
 
 
 def test_the_passive_never_adopts_a_map_founded_over_the_one_it_holds() -> None:

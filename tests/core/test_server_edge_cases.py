@@ -121,7 +121,9 @@ def test_a_restarted_backup_that_never_synced_never_wins_over_the_map():
     # The link heals.
     exchange_hugz(primary, backup, 120.0)
     heartbeat(primary, backup, 120.0)
-    winner, loser = (primary, backup) if primary.active else (backup, primary)
+    winner, loser = (
+        (primary, backup) if primary.role is Role.ACTIVE else (backup, primary)
+    )
     run(loser, 120.0)
     for frames in loser.relays:
         winner.collect(frames, 120.1)

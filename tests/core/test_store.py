@@ -6,14 +6,37 @@ Time is always a literal ``now``: no clocks, no sleeps.
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
 
 import pytest
 
-from trioclone.core.chp import SEQUENCE, KVMsg, decode_kvmsg, encode_properties
+from trioclone.core.chp import (
+    KTHXBAI,
+    SEQUENCE,
+    KVMsg,
+    decode_kvmsg,
+    encode_properties,
+)
+from trioclone.core.snapshot import Transfer
 from trioclone.core.store import Store
 
 UUID = bytes(range(16))
 UUID2 = bytes(range(16, 32))
+
+
+def _expire(store: Store, now: float, limit: int | None = None) -> list[bytes]:
+    """The keys expired at ``now`` (the server also takes their UUIDs)."""
+    return [key for key, _ in store.expire_with_uuids(now, limit)]
+
+
+def _snapshot(store: Store, subtree: bytes, now: float) -> Iterator[list[bytes]]:
+    """The KVSYNCs of a snapshot, as a ``Transfer`` sends them; the key list
+    is taken when iteration starts."""
+    transfer = Transfer(b"", store, store.keys(subtree), [KTHXBAI], now)
+    while (frames := transfer.peek(now)) != [b"", KTHXBAI]:
+        assert frames is not None  # (a few deleted keys only: no pause)
+        transfer.advance(now)
+        yield frames[1:]
 
 
 def _put(
@@ -44,9 +67,9 @@ def test_empty_store() -> None:
     assert store.frames(b"k", 1.0) is None
     assert store.sequence == 0
     assert store.next_deadline() is None
-    assert store.expire(1e12) == []
+    assert _expire(store, 1e12) == []
     assert store.keys() == []
-    assert list(store.snapshot(b"", 0.0)) == []
+    assert list(_snapshot(store, b"", 0.0)) == []
 
 
 def test_put_get() -> None:
@@ -140,12 +163,12 @@ def test_clear() -> None:
     assert store.sequence == 0
     assert store.keys() == []
     assert store.next_deadline() is None
-    assert store.expire(1e9) == []
+    assert _expire(store, 1e9) == []
     assert store._heap == []
     assert store.next_sequence() == 1
     # Still usable after clearing.
     _put(store, b"k0", ttl=1.0, now=0.0)
-    assert store.expire(1.0) == [b"k0"]
+    assert _expire(store, 1.0) == [b"k0"]
 
 
 # --------------------------------------------------------------------------
@@ -158,20 +181,20 @@ def test_ttl_exact_boundary() -> None:
     _put(store, b"k", ttl=5.0, now=10.0)
     assert store.deadline(b"k") == 15.0
     assert store.next_deadline() == 15.0
-    assert store.expire(14.999999) == []
+    assert _expire(store, 14.999999) == []
     assert b"k" in store
-    assert store.expire(15.0) == [b"k"]
+    assert _expire(store, 15.0) == [b"k"]
     assert b"k" not in store
     assert store.deadline(b"k") is None
     assert store.next_deadline() is None
-    assert store.expire(100.0) == []
+    assert _expire(store, 100.0) == []
 
 
 def test_expire_only_once() -> None:
     store = Store()
     _put(store, b"k", ttl=1.0, now=0.0)
-    assert store.expire(5.0) == [b"k"]
-    assert store.expire(5.0) == []
+    assert _expire(store, 5.0) == [b"k"]
+    assert _expire(store, 5.0) == []
 
 
 def test_expire_oldest_deadline_first() -> None:
@@ -182,7 +205,7 @@ def test_expire_oldest_deadline_first() -> None:
     _put(store, b"c", ttl=20.0, now=0.0)
     _put(store, b"d", ttl=5.0, now=3.0)  # deadline 8
     _put(store, b"plain")
-    assert store.expire(25.0) == [b"d", b"b", b"c"]
+    assert _expire(store, 25.0) == [b"d", b"b", b"c"]
     assert set(store.keys()) == {b"a", b"plain"}
     assert store.next_deadline() == 30.0
 
@@ -193,7 +216,7 @@ def test_ttl_zero_or_none_means_no_expiry() -> None:
     _put(store, b"none", ttl=None, now=0.0)
     assert store.next_deadline() is None
     assert store.deadline(b"zero") is None
-    assert store.expire(1e12) == []
+    assert _expire(store, 1e12) == []
     assert len(store) == 2
 
 
@@ -206,7 +229,7 @@ def test_next_deadline_is_earliest() -> None:
     assert store.next_deadline() == 100.0
     _put(store, b"early", ttl=5.0, now=1.0)
     assert store.next_deadline() == 6.0
-    assert store.expire(6.0) == [b"early"]
+    assert _expire(store, 6.0) == [b"early"]
     assert store.next_deadline() == 100.0
 
 
@@ -216,7 +239,7 @@ def test_overwrite_without_ttl_cancels_expiry() -> None:
     _put(store, b"k", b"new", ttl=None, now=11.0)
     assert store.deadline(b"k") is None
     assert store.next_deadline() is None
-    assert store.expire(1e9) == []
+    assert _expire(store, 1e9) == []
     msg = store.get(b"k", 1e9)
     assert msg is not None
     assert msg.body == b"new"
@@ -228,7 +251,7 @@ def test_overwrite_with_ttl_zero_cancels_expiry() -> None:
     _put(store, b"k", ttl=5.0, now=10.0)
     _put(store, b"k", ttl=0.0, now=11.0)
     assert store.deadline(b"k") is None
-    assert store.expire(1e9) == []
+    assert _expire(store, 1e9) == []
     assert b"k" in store
 
 
@@ -238,10 +261,10 @@ def test_overwrite_with_new_ttl_moves_deadline_later() -> None:
     _put(store, b"k", b"new", ttl=10.0, now=12.0)  # deadline 22
     assert store.deadline(b"k") == 22.0
     assert store.next_deadline() == 22.0
-    assert store.expire(15.0) == []
-    assert store.expire(21.999) == []
+    assert _expire(store, 15.0) == []
+    assert _expire(store, 21.999) == []
     assert b"k" in store
-    assert store.expire(22.0) == [b"k"]
+    assert _expire(store, 22.0) == [b"k"]
     assert b"k" not in store
 
 
@@ -251,10 +274,10 @@ def test_old_deadline_does_not_expire_moved_key() -> None:
     _put(store, b"k", b"old", ttl=5.0, now=10.0)  # deadline 15
     _put(store, b"other", ttl=1.0, now=10.0)  # deadline 11
     _put(store, b"k", b"new", ttl=10.0, now=12.0)  # deadline 22
-    assert store.expire(15.0) == [b"other"]
+    assert _expire(store, 15.0) == [b"other"]
     assert b"k" in store
     assert store.deadline(b"k") == 22.0
-    assert store.expire(22.0) == [b"k"]
+    assert _expire(store, 22.0) == [b"k"]
 
 
 def test_overwrite_with_new_ttl_moves_deadline_earlier() -> None:
@@ -262,10 +285,10 @@ def test_overwrite_with_new_ttl_moves_deadline_earlier() -> None:
     _put(store, b"k", ttl=100.0, now=0.0)
     _put(store, b"k", ttl=1.0, now=2.0)  # deadline 3
     assert store.next_deadline() == 3.0
-    assert store.expire(3.0) == [b"k"]
+    assert _expire(store, 3.0) == [b"k"]
     # The stale deadline at 100 must not resurrect or re-expire anything.
     _put(store, b"k", b"again", ttl=None, now=4.0)
-    assert store.expire(100.0) == []
+    assert _expire(store, 100.0) == []
     assert b"k" in store
 
 
@@ -275,7 +298,7 @@ def test_delete_cancels_expiry() -> None:
     assert store.remove(b"k") is True
     assert store.deadline(b"k") is None
     assert store.next_deadline() is None
-    assert store.expire(15.0) == []
+    assert _expire(store, 15.0) == []
 
 
 def test_empty_body_cancels_expiry() -> None:
@@ -285,7 +308,7 @@ def test_empty_body_cancels_expiry() -> None:
     assert b"k" not in store
     assert store.deadline(b"k") is None
     assert store.next_deadline() is None
-    assert store.expire(100.0) == []
+    assert _expire(store, 100.0) == []
 
 
 def test_deleted_then_rewritten_without_ttl_is_not_expired() -> None:
@@ -293,7 +316,7 @@ def test_deleted_then_rewritten_without_ttl_is_not_expired() -> None:
     _put(store, b"k", ttl=5.0, now=10.0)
     store.remove(b"k")
     _put(store, b"k", b"fresh", now=12.0)
-    assert store.expire(15.0) == []
+    assert _expire(store, 15.0) == []
     assert b"k" in store
 
 
@@ -301,8 +324,8 @@ def test_rewritten_with_same_deadline_expires_once() -> None:
     store = Store()
     _put(store, b"k", ttl=5.0, now=10.0)
     _put(store, b"k", ttl=3.0, now=12.0)  # deadline 15 again
-    assert store.expire(15.0) == [b"k"]
-    assert store.expire(15.0) == []
+    assert _expire(store, 15.0) == [b"k"]
+    assert _expire(store, 15.0) == []
 
 
 def test_heap_bounded_under_ttl_rewrites() -> None:
@@ -317,7 +340,7 @@ def test_heap_bounded_under_ttl_rewrites() -> None:
     assert len(store) == 10
     # Deadlines are the last write of each key: now - 9 .. now, plus 60.
     assert store.next_deadline() == now - 9 + 60.0
-    assert sorted(store.expire(now + 60.0)) == sorted(keys)
+    assert sorted(_expire(store, now + 60.0)) == sorted(keys)
 
 
 def test_heap_bounded_under_ttl_put_and_delete() -> None:
@@ -439,7 +462,7 @@ def _fill(store: Store) -> None:
 def test_snapshot_everything() -> None:
     store = Store()
     _fill(store)
-    msgs = [decode_kvmsg(frames) for frames in store.snapshot(b"", 0.0)]
+    msgs = [decode_kvmsg(frames) for frames in _snapshot(store, b"", 0.0)]
     assert sorted(msg.key for msg in msgs) == sorted(store.keys())
     assert len(msgs) == 6
     for msg in msgs:
@@ -450,17 +473,17 @@ def test_snapshot_everything() -> None:
 def test_snapshot_subtree() -> None:
     store = Store()
     _fill(store)
-    keys = sorted(decode_kvmsg(f).key for f in store.snapshot(b"/a/", 0.0))
+    keys = sorted(decode_kvmsg(f).key for f in _snapshot(store, b"/a/", 0.0))
     assert keys == [b"/a/", b"/a/1", b"/a/2"]
     assert store.keys(b"/a/") == [b"/a/1", b"/a/2", b"/a/"]
-    assert list(store.snapshot(b"/zzz/", 0.0)) == []
+    assert list(_snapshot(store, b"/zzz/", 0.0)) == []
 
 
 def test_snapshot_carries_remaining_ttl() -> None:
     store = Store()
     store.put(b"/a/t", 5, UUID, b"", b"v", 30.0, 10.0)
     store.put(b"/a/p", 6, UUID, b"", b"v", None, 10.0)
-    msgs = {decode_kvmsg(f).key: decode_kvmsg(f) for f in store.snapshot(b"", 25.0)}
+    msgs = {decode_kvmsg(f).key: decode_kvmsg(f) for f in _snapshot(store, b"", 25.0)}
     assert msgs[b"/a/t"].ttl == 15.0
     assert msgs[b"/a/p"].ttl is None
 
@@ -468,7 +491,7 @@ def test_snapshot_carries_remaining_ttl() -> None:
 def test_snapshot_skips_keys_removed_during_iteration() -> None:
     store = Store()
     _fill(store)
-    snapshot = store.snapshot(b"", 0.0)
+    snapshot = _snapshot(store, b"", 0.0)
     first = decode_kvmsg(next(snapshot)).key
     all_keys = store.keys()
     removed = [key for key in all_keys if key != first]
@@ -484,9 +507,9 @@ def test_snapshot_skips_keys_expired_during_iteration() -> None:
     store = Store()
     store.put(b"a", 1, UUID, b"", b"v", None, 0.0)
     store.put(b"b", 2, UUID, b"", b"v", 1.0, 0.0)
-    snapshot = store.snapshot(b"", 0.5)
+    snapshot = _snapshot(store, b"", 0.5)
     next(snapshot)
-    store.expire(5.0)
+    _expire(store, 5.0)
     rest = list(snapshot)
     assert all(decode_kvmsg(frames).key != b"b" for frames in rest)
 
@@ -494,7 +517,7 @@ def test_snapshot_skips_keys_expired_during_iteration() -> None:
 def test_snapshot_tolerates_keys_added_during_iteration() -> None:
     store = Store()
     _fill(store)
-    snapshot = store.snapshot(b"", 0.0)
+    snapshot = _snapshot(store, b"", 0.0)
     seen = [decode_kvmsg(next(snapshot)).key]
     for i in range(100):
         store.put(b"/new/%d" % i, 100 + i, UUID, b"", b"n", None, 0.0)
@@ -506,7 +529,7 @@ def test_snapshot_sends_changed_value_as_it_is_then() -> None:
     store = Store()
     store.put(b"a", 1, UUID, b"", b"v1", None, 0.0)
     store.put(b"b", 2, UUID, b"", b"v1", None, 0.0)
-    snapshot = store.snapshot(b"", 0.0)
+    snapshot = _snapshot(store, b"", 0.0)
     first = decode_kvmsg(next(snapshot)).key
     other = b"b" if first == b"a" else b"a"
     store.put(other, 3, UUID2, b"", b"v2", None, 0.0)

@@ -40,7 +40,6 @@ class Applied:
         self._order: deque[bytes] = deque()
         # (time of the bucket's first UUID, how many UUIDs it holds), oldest first
         self._buckets: deque[list[float | int]] = deque()
-        self._last: list[float | int] | None = None  # the newest bucket
 
     def __len__(self) -> int:
         return len(self._uuids)
@@ -54,12 +53,12 @@ class Applied:
             return
         self._uuids.add(uuid)
         self._order.append(uuid)
-        last = self._last
+        buckets = self._buckets
+        last = buckets[-1] if buckets else None  # the newest bucket
         if last is not None and now - last[0] < BUCKET:
             last[1] += 1
         else:
-            self._last = last = [now, 1]
-            self._buckets.append(last)
+            buckets.append([now, 1])
             self.evict(now)
         if len(self._order) > self.limit:
             self._pop(1)
@@ -84,8 +83,8 @@ class Applied:
         for _ in range(count):
             uuids.discard(order.popleft())
             buckets[0][1] -= 1
-            if not buckets[0][1] and buckets.popleft() is self._last:
-                self._last = None
+            if not buckets[0][1]:
+                buckets.popleft()
 
     def export(self, now: float) -> list[tuple[float, list[bytes]]]:
         """Every UUID held, in batches of the same age (seconds before ``now``)."""
@@ -103,9 +102,3 @@ class Applied:
         for age, uuids in sorted(batches, key=lambda batch: -batch[0]):
             for uuid in uuids:
                 self.add(uuid, now - age)
-
-    def clear(self) -> None:
-        self._uuids.clear()
-        self._order.clear()
-        self._buckets.clear()
-        self._last = None

@@ -6,6 +6,7 @@ States: PRIMARY (1) and BACKUP (2) are where a server starts, waiting for
 its peer; ACTIVE (3) serves clients; PASSIVE (4) mirrors the active.
 Events: PEER_PRIMARY..PEER_PASSIVE (1-4) are the peer's state, heard on the
 heartbeat socket; CLIENT_REQUEST (5) is a snapshot request, a client's vote.
+trioclone adds SEIZE, the server core's word (see ``seize``).
 
 * Every peer state heard pushes the peer's expiry to ``now + expiry``
   (``expiry`` = 2 heartbeats by default).  The expiry also starts at
@@ -27,6 +28,8 @@ heartbeat socket; CLIENT_REQUEST (5) is a snapshot request, a client's vote.
   being ACTIVE.  Both-primary and both-backup are reported
   (misconfiguration).  Each fault is counted once per episode in ``faults``
   and returned so the shell can log it as an error.
+* SEIZE: a PASSIVE whose peer serves a map founded empty after the one the
+  passive holds becomes ACTIVE, and reports it as a fault.
 
 The table below is the whole behaviour; anything not in it is "no change,
 vote rejected".
@@ -60,6 +63,8 @@ class Event(enum.IntEnum):
 # the peer has expired.
 VOTE_PEER_ALIVE = "vote, peer alive"
 VOTE_PEER_EXPIRED = "vote, peer expired"
+#: The server core keeps its map over the peer's (``seize``).
+SEIZE = "seize"
 
 #: Stand-in for "ACTIVE on the primary, PASSIVE on the backup".
 PRIMARY_WINS = "primary wins"
@@ -101,6 +106,7 @@ TABLE: dict[tuple[State, Input], Row] = {
     (State.PASSIVE, Event.PEER_BACKUP): Row(State.ACTIVE),
     (State.PASSIVE, Event.PEER_PASSIVE): Row(PRIMARY_WINS, fault=DUAL_PASSIVES),
     (State.PASSIVE, VOTE_PEER_EXPIRED): Row(State.ACTIVE, accept=True),
+    (State.PASSIVE, SEIZE): Row(State.ACTIVE, fault=NEW_MAP_OVER_OURS),
 }
 
 
@@ -166,12 +172,10 @@ class BinaryStar:
         )
 
     def seize(self) -> Outcome:
-        """Become ACTIVE on the server core's word: the peer is active with a
-        map it founded empty after ours, which a sync would throw away.  If
+        """PASSIVE -> ACTIVE on the server core's word: the peer is active with
+        a map it founded empty after ours, which a sync would throw away.  If
         the peer is alive, dual actives follow, and ours wins them."""
-        previous, self.state = self.state, State.ACTIVE
-        self.faults[NEW_MAP_OVER_OURS] += 1
-        return Outcome(previous, self.state, fault=NEW_MAP_OVER_OURS)
+        return self._step(SEIZE)
 
     def _step(self, event: Input, keep_active: bool | None = None) -> Outcome:
         previous = self.state

@@ -35,6 +35,8 @@ FRESH = "fresh"
 #: the sequence of the last update published under the subtree.
 SUBTREE_HUGZ = b"\x00HUGZ"
 LAST = "last"
+#: Keys no client may write: these, and every key ending in ``SUBTREE_HUGZ``.
+RESERVED = frozenset((HUGZ, KTHXBAI))
 #: A snapshot request for this "subtree" asks a trioclone server for the
 #: UUIDs it applied recently (its repeat window); each reply carries a batch
 #: of 16-byte UUIDs in the body and their ``AGE`` in seconds.  A Guide server
@@ -71,10 +73,6 @@ class KVMsg(NamedTuple):
     uuid: bytes = b""
     properties: Mapping[str, str] = NO_PROPERTIES
     body: bytes = b""
-
-    @property
-    def is_delete(self) -> bool:
-        return not self.body
 
     @property
     def ttl(self) -> float | None:
@@ -213,7 +211,7 @@ def is_subtree_hugz(key: bytes) -> bool:
 
 def is_reserved(key: bytes) -> bool:
     """Keys no client may write: the commands, and subtree heartbeats."""
-    return key in (HUGZ, KTHXBAI) or key.endswith(SUBTREE_HUGZ)
+    return key in RESERVED or key.endswith(SUBTREE_HUGZ)
 
 
 def lineage_of(msg: KVMsg) -> str | None:
@@ -236,13 +234,20 @@ def history_batch(uuids: Sequence[bytes], age: float) -> list[bytes]:
     return [HISTORY, SEQUENCE.pack(0), b"", props, b"".join(uuids)]
 
 
-def decode_history(msg: KVMsg) -> tuple[list[bytes], float]:
-    """The UUIDs and age of a HISTORY batch; ``RemoteProtocolError`` if bad."""
-    body = msg.body
+def check_history(msg: KVMsg) -> float:
+    """The age of a HISTORY batch; ``RemoteProtocolError`` if the batch is bad.
+    O(1): the UUIDs are not cut out."""
     try:
         age = float(msg.properties.get(AGE, ""))
     except ValueError:
         raise RemoteProtocolError(RULE_HISTORY, "no age") from None
-    if len(body) % 16 or not math.isfinite(age) or age < 0:
-        raise RemoteProtocolError(RULE_HISTORY, f"{len(body)} bytes, age {age}")
+    size = len(msg.body)
+    if size % 16 or not math.isfinite(age) or age < 0:
+        raise RemoteProtocolError(RULE_HISTORY, f"{size} bytes, age {age}")
+    return age
+
+
+def decode_history(msg: KVMsg) -> tuple[list[bytes], float]:
+    """The UUIDs and age of a HISTORY batch; ``RemoteProtocolError`` if bad."""
+    age, body = check_history(msg), msg.body
     return [body[i : i + 16] for i in range(0, len(body), 16)], age

@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import math
 import uuid as uuidlib
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from operator import attrgetter
 
 from trioclone.core.chp import KVMsg, encode_kvmsg, format_ttl, is_reserved
 from trioclone.core.replica import (
@@ -97,6 +99,7 @@ class Write:
     frames: list[bytes]
     first_sent: float
     sent_at: float
+    number: int  # the order written in
 
 
 @dataclass(frozen=True)
@@ -129,7 +132,11 @@ class ClientCore(Replica[Entries]):
     ) -> None:
         super().__init__(server_count, subtrees, timings or ClientTimings(), {})
         self.events: list[Event] = []
-        self.writes: dict[bytes, Write] = {}
+        #: Unconfirmed writes, in the order written (so by ``first_sent``).
+        self.writes: OrderedDict[bytes, Write] = OrderedDict()
+        # the same writes, least recently sent first (so by ``sent_at``)
+        self._by_send: OrderedDict[bytes, Write] = OrderedDict()
+        self._written = 0
         self._new_uuid = new_uuid
 
     @property
@@ -145,24 +152,31 @@ class ClientCore(Replica[Entries]):
         deadline = super().next_deadline()
         if self.writes:
             timings = self.timings
-            for write in self.writes.values():
-                deadline = min(deadline, write.first_sent + timings.write_horizon)
-                if self.phase is Phase.ACTIVE:
-                    deadline = min(deadline, write.sent_at + timings.resend_interval)
+            first = next(iter(self.writes.values()))
+            deadline = min(deadline, first.first_sent + timings.write_horizon)
+            if self.phase is Phase.ACTIVE:
+                oldest = next(iter(self._by_send.values()))
+                deadline = min(deadline, oldest.sent_at + timings.resend_interval)
         return deadline
 
     def poll(self, now: float) -> None:
-        """Act on every timer due at ``now``."""
+        """Act on every timer due at ``now``; the work is the writes due."""
         super().poll(now)
+        writes, by_send = self.writes, self._by_send
         horizon = now - self.timings.write_horizon
-        for uuid in [u for u, w in self.writes.items() if w.first_sent <= horizon]:
-            del self.writes[uuid]
+        while writes and next(iter(writes.values())).first_sent <= horizon:
+            uuid, _ = writes.popitem(last=False)
+            del by_send[uuid]
             self.events.append(Unconfirmed(uuid))
         if self.phase is Phase.ACTIVE:
             due = now - self.timings.resend_interval
-            for write in self.writes.values():
-                if write.sent_at <= due:
-                    self._send(write, now)
+            resends = []
+            for write in by_send.values():
+                if write.sent_at > due:
+                    break
+                resends.append(write)
+            for write in sorted(resends, key=attrgetter("number")):  # as written
+                self._send(write, now)
 
     # -- writes --------------------------------------------------------------
 
@@ -193,16 +207,24 @@ class ClientCore(Replica[Entries]):
         uuid = self._new_uuid()
         frames = encode_kvmsg(KVMsg(key, 0, uuid, props, value))
         if confirm:
-            self.writes[uuid] = Write(frames, now, now)
+            self._written += 1
+            self.writes[uuid] = self._by_send[uuid] = Write(
+                frames, now, now, self._written
+            )
         self.actions.append(Send(frames))
         return uuid
 
     def forget(self, uuid: bytes) -> None:
         """Stop resending a write (its caller gave up waiting)."""
-        self.writes.pop(uuid, None)
+        self._unwrite(uuid)
+
+    def _unwrite(self, uuid: bytes) -> Write | None:
+        self._by_send.pop(uuid, None)
+        return self.writes.pop(uuid, None)
 
     def _send(self, write: Write, now: float) -> None:
         write.sent_at = now
+        self._by_send.move_to_end(write.frames[2])  # its UUID
         self.actions.append(Send(write.frames))
 
     # -- the replica's hooks -------------------------------------------------
@@ -217,7 +239,7 @@ class ClientCore(Replica[Entries]):
             target.pop(msg.key, None)
 
     def _confirm(self, target: Entries, msg: KVMsg, now: float) -> None:
-        if msg.uuid and self.writes.pop(msg.uuid, None) is not None:
+        if msg.uuid and self._unwrite(msg.uuid) is not None:
             self.events.append(Confirmed(msg.uuid, msg.sequence))
 
     def _updated(self, msg: KVMsg) -> None:
@@ -231,7 +253,7 @@ class ClientCore(Replica[Entries]):
         for uuid, write in list(self.writes.items()):
             entry = fresh.get(write.frames[0])
             if entry is not None and entry.uuid == uuid:  # the snapshot holds it
-                del self.writes[uuid]
+                self._unwrite(uuid)
                 self.events.append(Confirmed(uuid, entry.sequence))
         changes = _changes(old, fresh)
         if changes or self._new_connection:  # a no-op resnapshot is not news

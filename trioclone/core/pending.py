@@ -56,9 +56,6 @@ class Pending:
     def __len__(self) -> int:
         return len(self._entries) + len(self._relays)
 
-    def __contains__(self, uuid: bytes) -> bool:
-        return uuid in self._entries or uuid in self._relays
-
     def hold(
         self,
         uuid: bytes,
@@ -150,10 +147,6 @@ class Pending:
                 taken.append(held)
         return taken
 
-    def drain(self) -> list[Held]:
-        """Every held update, oldest first; the list is left empty."""
-        return self.take(len(self))
-
     def uuids(self) -> list[bytes]:
         return [*self._relays, *self._entries]
 
@@ -163,9 +156,4 @@ class Pending:
 
     def relay_off(self) -> None:
         """Stop resending hand-over entries (we are the active now)."""
-        self._sent.clear()
-
-    def clear(self) -> None:
-        self._entries.clear()
-        self._relays.clear()
         self._sent.clear()

@@ -133,6 +133,12 @@ def _outermost(subtrees: Sequence[bytes]) -> tuple[bytes, ...]:
     )
 
 
+def _live_from(msg: KVMsg) -> int:
+    """A stream whose first message is ``msg`` holds every update after this:
+    a HUGZ with sequence h, from h; an update u, from u - 1."""
+    return msg.sequence if msg.key == HUGZ else msg.sequence - 1
+
+
 class Replica(Generic[M]):
     """A live copy of one server's map (or of some subtrees of it).
 
@@ -167,7 +173,6 @@ class Replica(Generic[M]):
         self.lineage: str | None = None
         #: Every update with a sequence up to this one is in ``live``.
         self.contiguous = 0
-        self.synced_once = False
         self.actions: list[Action] = []
         self.stats: Counter[str] = Counter()
         self._requests = (*self.subtrees, *extra)
@@ -190,7 +195,7 @@ class Replica(Generic[M]):
         # confirmations of a map that went live, done a step at a time
         self._to_confirm: deque[tuple[M, KVMsg]] = deque()
         # the stream
-        self._backlog: deque[tuple[KVMsg, float]] = deque()
+        self._backlog: deque[KVMsg] = deque()
         self._live_from: int | None = None
         self._high = 0
         self._numbered_hugz = False  # this server's HUGZ carry its sequence
@@ -209,6 +214,10 @@ class Replica(Generic[M]):
 
     def _confirm(self, target: M, msg: KVMsg, now: float) -> None:
         """The stream update ``msg`` is in the live map ``target`` now."""
+
+    def _confirm_live(self, msg: KVMsg, now: float) -> None:
+        """``_confirm``, for an update that ``_put`` just stored in ``live``."""
+        self._confirm(self.live, msg, now)
 
     def _check_extra(self, request: bytes, msg: KVMsg) -> None:
         """A reply to one of the ``extra`` requests, as it arrives: raise
@@ -232,9 +241,9 @@ class Replica(Generic[M]):
     # -- state ----------------------------------------------------------------
 
     @property
-    def catching_up(self) -> bool:
-        """A complete snapshot waits for ``catch_up`` to apply the backlog."""
-        return self._catching_up
+    def synced_once(self) -> bool:
+        """A snapshot went live once at least."""
+        return self.stats["syncs"] > 0
 
     @property
     def busy(self) -> bool:
@@ -268,13 +277,17 @@ class Replica(Generic[M]):
             self._backlog.clear()
             self._heard_lineage = None
         self.server = server
+        self._in_flight = False
+        self._reconnect()
+        self._request_snapshots(now)
+
+    def _reconnect(self) -> None:
+        """A new connection to ``self.server``: its stream starts afresh."""
+        self.actions.append(Connect(self.server))
         self._live_from = None
         self._high = 0
         self._numbered_hugz = False
-        self._in_flight = False
         self._new_connection = True
-        self.actions.append(Connect(server))
-        self._request_snapshots(now)
 
     def _request_snapshots(self, now: float) -> None:
         """Ask the current server for every subtree (and extra) again."""
@@ -283,11 +296,7 @@ class Replica(Generic[M]):
             # A reply to the request in flight may still come on this DEALER
             # (or never: the server may be new): a new connection, so that
             # what comes next answers the new request.
-            self.actions.append(Connect(self.server))
-            self._live_from = None
-            self._high = 0
-            self._numbered_hugz = False
-            self._new_connection = True
+            self._reconnect()
         self._in_flight = True
         self._extras.clear()
         self._incoming = self._new_map()
@@ -384,8 +393,7 @@ class Replica(Generic[M]):
         assert incoming is not None
         backlog = self._backlog
         for _ in range(min(limit, len(backlog))):
-            msg, _arrived = backlog.popleft()
-            self._absorb(incoming, msg, now)
+            self._absorb(incoming, backlog.popleft(), now)
         if not backlog:
             self._finish(now)
 
@@ -405,7 +413,8 @@ class Replica(Generic[M]):
             return  # outside our subtrees
         if msg.sequence > threshold:
             self._put(incoming, msg, now)
-            self._note(msg)
+            if not self.whole_tree:
+                self._note(msg)
         self._confirming.append(msg)
 
     def _held_by(self, msg: KVMsg) -> int | None:
@@ -434,7 +443,6 @@ class Replica(Generic[M]):
         if max(self._thresholds.values()) <= self.sequence:
             self._thresholds = {}  # past every snapshot: plain order from now
         self.phase = Phase.ACTIVE
-        self.synced_once = True
         self._failures = 0
         self._deadline = now + self.timings.silence_timeout
         self.stats["syncs"] += 1
@@ -464,10 +472,10 @@ class Replica(Generic[M]):
         if msg.sequence or msg.key != HUGZ:
             self._high = max(self._high, msg.sequence)
         if self._live_from is None:
-            self._live_from = msg.sequence if msg.key == HUGZ else msg.sequence - 1
+            self._live_from = _live_from(msg)
             if self.phase is Phase.ACTIVE and self._live_from > self.sequence:
                 if msg.key != HUGZ:
-                    self._keep(msg, now)
+                    self._keep(msg)
                 self._missed(now)  # the stream started late
                 return
         if msg.key == HUGZ:
@@ -479,10 +487,10 @@ class Replica(Generic[M]):
                 self._missed(now)
             return
         if self.phase is not Phase.ACTIVE:
-            self._keep(msg, now)
+            self._keep(msg)
         elif msg.sequence > self.sequence:
             if self.whole_tree and msg.sequence != self.sequence + 1:
-                self._keep(msg, now)
+                self._keep(msg)
                 self._missed(now)
                 return
             self._apply(msg, now)
@@ -511,9 +519,9 @@ class Replica(Generic[M]):
         self._high = 0 if msg is None else msg.sequence
         self._live_from = None
         if msg is not None:
-            self._live_from = msg.sequence if msg.key == HUGZ else msg.sequence - 1
+            self._live_from = _live_from(msg)
             if msg.key != HUGZ:
-                self._backlog.append((msg, now))
+                self._backlog.append(msg)
         self._request_snapshots(now)
 
     def _check_subtree(self, msg: KVMsg, now: float) -> None:
@@ -528,10 +536,10 @@ class Replica(Generic[M]):
         self.stats["gaps"] += 1
         self._request_snapshots(now)
 
-    def _keep(self, msg: KVMsg, now: float) -> None:
+    def _keep(self, msg: KVMsg) -> None:
         """Hold a stream update until a snapshot it can be applied to."""
         backlog = self._backlog
-        backlog.append((msg, now))
+        backlog.append(msg)
         if len(backlog) > self.backlog_limit:
             backlog.popleft()
             self.stats["backlog_dropped"] += 1
@@ -547,15 +555,17 @@ class Replica(Generic[M]):
                 self._thresholds = {}  # past every snapshot: plain order now
             if threshold is None or msg.sequence <= threshold:
                 return  # outside our subtrees, or already in the snapshot
-        elif not self.covers(msg.key):
+        elif not (self.whole_tree or self.covers(msg.key)):
             return
         self._put(self.live, msg, now)
-        self._note(msg)
-        self._confirm(self.live, msg, now)
+        if not self.whole_tree:
+            self._note(msg)
+        self._confirm_live(msg, now)
         self._updated(msg)
 
     def _note(self, msg: KVMsg) -> None:
-        """Remember the newest sequence held under each of our subtrees."""
+        """Remember the newest sequence held under each of our subtrees (the
+        whole map has none: a gap in its sequences says what was missed)."""
         for subtree in self.subtrees:
             if subtree and msg.key.startswith(subtree):
                 self._seen[subtree] = msg.sequence

@@ -59,7 +59,6 @@ import uuid as uuidlib
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple
 
 from trioclone.core.applied import Applied
 from trioclone.core.bstar import BinaryStar, Outcome, State, decode_state
@@ -68,12 +67,13 @@ from trioclone.core.chp import (
     FRESH,
     HISTORY,
     HUGZ,
-    KTHXBAI,
     LINEAGE,
+    RESERVED,
     SEQUENCE,
     SUBTREE_HUGZ,
     TTL,
     KVMsg,
+    check_history,
     decode_history,
     decode_kvmsg,
     encode_properties,
@@ -82,6 +82,7 @@ from trioclone.core.chp import (
     integer_property,
     kthxbai,
     lineage_of,
+    ttl_seconds,
 )
 from trioclone.core.pending import Pending
 from trioclone.core.replica import Phase, Replica, Timings
@@ -91,11 +92,13 @@ from trioclone.errors import RemoteProtocolError
 
 Frames = list[bytes]
 
-RULE_RESERVED = "a client may not write the reserved keys HUGZ and KTHXBAI"
+RULE_RESERVED = (
+    "a client may not write the reserved keys: HUGZ, KTHXBAI and subtree "
+    "heartbeats (a key ending in \\x00HUGZ)"
+)
 #: The passive's snapshot requests come from a DEALER whose routing id starts
 #: with this: they are not Binary Star votes (a peer is not a client).
 PEER_IDENTITY = b"trioclone-peer:"
-RESERVED = frozenset((HUGZ, KTHXBAI))
 #: Work done per ``step``: enough to be cheap per schedule point, small
 #: enough that heartbeats are never late.
 STEP = 512
@@ -125,11 +128,46 @@ class Claim:
     heard: float
 
 
-class ServerMap(NamedTuple):
-    """What a passive replicates: the map and the window of replaced writes."""
+@dataclass(frozen=True, slots=True)
+class ServerMap:
+    """A server's map and its window of replaced writes (what a passive
+    replicates), and the rules that keep the two in step.  (Slots, not a
+    named tuple: its fields are read on the update path.)"""
 
     store: Store
     applied: Applied
+
+    def is_repeat(self, uuid: bytes, current: bytes) -> bool:
+        """A write already applied: its UUID is the one its key holds
+        (``current``, from ``store.uuid_of``) or is in the window."""
+        if not uuid:
+            return False  # anonymous: never recognised
+        return uuid == current or uuid in self.applied
+
+    def record(
+        self,
+        msg: KVMsg,
+        sequence: int,
+        properties: bytes,
+        ttl: float | None,
+        now: float,
+        current: bytes,
+    ) -> None:
+        """Put a write in the map at ``sequence``: the write it replaces
+        (``current``) goes to the window, and so does a delete (it leaves no
+        record to hold its UUID)."""
+        applied = self.applied
+        if current and current != msg.uuid:
+            applied.add(current, now)
+        if not msg.body:
+            applied.add(msg.uuid, now)
+        self.store.put(msg.key, sequence, msg.uuid, properties, msg.body, ttl, now)
+
+    def remember(self, key: bytes, uuid: bytes, now: float) -> None:
+        """The write ``uuid`` to ``key`` was applied: keep it a repeat (in the
+        window, unless the key still holds it)."""
+        if uuid and self.store.uuid_of(key) != uuid:
+            self.applied.add(uuid, now)
 
 
 @dataclass
@@ -137,8 +175,8 @@ class Takeover:
     """The work of becoming active, done in steps."""
 
     replica: Mirror | None
+    contiguous: int  # every update up to it was heard
     base: int = 0  # the store's sequence once the backlog is in
-    contiguous: int | None = None  # every update up to it was heard
     arrivals: deque[Frames] = field(default_factory=deque)
 
 
@@ -158,8 +196,8 @@ class ServerCore:
         new_lineage: Callable[[], str] = random_lineage,
     ) -> None:
         self.bstar = bstar
-        self.store = Store()
-        self.applied = Applied(applied_horizon, applied_limit)
+        #: The map served (active) or the last complete copy (passive).
+        self.map = ServerMap(Store(), Applied(applied_horizon, applied_limit))
         self.pending = Pending(pending_size, pending_age)
         self.subtrees = Subtrees()
         self.backlog_limit = backlog_limit
@@ -180,7 +218,6 @@ class ServerCore:
         self._handoff: Iterator[tuple[Frames, Frames] | None] | None = None
         self._handoff_held_at = 0
         self._sweep: Iterator[bytes] | None = None
-        self._seizing = False
         self._tombstones: OrderedDict[bytes, tuple[int, bytes]] = OrderedDict()
         self._following_since: float | None = None
         self._housekeeping_at = 0.0
@@ -188,8 +225,12 @@ class ServerCore:
     # -- state ----------------------------------------------------------------
 
     @property
-    def active(self) -> bool:
-        return self.role is Role.ACTIVE
+    def store(self) -> Store:
+        return self.map.store
+
+    @property
+    def applied(self) -> Applied:
+        return self.map.applied
 
     @property
     def serving(self) -> bool:
@@ -228,15 +269,21 @@ class ServerCore:
     # -- Binary Star ---------------------------------------------------------
 
     def on_request(
-        self, now: float, *, from_peer: bool = False
+        self, now: float, *, from_peer: bool = False, subtree: bytes | None = None
     ) -> tuple[bool, Outcome | None]:
-        """A snapshot request: whether to answer it, and its Binary Star vote.
+        """A snapshot request for ``subtree``: whether to answer it, and its
+        Binary Star vote.
 
         A request from the peer (its passive syncing) is no vote: only the
-        active answers it.  Any other request is a client's vote.
+        active answers it, and its request for our window (HISTORY, asked
+        last) says that it has a complete copy of our map (``peer_synced``).
+        Any other request is a client's vote.
         """
         if from_peer:
-            return self.role is Role.ACTIVE, None
+            answer = self.role is Role.ACTIVE
+            if answer and subtree == HISTORY:
+                self.peer_synced()
+            return answer, None
         outcome = self.on_vote(now)
         return outcome is None or outcome.accepted, outcome
 
@@ -315,16 +362,17 @@ class ServerCore:
         Raises ``RemoteProtocolError`` for a malformed update; nothing changes.
         """
         msg = decode_kvmsg(frames)
-        if msg.key in RESERVED or msg.key.endswith(SUBTREE_HUGZ):  # is_reserved
+        key = msg.key
+        if key in RESERVED or key.endswith(SUBTREE_HUGZ):  # is_reserved, inline
             raise RemoteProtocolError(RULE_RESERVED)
         if msg.sequence and LINEAGE in msg.properties:
             handed = self._handed_over(msg)
             if handed is None:
                 return None
             msg, frames = handed
-        uuid = msg.uuid
-        current = self.store.uuid_of(msg.key)
-        if uuid and (uuid == current or uuid in self.applied):
+        smap = self.map
+        current = smap.store.uuid_of(key)
+        if smap.is_repeat(msg.uuid, current):
             self.stats["duplicates"] += 1
             return None
         if self.role is Role.ACTIVE:
@@ -332,7 +380,7 @@ class ServerCore:
                 return self._apply(msg, frames, now, current)
             self._takeover.arrivals.append(list(frames))
             return None
-        if not self.pending.hold(uuid, frames, now, self._heard_sequence()):
+        if not self.pending.hold(msg.uuid, frames, now, self._heard_sequence()):
             self.stats["anonymous_not_held"] += 1
         return None
 
@@ -350,22 +398,21 @@ class ServerCore:
     def _apply(
         self, msg: KVMsg, frames: Sequence[bytes], now: float, current: bytes
     ) -> Frames:
-        store = self.store
-        sequence = store.next_sequence()
-        props = frames[3]
-        if props and TTL in msg.properties and msg.ttl is None:
-            rest = {k: v for k, v in msg.properties.items() if k != TTL}
-            props = encode_properties(rest) if rest else b""  # ttl=0: canonical
-        if current:
-            self.applied.add(current, now)  # its write was replaced
+        smap, props, ttl = self.map, frames[3], None
+        sequence = smap.store.next_sequence()
+        properties = msg.properties
+        if TTL in properties:  # parsed once, and only if there
+            ttl = ttl_seconds(properties)
+            if ttl is None:  # ttl=0: no expiry, stored and published without it
+                rest = {k: v for k, v in properties.items() if k != TTL}
+                props = encode_properties(rest) if rest else b""
+        smap.record(msg, sequence, props, ttl, now, current)
         key = msg.key
         if msg.body:
             if self._tombstones:
                 self._tombstones.pop(key, None)
         elif msg.uuid:
-            self.applied.add(msg.uuid, now)  # a delete leaves no record to hold it
             self._tombstone(key, sequence, msg.uuid)
-        store.put(key, sequence, msg.uuid, props, msg.body, msg.ttl, now)
         if self.subtrees.tracked:
             self.subtrees.published(key, sequence)
         self.stats["updates"] += 1
@@ -389,10 +436,11 @@ class ServerCore:
 
     def on_reply(self, frames: Sequence[bytes], now: float) -> None:
         """A message on the passive's snapshot connection to the active."""
-        if self.role is Role.PASSIVE and self.replica is not None:
-            self.replica.on_reply(frames, now)
-            if self._seizing and self.bstar is not None:
-                self._seizing = False
+        replica = self.replica
+        if self.role is Role.PASSIVE and replica is not None:
+            replica.on_reply(frames, now)
+            if replica.refused_new_map and self.bstar is not None:
+                replica.refused_new_map = False
                 self.notices.append(
                     (
                         logging.ERROR,
@@ -489,7 +537,8 @@ class ServerCore:
         replica, self.replica = self.replica, None
         if replica is not None:
             replica.settle(now)
-        self._takeover = Takeover(replica)
+        # without a replica nothing was heard: contiguous up to what we hold
+        self._takeover = Takeover(replica, self.store.sequence)
         if replica is None:
             self._begin_replay()
             if not self.pending:
@@ -501,7 +550,7 @@ class ServerCore:
         self.role = Role.PASSIVE
         self._takeover = None
         self.subtrees.clear()
-        self.replica = Mirror(self, ServerMap(self.store, self.applied))
+        self.replica = Mirror(self, self.map)
 
     def step(self, now: float, limit: int = STEP) -> list[Frames]:
         """A bounded piece of the work in hand; frames to publish."""
@@ -522,20 +571,30 @@ class ServerCore:
             if takeover.replica.busy:
                 takeover.replica.catch_up(now, limit)
                 return []
-            self._adopt(takeover.replica)
+            self._take_over_map(takeover.replica)
             takeover.replica = None
             self._begin_replay()
         return self._replay(now, limit)
 
     def _adopt(self, replica: Mirror) -> None:
-        """The replica's newest map becomes ours, to serve."""
-        live = replica.live
-        self.store, self.applied = live.store, live.applied
+        """The replica's newest complete map becomes the server's map, with
+        its sequence and lineage."""
+        self.map = replica.live
         self.store.sequence = replica.sequence
-        assert self._takeover is not None
-        self._takeover.contiguous = replica.contiguous
         if replica.lineage is not None:
             self.lineage = replica.lineage
+
+    def _replica_synced(self, replica: Mirror) -> None:
+        """The passive's replica has a fresh copy of the active's map."""
+        self._adopt(replica)
+        self.fresh = False
+        self._sweep = iter(self.pending.uuids())  # matched a step at a time
+
+    def _take_over_map(self, replica: Mirror) -> None:
+        """Taking over: the replica's map, its backlog in, is ours to serve."""
+        self._adopt(replica)
+        assert self._takeover is not None
+        self._takeover.contiguous = replica.contiguous
         if replica.synced_once:
             self.fresh = False
             self.branch = self.store.sequence
@@ -558,26 +617,24 @@ class ServerCore:
             self.branch = 0
         assert self._takeover is not None
         self._takeover.base = self.store.sequence
-        if self._takeover.contiguous is None:  # no replica: nothing was heard
-            self._takeover.contiguous = self.store.sequence
         self.pending.relay_off()
 
     def _replay(self, now: float, limit: int) -> list[Frames]:
         """Apply and publish the pending list, then what arrived meanwhile."""
         takeover = self._takeover
         assert takeover is not None
-        store, published = self.store, []
+        smap, store, published = self.map, self.store, []
         for held in self.pending.take(limit):
             msg = decode_kvmsg(held.frames)
             current = store.uuid_of(msg.key)
-            if msg.uuid and (msg.uuid == current or msg.uuid in self.applied):
+            if smap.is_repeat(msg.uuid, current):
                 continue
             # Unmatched, so not applied by the old active up to where we heard
             # it without a gap: replayed now, it keeps the active's order.
             # Past a gap it may have been applied there, before a later write
             # to the same key that we did hear: that later write wins.
             written = store.sequence_of(msg.key)
-            contiguous = takeover.contiguous or 0
+            contiguous = takeover.contiguous
             if held.sequence < written <= takeover.base and written > contiguous:
                 self.stats["pending_superseded"] += 1
                 self.applied.add(msg.uuid, now)  # its resend is a repeat too
@@ -589,7 +646,7 @@ class ServerCore:
             frames = arrivals.popleft()
             msg = decode_kvmsg(frames)
             current = store.uuid_of(msg.key)
-            if msg.uuid and (msg.uuid == current or msg.uuid in self.applied):
+            if smap.is_repeat(msg.uuid, current):
                 self.stats["duplicates"] += 1
                 continue
             published.append(self._apply(msg, frames, now, current))
@@ -599,16 +656,11 @@ class ServerCore:
 
     def _sweep_step(self, limit: int) -> None:
         """Match pending writes that a new snapshot holds or replaced."""
-        sweep, pending, store, applied = (
-            self._sweep,
-            self.pending,
-            self.store,
-            self.applied,
-        )
+        sweep, pending, smap = self._sweep, self.pending, self.map
         assert sweep is not None
         for count, uuid in enumerate(sweep, 1):
             key = pending.key_of(uuid)
-            if key is not None and (uuid in applied or store.uuid_of(key) == uuid):
+            if key is not None and smap.is_repeat(uuid, smap.store.uuid_of(key)):
                 pending.match(uuid)
             if count >= limit:
                 return
@@ -721,6 +773,8 @@ class Mirror(Replica[ServerMap]):
         self.core = core
         self.sequence = live.store.sequence
         self.lineage = core.lineage
+        #: The active serves a map founded empty after ours: not adopted.
+        self.refused_new_map = False
 
     @property
     def heard_sequence(self) -> int:
@@ -731,19 +785,18 @@ class Mirror(Replica[ServerMap]):
         return ServerMap(Store(), Applied(window.horizon, window.limit))
 
     def _put(self, target: ServerMap, msg: KVMsg, now: float) -> None:
-        store, applied = target
-        old = store.uuid_of(msg.key)
-        if old and old != msg.uuid:
-            applied.add(old, now)
-        if not msg.body:
-            applied.add(msg.uuid, now)
         props = encode_properties(msg.properties) if msg.properties else b""
-        store.put(msg.key, msg.sequence, msg.uuid, props, msg.body, msg.ttl, now)
+        current = target.store.uuid_of(msg.key)
+        target.record(msg, msg.sequence, props, msg.ttl, now, current)
 
     def _confirm(self, target: ServerMap, msg: KVMsg, now: float) -> None:
         self.core.pending.match(msg.uuid)
-        if msg.uuid and target.store.uuid_of(msg.key) != msg.uuid:
-            target.applied.add(msg.uuid, now)  # in the snapshot, then replaced
+        target.remember(msg.key, msg.uuid, now)  # in the snapshot, then replaced
+
+    def _confirm_live(self, msg: KVMsg, now: float) -> None:
+        # ``_put`` just stored it: the key holds its UUID, or it was a delete
+        # and ``_put`` put its UUID in the window.
+        self.core.pending.match(msg.uuid)
 
     def _adopting(self, end: KVMsg, now: float) -> bool:
         """Never replace the map we hold by one the active founded empty
@@ -752,13 +805,15 @@ class Mirror(Replica[ServerMap]):
         core = self.core
         holding = core.lineage is not None and not core.fresh
         if holding and lineage_of(end) != core.lineage and end.properties.get(FRESH):
-            core._seizing = True
+            self.refused_new_map = True  # the core takes over
             return False
         return True
 
     def _check_extra(self, request: bytes, msg: KVMsg) -> None:
         if request == HISTORY and msg.key == HISTORY:
-            decode_history(msg)  # RemoteProtocolError as it arrives
+            # RemoteProtocolError as it arrives; the UUIDs are cut out once,
+            # by ``_extra`` (held as one body each meanwhile: 3x smaller)
+            check_history(msg)
 
     def _extra(self, request: bytes, msg: KVMsg, now: float) -> int:
         """A batch of the active's window, into the incoming one."""
@@ -769,14 +824,9 @@ class Mirror(Replica[ServerMap]):
         return 1 + len(uuids) // 8
 
     def _updated(self, msg: KVMsg) -> None:
+        # ``core.sequence`` is ours already; the store's is kept equal, as
+        # the shell and its tests read it
         self.live.store.sequence = msg.sequence
 
     def _swapped(self, old: ServerMap, now: float) -> None:
-        core = self.core
-        store, applied = self.live
-        store.sequence = self.sequence
-        core.store, core.applied = store, applied
-        if self.lineage is not None:
-            core.lineage = self.lineage
-        core.fresh = False
-        core._sweep = iter(core.pending.uuids())  # matched a step at a time
+        self.core._replica_synced(self)

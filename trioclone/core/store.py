@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import heapq
 import struct
-from collections.abc import Iterator
 
 from trioclone.core.chp import (
     SEQUENCE,
@@ -137,17 +136,12 @@ class Store:
             heapq.heappop(heap)
         return heap[0][0] if heap else None
 
-    def expire(self, now: float, limit: int | None = None) -> list[bytes]:
-        """Remove and return the keys whose deadline is ``<= now``, oldest first.
-
-        At most ``limit`` keys (the rest stay due for the next call).
-        """
-        return [key for key, _ in self.expire_with_uuids(now, limit)]
-
     def expire_with_uuids(
         self, now: float, limit: int | None = None
     ) -> list[tuple[bytes, bytes]]:
-        """As ``expire``, with the UUID each removed key was last written with."""
+        """Remove the keys whose deadline is ``<= now``, oldest first, and at
+        most ``limit`` (the rest stay due for the next call); return each
+        with the UUID it was last written with."""
         expired: list[tuple[bytes, bytes]] = []
         heap = self._heap
         room = len(heap) if limit is None else limit
@@ -203,17 +197,6 @@ class Store:
         if identity is not None:
             frames.insert(0, identity)
         return frames
-
-    def snapshot(self, subtree: bytes, now: float) -> Iterator[list[bytes]]:
-        """KVSYNC frames for every key under ``subtree``.
-
-        The key list is taken when iteration starts; keys removed while the
-        snapshot is sent are skipped, keys changed are sent as they are then.
-        """
-        for key in self.keys(subtree):
-            frames = self.frames(key, now)
-            if frames is not None:
-                yield frames
 
     def _compact(self) -> None:
         self._heap = [(deadline, key) for key, deadline in self._deadlines.items()]

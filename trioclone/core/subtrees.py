@@ -36,11 +36,10 @@ class Subtrees:
         #: prefix -> the last sequence published under it (0: none yet);
         #: the server tests it before calling ``published`` (no call if empty)
         self.tracked: dict[bytes, int] = {}
-        self._last = self.tracked
         self._lengths: dict[int, int] = {}  # prefix length -> prefixes of it
 
     def __len__(self) -> int:
-        return len(self._last)
+        return len(self.tracked)
 
     def on_subscription(self, frames: Frames) -> None:
         """A message read from the XPUB; ``RemoteProtocolError`` if not one."""
@@ -52,33 +51,35 @@ class Subtrees:
             return  # whole-map clients see every sequence; HUGZ is for everyone
         if frame[0] == 1:
             self._track(prefix)
-        elif self._last.pop(prefix, None) is not None:
+        elif self.tracked.pop(prefix, None) is not None:
             self._lengths[len(prefix)] -= 1
             if not self._lengths[len(prefix)]:
                 del self._lengths[len(prefix)]
 
     def _track(self, prefix: bytes) -> None:
-        if prefix in self._last:
+        if prefix in self.tracked:
             return
-        if len(self._last) >= self.limit:
+        if len(self.tracked) >= self.limit:
             self.untracked += 1
             return
-        self._last[prefix] = 0
+        self.tracked[prefix] = 0
         self._lengths[len(prefix)] = self._lengths.get(len(prefix), 0) + 1
 
     def published(self, key: bytes, sequence: int) -> None:
         """An update to ``key`` went out at ``sequence``."""
-        last = self._last
+        tracked = self.tracked
         for length in self._lengths:
             prefix = key[:length]
-            if prefix in last:
-                last[prefix] = sequence
+            if prefix in tracked:
+                tracked[prefix] = sequence
 
     def heartbeats(self) -> list[Frames]:
         """One subtree heartbeat per tracked prefix that saw an update."""
-        return [subtree_hugz(prefix, seq) for prefix, seq in self._last.items() if seq]
+        return [
+            subtree_hugz(prefix, seq) for prefix, seq in self.tracked.items() if seq
+        ]
 
     def clear(self) -> None:
         """Forget the sequences (a new role publishes a new history)."""
-        for prefix in self._last:
-            self._last[prefix] = 0
+        for prefix in self.tracked:
+            self.tracked[prefix] = 0
