@@ -354,13 +354,13 @@ class CloneServer:
             self._reject("snapshot", exc)
             return
         from_peer = identity.startswith(PEER_IDENTITY)
-        answer, outcome = self.core.on_request(now, from_peer=from_peer)
+        answer, outcome = self.core.on_request(
+            now, from_peer=from_peer, subtree=subtree
+        )
         self._on_bstar(outcome)
         if not answer:
             log.debug("request not answered in role %s", self.core.role.value)
             return
-        if from_peer and subtree == HISTORY:
-            self.core.peer_synced()
         if len(self._queued) >= MAX_QUEUED:
             self.core.stats["snapshots_refused"] += 1
             self._log.log(
