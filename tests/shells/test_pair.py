@@ -11,6 +11,7 @@ import trio
 
 from tests.chp import RawClient, settle
 from tests.shells.pair import Relay, pair_settings, start, started_pair
+from tests.shells.steps import WorkPerStep
 from trioclone._zmq import Sockets
 from trioclone.core.applied import Applied
 from trioclone.core.bstar import DUAL_ACTIVES, State
@@ -27,6 +28,15 @@ async def vote_until_answered(sockets, endpoints, interval=1.0):
             return client, await client.snapshot()
         client.dealer.close()
         client = RawClient(sockets, endpoints)
+
+
+async def write_map(sockets, p, b, count=5):
+    """``count`` keys written to the pair through a raw client, published."""
+    writer = RawClient(sockets, p.bind, writes_to=(p.bind, b.bind))
+    await settle()
+    for i in range(count):
+        writer.set(b"/map/%d" % i, b"v")
+    await writer.updates(count)
 
 
 async def test_pair_starts_primary_active_backup_passive_and_mirrors(
@@ -472,11 +482,7 @@ async def test_an_empty_restarted_primary_never_wins_over_the_map(
             (p, b), primary, backup, relays = await started_pair(
                 nursery, context, sockets
             )
-            writer = RawClient(sockets, p.bind, writes_to=(p.bind, b.bind))
-            await settle()
-            for i in range(5):
-                writer.set(b"/map/%d" % i, b"v")
-            await writer.updates(5)
+            await write_map(sockets, p, b)
             primary.kill()
             await trio.sleep(3)
             await vote_until_answered(sockets, b.bind)
@@ -508,11 +514,7 @@ async def test_the_passives_own_resync_is_not_a_vote_for_an_empty_restarted_prim
             (p, b), primary, backup, relays = await started_pair(
                 nursery, context, sockets
             )
-            writer = RawClient(sockets, p.bind, writes_to=(p.bind, b.bind))
-            await settle()
-            for i in range(5):
-                writer.set(b"/map/%d" % i, b"v")
-            await writer.updates(5)
+            await write_map(sockets, p, b)
             await settle()
             assert len(backup.server.core.store) == 5
             for relay in relays:  # the heartbeat link goes down
@@ -528,24 +530,6 @@ async def test_the_passives_own_resync_is_not_a_vote_for_an_empty_restarted_prim
             nursery.cancel_scope.cancel()
 
 
-class WindowLoadSteps(trio.abc.Instrument):
-    """How many UUIDs each task step loaded into a window (``Applied.load``):
-    work per step, whatever the machine's speed."""
-
-    def __init__(self) -> None:
-        self.largest = self.total = self._step = 0
-
-    def loaded(self, count: int) -> None:
-        self._step += count
-        self.total += count
-
-    def before_task_step(self, task: trio.lowlevel.Task) -> None:
-        self._step = 0
-
-    def after_task_step(self, task: trio.lowlevel.Task) -> None:
-        self.largest = max(self.largest, self._step)
-
-
 async def test_a_passive_loads_a_large_window_in_bounded_steps(
     context, autojump_clock, monkeypatch
 ):
@@ -554,14 +538,13 @@ async def test_a_passive_loads_a_large_window_in_bounded_steps(
     the HISTORY reply is 245 messages of 4,096 UUIDs, which arrive in one
     receive batch.  Long work must run in bounded steps (heartbeats are not
     late, README): no task step may load more than a few batches."""
-    steps = WindowLoadSteps()
-    load = Applied.load
-
-    def counted(self, batches, now):
-        steps.loaded(sum(len(uuids) for _age, uuids in batches))
-        load(self, batches, now)
-
-    monkeypatch.setattr(Applied, "load", counted)
+    steps = WorkPerStep()  # UUIDs loaded into a window
+    steps.patch(
+        monkeypatch,
+        Applied,
+        "load",
+        lambda _, args: sum(len(uuids) for _age, uuids in args[1]),
+    )
     with trio.fail_after(120):
         async with trio.open_nursery() as nursery:
             settings, primary, backup, _ = await started_pair(nursery, context)

@@ -37,6 +37,7 @@ import zmq
 from hypothesis import assume, given
 
 from tests.chp import RawClient, settle, unique
+from tests.shells.steps import WorkPerStep
 from trioclone._zmq import Socket, Sockets
 from trioclone.core.chp import (
     HUGZ,
@@ -971,27 +972,11 @@ async def test_a_guide_style_client_never_stores_trioclones_additions(
         assert maps[1] == {b"/a/%d" % i: b"v" for i in range(5)}
 
 
-class ScanSteps(trio.abc.Instrument):
-    """Keys looked at by subtree scans (``Scan.advance``), per task step and
-    in all: work, whatever the machine's speed."""
-
-    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.largest = self.total = self._step = 0
-        advance = Scan.advance
-
-        def counted(scan: Scan, count: int) -> int:
-            looked = advance(scan, count)
-            self._step += looked
-            self.total += looked
-            return looked
-
-        monkeypatch.setattr(Scan, "advance", counted)
-
-    def before_task_step(self, task: trio.lowlevel.Task) -> None:
-        self._step = 0
-
-    def after_task_step(self, task: trio.lowlevel.Task) -> None:
-        self.largest = max(self.largest, self._step)
+def scan_steps(monkeypatch: pytest.MonkeyPatch) -> WorkPerStep:
+    """Keys looked at by subtree scans (``Scan.advance``)."""
+    steps = WorkPerStep()
+    steps.patch(monkeypatch, Scan, "advance", lambda looked, _: looked)
+    return steps
 
 
 async def test_subtree_snapshot_requests_do_not_stall_the_server(
@@ -1011,7 +996,7 @@ async def test_subtree_snapshot_requests_do_not_stall_the_server(
             for _ in range(50)
         ]
         await settle()
-        steps = ScanSteps(monkeypatch)
+        steps = scan_steps(monkeypatch)
         trio.lowlevel.add_instrument(steps)
         try:
             for n, dealer in enumerate(dealers):
@@ -1078,7 +1063,7 @@ async def test_sibling_subtree_snapshots_share_one_scan_of_the_map(
             for _ in range(clients)
         ]
         await settle()
-        steps = ScanSteps(monkeypatch)
+        steps = scan_steps(monkeypatch)
         for n, dealer in enumerate(dealers):
             assert dealer.try_send(encode_request(b"/s/%03d/" % n))
         scanned: list[int] = []
