@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import weakref
 from collections import deque
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, NoReturn
 
@@ -67,16 +67,18 @@ async def open_client(
     *,
     timings: ClientTimings | None = None,
     context: Context | None = None,
+    sockets: Callable[[], Sockets] | None = None,
 ) -> AsyncIterator[CloneClient]:
     """Mirror the map held by ``servers`` (one server, or a Binary Star pair).
 
     ``subtree`` is a key prefix (or several) to mirror; "" is everything.
     The client starts syncing at once; ``await clone.wait_synced()`` to wait.
+    ``sockets`` makes the client's sockets (a simulated network, in tests).
     """
     endpoints = [s if isinstance(s, Endpoints) else Endpoints.parse(s) for s in servers]
     subtrees = [subtree] if isinstance(subtree, str) else list(subtree)
     core = ClientCore(len(endpoints), [key_bytes(s) for s in subtrees], timings)
-    client = CloneClient(core, endpoints, context)
+    client = CloneClient(core, endpoints, sockets or (lambda: Sockets(context)))
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(client._run)
@@ -95,11 +97,14 @@ class CloneClient:
     """A live mirror of the map, and writes that return when applied."""
 
     def __init__(
-        self, core: ClientCore, endpoints: list[Endpoints], context: Context | None
+        self,
+        core: ClientCore,
+        endpoints: list[Endpoints],
+        sockets: Callable[[], Sockets],
     ) -> None:
         self._core = core
         self._endpoints = endpoints
-        self._context = context
+        self._open_sockets = sockets
         self._closed = False
         self._log = Limited(log)
         self._waiters: dict[bytes, tuple[trio.Event, list[int | None]]] = {}
@@ -226,7 +231,7 @@ class CloneClient:
     # -- the agent -------------------------------------------------------
 
     async def _run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> NoReturn:
-        with Sockets(self._context) as sockets:
+        with self._open_sockets() as sockets:
             self._pub = sockets.open(
                 zmq.PUB, connect=[e.collector for e in self._endpoints]
             )

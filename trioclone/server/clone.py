@@ -63,7 +63,13 @@ Context = zmq.Context[zmq.Socket[bytes]]
 class CloneServer:
     """One Clone server: standalone, or one side of a Binary Star pair."""
 
-    def __init__(self, settings: ServerSettings, *, context: Context | None = None):
+    def __init__(
+        self,
+        settings: ServerSettings,
+        *,
+        context: Context | None = None,
+        sockets: Callable[[], Sockets] | None = None,
+    ):
         self.settings = settings
         self.core = ServerCore(
             applied_horizon=settings.applied_horizon,
@@ -90,6 +96,8 @@ class CloneServer:
         #: Called with ("active" | "passive", "enter" | "exit"); for tests.
         self.trace: Callable[[str, str], None] | None = None
         self._context = context
+        #: Makes the server's sockets (a simulated network can stand in).
+        self._open_sockets = sockets or (lambda: Sockets(context))
         self._log = Limited(log)
         #: Messages rejected, by the socket they came in on.
         self.rejections: Counter[str] = Counter()
@@ -117,7 +125,7 @@ class CloneServer:
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> NoReturn:
         """Serve until cancelled; ``nursery.start`` returns once bound."""
         s, core = self.settings, self.core
-        with Sockets(self._context) as sockets:
+        with self._open_sockets() as sockets:
             self._sockets = sockets
             router = sockets.open(
                 zmq.ROUTER,
