@@ -586,6 +586,33 @@ def test_an_unconfirmed_write_is_resent_every_resend_interval():
     assert actions(core) == [first]
 
 
+def test_a_resend_is_due_exactly_when_next_deadline_says():
+    # Found by the simulation (seed 2): 7.066877750069286 + 1.0 rounds to
+    # 8.066877750069285, while 8.066877750069285 - 1.0 is below the send
+    # time, so poll found nothing due at the deadline and the timer task
+    # woke at the same instant for ever.
+    core = synced(sequence=1)
+    sent = 7.066877750069286
+    core.on_update(hugz(1), sent)  # the server is alive: silence is later
+    core.write(b"/k", b"v", sent)
+    (first,) = actions(core)
+    due = core.next_deadline()
+    assert due == sent + 1.0 and due - 1.0 < sent
+    core.poll(due)
+    assert actions(core) == [first]
+    assert core.next_deadline() > due
+
+
+def test_the_write_horizon_is_due_exactly_when_next_deadline_says():
+    core = synced(sequence=1)
+    sent = 7.066877750069286
+    uuid = core.write(b"/k", b"v", sent)
+    take(core)
+    horizon = sent + core.timings.write_horizon
+    core.poll(horizon)
+    assert Unconfirmed(uuid) in events(core)
+
+
 def test_due_resends_go_out_in_the_order_written():
     core = synced(sequence=1)
     a = core.write(b"/k", b"a", 0.0)

@@ -162,17 +162,20 @@ class ClientCore(Replica[Entries]):
     def poll(self, now: float) -> None:
         """Act on every timer due at ``now``; the work is the writes due."""
         super().poll(now)
+        # Due exactly as ``next_deadline`` says (``a + b <= now``, never
+        # ``a <= now - b``: in floats the two can differ, and a timer that
+        # is due by one and not by the other fires again and again).
         writes, by_send = self.writes, self._by_send
-        horizon = now - self.timings.write_horizon
-        while writes and next(iter(writes.values())).first_sent <= horizon:
+        horizon = self.timings.write_horizon
+        while writes and next(iter(writes.values())).first_sent + horizon <= now:
             uuid, _ = writes.popitem(last=False)
             del by_send[uuid]
             self.events.append(Unconfirmed(uuid))
         if self.phase is Phase.ACTIVE:
-            due = now - self.timings.resend_interval
+            interval = self.timings.resend_interval
             resends = []
             for write in by_send.values():
-                if write.sent_at > due:
+                if write.sent_at + interval > now:
                     break
                 resends.append(write)
             for write in sorted(resends, key=attrgetter("number")):  # as written
