@@ -70,3 +70,18 @@ def test_anything_else_from_the_xpub_is_a_rejection(frames: list[bytes]) -> None
         subtrees.on_subscription(frames)
     assert raised.value.rule == RULE_SUBSCRIPTION
     assert len(subtrees) == 0
+
+
+def test_a_prefix_subscribed_again_starts_at_the_maps_sequence() -> None:
+    # Found by the simulation (seed 14): a subscriber's SUB reconnected, so
+    # the prefix was unsubscribed and subscribed again; tracked from 0, it
+    # had no heartbeat, and the subscriber never learned that it missed the
+    # last update under it.
+    sequence = 12
+    subtrees = Subtrees(sequence=lambda: sequence)
+    subscribe(subtrees, b"/a/")
+    subtrees.published(b"/a/1", 12)
+    subtrees.on_subscription([b"\x00/a/"])
+    sequence = 13  # /a/1 deleted at 13 while the subscriber was away
+    subscribe(subtrees, b"/a/")
+    assert beats(subtrees) == {b"/a/": "13"}

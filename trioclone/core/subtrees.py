@@ -19,6 +19,8 @@ published, and one small message per tracked prefix per HUGZ interval.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from trioclone.core.chp import HUGZ, subtree_hugz
 from trioclone.errors import RemoteProtocolError
 
@@ -30,8 +32,12 @@ Frames = list[bytes]
 class Subtrees:
     """Subscribed prefixes and the last sequence published under each."""
 
-    def __init__(self, limit: int = 10_000) -> None:
+    def __init__(
+        self, limit: int = 10_000, sequence: Callable[[], int] = lambda: 0
+    ) -> None:
         self.limit = limit
+        #: The map's sequence now: where a newly tracked prefix starts.
+        self.sequence = sequence
         self.untracked = 0  # subscriptions beyond ``limit``
         #: prefix -> the last sequence published under it (0: none yet);
         #: the server tests it before calling ``published`` (no call if empty)
@@ -62,7 +68,12 @@ class Subtrees:
         if len(self.tracked) >= self.limit:
             self.untracked += 1
             return
-        self.tracked[prefix] = 0
+        # Not 0: a subscriber that comes back (its SUB reconnected, losing
+        # what was in flight) may have missed the last update under the
+        # prefix, and a prefix at 0 gets no heartbeat until the next one.
+        # Starting from the map's sequence costs at most one snapshot for
+        # a subscriber that missed nothing but holds an older sequence.
+        self.tracked[prefix] = self.sequence()
         self._lengths[len(prefix)] = self._lengths.get(len(prefix), 0) + 1
 
     def published(self, key: bytes, sequence: int) -> None:
