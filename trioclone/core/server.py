@@ -199,7 +199,7 @@ class ServerCore:
         #: The map served (active) or the last complete copy (passive).
         self.map = ServerMap(Store(), Applied(applied_horizon, applied_limit))
         self.pending = Pending(pending_size, pending_age)
-        self.subtrees = Subtrees()
+        self.subtrees = Subtrees(sequence=lambda: self.store.sequence)
         self.backlog_limit = backlog_limit
         self.replica_timings = replica_timings or Timings(request_timeout=5.0)
         self.role = Role.WAITING
@@ -217,6 +217,8 @@ class ServerCore:
         self._takeover: Takeover | None = None
         self._handoff: Iterator[tuple[Frames, Frames] | None] | None = None
         self._handoff_held_at = 0
+        self._handed: set[bytes] = set()  # UUIDs of this hand-over's records
+        self._active_since = 0.0
         self._sweep: Iterator[bytes] | None = None
         self._tombstones: OrderedDict[bytes, tuple[int, bytes]] = OrderedDict()
         self._following_since: float | None = None
@@ -363,6 +365,9 @@ class ServerCore:
         """
         msg = decode_kvmsg(frames)
         key = msg.key
+        if key == HISTORY and msg.sequence and LINEAGE in msg.properties:
+            self._window_handed_over(msg, now)
+            return None
         if key in RESERVED or key.endswith(SUBTREE_HUGZ):  # is_reserved, inline
             raise RemoteProtocolError(RULE_RESERVED)
         if msg.sequence and LINEAGE in msg.properties:
@@ -394,6 +399,14 @@ class ServerCore:
         encoded = encode_properties(props) if props else b""
         plain = msg._replace(sequence=0, properties=props)
         return plain, [msg.key, bytes(8), msg.uuid, encoded, msg.body]
+
+    def _window_handed_over(self, msg: KVMsg, now: float) -> None:
+        """Writes the peer applied and replaced while both were active: a
+        late copy of one (a client's pipe delivers it after the split
+        heals) is a repeat here too, never applied over what replaced it."""
+        uuids, age = decode_history(msg)
+        self.applied.load([(age, uuids)], now)
+        self.stats["handoff_window"] += len(uuids)
 
     def _apply(
         self, msg: KVMsg, frames: Sequence[bytes], now: float, current: bytes
@@ -467,6 +480,11 @@ class ServerCore:
         for key, uuid in store.expire_with_uuids(now, limit):
             applied.add(uuid, now)
             sequence = store.next_sequence()
+            if uuid and self.bstar is not None:
+                # A hand-over after a split carries it (as a delete by the
+                # expired write's UUID): a late copy of an older write that
+                # reaches the winner first must not outlive it.
+                self._tombstone(key, sequence, uuid)
             if subtrees.tracked:
                 subtrees.published(key, sequence)
             deletes.append([key, SEQUENCE.pack(sequence), b"", b"", b""])
@@ -533,6 +551,7 @@ class ServerCore:
         if self.role is Role.ACTIVE:
             return
         self.role = Role.ACTIVE
+        self._active_since = now
         self.subtrees.clear()
         replica, self.replica = self.replica, None
         if replica is not None:
@@ -702,10 +721,27 @@ class ServerCore:
                 held_at = self._handoff_held_at
                 self.pending.hold(client[2], client, now, held_at, relay=peer)
                 self.relays.append(peer)
+                self._handed.add(client[2])
                 self.stats["handoff_sent"] += 1
             if count >= limit:
                 return
         self._handoff = None
+        self._hand_over_window(now)
+
+    def _hand_over_window(self, now: float) -> None:
+        """After the records: the UUIDs we replaced while active (less the
+        ones handed over, which must still apply there)."""
+        handed, self._handed = self._handed, set()
+        stamp = {LINEAGE: self.lineage or ""}
+        since = now - self._active_since + HOUSEKEEPING
+        for age, uuids in self.applied.export(now):
+            if age > since:
+                continue
+            fresh = [uuid for uuid in uuids if uuid not in handed]
+            for start in range(0, len(fresh), HISTORY_BATCH):
+                batch = history_batch(fresh[start : start + HISTORY_BATCH], age)
+                props = encode_properties({**decode_kvmsg(batch).properties, **stamp})
+                self.relays.append([HISTORY, SEQUENCE.pack(1), b"", props, batch[4]])
 
     # -- status ----------------------------------------------------------------
 
