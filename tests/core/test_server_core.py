@@ -22,8 +22,10 @@ from trioclone.core.chp import (
     KTHXBAI,
     SEQUENCE,
     KVMsg,
+    decode_history,
     decode_kvmsg,
     encode_kvmsg,
+    encode_properties,
     history_batch,
     hugz,
     kthxbai,
@@ -979,14 +981,19 @@ def test_a_healed_split_hands_the_losers_writes_to_the_winner() -> None:
     # The backup hands over what it accepted while active, and keeps it.
     run(backup, 20.0)
     relays, backup.relays = backup.relays, []
-    assert sorted(decode_kvmsg(f).key for f in relays) == [
+    *records, window = relays
+    assert sorted(decode_kvmsg(f).key for f in records) == [
         b"/b-only",
         b"/both",
         b"/conflict",
         b"/shared",
     ]
+    # Last, the UUIDs it replaced while active (not those it hands over).
+    uuids, _age = decode_history(decode_kvmsg(window))
+    assert uuids == [U1] and decode_kvmsg(window).properties["lineage"] == OURS
     assert len(backup.pending) == 4
     published = [p for f in relays if (p := primary.collect(f, 20.1)) is not None]
+    assert primary.stats["handoff_window"] == 1
     # /both was applied by the winner already: not twice.
     assert sorted(f[0] for f in published) == [b"/b-only", b"/conflict", b"/shared"]
     assert primary.stats["duplicates"] == 1
@@ -1003,6 +1010,53 @@ def test_a_healed_split_hands_the_losers_writes_to_the_winner() -> None:
     backup.relays.clear()
     backup.poll(30.0)
     assert backup.relays == []
+
+
+def test_a_late_copy_of_a_write_the_loser_replaced_is_a_repeat_at_the_winner() -> None:
+    """Found by the simulation (seed 30): a client cut off from the primary
+    wrote twice through the backup; its connection to the primary still
+    held both writes and delivered them after the split healed.  The first,
+    replaced on the backup, must not come back at the winner."""
+    primary, backup = split_pair()
+    first, second = kvset(b"/k", b"one", _uuid(40)), kvset(b"/k", b"two", _uuid(41))
+    backup.collect(first, 11.0)
+    backup.collect(second, 11.5)
+    exchange_hugz(primary, backup, 20.0)
+    heartbeat(primary, backup, 20.0)
+    run(backup, 20.0)
+    for frames in backup.relays:
+        primary.collect(frames, 20.1)
+    assert primary.store.get(b"/k").body == b"two"
+    assert primary.collect(first, 21.0) is None  # the late copies arrive
+    assert primary.collect(second, 21.0) is None
+    assert primary.store.get(b"/k").body == b"two"
+
+
+def test_a_ttl_expiry_on_the_loser_is_handed_over_as_a_delete() -> None:
+    """Found by the simulation (seed 23): the loser's TTL value expired;
+    a late copy of an older write to the key reached the winner first, and
+    nothing deleted it again."""
+    primary, backup = split_pair()
+    older = kvset(b"/k", b"old", _uuid(42))
+    backup.collect(older, 11.0)
+    backup.collect(kvset(b"/k", b"brief", _uuid(43), {"ttl": "1"}), 11.5)
+    assert [f[0] for f in backup.expire(13.0)] == [b"/k"]
+    assert primary.collect(older, 14.0) is not None  # late, on the winner
+    exchange_hugz(primary, backup, 20.0)
+    heartbeat(primary, backup, 20.0)
+    run(backup, 20.0)
+    for frames in backup.relays:
+        primary.collect(frames, 20.1)
+    assert b"/k" not in primary.store
+
+
+def test_a_window_hand_over_that_is_malformed_changes_nothing() -> None:
+    primary, _backup = split_pair()
+    bad = [HISTORY, SEQUENCE.pack(1), b"", encode_properties({"lineage": OURS}), b"x"]
+    before = len(primary.applied)
+    with pytest.raises(RemoteProtocolError):
+        primary.collect(bad, 20.0)
+    assert len(primary.applied) == before
 
 
 def test_the_winner_drops_hand_overs_it_had_from_the_peer() -> None:
