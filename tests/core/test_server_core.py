@@ -981,14 +981,15 @@ def test_a_healed_split_hands_the_losers_writes_to_the_winner() -> None:
     # The backup hands over what it accepted while active, and keeps it.
     run(backup, 20.0)
     relays, backup.relays = backup.relays, []
-    *records, window = relays
+    window, *records = relays
     assert sorted(decode_kvmsg(f).key for f in records) == [
         b"/b-only",
         b"/both",
         b"/conflict",
         b"/shared",
     ]
-    # Last, the UUIDs it replaced while active (not those it hands over).
+    # First, the UUIDs it replaced while active (less the deletes it hands
+    # over, which must still apply).
     uuids, _age = decode_history(decode_kvmsg(window))
     assert uuids == [U1] and decode_kvmsg(window).properties["lineage"] == OURS
     assert len(backup.pending) == 4
@@ -1048,6 +1049,57 @@ def test_a_ttl_expiry_on_the_loser_is_handed_over_as_a_delete() -> None:
     for frames in backup.relays:
         primary.collect(frames, 20.1)
     assert b"/k" not in primary.store
+
+
+def test_an_expiry_hand_over_spares_a_write_made_on_the_winner_after_the_fork() -> None:
+    """The loser's TTL value expired; then a client wrote the key on the
+    winner and was confirmed.  The expiry is older: the write stays."""
+    primary, backup = split_pair()
+    backup.collect(kvset(b"/k", b"brief", _uuid(43), {"ttl": "1"}), 11.5)
+    assert [f[0] for f in backup.expire(13.0)] == [b"/k"]
+    assert primary.collect(kvset(b"/k", b"newer", _uuid(44)), 14.0) is not None
+    exchange_hugz(primary, backup, 20.0)
+    heartbeat(primary, backup, 20.0)
+    run(backup, 20.0)
+    for frames in backup.relays:
+        primary.collect(frames, 20.1)
+    assert primary.store.get(b"/k").body == b"newer"
+    assert primary.stats["handoff_expiry_superseded"] == 1
+
+
+@pytest.mark.parametrize("where", ["standalone", "passive", "other lineage", "too big"])
+def test_a_window_hand_over_is_taken_only_from_the_peer_of_an_active(
+    where: str,
+) -> None:
+    primary, backup = split_pair()
+    core, lineage, count = primary, OURS, 1
+    if where == "standalone":
+        core = new_core()
+        core.start(0.0)
+        lineage = core.lineage or ""
+    elif where == "passive":
+        exchange_hugz(primary, backup, 20.0)
+        heartbeat(primary, backup, 20.0)  # the backup steps down
+        core = backup
+    elif where == "other lineage":
+        lineage = "e" * 32
+    else:
+        count = 4097
+    batch = history_batch([_uuid(50 + i % 100) for i in range(count)], 1.0)
+    props = encode_properties({"age": "1", "lineage": lineage})
+    forged = [HISTORY, SEQUENCE.pack(1), b"", props, batch[4]]
+    before = len(core.applied)
+    with pytest.raises(RemoteProtocolError):
+        core.collect(forged, 20.0)
+    assert len(core.applied) == before
+
+
+def test_no_client_may_write_the_history_key() -> None:
+    core = new_core()
+    core.start(0.0)
+    with pytest.raises(RemoteProtocolError):
+        core.collect(kvset(HISTORY, b"x", _uuid(60)), 1.0)
+    assert HISTORY not in core.store
 
 
 def test_a_window_hand_over_that_is_malformed_changes_nothing() -> None:

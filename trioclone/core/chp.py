@@ -36,12 +36,13 @@ FRESH = "fresh"
 SUBTREE_HUGZ = b"\x00HUGZ"
 LAST = "last"
 #: Keys no client may write: these, and every key ending in ``SUBTREE_HUGZ``.
-RESERVED = frozenset((HUGZ, KTHXBAI))
 #: A snapshot request for this "subtree" asks a trioclone server for the
 #: UUIDs it applied recently (its repeat window); each reply carries a batch
 #: of 16-byte UUIDs in the body and their ``AGE`` in seconds.  A Guide server
 #: holds no such keys and answers with KTHXBAI alone.
 HISTORY = b"\x00history"
+#: Keys no client may write.
+RESERVED = frozenset((HUGZ, KTHXBAI, HISTORY))
 AGE = "age"
 
 SEQUENCE = struct.Struct("!q")
@@ -217,6 +218,17 @@ def is_reserved(key: bytes) -> bool:
 def lineage_of(msg: KVMsg) -> str | None:
     """The map identity a HUGZ or KTHXBAI carries (None from a Guide server)."""
     return msg.properties.get(LINEAGE) or None
+
+
+def map_of(msg: KVMsg) -> str | None:
+    """Which history a HUGZ or KTHXBAI speaks for: the lineage, and in a pair
+    the ``branch`` its server's active period started from.  Two servers of a
+    split publish one lineage from one branch point on; the loser, once it
+    resynced from the winner and takes over again later, serves another
+    history under the same lineage, from another branch."""
+    lineage = lineage_of(msg)
+    branch = msg.properties.get(BRANCH)
+    return lineage if lineage is None or branch is None else f"{lineage}/{branch}"
 
 
 def integer_property(msg: KVMsg, name: str) -> int | None:

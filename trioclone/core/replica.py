@@ -62,6 +62,7 @@ from trioclone.core.chp import (
     integer_property,
     is_subtree_hugz,
     lineage_of,
+    map_of,
 )
 from trioclone.errors import LocalProtocolError
 
@@ -171,6 +172,8 @@ class Replica(Generic[M]):
         self.live = live
         self.sequence = 0
         self.lineage: str | None = None
+        #: The history the live map follows (``chp.map_of``).
+        self.history: str | None = None
         #: Every update with a sequence up to this one is in ``live``.
         self.contiguous = 0
         self.actions: list[Action] = []
@@ -181,6 +184,7 @@ class Replica(Generic[M]):
         # one sync attempt
         self._incoming: M | None = None
         self._incoming_lineage: str | None = None
+        self._incoming_history: str | None = None
         self._asked = 0
         self._in_flight = False  # a request on this connection awaits KTHXBAI
         self._extras: deque[tuple[bytes, KVMsg]] = deque()  # loaded in steps
@@ -199,7 +203,7 @@ class Replica(Generic[M]):
         self._live_from: int | None = None
         self._high = 0
         self._numbered_hugz = False  # this server's HUGZ carry its sequence
-        self._heard_lineage: str | None = None
+        self._heard_history: str | None = None
         self._seen: dict[bytes, int] = {}  # subtree -> newest sequence held
         self._new_connection = False
 
@@ -275,7 +279,7 @@ class Replica(Generic[M]):
         server = (self.server + 1) % self.server_count
         if server != self.server:  # another server's stream says nothing here
             self._backlog.clear()
-            self._heard_lineage = None
+            self._heard_history = None
         self.server = server
         self._in_flight = False
         self._reconnect()
@@ -300,7 +304,7 @@ class Replica(Generic[M]):
         self._in_flight = True
         self._extras.clear()
         self._incoming = self._new_map()
-        self._incoming_lineage = None
+        self._incoming_lineage = self._incoming_history = None
         self._asked = 0
         self._thresholds = {}
         self._catching_up = False
@@ -339,8 +343,8 @@ class Replica(Generic[M]):
                 self._put(incoming, msg, now)
             return
         if request in self.subtrees:
-            lineage = lineage_of(msg)
-            if self._thresholds and lineage != self._incoming_lineage:
+            history = map_of(msg)
+            if self._thresholds and history != self._incoming_history:
                 self._in_flight = False  # (that was its KTHXBAI)
                 self._reset(now)  # the map changed between two subtrees
                 return
@@ -348,7 +352,8 @@ class Replica(Generic[M]):
                 self._in_flight = False  # (that was its KTHXBAI)
                 self._give_up_on_server(now)
                 return
-            self._incoming_lineage = lineage
+            self._incoming_lineage = lineage_of(msg)
+            self._incoming_history = history
             self._thresholds[request] = msg.sequence
         self._asked += 1
         if self._asked < len(self._requests):
@@ -358,12 +363,12 @@ class Replica(Generic[M]):
             self._start_catch_up(now)
 
     def _start_catch_up(self, now: float) -> None:
-        heard = self._heard_lineage
-        if heard is not None and heard != self._incoming_lineage:
+        heard = self._heard_history
+        if heard is not None and heard != self._incoming_history:
             # The stream and the snapshot are different maps: the server
             # restarted between them.  Take the next snapshot as it comes,
             # unless the stream contradicts that one too.
-            self._heard_lineage = None
+            self._heard_history = None
             self._reset(now)
             return
         self._catching_up = True
@@ -429,6 +434,7 @@ class Replica(Generic[M]):
         assert incoming is not None
         old, self.live = self.live, incoming
         self.lineage = self._incoming_lineage
+        self.history = self._incoming_history
         self.sequence = self._caught_sequence
         self.contiguous = self._contiguous
         self._incoming = None
@@ -498,12 +504,12 @@ class Replica(Generic[M]):
     def _is_reset(self, msg: KVMsg) -> bool:
         """Did the server lose or replace its map?"""
         if msg.key == HUGZ:
-            lineage = lineage_of(msg)
-            if lineage is not None:
-                heard, self._heard_lineage = self._heard_lineage, lineage
-                if heard is not None and heard != lineage:
+            history = map_of(msg)
+            if history is not None:
+                heard, self._heard_history = self._heard_history, history
+                if heard is not None and heard != history:
                     return True
-                if self.phase is Phase.ACTIVE and self.lineage not in (None, lineage):
+                if self.phase is Phase.ACTIVE and self.history not in (None, history):
                     return True
             if msg.sequence:
                 self._numbered_hugz = True
@@ -584,11 +590,12 @@ class Replica(Generic[M]):
         self._settling = True
         if self._catching_up:
             return  # the snapshot in hand is newer than ``live``
-        heard = self._heard_lineage
-        if heard is not None and self.lineage is not None and heard != self.lineage:
+        heard = self._heard_history
+        if heard is not None and self.history is not None and heard != self.history:
             self._backlog.clear()  # another map's updates: not for ours
         self._incoming = self.live
         self._incoming_lineage = self.lineage
+        self._incoming_history = self.history
         self._thresholds = {subtree: self.sequence for subtree in self.subtrees}
         self._catching_up = True
         self._caught_sequence = self._snapshot_at = self.sequence

@@ -93,8 +93,8 @@ from trioclone.errors import RemoteProtocolError
 Frames = list[bytes]
 
 RULE_RESERVED = (
-    "a client may not write the reserved keys: HUGZ, KTHXBAI and subtree "
-    "heartbeats (a key ending in \\x00HUGZ)"
+    "a client may not write the reserved keys: HUGZ, KTHXBAI, \\x00history "
+    "and subtree heartbeats (a key ending in \\x00HUGZ)"
 )
 #: The passive's snapshot requests come from a DEALER whose routing id starts
 #: with this: they are not Binary Star votes (a peer is not a client).
@@ -105,6 +105,14 @@ STEP = 512
 #: Housekeeping (window eviction, pending ages, relay resends) this often.
 HOUSEKEEPING = 1.0
 HISTORY_BATCH = 4096
+#: A hand-over property (between the two servers of a pair): this delete is
+#: a TTL expiry on the peer, whose maps forked at the sequence it holds.
+EXPIRED = "expired"
+RULE_WINDOW = (
+    "a window hand-over comes from the peer of a pair's active, for its map "
+    f"or the peer's, with at most {HISTORY_BATCH} UUIDs"
+)
+RULE_EXPIRED = "an expiry hand-over names the sequence where the maps forked"
 
 
 class Role(enum.Enum):
@@ -217,10 +225,9 @@ class ServerCore:
         self._takeover: Takeover | None = None
         self._handoff: Iterator[tuple[Frames, Frames] | None] | None = None
         self._handoff_held_at = 0
-        self._handed: set[bytes] = set()  # UUIDs of this hand-over's records
         self._active_since = 0.0
         self._sweep: Iterator[bytes] | None = None
-        self._tombstones: OrderedDict[bytes, tuple[int, bytes]] = OrderedDict()
+        self._tombstones: OrderedDict[bytes, tuple[int, bytes, bool]] = OrderedDict()
         self._following_since: float | None = None
         self._housekeeping_at = 0.0
 
@@ -394,8 +401,27 @@ class ServerCore:
         if msg.properties[LINEAGE] == self.lineage and msg.sequence <= self.branch:
             self.stats["handoff_known"] += 1  # it came to us from the peer
             return None
+        expired = msg.properties.get(EXPIRED)
+        if expired is not None:
+            try:
+                fork = int(expired)
+            except ValueError:
+                raise RemoteProtocolError(RULE_EXPIRED, expired) from None
+            store = self.store
+            if (
+                msg.properties[LINEAGE] == self.lineage
+                and store.sequence_of(msg.key) > fork
+                and store.uuid_of(msg.key) not in self.applied
+            ):
+                # Written here after the maps forked, by a write the peer did
+                # not replace (its window, handed over first, would say so):
+                # newer than the expiry, so it stays.
+                self.stats["handoff_expiry_superseded"] += 1
+                return None
         self.stats["handoff_received"] += 1
-        props = {k: v for k, v in msg.properties.items() if k != LINEAGE}
+        props = {
+            k: v for k, v in msg.properties.items() if k not in (LINEAGE, EXPIRED)
+        }
         encoded = encode_properties(props) if props else b""
         plain = msg._replace(sequence=0, properties=props)
         return plain, [msg.key, bytes(8), msg.uuid, encoded, msg.body]
@@ -403,8 +429,18 @@ class ServerCore:
     def _window_handed_over(self, msg: KVMsg, now: float) -> None:
         """Writes the peer applied and replaced while both were active: a
         late copy of one (a client's pipe delivers it after the split
-        heals) is a repeat here too, never applied over what replaced it."""
+        heals) is a repeat here too, never applied over what replaced it.
+
+        Only an active of a pair takes one, of its own lineage or its peer's,
+        at most ``HISTORY_BATCH`` UUIDs a message."""
         uuids, age = decode_history(msg)
+        claim, lineage = self.peer_claim, msg.properties[LINEAGE]
+        if self.bstar is None or self.role is not Role.ACTIVE:
+            raise RemoteProtocolError(RULE_WINDOW, "not the active of a pair")
+        if lineage != self.lineage and (claim is None or lineage != claim.lineage):
+            raise RemoteProtocolError(RULE_WINDOW, "another map's window")
+        if len(uuids) > HISTORY_BATCH:
+            raise RemoteProtocolError(RULE_WINDOW, f"{len(uuids)} UUIDs")
         self.applied.load([(age, uuids)], now)
         self.stats["handoff_window"] += len(uuids)
 
@@ -431,11 +467,14 @@ class ServerCore:
         self.stats["updates"] += 1
         return [key, SEQUENCE.pack(sequence), frames[2], props, frames[4]]
 
-    def _tombstone(self, key: bytes, sequence: int, uuid: bytes) -> None:
-        """Remember a client's delete, for a hand-over after a split."""
+    def _tombstone(
+        self, key: bytes, sequence: int, uuid: bytes, *, expired: bool = False
+    ) -> None:
+        """Remember a client's delete (or a TTL expiry), for a hand-over after
+        a split."""
         tombstones = self._tombstones
         tombstones.pop(key, None)
-        tombstones[key] = (sequence, uuid)
+        tombstones[key] = (sequence, uuid, expired)
         if len(tombstones) > self.pending.max_size:
             tombstones.popitem(last=False)
             self.stats["tombstones_dropped"] += 1
@@ -484,7 +523,7 @@ class ServerCore:
                 # A hand-over after a split carries it (as a delete by the
                 # expired write's UUID): a late copy of an older write that
                 # reaches the winner first must not outlive it.
-                self._tombstone(key, sequence, uuid)
+                self._tombstone(key, sequence, uuid, expired=True)
             if subtrees.tracked:
                 subtrees.published(key, sequence)
             deletes.append([key, SEQUENCE.pack(sequence), b"", b"", b""])
@@ -501,8 +540,10 @@ class ServerCore:
 
     def kthxbai(self, subtree: bytes) -> Frames:
         props = {LINEAGE: self.lineage or ""}
-        if self.fresh and self.bstar is not None:
-            props[FRESH] = "1"  # a passive holding another map keeps it
+        if self.bstar is not None:
+            props[BRANCH] = str(self.branch)  # as on HUGZ: the same history
+            if self.fresh:
+                props[FRESH] = "1"  # a passive holding another map keeps it
         return kthxbai(self.store.sequence, subtree, props)
 
     def history(self, now: float) -> Iterator[Frames]:
@@ -528,6 +569,8 @@ class ServerCore:
             return
         self._housekeeping_at = now + HOUSEKEEPING
         self.applied.retain = self._retaining(now)
+        if not self.applied.retain and self.role is Role.ACTIVE:
+            self._tombstones.clear()  # the peer follows us: no split to heal
         self.applied.evict(now)
         if self.role is not Role.ACTIVE:
             self.pending.expire(now)
@@ -708,6 +751,7 @@ class ServerCore:
         # At a later takeover, a hand-over write yields to a write the winner
         # made to the same key after it (its sequence then was claim.sequence).
         self._handoff_held_at = claim.sequence if claim is not None else 2**63 - 1
+        self._hand_over_window(now, {uuid for _, uuid, _ in tombstones.values()})
         self._handoff = _handoff_frames(
             self.store, tombstones, bound, self.lineage or "", now
         )
@@ -721,17 +765,17 @@ class ServerCore:
                 held_at = self._handoff_held_at
                 self.pending.hold(client[2], client, now, held_at, relay=peer)
                 self.relays.append(peer)
-                self._handed.add(client[2])
                 self.stats["handoff_sent"] += 1
             if count >= limit:
                 return
         self._handoff = None
-        self._hand_over_window(now)
 
-    def _hand_over_window(self, now: float) -> None:
-        """After the records: the UUIDs we replaced while active (less the
-        ones handed over, which must still apply there)."""
-        handed, self._handed = self._handed, set()
+    def _hand_over_window(self, now: float, handed: set[bytes]) -> None:
+        """First, before any record (so no late copy of a replaced write can
+        arrive between a record and the window), and from the map we served
+        (a resync may replace it before the records are all out): the UUIDs
+        we replaced while active, less the deletes handed over, which must
+        still apply there."""
         stamp = {LINEAGE: self.lineage or ""}
         since = now - self._active_since + HOUSEKEEPING
         for age, uuids in self.applied.export(now):
@@ -768,7 +812,7 @@ def _prefixed(stats: Counter[str]) -> dict[str, int]:
 
 def _handoff_frames(
     store: Store,
-    tombstones: OrderedDict[bytes, tuple[int, bytes]],
+    tombstones: OrderedDict[bytes, tuple[int, bytes, bool]],
     bound: int,
     lineage: str,
     now: float,
@@ -786,10 +830,12 @@ def _handoff_frames(
         ours = SEQUENCE.pack(msg.sequence)
         client = [key, zero, msg.uuid, props, msg.body]
         yield client, [key, ours, msg.uuid, props + stamp, msg.body]
-    for key, (sequence, uuid) in tombstones.items():
+    expiry = encode_properties({LINEAGE: lineage, EXPIRED: str(bound)})
+    for key, (sequence, uuid, expired) in tombstones.items():
         if sequence > bound and key not in store:
             client = [key, zero, uuid, b"", b""]
-            yield client, [key, SEQUENCE.pack(sequence), uuid, stamp, b""]
+            props = expiry if expired else stamp
+            yield client, [key, SEQUENCE.pack(sequence), uuid, props, b""]
         else:
             yield None
 

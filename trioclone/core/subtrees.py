@@ -5,8 +5,11 @@ update was dropped on the way (a PUB drops at its high-water mark).  A
 subtree client sees only its subtree's updates, whose sequences are not
 consecutive.  So the server's publisher (an XPUB) reads the subscriptions
 clients make, tracks the last sequence published under each subscribed
-prefix, and with every HUGZ publishes one subtree heartbeat per prefix that
-saw an update: key ``prefix + b"\\x00HUGZ"``, sequence 0 (so every client,
+prefix (from the map's sequence when the prefix was subscribed: a
+subscriber that comes back may have missed the update before), and with
+every HUGZ publishes one subtree heartbeat per tracked prefix (none for a
+prefix at 0, after a role change, until an update under it): key
+``prefix + b"\\x00HUGZ"``, sequence 0 (so every client,
 the Guide's included, drops it as old), property ``last=N``.  It reaches
 exactly the clients of that prefix (and whole-map clients).  A client whose
 last sequence under its subtree is below ``N`` missed an update.
