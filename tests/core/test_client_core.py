@@ -844,6 +844,23 @@ def test_a_hugz_from_another_map_is_a_reset(subtree):
     assert core.lineage == L2 and core.entries == {}
 
 
+def test_a_hugz_from_another_branch_of_the_lineage_is_a_reset():
+    # Found by the simulation: a subtree client stayed connected to the side
+    # of a split that lost; that server resynced from the winner and took
+    # over again later.  Same lineage, another history: only the branch
+    # (where its active period started) tells.
+    core = ClientCore(1, [b"/a/"])
+    core.poll(0.0)
+    core.on_reply(kv(b"/a/k", 3, b"old"), 0.0)
+    core.on_reply(kthxbai(5, b"/a/", {"lineage": L1, "branch": "2"}), 0.0)
+    take(core)
+    core.on_update(hugz(5, {"lineage": L1, "branch": "2"}), 0.5)
+    assert take(core) == ([], [])
+    core.on_update(hugz(9, {"lineage": L1, "branch": "7"}), 1.0)
+    assert actions(core) == [Request(b"/a/")]
+    assert core.stats["resets"] == 1
+
+
 def test_an_update_from_a_restarted_server_applied_before_its_hugz_is_undone():
     core = lineage_synced([(b"/k", 5, b"mine")], 5)
     # The new map's update 6 looks like the next one on the old stream...
