@@ -532,19 +532,50 @@ def test_pending_is_applied_once() -> None:
 
 
 def test_takeover_replays_a_pending_write_the_stream_did_not_show_applied() -> None:
-    """Both writes of /k were held; the passive heard only U2, at 1, with no
-    gap before it.  So U1 was not applied up to 1: either never (its writer
-    resends it anyway) or after U2, with the active dead before we heard
-    it.  Replayed after U2, it keeps the active's order."""
+    """U1 was held; the passive heard U2 write /k at 1, with no gap, but U2
+    reached the passive before U1 (another client's, or U1 was late on the
+    way).  So U1 was not applied up to 1: either never, or after U2 with the
+    active dead before we heard it.  Replayed after U2, it keeps the
+    active's order."""
     core = passive_core(0)
     old, new = kvset(b"/k", b"old", U1), kvset(b"/k", b"new", U2)
-    core.collect(old, 1.0)
-    core.collect(new, 1.1)
+    core.collect(new, 1.0)
+    core.collect(old, 1.1)
     core.on_update(kvpub(b"/k", 1, b"new", U2), 1.2)
     assert len(core.pending) == 1
     assert [f[4] for f in take_over(core, 2.0)] == [b"old"]
     assert core.store.get(b"/k").body == b"old"
     assert core.stats["pending_superseded"] == 0
+
+
+def test_takeover_never_replays_a_write_over_one_that_reached_us_after_it() -> None:
+    """Found by the simulation: U1 reached the passive first, then U2; the
+    active applied U2 (heard at 1, no gap) and never U1.  A client's writes
+    reach the active in order, so U1 was lost on the way (or held from a
+    map that was lost with both servers): replayed after U2 it would undo a
+    newer, confirmed write.  It is not replayed, and not remembered as
+    applied: a resend from its writer still applies."""
+    core = passive_core(0)
+    old, new = kvset(b"/k", b"old", U1), kvset(b"/k", b"new", U2)
+    core.collect(old, 1.0)
+    core.collect(new, 1.1)
+    core.on_update(kvpub(b"/k", 1, b"new", U2), 1.2)
+    assert take_over(core, 2.0) == []
+    assert core.store.get(b"/k").body == b"new"
+    assert core.stats["pending_superseded"] == 1
+    assert core.collect(old, 3.0) is not None  # its writer resends it
+
+
+def test_takeover_never_replays_a_write_over_a_delete_that_reached_us_after_it() -> (
+    None
+):
+    """As above, with a delete: the key has no record to date it by."""
+    core = passive_core(0)
+    core.collect(kvset(b"/k", b"old", U1), 1.0)
+    core.collect(kvset(b"/k", b"", U2), 1.1)
+    core.on_update(kvpub(b"/k", 1, b"", U2), 1.2)
+    assert take_over(core, 2.0) == []
+    assert b"/k" not in core.store
 
 
 def test_takeover_skips_a_pending_write_a_later_one_overwrote_past_a_gap() -> None:

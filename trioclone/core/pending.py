@@ -39,6 +39,7 @@ class Held(NamedTuple):
     since: float  # when it arrived
     frames: Sequence[bytes]
     sequence: int  # the active's sequence known when it arrived
+    order: int = 0  # arrivals before it
 
 
 class Pending:
@@ -52,6 +53,10 @@ class Pending:
         self._relays: OrderedDict[bytes, Held] = OrderedDict()
         # relay -> [last sent, times sent, frames to send], least recent first
         self._sent: OrderedDict[bytes, list[Any]] = OrderedDict()
+        self._arrivals = 0
+        #: key -> the arrival order of the latest-arrived write to it that
+        #: the active applied (matched); forgotten when the list empties.
+        self.matched: dict[bytes, int] = {}
 
     def __len__(self) -> int:
         return len(self._entries) + len(self._relays)
@@ -83,7 +88,8 @@ class Pending:
             return True
         entries = self._entries
         if uuid not in entries and uuid not in self._relays:
-            entries[uuid] = Held(now, frames, sequence)  # a resend keeps its place
+            self._arrivals += 1  # a resend keeps its place
+            entries[uuid] = Held(now, frames, sequence, self._arrivals)
             if len(entries) > self.max_size:
                 entries.popitem(last=False)
                 self.dropped += 1
@@ -96,7 +102,20 @@ class Pending:
         if self._relays.pop(uuid, None) is not None:
             self._sent.pop(uuid, None)
             return True
-        return self._entries.pop(uuid, None) is not None
+        held = self._entries.pop(uuid, None)
+        if held is None:
+            return False
+        matched, key = self.matched, held.frames[0]
+        if held.order > matched.get(key, -1):
+            matched[key] = held.order
+        if not self._entries:
+            matched.clear()  # no write left that an older one could undo
+        return True
+
+    def arrived_after(self, held: Held) -> bool:
+        """A write to ``held``'s key that reached us after it was applied by
+        the active (so ``held`` was lost on its way there, or is stale)."""
+        return self.matched.get(held.frames[0], -1) > held.order
 
     def expire(self, now: float) -> int:
         """Drop entries held ``max_age`` seconds or more (hand-overs only once
@@ -117,6 +136,8 @@ class Pending:
                 break
             del entries[uuid]
             count += 1
+        if not entries:
+            self.matched.clear()
         self.dropped += count
         return count
 
@@ -145,7 +166,7 @@ class Pending:
                 uuid, held = entries.popitem(last=False)
                 self._sent.pop(uuid, None)
                 taken.append(held)
-        return taken
+        return taken  # (``matched`` still speaks for what was taken)
 
     def uuids(self) -> list[bytes]:
         return [*self._relays, *self._entries]

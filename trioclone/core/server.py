@@ -419,9 +419,7 @@ class ServerCore:
                 self.stats["handoff_expiry_superseded"] += 1
                 return None
         self.stats["handoff_received"] += 1
-        props = {
-            k: v for k, v in msg.properties.items() if k not in (LINEAGE, EXPIRED)
-        }
+        props = {k: v for k, v in msg.properties.items() if k not in (LINEAGE, EXPIRED)}
         encoded = encode_properties(props) if props else b""
         plain = msg._replace(sequence=0, properties=props)
         return plain, [msg.key, bytes(8), msg.uuid, encoded, msg.body]
@@ -691,15 +689,24 @@ class ServerCore:
             current = store.uuid_of(msg.key)
             if smap.is_repeat(msg.uuid, current):
                 continue
-            # Unmatched, so not applied by the old active up to where we heard
-            # it without a gap: replayed now, it keeps the active's order.
-            # Past a gap it may have been applied there, before a later write
-            # to the same key that we did hear: that later write wins.
-            written = store.sequence_of(msg.key)
-            contiguous = takeover.contiguous
-            if held.sequence < written <= takeover.base and written > contiguous:
+            # Unmatched: not applied by the old active up to where we heard
+            # it without a gap.  Replayed now, it keeps the active's order
+            # (as if it reached the active late), unless a write to its key
+            # that reached us after it was applied: then it was lost on the
+            # way (a client's writes reach the active in order) or is stale
+            # (held from a map that was lost), and replaying it would undo a
+            # newer write.  Its writer, if still waiting, resends it.  Past a
+            # gap it may have been applied before a later write to the key
+            # that we heard: that one wins, and its resend is a repeat.
+            written = store.sequence_of(msg.key)  # (0 if deleted)
+            if held.sequence < written <= takeover.base and (
+                written > takeover.contiguous
+            ):
                 self.stats["pending_superseded"] += 1
-                self.applied.add(msg.uuid, now)  # its resend is a repeat too
+                self.applied.add(msg.uuid, now)
+                continue
+            if self.pending.arrived_after(held):
+                self.stats["pending_superseded"] += 1
                 continue
             published.append(self._apply(msg, held.frames, now, current))
         self.stats["takeover_applied"] += len(published)
@@ -714,6 +721,7 @@ class ServerCore:
             published.append(self._apply(msg, frames, now, current))
         if not self.pending and not arrivals:
             self._takeover = None
+            self.pending.matched.clear()
         return published
 
     def _sweep_step(self, limit: int) -> None:
