@@ -578,6 +578,23 @@ def test_takeover_never_replays_a_write_over_a_delete_that_reached_us_after_it()
     assert b"/k" not in core.store
 
 
+def test_an_update_heard_while_backing_off_between_sync_attempts_survives_the_takeover() -> (
+    None
+):
+    """Found by the simulation: a sync attempt timed out, and while the
+    replica waited to try again its connection still carried the stream.
+    What it heard then was dropped; the active died: lost."""
+    core = passive_core(5)
+    core.on_update(kvpub(b"/a", 7, b"a", uuid=_uuid(70)), 1.0)  # 6 was missed
+    assert core.replica is not None and core.replica.phase is Phase.SYNCING
+    core.poll(6.5)  # no snapshot in time: back off
+    assert core.replica.phase is Phase.INITIAL
+    core.on_update(kvpub(b"/k", 8, b"heard", uuid=_uuid(71)), 7.0)
+    take_over(core, 7.2)
+    assert core.store.get(b"/k").body == b"heard"
+    assert core.store.sequence == 8
+
+
 def test_takeover_skips_a_pending_write_a_later_one_overwrote_past_a_gap() -> None:
     """The passive missed update 2 (a gap), then heard U2 write /k at 3.  U1
     may be update 2, applied before U2: the later write wins, U1 is not

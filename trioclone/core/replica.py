@@ -465,6 +465,7 @@ class Replica(Generic[M]):
         """A message on the stream (KVPUB, HUGZ or a subtree heartbeat)."""
         msg = decode_kvmsg(frames)
         if self.phase is Phase.INITIAL:
+            self._between_attempts(msg)
             return
         live = self.phase is Phase.ACTIVE or self._catching_up
         if live:
@@ -500,6 +501,22 @@ class Replica(Generic[M]):
                 self._missed(now)
                 return
             self._apply(msg, now)
+
+    def _between_attempts(self, msg: KVMsg) -> None:
+        """Backing off after failed sync attempts, the connection to the
+        server still carries its stream: keep it for the next attempt on
+        this server (or a takeover), unless the server's map changed."""
+        if self.server < 0 or is_subtree_hugz(msg.key):
+            return
+        if msg.key == HUGZ:
+            history = map_of(msg)
+            if history is not None:
+                heard, self._heard_history = self._heard_history, history
+                if heard is not None and heard != history:
+                    self._backlog.clear()  # another map's updates
+            return
+        if msg.sequence:
+            self._keep(msg)
 
     def _is_reset(self, msg: KVMsg) -> bool:
         """Did the server lose or replace its map?"""
