@@ -1,4 +1,4 @@
-"""Sessions: lint, typecheck, tests, bench, lateness and subtrees
+"""Sessions: lint, typecheck, tests, bench, lateness, subtrees and sim
 (``nox -s bench -- --quick``)."""
 
 import nox
@@ -41,3 +41,10 @@ def lateness(session: nox.Session) -> None:
 def subtrees(session: nox.Session) -> None:
     session.install("-e", ".")
     session.run("python", "tools/subtree_cost.py", *session.posargs)
+
+
+@nox.session
+def sim(session: nox.Session) -> None:
+    """The deterministic simulation: ``nox -s sim -- --seeds 20000``."""
+    session.install("-e", ".[test]")
+    session.run("python", "tools/sim.py", *session.posargs)
