@@ -1061,6 +1061,16 @@ def test_a_healed_split_hands_the_losers_writes_to_the_winner() -> None:
     assert backup.relays == []
 
 
+def heal(primary: ServerCore, backup: ServerCore, now: float) -> None:
+    """The split heals: the backup steps down and its hand-over reaches the
+    primary."""
+    exchange_hugz(primary, backup, now)
+    heartbeat(primary, backup, now)
+    run(backup, now)
+    for frames in backup.relays:
+        primary.collect(frames, now + 0.1)
+
+
 def test_a_late_copy_of_a_write_the_loser_replaced_is_a_repeat_at_the_winner() -> None:
     """Found by the simulation (seed 30): a client cut off from the primary
     wrote twice through the backup; its connection to the primary still
@@ -1070,11 +1080,7 @@ def test_a_late_copy_of_a_write_the_loser_replaced_is_a_repeat_at_the_winner() -
     first, second = kvset(b"/k", b"one", _uuid(40)), kvset(b"/k", b"two", _uuid(41))
     backup.collect(first, 11.0)
     backup.collect(second, 11.5)
-    exchange_hugz(primary, backup, 20.0)
-    heartbeat(primary, backup, 20.0)
-    run(backup, 20.0)
-    for frames in backup.relays:
-        primary.collect(frames, 20.1)
+    heal(primary, backup, 20.0)
     assert primary.store.get(b"/k").body == b"two"
     assert primary.collect(first, 21.0) is None  # the late copies arrive
     assert primary.collect(second, 21.0) is None
@@ -1091,11 +1097,7 @@ def test_a_ttl_expiry_on_the_loser_is_handed_over_as_a_delete() -> None:
     backup.collect(kvset(b"/k", b"brief", _uuid(43), {"ttl": "1"}), 11.5)
     assert [f[0] for f in backup.expire(13.0)] == [b"/k"]
     assert primary.collect(older, 14.0) is not None  # late, on the winner
-    exchange_hugz(primary, backup, 20.0)
-    heartbeat(primary, backup, 20.0)
-    run(backup, 20.0)
-    for frames in backup.relays:
-        primary.collect(frames, 20.1)
+    heal(primary, backup, 20.0)
     assert b"/k" not in primary.store
 
 
@@ -1106,11 +1108,7 @@ def test_an_expiry_hand_over_spares_a_write_made_on_the_winner_after_the_fork() 
     backup.collect(kvset(b"/k", b"brief", _uuid(43), {"ttl": "1"}), 11.5)
     assert [f[0] for f in backup.expire(13.0)] == [b"/k"]
     assert primary.collect(kvset(b"/k", b"newer", _uuid(44)), 14.0) is not None
-    exchange_hugz(primary, backup, 20.0)
-    heartbeat(primary, backup, 20.0)
-    run(backup, 20.0)
-    for frames in backup.relays:
-        primary.collect(frames, 20.1)
+    heal(primary, backup, 20.0)
     assert primary.store.get(b"/k").body == b"newer"
     assert primary.stats["handoff_expiry_superseded"] == 1
 
