@@ -532,15 +532,15 @@ def test_pending_is_applied_once() -> None:
 
 
 def test_takeover_replays_a_pending_write_the_stream_did_not_show_applied() -> None:
-    """U1 was held; the passive heard U2 write /k at 1, with no gap, but U2
-    reached the passive before U1 (another client's, or U1 was late on the
-    way).  So U1 was not applied up to 1: either never, or after U2 with the
-    active dead before we heard it.  Replayed after U2, it keeps the
-    active's order."""
+    """Both writes of /k were held, close together (two clients: the active
+    may have had them in the other order); the passive heard only U2, at 1,
+    with no gap before it.  So U1 was not applied up to 1: either never (its
+    writer resends it anyway) or after U2, with the active dead before we
+    heard it.  Replayed after U2, it keeps the active's order."""
     core = passive_core(0)
     old, new = kvset(b"/k", b"old", U1), kvset(b"/k", b"new", U2)
-    core.collect(new, 1.0)
-    core.collect(old, 1.1)
+    core.collect(old, 1.0)
+    core.collect(new, 1.1)
     core.on_update(kvpub(b"/k", 1, b"new", U2), 1.2)
     assert len(core.pending) == 1
     assert [f[4] for f in take_over(core, 2.0)] == [b"old"]
@@ -549,18 +549,18 @@ def test_takeover_replays_a_pending_write_the_stream_did_not_show_applied() -> N
 
 
 def test_takeover_never_replays_a_write_over_one_that_reached_us_after_it() -> None:
-    """Found by the simulation: U1 reached the passive first, then U2; the
-    active applied U2 (heard at 1, no gap) and never U1.  A client's writes
-    reach the active in order, so U1 was lost on the way (or held from a
-    map that was lost with both servers): replayed after U2 it would undo a
-    newer, confirmed write.  It is not replayed, and not remembered as
-    applied: a resend from its writer still applies."""
+    """Found by the simulation: U1 reached the passive, then, more than
+    ORDER_SKEW later, U2 (so U2 was sent after U1); the active applied U2
+    (heard at 1, no gap) and never U1.  So U1 was lost on the way (or held
+    from a map that was lost with both servers): replayed after U2 it would
+    undo a newer, confirmed write.  It is not replayed, and not remembered
+    as applied: a resend from its writer still applies."""
     core = passive_core(0)
     old, new = kvset(b"/k", b"old", U1), kvset(b"/k", b"new", U2)
     core.collect(old, 1.0)
-    core.collect(new, 1.1)
-    core.on_update(kvpub(b"/k", 1, b"new", U2), 1.2)
-    assert take_over(core, 2.0) == []
+    core.collect(new, 2.5)
+    core.on_update(kvpub(b"/k", 1, b"new", U2), 2.6)
+    assert take_over(core, 3.0) == []
     assert core.store.get(b"/k").body == b"new"
     assert core.stats["pending_superseded"] == 1
     assert core.collect(old, 3.0) is not None  # its writer resends it
@@ -572,9 +572,9 @@ def test_takeover_never_replays_a_write_over_a_delete_that_reached_us_after_it()
     """As above, with a delete: the key has no record to date it by."""
     core = passive_core(0)
     core.collect(kvset(b"/k", b"old", U1), 1.0)
-    core.collect(kvset(b"/k", b"", U2), 1.1)
-    core.on_update(kvpub(b"/k", 1, b"", U2), 1.2)
-    assert take_over(core, 2.0) == []
+    core.collect(kvset(b"/k", b"", U2), 2.5)
+    core.on_update(kvpub(b"/k", 1, b"", U2), 2.6)
+    assert take_over(core, 3.0) == []
     assert b"/k" not in core.store
 
 
@@ -589,7 +589,8 @@ def test_an_update_heard_while_backing_off_between_sync_attempts_survives_the_ta
     assert core.replica is not None and core.replica.phase is Phase.SYNCING
     core.poll(6.5)  # no snapshot in time: back off
     assert core.replica.phase is Phase.INITIAL
-    core.on_update(kvpub(b"/k", 8, b"heard", uuid=_uuid(71)), 7.0)
+    core.on_update(hugz(7, {"lineage": ACTIVES}), 7.0)  # still the active's map
+    core.on_update(kvpub(b"/k", 8, b"heard", uuid=_uuid(71)), 7.1)
     take_over(core, 7.2)
     assert core.store.get(b"/k").body == b"heard"
     assert core.store.sequence == 8
@@ -1055,7 +1056,7 @@ def test_a_healed_split_hands_the_losers_writes_to_the_winner() -> None:
     history = [f[1:] for f in _drain(_transfer(primary, HISTORY), 21.0)][:-1]
     sync(backup, primary.store.sequence, snapshot, 21.0, history, lineage=OURS)
     assert len(backup.pending) == 0
-    assert len(backup.relays) == 4  # resent once meanwhile (a second passed)
+    assert len(backup.relays) == 5  # resent once (a second passed), window first
     backup.relays.clear()
     backup.poll(30.0)
     assert backup.relays == []

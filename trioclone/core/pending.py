@@ -25,6 +25,7 @@ writes, if this server takes over again.  Every call does bounded work.
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -33,13 +34,16 @@ from typing import Any, NamedTuple
 RELAY_TRIES = 3
 #: At most this many entries are dropped by age in one call.
 EXPIRE_STEP = 65_536
+#: Two clients' writes may reach the two servers in different orders, but
+#: not this many seconds apart: a write that reached the passive this much
+#: after another was sent after it (see ``arrived_after``).
+ORDER_SKEW = 1.0
 
 
 class Held(NamedTuple):
     since: float  # when it arrived
     frames: Sequence[bytes]
     sequence: int  # the active's sequence known when it arrived
-    order: int = 0  # arrivals before it
 
 
 class Pending:
@@ -53,10 +57,9 @@ class Pending:
         self._relays: OrderedDict[bytes, Held] = OrderedDict()
         # relay -> [last sent, times sent, frames to send], least recent first
         self._sent: OrderedDict[bytes, list[Any]] = OrderedDict()
-        self._arrivals = 0
-        #: key -> the arrival order of the latest-arrived write to it that
-        #: the active applied (matched); forgotten when the list empties.
-        self.matched: dict[bytes, int] = {}
+        #: key -> when the latest-arrived write to it that the active applied
+        #: (matched) reached us; forgotten when the list empties.
+        self.matched: dict[bytes, float] = {}
 
     def __len__(self) -> int:
         return len(self._entries) + len(self._relays)
@@ -88,8 +91,7 @@ class Pending:
             return True
         entries = self._entries
         if uuid not in entries and uuid not in self._relays:
-            self._arrivals += 1  # a resend keeps its place
-            entries[uuid] = Held(now, frames, sequence, self._arrivals)
+            entries[uuid] = Held(now, frames, sequence)  # a resend keeps its place
             if len(entries) > self.max_size:
                 entries.popitem(last=False)
                 self.dropped += 1
@@ -106,16 +108,19 @@ class Pending:
         if held is None:
             return False
         matched, key = self.matched, held.frames[0]
-        if held.order > matched.get(key, -1):
-            matched[key] = held.order
+        if held.since > matched.get(key, -math.inf):
+            matched[key] = held.since
         if not self._entries:
             matched.clear()  # no write left that an older one could undo
         return True
 
     def arrived_after(self, held: Held) -> bool:
-        """A write to ``held``'s key that reached us after it was applied by
-        the active (so ``held`` was lost on its way there, or is stale)."""
-        return self.matched.get(held.frames[0], -1) > held.order
+        """A write to ``held``'s key that reached us well after it (so was
+        sent after it) was applied by the active: ``held`` was lost on its
+        way there, or is stale.  (Writes that reached us close together may
+        have reached the active in the other order: no verdict.)"""
+        latest = self.matched.get(held.frames[0], -math.inf)
+        return latest > held.since + ORDER_SKEW
 
     def expire(self, now: float) -> int:
         """Drop entries held ``max_age`` seconds or more (hand-overs only once
@@ -174,6 +179,11 @@ class Pending:
     def key_of(self, uuid: bytes) -> bytes | None:
         held = self._relays.get(uuid) or self._entries.get(uuid)
         return None if held is None else held.frames[0]
+
+    @property
+    def relaying(self) -> bool:
+        """Hand-overs are still sent (none is in the peer's map yet)."""
+        return bool(self._sent)
 
     def relay_off(self) -> None:
         """Stop resending hand-over entries (we are the active now)."""

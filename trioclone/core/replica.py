@@ -134,6 +134,19 @@ def _outermost(subtrees: Sequence[bytes]) -> tuple[bytes, ...]:
     )
 
 
+def _same(a: str | None, b: str | None) -> bool:
+    """Two histories (``chp.map_of``) are one map's: the same lineage, and
+    the same branch where both name one (a HUGZ sent during a takeover, or
+    by an older server, names none)."""
+    if a is None or b is None:
+        return a is b
+    lineage_a, _, branch_a = a.partition("/")
+    lineage_b, _, branch_b = b.partition("/")
+    return lineage_a == lineage_b and (
+        not branch_a or not branch_b or branch_a == branch_b
+    )
+
+
 def _live_from(msg: KVMsg) -> int:
     """A stream whose first message is ``msg`` holds every update after this:
     a HUGZ with sequence h, from h; an update u, from u - 1."""
@@ -204,6 +217,10 @@ class Replica(Generic[M]):
         self._high = 0
         self._numbered_hugz = False  # this server's HUGZ carry its sequence
         self._heard_history: str | None = None
+        # Updates kept from this connection before its HUGZ said whose map
+        # it carries (counted from ``_kept``); None once it said ours.
+        self._kept = 0
+        self._unconfirmed_since: int | None = None
         self._seen: dict[bytes, int] = {}  # subtree -> newest sequence held
         self._new_connection = False
 
@@ -288,6 +305,7 @@ class Replica(Generic[M]):
     def _reconnect(self) -> None:
         """A new connection to ``self.server``: its stream starts afresh."""
         self.actions.append(Connect(self.server))
+        self._unconfirmed_since = self._kept
         self._live_from = None
         self._high = 0
         self._numbered_hugz = False
@@ -344,7 +362,7 @@ class Replica(Generic[M]):
             return
         if request in self.subtrees:
             history = map_of(msg)
-            if self._thresholds and history != self._incoming_history:
+            if self._thresholds and not _same(history, self._incoming_history):
                 self._in_flight = False  # (that was its KTHXBAI)
                 self._reset(now)  # the map changed between two subtrees
                 return
@@ -364,7 +382,7 @@ class Replica(Generic[M]):
 
     def _start_catch_up(self, now: float) -> None:
         heard = self._heard_history
-        if heard is not None and heard != self._incoming_history:
+        if heard is not None and not _same(heard, self._incoming_history):
             # The stream and the snapshot are different maps: the server
             # restarted between them.  Take the next snapshot as it comes,
             # unless the stream contradicts that one too.
@@ -449,6 +467,7 @@ class Replica(Generic[M]):
         if max(self._thresholds.values()) <= self.sequence:
             self._thresholds = {}  # past every snapshot: plain order from now
         self.phase = Phase.ACTIVE
+        self._unconfirmed_since = None  # its snapshot said whose map it is
         self._failures = 0
         self._deadline = now + self.timings.silence_timeout
         self.stats["syncs"] += 1
@@ -508,15 +527,25 @@ class Replica(Generic[M]):
         this server (or a takeover), unless the server's map changed."""
         if self.server < 0 or is_subtree_hugz(msg.key):
             return
+        backlog = self._backlog
+        if backlog and 0 < msg.sequence < backlog[-1].sequence:
+            backlog.clear()  # the stream went back: a server that restarted
         if msg.key == HUGZ:
             history = map_of(msg)
             if history is not None:
                 heard, self._heard_history = self._heard_history, history
-                if heard is not None and heard != history:
+                if heard is not None and not _same(heard, history):
                     self._backlog.clear()  # another map's updates
+                self._confirm_history(history)
             return
         if msg.sequence:
             self._keep(msg)
+
+    def _confirm_history(self, history: str) -> None:
+        """A HUGZ on this connection named its map: if it is ours, what the
+        connection carried before it is ours too."""
+        if _same(history, self.history):
+            self._unconfirmed_since = None
 
     def _is_reset(self, msg: KVMsg) -> bool:
         """Did the server lose or replace its map?"""
@@ -524,9 +553,11 @@ class Replica(Generic[M]):
             history = map_of(msg)
             if history is not None:
                 heard, self._heard_history = self._heard_history, history
-                if heard is not None and heard != history:
+                self._confirm_history(history)
+                if heard is not None and not _same(heard, history):
                     return True
-                if self.phase is Phase.ACTIVE and self.history not in (None, history):
+                live = self.history
+                if self.phase is Phase.ACTIVE and not _same(live or history, history):
                     return True
             if msg.sequence:
                 self._numbered_hugz = True
@@ -563,6 +594,7 @@ class Replica(Generic[M]):
         """Hold a stream update until a snapshot it can be applied to."""
         backlog = self._backlog
         backlog.append(msg)
+        self._kept += 1
         if len(backlog) > self.backlog_limit:
             backlog.popleft()
             self.stats["backlog_dropped"] += 1
@@ -605,10 +637,18 @@ class Replica(Generic[M]):
         self.phase = Phase.SYNCING
         self._deadline = math.inf
         self._settling = True
+        since = self._unconfirmed_since
+        if since is not None:  # the connection never said whose map it carries
+            for _ in range(min(self._kept - since, len(self._backlog))):
+                self._backlog.pop()
         if self._catching_up:
             return  # the snapshot in hand is newer than ``live``
         heard = self._heard_history
-        if heard is not None and self.history is not None and heard != self.history:
+        if (
+            heard is not None
+            and self.history is not None
+            and not _same(heard, self.history)
+        ):
             self._backlog.clear()  # another map's updates: not for ours
         self._incoming = self.live
         self._incoming_lineage = self.lineage

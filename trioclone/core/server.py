@@ -226,6 +226,9 @@ class ServerCore:
         self._handoff: Iterator[tuple[Frames, Frames] | None] | None = None
         self._handoff_held_at = 0
         self._active_since = 0.0
+        #: The window handed over at the last step-down, resent with the
+        #: records until they are all in.
+        self._window_relays: list[Frames] = []
         self._sweep: Iterator[bytes] | None = None
         self._tombstones: OrderedDict[bytes, tuple[int, bytes, bool]] = OrderedDict()
         self._following_since: float | None = None
@@ -378,7 +381,7 @@ class ServerCore:
         if key in RESERVED or key.endswith(SUBTREE_HUGZ):  # is_reserved, inline
             raise RemoteProtocolError(RULE_RESERVED)
         if msg.sequence and LINEAGE in msg.properties:
-            handed = self._handed_over(msg)
+            handed = self._handed_over(msg, now)
             if handed is None:
                 return None
             msg, frames = handed
@@ -396,7 +399,7 @@ class ServerCore:
             self.stats["anonymous_not_held"] += 1
         return None
 
-    def _handed_over(self, msg: KVMsg) -> tuple[KVMsg, Frames] | None:
+    def _handed_over(self, msg: KVMsg, now: float) -> tuple[KVMsg, Frames] | None:
         """A write the peer accepted while both were active, as a client write."""
         if msg.properties[LINEAGE] == self.lineage and msg.sequence <= self.branch:
             self.stats["handoff_known"] += 1  # it came to us from the peer
@@ -415,8 +418,10 @@ class ServerCore:
             ):
                 # Written here after the maps forked, by a write the peer did
                 # not replace (its window, handed over first, would say so):
-                # newer than the expiry, so it stays.
+                # newer than the expiry, so it stays; the expired write is
+                # still one that was applied (a late copy of it is a repeat).
                 self.stats["handoff_expiry_superseded"] += 1
+                self.applied.add(msg.uuid, now)
                 return None
         self.stats["handoff_received"] += 1
         props = {k: v for k, v in msg.properties.items() if k not in (LINEAGE, EXPIRED)}
@@ -531,7 +536,8 @@ class ServerCore:
     def hugz(self) -> Frames:
         props = {LINEAGE: self.lineage or ""}
         if self.bstar is not None:
-            props[BRANCH] = str(self.branch)
+            if self._takeover is None:  # (its branch is set once it is done)
+                props[BRANCH] = str(self.branch)
             if self.fresh:
                 props[FRESH] = "1"
         return hugz(self.store.sequence, props)
@@ -572,7 +578,12 @@ class ServerCore:
         self.applied.evict(now)
         if self.role is not Role.ACTIVE:
             self.pending.expire(now)
-        self.relays.extend(self.pending.due(now, HOUSEKEEPING))
+        due = self.pending.due(now, HOUSEKEEPING)
+        if not self.pending.relaying:
+            self._window_relays = []  # every hand-over is in; or we took over
+        elif due:  # resent like the records (the first send can be lost), first
+            self.relays.extend(self._window_relays)
+        self.relays.extend(due)
 
     def _retaining(self, now: float) -> bool:
         """Keep replaced writes while a split may have to be reconciled: while
@@ -786,6 +797,7 @@ class ServerCore:
         still apply there."""
         stamp = {LINEAGE: self.lineage or ""}
         since = now - self._active_since + HOUSEKEEPING
+        self._window_relays = []
         for age, uuids in self.applied.export(now):
             if age > since:
                 continue
@@ -793,7 +805,9 @@ class ServerCore:
             for start in range(0, len(fresh), HISTORY_BATCH):
                 batch = history_batch(fresh[start : start + HISTORY_BATCH], age)
                 props = encode_properties({**decode_kvmsg(batch).properties, **stamp})
-                self.relays.append([HISTORY, SEQUENCE.pack(1), b"", props, batch[4]])
+                frames = [HISTORY, SEQUENCE.pack(1), b"", props, batch[4]]
+                self._window_relays.append(frames)
+                self.relays.append(frames)
 
     # -- status ----------------------------------------------------------------
 
