@@ -233,6 +233,8 @@ class ServerNode:
         self.heard: dict[bytes, tuple[int, str | None, bytes, bool]] = {}
         self.to_check: dict[bytes, tuple[int, str | None, bytes, bool]] | None = None
         self._lineage: str | None = None
+        self._connection: object = None
+        self._unsure: dict[bytes, tuple[int, str | None, bytes, bool]] | None = None
 
     @property
     def alive(self) -> bool:
@@ -245,31 +247,51 @@ class ServerNode:
 
         async def mirror(is_reply: bool, batch: list[list[bytes]]) -> None:
             if server.core.role is Role.PASSIVE:
+                connection = server._follower.current if server._follower else None
+                if connection is not self._connection:  # a new connection:
+                    self._connection, self._unsure = connection, {}  # whose map?
                 for frames in batch:
-                    (self._snapshot if is_reply else self._heard)(frames)
+                    (self._snapshot if is_reply else self._heard)(frames, server)
             await handler(is_reply, batch)
 
         server._mirror = mirror  # type: ignore[method-assign]
 
-    def _snapshot(self, frames: list[bytes]) -> None:
+    def _snapshot(self, frames: list[bytes], server: CloneServer) -> None:
         """A snapshot's end: it speaks for every key up to its sequence
-        (a key it lacks was deleted), so what was heard before is moot."""
+        (a key it lacks was deleted), so what was heard before is moot; and
+        it says whose map the connection carries."""
         if frames and frames[0] == KTHXBAI and len(frames) == 5:
+            self._sure()
             upto = SEQUENCE.unpack(frames[1])[0]
             self.heard = {k: v for k, v in self.heard.items() if v[0] > upto}
 
-    def _heard(self, frames: list[bytes]) -> None:
+    def _heard(self, frames: list[bytes], server: CloneServer) -> None:
+        """An update the passive heard counts once its connection said (a
+        HUGZ naming the map it holds, or a snapshot) that it carries that
+        map: before, it could be another map's (a restarted server's)."""
         try:
             msg = decode_kvmsg(frames)
         except RemoteProtocolError:
             return
         if msg.key == HUGZ:
             self._lineage = lineage_of(msg)
+            if self._lineage == server.core.lineage:
+                self._sure()
+            else:
+                self._unsure = {}
         elif msg.sequence:
-            held = self.heard.get(msg.key)
+            target = self.heard if self._unsure is None else self._unsure
+            held = target.get(msg.key)
             if held is None or held[0] < msg.sequence:
                 ttl = TTL in msg.properties
-                self.heard[msg.key] = (msg.sequence, self._lineage, msg.body, ttl)
+                target[msg.key] = (msg.sequence, self._lineage, msg.body, ttl)
+
+    def _sure(self) -> None:
+        unsure, self._unsure = self._unsure, None
+        for key, value in (unsure or {}).items():
+            held = self.heard.get(key)
+            if held is None or held[0] < value[0]:
+                self.heard[key] = value
 
     async def start(self, nursery: trio.Nursery) -> None:
         self.incarnation += 1
