@@ -935,6 +935,42 @@ def test_a_subtree_heartbeat_ahead_of_us_means_we_missed_an_update():
     assert core.stats["gaps"] == 1
 
 
+def test_updates_missed_between_two_subtree_heartbeats_are_noticed():
+    # Found by the flaky test_watchers_recover_from_updates_the_server_dropped:
+    # a subtree watcher missed most of a flood (dropped at the publisher's
+    # high-water mark) but received the last update under its subtree, so
+    # "last" alone said nothing.  The count of updates published under the
+    # subtree between two heartbeats does.
+    core = synced(sequence=5, subtrees=[b"/a/"])
+    core.on_update(subtree_hugz(b"/a/", 5, 100), 0.5)  # the baseline
+    core.on_update(kv(b"/a/x", 6, b"six"), 0.6)
+    core.on_update(kv(b"/a/y", 7, b"seven"), 0.7)
+    take(core)
+    core.on_update(subtree_hugz(b"/a/", 7, 102), 1.0)  # two published, two here
+    assert take(core) == ([], [])
+    core.on_update(kv(b"/a/x", 8, b"eight"), 1.1)  # then 9 and 10 are dropped
+    core.on_update(kv(b"/a/y", 11, b"eleven"), 1.2)
+    take(core)
+    core.on_update(subtree_hugz(b"/a/", 11, 106), 2.0)  # four published, two here
+    assert actions(core) == [Request(b"/a/")]
+    assert core.stats["gaps"] == 1
+
+
+def test_the_snapshot_count_is_where_the_subtree_count_starts():
+    # The watcher stopped before the first heartbeat after its sync: the
+    # count on the snapshot's KTHXBAI is the baseline.
+    core = ClientCore(1, [b"/a/"])
+    core.poll(0.0)
+    core.on_reply(kv(b"/a/x", 5, b"five"), 0.1)
+    core.on_reply(kthxbai(5, b"/a/", {"count": "40"}), 0.1)
+    core.on_update(hugz(5), 0.5)  # the stream is live from the snapshot on
+    take(core)
+    core.on_update(kv(b"/a/y", 9, b"nine"), 1.0)  # 6 to 8 dropped
+    take(core)
+    core.on_update(subtree_hugz(b"/a/", 9, 44), 2.0)  # we hold the last, but
+    assert actions(core) == [Request(b"/a/")]
+
+
 def test_a_subtree_heartbeat_at_or_below_the_snapshot_says_nothing():
     core = synced(sequence=20, subtrees=[b"/a/", b"/b/"])
     core.on_update(subtree_hugz(b"/a/", 20), 0.5)

@@ -934,7 +934,7 @@ def test_hugz_and_kthxbai_carry_the_sequence_and_the_lineage() -> None:
         b"KTHXBAI",
         SEQUENCE.pack(1),
         b"",
-        b"lineage=" + b"f" * 32 + b"\n",
+        b"lineage=" + b"f" * 32 + b"\ncount=0\n",  # /a/ is tracked from now
         b"/a/",
     ]
     pair = passive_core(3)

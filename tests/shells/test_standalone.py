@@ -171,15 +171,18 @@ def hugz_wire(s: Served, sequence: int) -> Frames:
     ]
 
 
-def kthxbai_wire(s: Served, sequence: int, subtree: bytes) -> Frames:
-    """A KTHXBAI as the wire must carry it, built by hand (see the vector)."""
+def kthxbai_wire(s: Served, sequence: int, subtree: bytes, count: int = 0) -> Frames:
+    """A KTHXBAI as the wire must carry it, built by hand (see the vector):
+    for a subtree, with the count of updates published under it since the
+    server began tracking it (at the latest, with this snapshot)."""
     lineage = s.server.core.lineage
     assert lineage
+    counted = b"count=%d\n" % count if subtree else b""
     return [
         bytes.fromhex(KTHXBAI_VECTOR[0]),
         struct.pack(">q", sequence),
         b"",
-        b"lineage=" + lineage.encode() + b"\n",
+        b"lineage=" + lineage.encode() + b"\n" + counted,
         subtree,
     ]
 

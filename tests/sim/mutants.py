@@ -127,7 +127,7 @@ def retracked_from_zero() -> contextlib.AbstractContextManager[None]:
     """A prefix subscribed again was tracked from 0: no subtree heartbeat
     until its next update, so a subscriber whose SUB reconnected never
     learned of the update it missed."""
-    original = subtrees.Subtrees._track
+    original = subtrees.Subtrees.track
 
     def track(self: subtrees.Subtrees, prefix: bytes) -> None:
         new = prefix not in self.tracked
@@ -135,7 +135,7 @@ def retracked_from_zero() -> contextlib.AbstractContextManager[None]:
         if new and prefix in self.tracked:
             self.tracked[prefix] = 0
 
-    return _patched(subtrees.Subtrees, "_track", track)
+    return _patched(subtrees.Subtrees, "track", track)
 
 
 def window_not_handed_over() -> contextlib.AbstractContextManager[None]:

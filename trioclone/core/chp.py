@@ -35,6 +35,10 @@ FRESH = "fresh"
 #: the sequence of the last update published under the subtree.
 SUBTREE_HUGZ = b"\x00HUGZ"
 LAST = "last"
+#: On a subtree heartbeat: how many updates were published under the
+#: subtree since its server began tracking it (so a client that applied
+#: fewer between two heartbeats missed some, even if it has the last one).
+COUNT = "count"
 #: Keys no client may write: these, and every key ending in ``SUBTREE_HUGZ``.
 #: A snapshot request for this "subtree" asks a trioclone server for the
 #: UUIDs it applied recently (its repeat window); each reply carries a batch
@@ -201,9 +205,13 @@ def hugz(sequence: int, properties: Mapping[str, str] = NO_PROPERTIES) -> list[b
     return [HUGZ, SEQUENCE.pack(sequence), b"", props, b""]
 
 
-def subtree_hugz(subtree: bytes, last: int) -> list[bytes]:
-    """A subtree heartbeat: ``last`` is the newest sequence published under it."""
-    return [subtree + SUBTREE_HUGZ, SEQUENCE.pack(0), b"", b"last=%d\n" % last, b""]
+def subtree_hugz(subtree: bytes, last: int, count: int | None = None) -> list[bytes]:
+    """A subtree heartbeat: ``last`` is the newest sequence published under
+    it, ``count`` how many updates were (``COUNT``)."""
+    props = b"last=%d\n" % last
+    if count is not None:
+        props += b"count=%d\n" % count
+    return [subtree + SUBTREE_HUGZ, SEQUENCE.pack(0), b"", props, b""]
 
 
 def is_subtree_hugz(key: bytes) -> bool:

@@ -53,6 +53,7 @@ from dataclasses import dataclass, fields
 from typing import Generic, TypeVar
 
 from trioclone.core.chp import (
+    COUNT,
     HUGZ,
     KTHXBAI,
     LAST,
@@ -222,6 +223,10 @@ class Replica(Generic[M]):
         self._kept = 0
         self._unconfirmed_since: int | None = None
         self._seen: dict[bytes, int] = {}  # subtree -> newest sequence held
+        # subtree -> COUNT on its last heartbeat, and updates applied since
+        self._heard_counts: dict[bytes, int] = {}
+        self._counted: dict[bytes, int] = {}
+        self._incoming_counts: dict[bytes, int] = {}
         self._new_connection = False
 
     # -- what a subclass provides ---------------------------------------------
@@ -328,6 +333,9 @@ class Replica(Generic[M]):
         self._catching_up = False
         self._confirming = []
         self._seen.clear()
+        self._heard_counts.clear()
+        self._counted.clear()
+        self._incoming_counts = {}
         self.actions.append(Request(self._requests[0]))
         self._deadline = now + self.timings.request_timeout
 
@@ -373,6 +381,9 @@ class Replica(Generic[M]):
             self._incoming_lineage = lineage_of(msg)
             self._incoming_history = history
             self._thresholds[request] = msg.sequence
+            count = integer_property(msg, COUNT)
+            if count is not None:
+                self._incoming_counts[request] = count
         self._asked += 1
         if self._asked < len(self._requests):
             self.actions.append(Request(self._requests[self._asked]))
@@ -464,6 +475,9 @@ class Replica(Generic[M]):
             return
         for subtree, seq in self._thresholds.items():
             self._seen[subtree] = max(self._seen.get(subtree, 0), seq)
+        # counted from the snapshot's count, or from the next heartbeat
+        self._heard_counts = self._incoming_counts
+        self._incoming_counts = {}
         if max(self._thresholds.values()) <= self.sequence:
             self._thresholds = {}  # past every snapshot: plain order from now
         self.phase = Phase.ACTIVE
@@ -570,6 +584,8 @@ class Replica(Generic[M]):
         self.stats["resets"] += 1
         self._backlog.clear()
         self._seen.clear()
+        self._heard_counts.clear()
+        self._counted.clear()
         self._high = 0 if msg is None else msg.sequence
         self._live_from = None
         if msg is not None:
@@ -584,6 +600,18 @@ class Replica(Generic[M]):
             return
         last = integer_property(msg, LAST)
         if last is not None and last > self._seen.get(subtree, 0):
+            self._missed(now)
+            return
+        # Between two heartbeats the server published ``count`` - its last
+        # ``count`` updates under the subtree, all on this stream in order:
+        # fewer applied here means some were dropped on the way.
+        count = integer_property(msg, COUNT)
+        if count is None:
+            return
+        previous = self._heard_counts.get(subtree)
+        self._heard_counts[subtree] = count
+        applied = self._counted.pop(subtree, 0)
+        if previous is not None and count - previous > applied:
             self._missed(now)
 
     def _missed(self, now: float) -> None:
@@ -619,11 +647,13 @@ class Replica(Generic[M]):
         self._updated(msg)
 
     def _note(self, msg: KVMsg) -> None:
-        """Remember the newest sequence held under each of our subtrees (the
-        whole map has none: a gap in its sequences says what was missed)."""
+        """Remember the newest sequence held under each of our subtrees, and
+        count the updates (the whole map has none: a gap in its sequences
+        says what was missed)."""
         for subtree in self.subtrees:
             if subtree and msg.key.startswith(subtree):
                 self._seen[subtree] = msg.sequence
+                self._counted[subtree] = self._counted.get(subtree, 0) + 1
 
     # -- a takeover -----------------------------------------------------------
 

@@ -64,6 +64,7 @@ from trioclone.core.applied import Applied
 from trioclone.core.bstar import BinaryStar, Outcome, State, decode_state
 from trioclone.core.chp import (
     BRANCH,
+    COUNT,
     FRESH,
     HISTORY,
     HUGZ,
@@ -544,6 +545,11 @@ class ServerCore:
 
     def kthxbai(self, subtree: bytes) -> Frames:
         props = {LINEAGE: self.lineage or ""}
+        if subtree != HISTORY:
+            self.subtrees.track(subtree)
+        count = self.subtrees.counts.get(subtree)
+        if count is not None:  # where the client counts its heartbeats from
+            props[COUNT] = str(count)
         if self.bstar is not None:
             props[BRANCH] = str(self.branch)  # as on HUGZ: the same history
             if self.fresh:

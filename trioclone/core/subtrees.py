@@ -45,6 +45,8 @@ class Subtrees:
         #: prefix -> the last sequence published under it (0: none yet);
         #: the server tests it before calling ``published`` (no call if empty)
         self.tracked: dict[bytes, int] = {}
+        #: prefix -> updates published under it since it was tracked
+        self.counts: dict[bytes, int] = {}
         self._lengths: dict[int, int] = {}  # prefix length -> prefixes of it
 
     def __len__(self) -> int:
@@ -59,14 +61,17 @@ class Subtrees:
         if not prefix or HUGZ.startswith(prefix) or prefix.startswith(HUGZ):
             return  # whole-map clients see every sequence; HUGZ is for everyone
         if frame[0] == 1:
-            self._track(prefix)
+            self.track(prefix)
         elif self.tracked.pop(prefix, None) is not None:
+            del self.counts[prefix]
             self._lengths[len(prefix)] -= 1
             if not self._lengths[len(prefix)]:
                 del self._lengths[len(prefix)]
 
-    def _track(self, prefix: bytes) -> None:
-        if prefix in self.tracked:
+    def track(self, prefix: bytes) -> None:
+        """Track ``prefix`` (a subscription to it came up; or a snapshot of it
+        is served, whose client subscribes to it: counted from then on)."""
+        if prefix in self.tracked or not prefix or prefix == HUGZ:
             return
         if len(self.tracked) >= self.limit:
             self.untracked += 1
@@ -77,20 +82,25 @@ class Subtrees:
         # Starting from the map's sequence costs at most one snapshot for
         # a subscriber that missed nothing but holds an older sequence.
         self.tracked[prefix] = self.sequence()
+        self.counts[prefix] = 0
         self._lengths[len(prefix)] = self._lengths.get(len(prefix), 0) + 1
 
     def published(self, key: bytes, sequence: int) -> None:
         """An update to ``key`` went out at ``sequence``."""
-        tracked = self.tracked
+        tracked, counts = self.tracked, self.counts
         for length in self._lengths:
             prefix = key[:length]
             if prefix in tracked:
                 tracked[prefix] = sequence
+                counts[prefix] += 1
 
     def heartbeats(self) -> list[Frames]:
         """One subtree heartbeat per tracked prefix that saw an update."""
+        counts = self.counts
         return [
-            subtree_hugz(prefix, seq) for prefix, seq in self.tracked.items() if seq
+            subtree_hugz(prefix, seq, counts[prefix])
+            for prefix, seq in self.tracked.items()
+            if seq
         ]
 
     def clear(self) -> None:

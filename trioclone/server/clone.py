@@ -385,6 +385,8 @@ class CloneServer:
         """Start waiting transfers, at most ``MAX_TRANSFERS`` at a time, once
         a takeover is done (each holds a key list until it ends)."""
         core, queued, transfers = self.core, self._queued, self._transfers
+        if queued and core.serving:
+            self.publisher.admit()  # a subtree tracked now has a count to send
         while queued and core.serving and len(transfers) < MAX_TRANSFERS:
             identity, subtree = queued.popleft()
             end = core.kthxbai(subtree)
