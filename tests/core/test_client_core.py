@@ -956,6 +956,20 @@ def test_updates_missed_between_two_subtree_heartbeats_are_noticed():
     assert core.stats["gaps"] == 1
 
 
+def test_a_subtree_count_that_goes_down_means_we_may_have_missed_updates():
+    # Found by the simulation (seed 1520): the client's connection reset, so
+    # the server's only subscription to the subtree went away and came back
+    # (counted from 0 again); the client had lost updates in flight, then
+    # received the newest one: neither last nor the count's rise told.
+    core = synced(sequence=5, subtrees=[b"/a/"])
+    core.on_update(hugz(5), 0.4)
+    core.on_update(subtree_hugz(b"/a/", 5, 91), 0.5)
+    core.on_update(kv(b"/a/x", 9, b"nine"), 1.0)
+    take(core)
+    core.on_update(subtree_hugz(b"/a/", 9, 1), 1.5)
+    assert actions(core) == [Request(b"/a/")]
+
+
 def test_the_snapshot_count_is_where_the_subtree_count_starts():
     # The watcher stopped before the first heartbeat after its sync: the
     # count on the snapshot's KTHXBAI is the baseline.

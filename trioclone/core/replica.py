@@ -611,7 +611,10 @@ class Replica(Generic[M]):
         previous = self._heard_counts.get(subtree)
         self._heard_counts[subtree] = count
         applied = self._counted.pop(subtree, 0)
-        if previous is not None and count - previous > applied:
+        # (A count that went down: the server began counting again, as it
+        # does when the subtree's subscriptions all went away and came back,
+        # a connection that broke and so may have lost updates in flight.)
+        if previous is not None and not 0 <= count - previous <= applied:
             self._missed(now)
 
     def _missed(self, now: float) -> None:
