@@ -35,7 +35,7 @@ All along (``_monitor``, every 0.25 s, and ``published``):
   published, at that sequence, in the history it follows (lineage and
   branch, ``chp.map_of``; below the branch, in the lineage).
 * ``applied_once``: no server process publishes one UUID twice in one
-  lineage.
+  history (lineage and branch: a fork it abandoned is another history).
 * ``sequence_increases``: within one active period of a server, the
   sequences it publishes in a lineage strictly increase.
 * ``takeover_keeps_heard``: a server that takes over holds, for each key,
@@ -491,7 +491,7 @@ class World:
             ClientNode(self, "watch", [""], [], ""),
             ClientNode(self, "sub", ["w1/", "w2/a"], [], "w2/"),
         ]
-        #: (server, incarnation, lineage) -> UUIDs published
+        #: (server, incarnation, history) -> UUIDs published
         self._uuids: dict[tuple[str, int, str], set[bytes]] = {}
         #: (server, incarnation, period, lineage) -> last sequence published
         self._last: dict[tuple[str, int, int, str], int] = {}
@@ -541,8 +541,9 @@ class World:
                 )
             )
         self._last[period] = sequence
-        if uuid:
-            seen = self._uuids.setdefault((node.name, incarnation, lineage), set())
+        if uuid:  # (per history: a fork a server left, and its writes, is gone)
+            history = f"{lineage}/{branch}"
+            seen = self._uuids.setdefault((node.name, incarnation, history), set())
             if uuid in seen:
                 self.violations.append(
                     Violation(
