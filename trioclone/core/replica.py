@@ -545,34 +545,37 @@ class Replica(Generic[M]):
         if backlog and 0 < msg.sequence < backlog[-1].sequence:
             backlog.clear()  # the stream went back: a server that restarted
         if msg.key == HUGZ:
-            history = map_of(msg)
-            if history is not None:
-                heard, self._heard_history = self._heard_history, history
-                if heard is not None and not _same(heard, history):
-                    self._backlog.clear()  # another map's updates
-                self._confirm_history(history)
+            if self._hear_history(map_of(msg)):
+                backlog.clear()  # another map's updates
             return
         if msg.sequence:
             self._keep(msg)
 
-    def _confirm_history(self, history: str) -> None:
-        """A HUGZ on this connection named its map: if it is ours, what the
+    def _hear_history(self, history: str | None) -> bool:
+        """A HUGZ named the map the connection carries (``map_of``): True if
+        it is not the one named before.  If it is the live map's, what the
         connection carried before it is ours too."""
+        if history is None:
+            return False
+        heard, self._heard_history = self._heard_history, history
         if _same(history, self.history):
             self._unconfirmed_since = None
+        return heard is not None and not _same(heard, history)
 
     def _is_reset(self, msg: KVMsg) -> bool:
         """Did the server lose or replace its map?"""
         if msg.key == HUGZ:
             history = map_of(msg)
-            if history is not None:
-                heard, self._heard_history = self._heard_history, history
-                self._confirm_history(history)
-                if heard is not None and not _same(heard, history):
-                    return True
-                live = self.history
-                if self.phase is Phase.ACTIVE and not _same(live or history, history):
-                    return True
+            if self._hear_history(history):
+                return True
+            live = self.history
+            if (
+                self.phase is Phase.ACTIVE
+                and live
+                and history
+                and not _same(live, history)
+            ):
+                return True
             if msg.sequence:
                 self._numbered_hugz = True
             elif not self._numbered_hugz:
