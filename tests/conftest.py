@@ -15,3 +15,13 @@ def context() -> Iterator[zmq.Context]:  # type: ignore[type-arg]
     ctx = zmq.Context(io_threads=0)
     yield ctx
     ctx.destroy(linger=0)
+
+
+@pytest.fixture(autouse=True)
+def _own_data_dirs(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every test's server processes keep their durable maps in a data
+    folder of their own (the default folder is under ``XDG_DATA_HOME``), so
+    no test reads a map that another test, or another run, left behind."""
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path_factory.mktemp("data")))
