@@ -251,6 +251,7 @@ class ServerCore:
         self._restored_active = False
         #: Why this server must stop: its map on disk is not its peer's.
         self.conflict: str | None = None
+        self._restored_history: str | None = None
 
     # -- state ----------------------------------------------------------------
 
@@ -307,14 +308,28 @@ class ServerCore:
         ``branch`` (so it hands them over if it finds a peer active)."""
         return self.role is Role.ACTIVE or self._restored_active
 
-    def restore(self, lineage: str, branch: int, active: bool) -> None:
+    @property
+    def map_history(self) -> str | None:
+        """The history the map belongs to (``chp.map_of``): a passive's, the
+        active's it copied; else the lineage and branch it serves."""
+        replica = self.replica
+        if replica is not None and replica.history is not None:
+            return replica.history
+        if self.restored:
+            return self._restored_history
+        return None if self.lineage is None else f"{self.lineage}/{self.branch}"
+
+    def restore(
+        self, lineage: str, branch: int, active: bool, history: str | None
+    ) -> None:
         """The map (``store`` and ``applied``) was loaded from disk: its
-        lineage, and whether this server was its active (its own writes
-        are those after ``branch``) or a passive (everything came from the
-        peer) when it stopped."""
+        lineage, whether this server was its active (its own writes are
+        those after ``branch``) or a passive (everything came from the
+        peer) when it stopped, and the history it belongs to."""
         self.lineage = lineage
         self.fresh = False
         self.branch = branch if active else self.store.sequence
+        self._restored_history = history
         self.restored = True
         self._restored_active = active
         if active:
@@ -966,6 +981,8 @@ class Mirror(Replica[ServerMap]):
         self.core = core
         self.sequence = live.store.sequence
         self.lineage = core.lineage
+        if core.restored:  # what the map kept on disk belongs to
+            self.history = core.map_history
         #: The active serves a map founded empty after ours: not adopted.
         self.refused_new_map = False
 
