@@ -26,11 +26,13 @@ from tests.core.test_server_core import (
     actions,
     active_core,
     exchange_hugz,
+    heartbeat,
     kvpub,
     kvset,
     new_core,
     passive_core,
     run,
+    split_pair,
     state,
     sync,
     take_over,
@@ -203,6 +205,31 @@ def test_a_restarted_active_hands_over_what_its_peer_never_heard(
     assert backup.store.get(b"/heard").body == b"h"
     assert backup.stats["handoff_superseded"] == 1
     assert backup.collect(kvset(b"/both", b"old", U3), 21.0) is None  # a repeat
+
+
+def test_a_server_killed_while_handing_over_hands_over_again(tmp_path: Path) -> None:
+    """A split heals: the backup steps down and hands over what it accepted;
+    killed before the primary has it, it still holds it as its own."""
+    primary, backup = split_pair(backup_options={"journal": True})
+    data = DataDir(tmp_path)
+    data.flush(backup, 10.0, WALL + 10.0)
+    backup.collect(kvset(b"/b-only", b"b", _uuid(21)), 11.0)
+    exchange_hugz(primary, backup, 20.0)
+    heartbeat(primary, backup, 20.0)
+    assert backup.role is Role.PASSIVE and backup.own_writes
+    data.flush(backup, 20.0, WALL + 20.0)  # the step-down, before any step
+    run(backup, 20.0)
+    assert backup.relays and backup.own_writes
+    data.flush(backup, 20.0, WALL + 20.0)
+    data.close()  # killed: the primary never got the hand-over
+    again = reopen(tmp_path, 30.0, WALL + 30.0, bstar=BinaryStar(False, 30.0))
+    assert again.own_writes
+    exchange_hugz(again, primary, 30.0)
+    again.on_peer_state(state(State.ACTIVE), 30.0)
+    run(again, 30.0)
+    for frames in again.relays:
+        primary.collect(frames, 30.5)
+    assert primary.store.get(b"/b-only").body == b"b"
 
 
 def test_a_restarted_passive_hands_nothing_over(tmp_path: Path) -> None:

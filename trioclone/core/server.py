@@ -252,6 +252,8 @@ class ServerCore:
         #: Why this server must stop: its map on disk is not its peer's.
         self.conflict: str | None = None
         self._restored_history: str | None = None
+        #: The map whose writes the last step-down hands over.
+        self._handed_map: ServerMap | None = None
 
     # -- state ----------------------------------------------------------------
 
@@ -305,8 +307,16 @@ class ServerCore:
     @property
     def own_writes(self) -> bool:
         """The map holds writes this server accepted as active, after
-        ``branch`` (so it hands them over if it finds a peer active)."""
-        return self.role is Role.ACTIVE or self._restored_active
+        ``branch`` (so it hands them over if it finds a peer active): it
+        is active, or was when it stopped, or still hands them over."""
+        return (
+            self.role is Role.ACTIVE
+            or self._restored_active
+            or (
+                (self._handoff is not None or self.pending.relaying)
+                and self.map is self._handed_map
+            )
+        )
 
     @property
     def map_history(self) -> str | None:
@@ -853,6 +863,7 @@ class ServerCore:
         ):
             bound = max(bound, claim.branch)
         tombstones, self._tombstones = self._tombstones, OrderedDict()
+        self._handed_map = self.map  # (kept as its own until a resync)
         why = (
             "restarted, the peer active"
             if restarted
