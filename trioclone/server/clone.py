@@ -4,9 +4,11 @@ Sockets and the tasks every role needs live as long as the server: the
 collector (client KVSETs), the snapshot socket (ICANHAZ, which are also the
 Binary Star votes), the Binary Star heartbeat sender and peer listener, the
 listener for the peer's HUGZ (its claims) and the publisher (one owner,
-gated).  A timer task drives the core's timeouts; a work task runs its
-long work (a takeover, catching up a backlog, a hand-over) in bounded
-steps with a schedule point between them, so heartbeats are never late.
+gated; what its subscribers send it is read at least once a HUGZ
+interval, in every role).  A timer task drives the core's timeouts; a
+work task runs its long work (a takeover, catching up a backlog, a
+hand-over) in bounded steps with a schedule point between them, so
+heartbeats are never late.
 
 Work that belongs to one role runs in a role scope that the supervisor
 cancels and starts again on every role change:
@@ -159,6 +161,7 @@ class CloneServer:
                 nursery.start_soon(self._timers)
                 nursery.start_soon(self._work)
                 nursery.start_soon(self._report, s.status_interval)
+                nursery.start_soon(self._tend_publisher, s.hugz_interval)
                 log.info("%s listening: %s", s.name, s.bind)
                 task_status.started(self)
         raise AssertionError("the server's tasks never return")
@@ -484,6 +487,17 @@ class CloneServer:
                     self.core.on_peer_hugz(frames, now)
                 except RemoteProtocolError as exc:
                     self._reject("peer's HUGZ", exc)
+
+    async def _tend_publisher(self, interval: float) -> NoReturn:
+        """Read what subscribers send the publisher at least once an
+        interval, in every role.  The active does so before each HUGZ and
+        each batch it publishes; a passive publishes nothing, and libzmq
+        queues what subscribers send, and frees the connections that went
+        away, only when the socket is used: unread, each connection made to
+        a passive would stay in its memory with all it sent."""
+        while True:
+            await trio.sleep(interval)
+            self.publisher.admit()
 
     async def _report(self, interval: float) -> NoReturn:
         while True:
