@@ -1,4 +1,4 @@
-"""What a stranger can make a server hold, found by live fuzzing
+"""What a stranger can make a server hold or spend, found by live fuzzing
 (``test_fuzz_live.py``), each as its smallest case against real processes.
 
 * A passive did not read its publisher: every connection a subscriber made
@@ -8,10 +8,13 @@
   subtree heartbeats, and nothing forgets it if its client never
   subscribes: the heartbeats go to every whole-map subscriber once a HUGZ
   interval, for ever, as large as the subtree the stranger named.
+* libzmq does the work of a subscription in the server's event loop, about
+  0.2 s a megabyte: a few large ones stop its heartbeats.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -29,7 +32,9 @@ from tests.integration.procs import (
     start_standalone,
     tcp,
     wait_snapshot,
+    zmq_context,
 )
+from tests.integration.test_fuzz_live import raw_xsub
 
 pytestmark = pytest.mark.slow
 Context = zmq.Context[zmq.Socket[bytes]]
@@ -124,3 +129,35 @@ def test_heartbeats_for_a_subtree_nobody_subscribed_to_stop(
         f"3 s after their only client left, the server still sends heartbeats "
         f"for {len(seen)} subtrees nobody subscribed to: {size:,} bytes in 1 s"
     )
+
+
+def test_large_subscriptions_do_not_stall_the_server(procs: Processes) -> None:
+    """A stranger sends the publisher (an XSUB's subscriptions) four
+    subscriptions of 1 MB, then goes away.  libzmq does the work of each
+    (a node per byte, made and then freed) in the socket's thread: the
+    server's event loop, about 0.2 s a megabyte here.  Live fuzzing met
+    several in a row: HUGZ and Binary Star heartbeats stopped for over 2 s,
+    the backup took a client's vote for one while the primary lived, and
+    the pair went dual active.  Here: HUGZ every 0.1 s must not stop for
+    more than 0.5 s.  Fails today (about 0.9 s)."""
+    server = start_standalone(procs, "--hugz", "0.1")
+    assert server.port is not None
+    port = server.port
+    with zmq_context() as ctx:
+        wait_snapshot(ctx, port)
+        watcher = open_socket(ctx, zmq.SUB, [port + 1], [HUGZ])
+        assert recv(watcher, 2.0) is not None
+        stranger = threading.Thread(
+            target=raw_xsub,
+            args=(port + 1, [[b"\x01" + bytes([n]) * 1_000_000] for n in range(4)]),
+        )
+        stranger.start()
+        longest, last = 0.0, time.monotonic()
+        deadline = last + 4.0
+        while (frames := recv(watcher, deadline - time.monotonic())) is not None:
+            now = time.monotonic()
+            if frames[0] == HUGZ:
+                longest, last = max(longest, now - last), now
+        stranger.join(5.0)
+    assert server.alive
+    assert longest < 0.5, f"no HUGZ for {longest:.2f} s (every 0.1 s)"
