@@ -43,8 +43,9 @@ A server with base port P and Binary Star state port S:
   libzmq hands up all but subscriptions to a prefix already subscribed
   (and unsubscriptions while others remain), and the server reads each as
   a subscription.  Fuzzed with XSUB messages:
-  subscriptions (prefixes up to 1 MB), unsubscriptions, other bytes,
-  several frames.
+  subscriptions (prefixes up to 1 MB: the server disconnects a subscriber
+  that sends one over 64 KB), unsubscriptions, other bytes, several
+  frames.
 * P+2, the collector SUB (bound): any PUB.  Fuzzed with KVSETs that break
   each rule (frame count, empty or reserved key, sequence and UUID sizes,
   properties: not UTF-8, no ``=``, no name, huge, ``ttl`` nan, negative,

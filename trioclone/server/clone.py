@@ -58,6 +58,11 @@ PUMP = 1024  # snapshot messages sent, over all clients, per schedule point
 SNAPSHOT_HWM = 10_000
 MAX_TRANSFERS = 256  # snapshot replies in progress at once
 MAX_QUEUED = 10_000  # snapshot requests waiting for one
+#: The largest message a subscriber may send the publisher or the Binary
+#: Star heartbeat PUB (a subscription is one): libzmq does a subscription's
+#: work, a trie node per byte, in the server's event loop (about 0.2 s a
+#: megabyte); a subscriber that sends a larger one is disconnected.
+MAX_SUBSCRIPTION = 65_536
 
 Context = zmq.Context[zmq.Socket[bytes]]
 
@@ -138,7 +143,10 @@ class CloneServer:
                 sockets.open(
                     zmq.XPUB,
                     bind=[s.bind.publisher],
-                    options=[(zmq.SNDHWM, s.publisher_hwm)],
+                    options=[
+                        (zmq.SNDHWM, s.publisher_hwm),
+                        (zmq.MAXMSGSIZE, MAX_SUBSCRIPTION),
+                    ],
                 ),
                 core.subtrees,
                 self._reject,
@@ -172,7 +180,11 @@ class CloneServer:
         self.core.bstar = BinaryStar(
             pair.primary, now, pair.heartbeat, pair.expiry_heartbeats
         )
-        self._state_sock = sockets.open(zmq.PUB, bind=[pair.state_bind])
+        self._state_sock = sockets.open(
+            zmq.PUB,
+            bind=[pair.state_bind],
+            options=[(zmq.MAXMSGSIZE, MAX_SUBSCRIPTION)],
+        )
         peer_states = sockets.open(zmq.SUB, connect=[pair.state_peer], subscribe=[b""])
         claims = sockets.open(
             zmq.SUB, connect=[pair.peer.publisher], subscribe=[b"HUGZ"]
