@@ -627,7 +627,7 @@ class ServerCore:
     def kthxbai(self, subtree: bytes) -> Frames:
         props = {LINEAGE: self.lineage or ""}
         if subtree != HISTORY:
-            self.subtrees.track(subtree)
+            self.subtrees.track(subtree, snapshot=True)
         count = self.subtrees.counts.get(subtree)
         if count is not None:  # where the client counts its heartbeats from
             props[COUNT] = str(count)
