@@ -88,10 +88,12 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import hashlib
 import itertools
 import os
 import random
 import socket
+import sqlite3
 import struct
 import time
 import uuid as uuidlib
@@ -150,11 +152,42 @@ Context = zmq.Context[zmq.Socket[bytes]]
 Frames = list[bytes]
 
 
-def data_dir_digest(path: Path) -> str | None:
-    """A digest of a server's data folder, or None while there is none to
-    take.  Filled in once servers keep a durable map there: the last test
-    then checks that rejected input leaves the folder unchanged."""
-    return None
+def data_dir_digest(data_home: Path, role: str) -> str:
+    """A digest of what the server ``role`` keeps in its data folder (under
+    ``data_home``, its XDG_DATA_HOME), read as another process would: the
+    map's lineage, sequence, branch and history, every key's record and
+    deadline, and the window's UUIDs (not which table set holds them, nor
+    the times a resync of the same map writes again)."""
+    (path,) = data_home.glob(f"trioclone/{role}-*/map.sqlite3")
+    digest = hashlib.sha256()
+    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+        current, *meta = db.execute(
+            "SELECT current, lineage, sequence, branch, history FROM meta"
+        ).fetchone()
+        digest.update(repr(meta).encode())
+        for row in db.execute(f"SELECT * FROM kv{current} ORDER BY key"):
+            digest.update(repr(row).encode())
+        uuids = b"".join(
+            r[0] for r in db.execute(f"SELECT uuids FROM applied{current}")
+        )
+        window = sorted({uuids[i : i + 16] for i in range(0, len(uuids), 16)})
+        digest.update(b"".join(window))
+    return digest.hexdigest()
+
+
+def settled_digests(live: Live, timeout: float = 10.0) -> dict[str, str]:
+    """Each server's ``data_dir_digest`` once the passive has committed
+    all the active has (it mirrors asynchronously): two reads in a row
+    that agree."""
+    deadline = time.monotonic() + timeout
+    last: dict[str, str] = {}
+    while time.monotonic() < deadline:
+        now = {name: data_dir_digest(live.data_home, name) for name in live.procs}
+        if now == last:
+            return now
+        last = now
+        time.sleep(1.0)
+    raise TimeoutError("the data folders kept changing with no valid writes")
 
 
 # -- large frames, drawn small -------------------------------------------------
@@ -978,13 +1011,11 @@ def _send_and_close(conn: socket.socket, payload: bytes, timeout: float) -> None
 def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     """The pair, started once for the module, under a hard time limit."""
     logs = tmp_path_factory.mktemp("fuzz-logs")
-    data_home = tmp_path_factory.mktemp("fuzz-data")
+    data_home = logs / "data"  # (Processes gives servers their data folders there)
     with contextlib.ExitStack() as stack:
         stack.enter_context(time_limit(TIME_LIMIT))
-        # The servers' data folders (the autouse per-test one is not set yet
-        # when a module's fixture starts them); see data_dir_digest.
-        patch = stack.enter_context(pytest.MonkeyPatch.context())
-        patch.setenv("XDG_DATA_HOME", str(data_home))
+        # The servers' data folders are under the log folder (Processes'
+        # XDG_DATA_HOME); see data_dir_digest.
         procs = stack.enter_context(Processes(logs))
         pair = Pair(procs, ("--status-interval", "1"))
         try:
@@ -1053,9 +1084,9 @@ def test_after_the_fuzz_the_logs_are_clean_and_the_passive_takes_over_the_map(
     live: Live,
 ) -> None:
     """Last in the module: it kills the primary."""
-    digests = {name: data_dir_digest(live.data_home / name) for name in live.procs}
+    digests = settled_digests(live)
     fixed_garbage_on_every_socket(live)
-    after = {name: data_dir_digest(live.data_home / name) for name in live.procs}
+    after = {name: data_dir_digest(live.data_home, name) for name in live.procs}
     assert after == digests, "rejected input changed a data folder"
     live.check()
 
