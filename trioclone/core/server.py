@@ -114,9 +114,9 @@ RULE_WINDOW = (
     "a window hand-over comes from the peer of a pair's active, for its map "
     f"or the peer's, with at most {HISTORY_BATCH} UUIDs"
 )
-#: A hand-over property: this write, made by a server before it was killed,
-#: yields to a write the receiver made after the sequence it holds (the
-#: maps forked there, and the receiver took over after the sender died).
+#: A hand-over property: this write was made by a server before it was
+#: killed, in an active period that began at the branch it holds; it yields
+#: to what the receiver wrote in an active period that began later.
 FORK = "fork"
 RULE_EXPIRED = "a hand-over's expired or fork names the sequence where the maps forked"
 
@@ -254,7 +254,7 @@ class ServerCore:
         #: Why this server must stop: its map on disk is not its peer's.
         self.conflict: str | None = None
         self._restored_history: str | None = None
-        #: The map's sequence when this active period began.
+        #: The map's sequence when this process's active period began.
         self._active_base = 0
         #: The map whose writes the last step-down hands over.
         self._handed_map: ServerMap | None = None
@@ -507,18 +507,21 @@ class ServerCore:
                 raise RemoteProtocolError(RULE_EXPIRED, expired) from None
             restart = EXPIRED not in msg.properties
             if restart:
-                # a restart's: ours win only if written in our current
-                # active period (a map we served before, restored, holds
-                # writes older than the peer's, made once we had stopped)
-                fork = max(fork, self._active_base)
+                # A restart's ``fork`` is the branch its sender's active
+                # period began at.  If ours began later (we took over from
+                # its map, after its writes there), what we wrote since is
+                # newer.  If earlier (it took over from ours, once we had
+                # stopped), only what we wrote since this process took over
+                # again, after its restart, is newer.
+                fork = self.branch if fork < self.branch else self._active_base
             if msg.properties[LINEAGE] == self.lineage and self._written_since(
                 msg.key, fork, restart=restart
             ):
                 # Written (or deleted) here after the maps forked, by a write
                 # the peer did not replace (its window, handed over first,
                 # would say so): newer than the expiry, or than the write of
-                # a server that was killed before our active period began,
-                # so it stays; the write handed over is still one that was
+                # a server whose active period ended before ours began, so
+                # it stays; the write handed over is still one that was
                 # applied (a late copy of it is a repeat).
                 self.stats["handoff_superseded"] += 1
                 self.applied.add(msg.uuid, now)
@@ -944,7 +947,13 @@ class ServerCore:
         self._handoff_held_at = claim.sequence if claim is not None else 2**63 - 1
         self._hand_over_window(now, {uuid for _, uuid, _ in tombstones.values()})
         self._handoff = _handoff_frames(
-            self.store, tombstones, bound, self.lineage or "", now, fork=restarted
+            self.store,
+            tombstones,
+            bound,
+            self.lineage or "",
+            now,
+            fork=restarted,
+            branch=self.branch,
         )
 
     def _handoff_step(self, now: float, limit: int) -> None:
@@ -1012,14 +1021,16 @@ def _handoff_frames(
     now: float,
     *,
     fork: bool = False,
+    branch: int = 0,
 ) -> Iterator[tuple[Frames, Frames] | None]:
     """Every client write newer than ``bound`` (values, then deletes), as the
     client wrote it and as handed over (our sequence, our ``lineage``, and
-    with ``fork`` the bound, where each yields to the peer's writes); None
-    for each record passed over, so a step counts it."""
+    with ``fork`` our ``branch``, where our active period began: each
+    yields to the peer's writes if its period began later); None for each
+    record passed over, so a step counts it."""
     zero = bytes(8)
     stamp = encode_properties(
-        {LINEAGE: lineage, **({FORK: str(bound)} if fork else {})}
+        {LINEAGE: lineage, **({FORK: str(branch)} if fork else {})}
     )
     for key in store.keys(b""):
         msg = store.get(key, now) if store.sequence_of(key) > bound else None
