@@ -36,7 +36,7 @@ def test_a_seed_replays_exactly() -> None:
 # Each known bug, put back (tests/sim/mutants.py), and the first seed that
 # catches it: python tools/sim.py --seeds 1000 --mutant NAME --stop (since
 # servers keep their maps on disk, confirmed-before-live is first caught at
-# 782).
+# 781).
 CAUGHT = {
     # bugs that the issue "Nothing lost, nothing stale, nothing twice" fixed
     "backlog-dropped": 251,  # case 1
@@ -44,7 +44,7 @@ CAUGHT = {
     "window-ignored": 0,  # case 3
     "subtree-gaps-ignored": 67,  # case 4
     "split-writes-discarded": 183,  # case 6
-    "confirmed-before-live": 782,  # the replica core's confirmation rule
+    "confirmed-before-live": 781,  # the replica core's confirmation rule
     # bugs the simulation found (the seed is each one's regression test; the
     # fixes of three more, found in earlier versions of the schedule, are not
     # caught within 500 seeds now and have core tests instead:
