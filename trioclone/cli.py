@@ -8,6 +8,7 @@ import signal
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import trio
 import zmq
@@ -23,7 +24,9 @@ from trioclone.cli_client import (
 )
 from trioclone.errors import ConfigError
 from trioclone.server.clone import CloneServer
+from trioclone.server.datadir import DataDirError, default_folder
 from trioclone.server.settings import (
+    FSYNC_MODES,
     ServerSettings,
     check_ports_apart,
     default,
@@ -162,6 +165,33 @@ def add_serve(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     serve.add_argument(
         "--peer-state-port", type=port, help="the peer's Binary Star port"
     )
+    durable = serve.add_mutually_exclusive_group()
+    durable.add_argument(
+        "--data-dir",
+        type=Path,
+        help="the folder that keeps the map across restarts (default: "
+        "$XDG_DATA_HOME/trioclone/ROLE-PORT, or ~/.local/share/...; with "
+        "--pair, a folder per server inside it)",
+    )
+    durable.add_argument(
+        "--in-memory",
+        action="store_true",
+        help="keep the map in memory only: it is lost when both servers stop",
+    )
+    serve.add_argument(
+        "--fsync",
+        choices=FSYNC_MODES,
+        default="always",
+        help="always: each commit waits for the disk, nothing published is "
+        "lost by a power cut; interval: synced once a second; off: when the "
+        "OS likes (default %(default)s; a killed process loses nothing in any mode)",
+    )
+    serve.add_argument(
+        "--reset-data",
+        action="store_true",
+        help="delete the map kept in the data folder and start empty "
+        "(with --pair: at the first start only)",
+    )
     for option, (setting, kind, text) in SETTINGS_OPTIONS.items():
         serve.add_argument(
             option,
@@ -192,7 +222,23 @@ def run_serve(args: argparse.Namespace) -> int:
         for exc in group.exceptions:
             log.error("cannot start the %s server: %s", role, exc)
         failed = True
+    except* DataDirError as kept:  # its map on disk cannot be used
+        for problem in kept.exceptions:
+            log.error("the %s server stops: %s", role, problem)
+        failed = True
     return 1 if failed else 0
+
+
+def data_dir(args: argparse.Namespace, role: str, port: int) -> str | None:
+    """Where ``role``'s map is kept: None with ``--in-memory``; with
+    ``--pair``, a folder per server inside ``--data-dir``."""
+    if args.in_memory:
+        return None
+    if args.data_dir is None:
+        return str(default_folder(role, port))
+    if args.pair:
+        return str(Path(args.data_dir) / f"{role}-{port}")
+    return str(args.data_dir)
 
 
 def server_settings(
@@ -205,9 +251,13 @@ def server_settings(
     state_port: int | None,
     peer_state_port: int | None,
 ) -> ServerSettings:
+    own_port = port if port is not None else default_ports(role)[0]
     return pair_settings(
         role,
         port=port,
+        data_dir=data_dir(args, role, own_port),
+        fsync=args.fsync,
+        reset_data=args.reset_data,
         bind_host=args.bind,
         peer_host=peer_host,
         peer_port=peer_port,
@@ -274,9 +324,11 @@ def local_pair_commands(args: argparse.Namespace) -> dict[str, list[str]]:
     )
     # The servers reach each other at the address they bind, or at localhost.
     peer_host = "localhost" if args.bind in ("*", "0.0.0.0") else args.bind
-    shared: list[str] = []
+    shared: list[str] = ["--fsync", args.fsync]
     for option in SETTINGS_OPTIONS:
         shared += [option, repr(getattr(args, _dest(option)))]
+    if args.reset_data:
+        shared.append("--reset-data")
     commands = {}
     for role, own, peer in (("primary", primary, backup), ("backup", backup, primary)):
         server_settings(  # the child would refuse these too, after we started it
@@ -309,6 +361,11 @@ def local_pair_commands(args: argparse.Namespace) -> dict[str, list[str]]:
             str(own.state_port),
             "--peer-state-port",
             str(peer.state_port),
+            *(
+                ["--in-memory"]
+                if args.in_memory
+                else ["--data-dir", data_dir(args, role, own.port) or ""]
+            ),
             *shared,
         ]
     return commands
@@ -372,6 +429,8 @@ class Supervisor:
         while True:
             started = trio.current_time()
             pid, status = await self._run_once(name, command)
+            # a restart keeps the map the first run made
+            command = [arg for arg in command if arg != "--reset-data"]
             ran = trio.current_time() - started
             supervisor_log.warning(
                 "the %s server (pid %d) %s after %.1f s",

@@ -1,4 +1,4 @@
-"""Client commands: ``trioclone get|set|del|watch|dump``."""
+"""Client commands: ``trioclone get|set|del|watch|dump|load``."""
 
 from __future__ import annotations
 
@@ -7,12 +7,20 @@ import base64
 import json
 import sys
 from collections.abc import Callable, Coroutine
+from pathlib import Path
 from typing import Any, TypeVar
 
 import trio
 
 from trioclone.client.agent import DEFAULT_SERVERS, CloneClient, open_client
-from trioclone.client.events import CloneEvent, DeleteEvent, ResyncEvent, SetEvent
+from trioclone.client.events import (
+    CloneEvent,
+    DeleteEvent,
+    ResyncEvent,
+    SetEvent,
+    key_bytes,
+)
+from trioclone.core.chp import is_reserved
 from trioclone.core.client import ClientTimings
 from trioclone.endpoints import Endpoints, check_port
 from trioclone.errors import ConfigError, LocalProtocolError, WriteTimeoutError
@@ -56,6 +64,23 @@ def add_client_commands(
     delete = commands.add_parser("del", parents=[common], help="delete a key")
     delete.add_argument("key")
     delete.set_defaults(run=client_command(do_del, subtree="key"))
+    load = commands.add_parser(
+        "load",
+        parents=[common],
+        help="write every key of a 'dump --json' file, each confirmed",
+        description="Write every key of FILE (the output of 'trioclone dump "
+        '--json\': an object of key -> text, or {"base64": ...}) through the '
+        "servers' normal path, each write confirmed. The whole file is checked "
+        "before anything is written.",
+    )
+    load.add_argument("file", type=Path, help="the JSON file ('-' for stdin)")
+    load.add_argument(
+        "--window",
+        type=count,
+        default=1000,
+        help="writes awaiting confirmation at once (default %(default)s)",
+    )
+    load.set_defaults(run=run_load)
     for name, handler, text in (
         ("watch", do_watch, "print changes as they happen (Ctrl-C stops)"),
         ("dump", do_dump, "print every key and value"),
@@ -216,6 +241,79 @@ async def do_dump(clone: CloneClient, args: argparse.Namespace) -> int:
     else:
         for key, value in items:
             print(f"{key}={show(value)}")
+    return 0
+
+
+class LoadFileError(Exception):
+    """A file that ``trioclone load`` refuses (nothing is written)."""
+
+
+def read_dump(path: Path) -> dict[str, bytes]:
+    """The keys and values of a ``dump --json`` file, every one checked."""
+    try:
+        text = sys.stdin.read() if str(path) == "-" else path.read_text()
+        data = json.loads(text)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise LoadFileError(f"{path}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise LoadFileError(f"{path}: not a JSON object of key -> value")
+    entries: dict[str, bytes] = {}
+    for key, value in data.items():
+        where = f"{path}: key {key!r}"
+        if isinstance(value, str):
+            body = value.encode()
+        elif isinstance(value, dict) and set(value) == {"base64"}:
+            try:
+                body = base64.b64decode(value["base64"], validate=True)
+            except (TypeError, ValueError) as exc:
+                raise LoadFileError(f"{where}: bad base64 ({exc})") from None
+        else:
+            raise LoadFileError(f'{where}: a value is text or {{"base64": ...}}')
+        if not body:
+            raise LoadFileError(f"{where}: an empty value (a delete)")
+        if not key or is_reserved(key_bytes(key)):
+            raise LoadFileError(f"{where}: not a key a client may write")
+        entries[key] = body
+    return entries
+
+
+def run_load(args: argparse.Namespace) -> int:
+    try:
+        args.entries = read_dump(args.file)
+    except LoadFileError as exc:
+        print(f"trioclone: {exc}; nothing was written", file=sys.stderr)
+        return 2
+    args.subtree = ""  # confirmations come from the whole map
+    return client_command(do_load, subtree="subtree")(args)
+
+
+async def do_load(clone: CloneClient, args: argparse.Namespace) -> int:
+    """Every entry, ``args.window`` writes in flight at a time."""
+    entries: dict[str, bytes] = args.entries
+    window = trio.Semaphore(args.window)
+    failed: list[str] = []
+
+    async def write(key: str, body: bytes) -> None:
+        try:
+            await clone.set(key, body, timeout=args.timeout)
+        except WriteTimeoutError:
+            failed.append(key)
+        finally:
+            window.release()
+
+    async with trio.open_nursery() as nursery:
+        for key, body in entries.items():
+            await window.acquire()
+            nursery.start_soon(write, key, body)
+    if failed:
+        print(
+            f"trioclone: {len(failed)} of {len(entries)} writes not confirmed "
+            f"within {args.timeout:g} s (they may still have been applied), "
+            f"first: {sorted(failed)[0]!r}",
+            file=sys.stderr,
+        )
+        return EXIT_NOT_CONFIRMED
+    print(f"ok, {len(entries)} keys written")
     return 0
 
 

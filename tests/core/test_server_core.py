@@ -1111,7 +1111,7 @@ def test_an_expiry_hand_over_spares_a_write_made_on_the_winner_after_the_fork() 
     assert primary.collect(kvset(b"/k", b"newer", _uuid(44)), 14.0) is not None
     heal(primary, backup, 20.0)
     assert primary.store.get(b"/k").body == b"newer"
-    assert primary.stats["handoff_expiry_superseded"] == 1
+    assert primary.stats["handoff_superseded"] == 1
 
 
 @pytest.mark.parametrize("where", ["standalone", "passive", "other lineage", "too big"])

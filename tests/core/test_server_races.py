@@ -142,6 +142,6 @@ def test_a_late_copy_of_an_expired_write_spared_at_the_winner_is_a_repeat() -> N
     run(backup, 20.0)
     for frames in backup.relays:
         primary.collect(frames, 20.1)
-    assert primary.stats["handoff_expiry_superseded"] == 1
+    assert primary.stats["handoff_superseded"] == 1
     primary.collect(brief, 21.0)  # the late copy
     assert primary.store.get(b"/k").body == b"newer"

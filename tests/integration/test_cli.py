@@ -39,6 +39,7 @@ from tests.integration.procs import (
 from trioclone import ClientClosedError, DeleteEvent, NoServerError, SetEvent
 from trioclone.cli import build_parser, local_pair_commands, main, server_settings
 from trioclone.endpoints import Endpoints
+from trioclone.server.datadir import default_folder
 from trioclone.server.settings import pair_settings
 
 RUN_TIMEOUT = 30.0  # seconds any one CLI command may take
@@ -714,8 +715,12 @@ def test_serve_defaults_are_the_settings_defaults(role: str) -> None:
     ports = {"port": None, "peer_port": None}
     states = {"state_port": None, "peer_state_port": None}
     settings = server_settings(args, role, peer_host="h", **ports, **states)
-    assert settings == pair_settings(role, peer_host="h")
-    assert settings.bind == Endpoints.tcp("*", 5556 if role == "primary" else 5566)
+    port = 5556 if role == "primary" else 5566
+    # the command line keeps the map on disk by default (a library server
+    # made from settings keeps it in memory unless given a folder)
+    kept = str(default_folder(role, port))
+    assert settings == pair_settings(role, peer_host="h", data_dir=kept)
+    assert settings.bind == Endpoints.tcp("*", port)
 
 
 def test_serve_pair_defaults_are_the_guides() -> None:

@@ -152,7 +152,8 @@ def test_clients_notice_a_server_that_restarted_with_a_new_map(
         before = clone.sequence
 
         procs.kill(first)
-        start_standalone(procs, "--hugz", "0.3", port=port)
+        # a new map at the same address: its map on disk deleted
+        start_standalone(procs, "--hugz", "0.3", "--reset-data", port=port)
         wait_snapshot(ctx, port)
         writer = ChpClient(ctx, port)
         writer.probe()

@@ -30,7 +30,9 @@ BUCKET = 1.0
 class Applied:
     """UUIDs of writes replaced within the last ``horizon`` seconds."""
 
-    def __init__(self, horizon: float = 120.0, limit: int = 1_000_000) -> None:
+    def __init__(
+        self, horizon: float = 120.0, limit: int = 1_000_000, *, journal: bool = False
+    ) -> None:
         self.horizon = horizon
         self.limit = limit
         self.retain = False
@@ -40,6 +42,9 @@ class Applied:
         self._order: deque[bytes] = deque()
         # (time of the bucket's first UUID, how many UUIDs it holds), oldest first
         self._buckets: deque[list[float | int]] = deque()
+        #: ``(uuid, when)`` added since the durable copy last took them (or
+        #: None); it drops what is older than ``oldest`` by itself.
+        self.journal: list[tuple[bytes, float]] | None = [] if journal else None
 
     def __len__(self) -> int:
         return len(self._uuids)
@@ -53,6 +58,8 @@ class Applied:
             return
         self._uuids.add(uuid)
         self._order.append(uuid)
+        if self.journal is not None:
+            self.journal.append((uuid, now))
         buckets = self._buckets
         last = buckets[-1] if buckets else None  # the newest bucket
         if last is not None and now - last[0] < BUCKET:
@@ -63,6 +70,12 @@ class Applied:
         if len(self._order) > self.limit:
             self._pop(1)
             self.evicted_early += 1
+
+    @property
+    def oldest(self) -> float | None:
+        """When the oldest UUID held was added (to its bucket's precision)."""
+        buckets = self._buckets
+        return float(buckets[0][0]) if buckets else None
 
     def evict(self, now: float, limit: int = 65_536) -> None:
         """Forget UUIDs that went more than ``horizon`` seconds ago (at most

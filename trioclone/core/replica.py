@@ -272,6 +272,11 @@ class Replica(Generic[M]):
         return self.stats["syncs"] > 0
 
     @property
+    def incoming(self) -> M | None:
+        """The map a snapshot in progress is building, if any."""
+        return self._incoming
+
+    @property
     def busy(self) -> bool:
         """``catch_up`` has work: a backlog to apply, or updates to confirm."""
         return self._catching_up or bool(self._to_confirm)

@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import math
 import uuid as uuidlib
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Iterator, Sequence
@@ -113,7 +114,11 @@ RULE_WINDOW = (
     "a window hand-over comes from the peer of a pair's active, for its map "
     f"or the peer's, with at most {HISTORY_BATCH} UUIDs"
 )
-RULE_EXPIRED = "an expiry hand-over names the sequence where the maps forked"
+#: A hand-over property: this write, made by a server before it was killed,
+#: yields to a write the receiver made after the sequence it holds (the
+#: maps forked there, and the receiver took over after the sender died).
+FORK = "fork"
+RULE_EXPIRED = "a hand-over's expired or fork names the sequence where the maps forked"
 
 
 class Role(enum.Enum):
@@ -203,10 +208,16 @@ class ServerCore:
         backlog_limit: int = 1_000_000,
         replica_timings: Timings | None = None,
         new_lineage: Callable[[], str] = random_lineage,
+        journal: bool = False,
     ) -> None:
         self.bstar = bstar
+        #: Maps note what changes, for a durable copy (server/datadir.py).
+        self.journal = journal
         #: The map served (active) or the last complete copy (passive).
-        self.map = ServerMap(Store(), Applied(applied_horizon, applied_limit))
+        self.map = ServerMap(
+            Store(journal=journal),
+            Applied(applied_horizon, applied_limit, journal=journal),
+        )
         self.pending = Pending(pending_size, pending_age)
         self.subtrees = Subtrees(sequence=lambda: self.store.sequence)
         self.backlog_limit = backlog_limit
@@ -234,6 +245,12 @@ class ServerCore:
         self._tombstones: OrderedDict[bytes, tuple[int, bytes, bool]] = OrderedDict()
         self._following_since: float | None = None
         self._housekeeping_at = 0.0
+        #: The map was loaded from disk and neither synced nor served since.
+        self.restored = False
+        #: ... and this server was its active when it stopped.
+        self._restored_active = False
+        #: Why this server must stop: its map on disk is not its peer's.
+        self.conflict: str | None = None
 
     # -- state ----------------------------------------------------------------
 
@@ -273,6 +290,35 @@ class ServerCore:
             or self._sweep is not None
             or (replica is not None and replica.busy)
         )
+
+    @property
+    def incoming(self) -> ServerMap | None:
+        """A map being built to replace ``map`` (the passive's sync): a
+        durable copy writes it ahead, so the swap is cheap."""
+        replica = self.replica
+        if replica is None and self._takeover is not None:
+            replica = self._takeover.replica
+        incoming = None if replica is None else replica.incoming
+        return None if incoming is self.map else incoming
+
+    @property
+    def own_writes(self) -> bool:
+        """The map holds writes this server accepted as active, after
+        ``branch`` (so it hands them over if it finds a peer active)."""
+        return self.role is Role.ACTIVE or self._restored_active
+
+    def restore(self, lineage: str, branch: int, active: bool) -> None:
+        """The map (``store`` and ``applied``) was loaded from disk: its
+        lineage, and whether this server was its active (its own writes
+        are those after ``branch``) or a passive (everything came from the
+        peer) when it stopped."""
+        self.lineage = lineage
+        self.fresh = False
+        self.branch = branch if active else self.store.sequence
+        self.restored = True
+        self._restored_active = active
+        if active:
+            self._active_since = -math.inf  # its whole window is its own
 
     def start(self, now: float) -> None:
         """A standalone server founds its map and is active from now."""
@@ -405,30 +451,40 @@ class ServerCore:
         if msg.properties[LINEAGE] == self.lineage and msg.sequence <= self.branch:
             self.stats["handoff_known"] += 1  # it came to us from the peer
             return None
-        expired = msg.properties.get(EXPIRED)
+        expired = msg.properties.get(EXPIRED, msg.properties.get(FORK))
         if expired is not None:
             try:
                 fork = int(expired)
             except ValueError:
                 raise RemoteProtocolError(RULE_EXPIRED, expired) from None
-            store = self.store
-            if (
-                msg.properties[LINEAGE] == self.lineage
-                and store.sequence_of(msg.key) > fork
-                and store.uuid_of(msg.key) not in self.applied
+            if msg.properties[LINEAGE] == self.lineage and self._written_since(
+                msg.key, fork
             ):
-                # Written here after the maps forked, by a write the peer did
-                # not replace (its window, handed over first, would say so):
-                # newer than the expiry, so it stays; the expired write is
-                # still one that was applied (a late copy of it is a repeat).
-                self.stats["handoff_expiry_superseded"] += 1
+                # Written (or deleted) here after the maps forked, by a write
+                # the peer did not replace (its window, handed over first,
+                # would say so): newer than the expiry, or than the write of
+                # a server that was killed before we took over, so it stays;
+                # the write handed over is still one that was applied (a
+                # late copy of it is a repeat).
+                self.stats["handoff_superseded"] += 1
                 self.applied.add(msg.uuid, now)
                 return None
         self.stats["handoff_received"] += 1
-        props = {k: v for k, v in msg.properties.items() if k not in (LINEAGE, EXPIRED)}
+        props = {
+            k: v for k, v in msg.properties.items() if k not in (LINEAGE, EXPIRED, FORK)
+        }
         encoded = encode_properties(props) if props else b""
         plain = msg._replace(sequence=0, properties=props)
         return plain, [msg.key, bytes(8), msg.uuid, encoded, msg.body]
+
+    def _written_since(self, key: bytes, fork: int) -> bool:
+        """``key`` was written or deleted here after sequence ``fork``, by a
+        write that is not in our window of replaced ones."""
+        store = self.store
+        tombstone = self._tombstones.get(key)
+        if tombstone is not None and tombstone[0] > fork:
+            return tombstone[1] not in self.applied
+        return store.sequence_of(key) > fork and store.uuid_of(key) not in self.applied
 
     def _window_handed_over(self, msg: KVMsg, now: float) -> None:
         """Writes the peer applied and replaced while both were active: a
@@ -609,6 +665,7 @@ class ServerCore:
         if self.role is Role.ACTIVE:
             return
         self.role = Role.ACTIVE
+        self.restored = self._restored_active = False
         self._active_since = now
         self.subtrees.clear()
         replica, self.replica = self.replica, None
@@ -624,6 +681,9 @@ class ServerCore:
     def _become_passive(self, now: float) -> None:
         if self.role is Role.ACTIVE:
             self._start_handoff(now)
+        elif self._restored_active:
+            self._start_handoff(now, restarted=True)
+        self._restored_active = False
         self.role = Role.PASSIVE
         self._takeover = None
         self.subtrees.clear()
@@ -664,7 +724,7 @@ class ServerCore:
     def _replica_synced(self, replica: Mirror) -> None:
         """The passive's replica has a fresh copy of the active's map."""
         self._adopt(replica)
-        self.fresh = False
+        self.fresh = self.restored = False
         self._sweep = iter(self.pending.uuids())  # matched a step at a time
 
     def _take_over_map(self, replica: Mirror) -> None:
@@ -675,6 +735,15 @@ class ServerCore:
         if replica.synced_once:
             self.fresh = False
             self.branch = self.store.sequence
+        elif self.restored:
+            self.notices.append(
+                (
+                    logging.WARNING,
+                    "taking over with the map kept on disk "
+                    f"({len(self.store)} keys, sequence {self.store.sequence}) "
+                    "and what arrived since: no complete snapshot from the peer",
+                )
+            )
         else:
             self.stats["unsynced_takeovers"] += 1
             self.notices.append(
@@ -755,8 +824,11 @@ class ServerCore:
 
     # -- a split that heals ----------------------------------------------------
 
-    def _start_handoff(self, now: float) -> None:
-        """Stepping down from ACTIVE: give the peer what we accepted."""
+    def _start_handoff(self, now: float, *, restarted: bool = False) -> None:
+        """Stepping down from ACTIVE (or finding the peer active after a
+        restart, holding a map we served): give the peer what we accepted.
+        After a restart, each write yields to one the peer made after the
+        fork: the peer took over once we had stopped, so after our writes."""
         bound = self.branch
         claim = self.peer_claim
         if (
@@ -766,11 +838,16 @@ class ServerCore:
         ):
             bound = max(bound, claim.branch)
         tombstones, self._tombstones = self._tombstones, OrderedDict()
+        why = (
+            "restarted, the peer active"
+            if restarted
+            else "stepping down after dual actives"
+        )
         self.notices.append(
             (
                 logging.WARNING,
-                "stepping down after dual actives: handing the writes accepted "
-                f"while active (after sequence {bound}) to the peer",
+                f"{why}: handing the writes accepted while active "
+                f"(after sequence {bound}) to the peer",
             )
         )
         # At a later takeover, a hand-over write yields to a write the winner
@@ -778,7 +855,7 @@ class ServerCore:
         self._handoff_held_at = claim.sequence if claim is not None else 2**63 - 1
         self._hand_over_window(now, {uuid for _, uuid, _ in tombstones.values()})
         self._handoff = _handoff_frames(
-            self.store, tombstones, bound, self.lineage or "", now
+            self.store, tombstones, bound, self.lineage or "", now, fork=restarted
         )
 
     def _handoff_step(self, now: float, limit: int) -> None:
@@ -844,11 +921,17 @@ def _handoff_frames(
     bound: int,
     lineage: str,
     now: float,
+    *,
+    fork: bool = False,
 ) -> Iterator[tuple[Frames, Frames] | None]:
     """Every client write newer than ``bound`` (values, then deletes), as the
-    client wrote it and as handed over (our sequence, our ``lineage``); None
+    client wrote it and as handed over (our sequence, our ``lineage``, and
+    with ``fork`` the bound, where each yields to the peer's writes); None
     for each record passed over, so a step counts it."""
-    zero, stamp = bytes(8), encode_properties({LINEAGE: lineage})
+    zero = bytes(8)
+    stamp = encode_properties(
+        {LINEAGE: lineage, **({FORK: str(bound)} if fork else {})}
+    )
     for key in store.keys(b""):
         msg = store.get(key, now) if store.sequence_of(key) > bound else None
         if msg is None or not msg.uuid:
@@ -891,8 +974,11 @@ class Mirror(Replica[ServerMap]):
         return max(self.sequence, self._high)
 
     def _new_map(self) -> ServerMap:
-        window = self.core.applied
-        return ServerMap(Store(), Applied(window.horizon, window.limit))
+        window, journal = self.core.applied, self.core.journal
+        return ServerMap(
+            Store(journal=journal),
+            Applied(window.horizon, window.limit, journal=journal),
+        )
 
     def _put(self, target: ServerMap, msg: KVMsg, now: float) -> None:
         props = encode_properties(msg.properties) if msg.properties else b""
@@ -914,9 +1000,18 @@ class Mirror(Replica[ServerMap]):
         its KTHXBAI says ``fresh``."""
         core = self.core
         holding = core.lineage is not None and not core.fresh
-        if holding and lineage_of(end) != core.lineage and end.properties.get(FRESH):
-            self.refused_new_map = True  # the core takes over
-            return False
+        theirs = lineage_of(end)
+        if holding and theirs != core.lineage:
+            if end.properties.get(FRESH):
+                self.refused_new_map = True  # the core takes over
+                return False
+            if core.restored:  # another pair's map, or ours was reset
+                core.conflict = (
+                    f"the map kept on disk (lineage {core.lineage}) is not the "
+                    f"peer's (lineage {theirs}): neither is replaced; start "
+                    "this server with --reset-data to copy the peer's map"
+                )
+                return False
         return True
 
     def _check_extra(self, request: bytes, msg: KVMsg) -> None:

@@ -9,12 +9,17 @@ compacted away when they outnumber the live deadlines.
 
 Time is always passed in (``now``, in seconds on the caller's clock).  A key
 with deadline ``d`` is expired from ``now >= d``.
+
+A store made with ``journal=True`` notes every key it changes (``journal``),
+so a durable copy (server/datadir.py) writes only those; the records
+themselves are what it keeps on disk (``record``, ``load``).
 """
 
 from __future__ import annotations
 
 import heapq
 import struct
+from collections.abc import Iterable
 
 from trioclone.core.chp import (
     SEQUENCE,
@@ -61,14 +66,32 @@ def _unpack(record: bytes) -> tuple[int, bytes, bytes, bytes]:
     )
 
 
+class CorruptRecord(ValueError):
+    """A stored record whose lengths do not fit it."""
+
+
+def check_record(record: bytes) -> int:
+    """A record's sequence, once its lengths are seen to fit it."""
+    if len(record) < 10 or (record[9] == _LONG and len(record) < 14):
+        raise CorruptRecord("a record shorter than its header")
+    _, _, props_end = _layout(record)
+    if props_end > len(record):
+        raise CorruptRecord("a record shorter than its UUID and properties")
+    if props_end == len(record):
+        raise CorruptRecord("a record with no value")
+    return int(SEQUENCE.unpack_from(record)[0])
+
+
 class Store:
     """Key -> kvmsg, with the sequence counter and TTL deadlines."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, journal: bool = False) -> None:
         self.sequence = 0
         self._records: dict[bytes, bytes] = {}
         self._deadlines: dict[bytes, float] = {}
         self._heap: list[tuple[float, bytes]] = []
+        #: Keys changed since the durable copy last took them (or None).
+        self.journal: set[bytes] | None = set() if journal else None
 
     def __len__(self) -> int:
         return len(self._records)
@@ -94,6 +117,8 @@ class Store:
         if not body:
             self.remove(key)
             return
+        if self.journal is not None:
+            self.journal.add(key)
         self._records[key] = _pack(sequence, uuid, properties, body)
         if ttl:
             deadline = now + ttl
@@ -106,10 +131,14 @@ class Store:
 
     def remove(self, key: bytes) -> bool:
         """Delete ``key``; True if it was there."""
+        if self.journal is not None:
+            self.journal.add(key)
         self._deadlines.pop(key, None)
         return self._records.pop(key, None) is not None
 
     def clear(self) -> None:
+        if self.journal is not None:
+            self.journal.update(self._records)
         self.sequence = 0
         self._records.clear()
         self._deadlines.clear()
@@ -152,6 +181,8 @@ class Store:
                 del self._deadlines[key]
                 del self._records[key]
                 expired.append((key, uuid))
+                if self.journal is not None:
+                    self.journal.add(key)
         return expired
 
     def sequence_of(self, key: bytes) -> int:
@@ -197,6 +228,28 @@ class Store:
         if identity is not None:
             frames.insert(0, identity)
         return frames
+
+    def record(self, key: bytes) -> bytes | None:
+        """The packed record of ``key`` (what a durable copy keeps)."""
+        return self._records.get(key)
+
+    def load(
+        self, rows: Iterable[tuple[bytes, bytes, float | None]], sequence: int
+    ) -> None:
+        """Fill an empty store from ``(key, record, deadline)`` rows kept by a
+        durable copy; ``CorruptRecord`` if a record does not parse or is
+        newer than ``sequence``."""
+        records, deadlines = self._records, self._deadlines
+        for key, record, deadline in rows:
+            if check_record(record) > sequence:
+                raise CorruptRecord(
+                    f"a record newer than the map's sequence {sequence}"
+                )
+            records[key] = record
+            if deadline is not None:
+                deadlines[key] = deadline
+        self.sequence = sequence
+        self._compact()
 
     def _compact(self) -> None:
         self._heap = [(deadline, key) for key, deadline in self._deadlines.items()]

@@ -29,6 +29,7 @@ import math
 import os
 from collections import Counter, deque
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, NoReturn
 
 import trio
@@ -45,6 +46,7 @@ from trioclone.core.server import PEER_IDENTITY, Role, ServerCore
 from trioclone.core.snapshot import KeyIndex, Transfer
 from trioclone.core.store import Store
 from trioclone.errors import RemoteProtocolError
+from trioclone.server.datadir import SYNC_INTERVAL, DataDir, DataDirError, wall_clock
 from trioclone.server.publisher import Publisher
 from trioclone.server.settings import PairSettings, ServerSettings
 
@@ -77,6 +79,7 @@ class CloneServer:
             pending_size=settings.pending_size,
             pending_age=settings.pending_age,
             backlog_limit=settings.backlog_limit,
+            journal=settings.data_dir is not None,
             replica_timings=Timings(
                 request_timeout=settings.sync_timeout,
                 silence_timeout=2 * settings.hugz_interval + 1.0,
@@ -115,6 +118,8 @@ class CloneServer:
         self._expiry_wakeup = trio.Event()
         self._timer_wakeup = trio.Event()
         self._work_wakeup = trio.Event()
+        #: The map on disk, when ``settings.data_dir`` is set.
+        self.data: DataDir | None = None
         self._sockets: Sockets
         self.publisher: Publisher
 
@@ -123,7 +128,58 @@ class CloneServer:
         return self.settings.pair
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> NoReturn:
-        """Serve until cancelled; ``nursery.start`` returns once bound."""
+        """Serve until cancelled; ``nursery.start`` returns once bound.
+
+        With a data folder, the map it kept is loaded first; a folder that
+        cannot be used raises ``DataDirError`` (naming the file) before any
+        socket is bound."""
+        s = self.settings
+        if s.data_dir is None:
+            await self._serve(task_status)
+        self.data = self._open_data(s.data_dir, s.fsync, s.reset_data)
+        try:
+            await self._serve(task_status)
+        finally:
+            try:
+                self._persist()  # (a passive's map is not flushed by publishing)
+            except DataDirError as exc:
+                log.error("%s", exc)
+            finally:
+                self.data.close()
+
+    def _open_data(self, folder: str, fsync: str, reset: bool) -> DataDir:
+        data = DataDir(Path(folder), fsync, reset=reset)
+        if reset:
+            log.warning(
+                "starting with an empty map: --reset-data deleted %s", data.path
+            )
+        try:
+            kept = data.load(self.core, trio.current_time(), wall_clock())
+        except BaseException:
+            data.close()
+            raise
+        if kept is None:
+            log.info("no map kept in %s yet: it keeps this server's map", data.path)
+        else:
+            log.info(
+                "loaded the map kept in %s: %d keys, sequence %d, lineage %s, "
+                "%d replaced writes remembered (this server was its %s)",
+                data.path,
+                kept.keys,
+                kept.sequence,
+                kept.lineage,
+                kept.window,
+                "active" if kept.active else "passive",
+            )
+        return data
+
+    def _persist(self) -> None:
+        """Commit what changed in the map (before anything shows it)."""
+        data = self.data
+        if data is not None:
+            data.flush(self.core, trio.current_time(), wall_clock())
+
+    async def _serve(self, task_status: Any) -> NoReturn:
         s, core = self.settings, self.core
         with self._open_sockets() as sockets:
             self._sockets = sockets
@@ -140,6 +196,7 @@ class CloneServer:
                 ),
                 core.subtrees,
                 self._reject,
+                before=None if self.data is None else self._persist,
             )
             collector = sockets.open(
                 zmq.SUB,
@@ -159,6 +216,8 @@ class CloneServer:
                 nursery.start_soon(self._timers)
                 nursery.start_soon(self._work)
                 nursery.start_soon(self._report, s.status_interval)
+                if self.data is not None and self.data.fsync == "interval":
+                    nursery.start_soon(self._sync_disk, self.data)
                 log.info("%s listening: %s", s.name, s.bind)
                 task_status.started(self)
         raise AssertionError("the server's tasks never return")
@@ -195,6 +254,10 @@ class CloneServer:
 
     def _after(self, now: float) -> None:
         core = self.core
+        if core.conflict is not None:
+            where = self.data.path if self.data is not None else "memory"
+            raise DataDirError(f"{where}: {core.conflict}")
+        self._persist()
         if core.role is not self._role:
             self._role_changed(core.role)
         if core.notices:
@@ -417,6 +480,7 @@ class CloneServer:
         client that took nothing for ``snapshot_stall`` seconds is dropped.
         """
         transfers, stall = self._transfers, self.settings.snapshot_stall
+        self._persist()  # a transfer shows the map: what it shows is kept
         budget = PUMP  # keys looked at, sent or found deleted
         moved = False
         for _ in range(len(transfers)):
@@ -484,6 +548,11 @@ class CloneServer:
                     self.core.on_peer_hugz(frames, now)
                 except RemoteProtocolError as exc:
                     self._reject("peer's HUGZ", exc)
+
+    async def _sync_disk(self, data: DataDir) -> NoReturn:
+        while True:
+            await trio.sleep(SYNC_INTERVAL)
+            await trio.to_thread.run_sync(data.sync)
 
     async def _report(self, interval: float) -> NoReturn:
         while True:

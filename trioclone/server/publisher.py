@@ -11,7 +11,8 @@ The socket is an XPUB: to subscribers it is a PUB, and it also hands up the
 subscriptions they make, which feed the subtree heartbeats (see
 core/subtrees.py).  Publishing never blocks (it drops at its high-water
 mark for a subscriber that does not keep up), so it is a plain synchronous
-call and no task ever waits on this socket.
+call and no task ever waits on this socket.  With a durable map, ``before``
+commits it first: nothing is published that a crash could lose.
 """
 
 from __future__ import annotations
@@ -35,8 +36,12 @@ class Publisher:
         sock: Socket,
         subtrees: Subtrees,
         reject: Callable[[str, RemoteProtocolError], None],
+        *,
+        before: Callable[[], None] | None = None,
     ) -> None:
         self._sock = sock
+        #: Called before anything is sent: the map is made durable first.
+        self._before = before
         self._subtrees = subtrees
         self._reject = reject
         self._open = False
@@ -73,6 +78,8 @@ class Publisher:
         if not self._open:
             self._held.extend(messages)
             return
+        if self._before is not None:
+            self._before()
         self.admit()
         sock, observer = self._sock, self.observer
         for frames in messages:

@@ -11,6 +11,8 @@ from trioclone.endpoints import BACKUP_PORT, PRIMARY_PORT, Endpoints, check_port
 from trioclone.errors import CloneError, ConfigError
 
 PRIMARY_STATE_PORT = 5003
+#: How a durable map's commits reach the disk (see server/datadir.py).
+FSYNC_MODES = ("always", "interval", "off")
 BACKUP_STATE_PORT = 5004
 
 
@@ -94,6 +96,12 @@ class ServerSettings:
     collector_hwm: int = 100_000
     status_interval: float = 60.0
     name: str = field(default="clone")
+    #: The folder that keeps the map on disk (server/datadir.py); None: in
+    #: memory only.  ``fsync``: always, interval or off.  ``reset_data``:
+    #: start empty, deleting what the folder kept.
+    data_dir: str | None = None
+    fsync: str = "always"
+    reset_data: bool = False
 
     def __post_init__(self) -> None:
         for name in (
@@ -110,6 +118,10 @@ class ServerSettings:
             COUNT.check(name, getattr(self, name))
         for name in ("publisher_hwm", "collector_hwm"):
             HWM.check(name, getattr(self, name))
+        if self.fsync not in FSYNC_MODES:
+            raise ConfigError(
+                f"fsync must be one of {', '.join(FSYNC_MODES)}, not {self.fsync!r}"
+            )
 
 
 def check_ports_apart(ports: Mapping[str, tuple[int, int]]) -> None:
