@@ -1,4 +1,4 @@
-"""Sessions: lint, typecheck, tests, bench, lateness, subtrees and sim
+"""Sessions: lint, typecheck, tests, bench, lateness, subtrees, sim and chaos
 (``nox -s bench -- --quick``)."""
 
 import nox
@@ -48,3 +48,11 @@ def sim(session: nox.Session) -> None:
     """The deterministic simulation: ``nox -s sim -- --seeds 20000``."""
     session.install("-e", ".[test]")
     session.run("python", "tools/sim.py", *session.posargs)
+
+
+@nox.session
+def chaos(session: nox.Session) -> None:
+    """SIGKILL and restart a real pair under load, then check what it kept:
+    ``nox -s chaos -- --cycles 50 --seed 7``."""
+    session.install("-e", ".")
+    session.run("python", "tools/chaos.py", *session.posargs)

@@ -1089,6 +1089,25 @@ def split_histories(
 
 
 @dataclass
+class Dropped:
+    """A confirmed write a takeover dropped (the newest to its key in what
+    it dropped), until it is back or superseded."""
+
+    write: Write
+    seq: int  # where the dropped history had it
+    by: History  # the history whose takeover dropped it
+    kind: str  # "a rewind" or "a new lineage"
+    rel: Any  # Report.rel
+
+    def reason(self, outcome: str) -> str:
+        return (
+            f"published at seq {self.seq}, dropped by {self.kind} when "
+            f"{self.by.server} started history {self.by.name} at "
+            f"{self.rel(self.by.first)}: {outcome}"
+        )
+
+
+@dataclass
 class Loss:
     write: Write
     reason: str
@@ -1119,6 +1138,11 @@ class Report:
         self.figures: Counter[str] = Counter()
         #: (value, sequence) -> the lineage it was published in, seen by a SUB
         self.lineage_at: dict[tuple[str, int | None], str | None] = {}
+        self.lineage_changes: list[str] = []
+        #: dropped at a takeover and published again later (a hand-over)
+        self.back_later: list[tuple[Dropped, float]] = []
+        #: dropped at a takeover, overwritten by a newer write before back
+        self.hidden: list[tuple[Dropped, float, Write]] = []
 
     def rel(self, t: float | None) -> str:
         return "-" if t is None else f"{t - self.t0:.3f}"
@@ -1212,11 +1236,6 @@ class Report:
         self.figures["histories"] = len(by_name)
         lineages = {h.lineage for h in histories if h.lineage}
         self.figures["lineages"] = len(lineages)
-        if len(lineages) > 1:
-            self.notes.append(
-                f"{len(lineages)} lineages were founded: the map was lost "
-                "and founded again (or two servers founded maps)"
-            )
         unnamed = [h for h in histories if h.lineage is None]
         if unnamed:
             self.notes.append(
@@ -1227,10 +1246,16 @@ class Report:
 
     def rebuild(self, histories: list[History], violations: list[str]) -> None:
         """Follow the map from history to history, in the order they were
-        first heard: at each takeover (a new branch) the updates beyond the
-        branch point are dropped, at each new lineage everything is; the
-        confirmed writes dropped are checked (``check_takeover``); at the
-        end the rebuilt map is compared with the active's."""
+        first heard: at a takeover (a new branch) the updates beyond the
+        branch point are dropped, at a new lineage everything is.  The
+        newest confirmed write to each key dropped waits (``awaiting``)
+        until its key is published again: with its value (replayed at the
+        takeover, or back later: a hand-over), or with a write that may
+        follow it (superseded; if that came after the takeover, the key
+        showed an older value until then).  One still waiting at the end is
+        lost.  At a new lineage, a write must be back in what the new map
+        published first (no hand-over crosses lineages).  At the end the
+        map rebuilt from the updates is compared with the active's."""
         chain: list[History] = []
         for h in sorted(histories, key=lambda h: h.first):
             if h.lineage is None or h.branch is None:
@@ -1249,6 +1274,7 @@ class Report:
         lineage: str | None = None
         lineages: set[str] = set()
         complete, why = True, ""
+        awaiting: dict[str, Dropped] = {}
         for index, h in enumerate(chain):
             b = h.branch if h.branch is not None else 0
             checkable = complete
@@ -1261,6 +1287,12 @@ class Report:
                 kind = "a new lineage"
                 dropped = timeline
                 timeline = {}
+                if lineage is not None:
+                    self.lineage_changes.append(
+                        f"{h.server} started lineage {h.name} at {self.rel(h.first)}, "
+                        f"after {lineage[:8]} (the map was lost: "
+                        f"{len(dropped)} updates dropped)"
+                    )
                 if h.lineage in lineages:
                     complete, why = False, f"lineage {h.name} came back"
                 elif b == 0 and checkable:
@@ -1287,17 +1319,40 @@ class Report:
                     f"{kind}: {h.name} ({h.server}) from {self.rel(h.first)} drops "
                     f"{len(dropped)} updates up to {max(dropped)}"
                 )
-                if checkable:
-                    self.check_takeover(h, timeline, dropped, kind)
-                else:
+            if not checkable:
+                if dropped or awaiting:
                     self.figures["takeovers not checked"] += 1
+                awaiting.clear()
+            else:
+                if kind == "a new lineage":
+                    for d in awaiting.values():
+                        self.lose(
+                            d.write, d.reason("never back before the map was lost")
+                        )
+                    awaiting.clear()
+                newest: dict[str, tuple[int, Write]] = {}
+                for s, (key, value) in sorted(dropped.items()):
+                    w = self.by_value.get(value)
+                    if w is not None and w.ok:
+                        newest[key] = (s, w)
+                for key, (s, w) in newest.items():
+                    self.figures["dropped confirmed writes"] += 1
+                    awaiting[key] = Dropped(w, s, h, kind, self.rel)
             seqs = sorted(u.seq for u in h.updates)
             expected = list(range(b + 1, b + 1 + len(seqs)))
             if seqs != expected and complete:
                 gap = next((e for e, s in zip(expected, seqs, strict=True) if e != s))
                 complete, why = False, f"{h.name} has a gap in its updates at {gap}"
             for u in sorted(h.updates, key=lambda u: u.seq):
+                if checkable and u.t >= h.settled:
+                    self.fail_strict(awaiting, h)
                 timeline[u.seq] = (u.key, u.value)
+                if checkable:
+                    self.resolve(awaiting, h, u)
+            if checkable:
+                self.fail_strict(awaiting, h)
+        for d in awaiting.values():
+            self.lose(d.write, d.reason("never published again"))
         self.figures["takeovers"] += max(len(chain) - 1, 0)
         if not complete:
             self.notes.append(
@@ -1339,49 +1394,41 @@ class Report:
         else:
             self.figures["stream rebuilt"] += 1
 
-    def check_takeover(
-        self,
-        h: History,
-        timeline: dict[int, tuple[str, str]],
-        dropped: dict[int, tuple[str, str]],
-        kind: str,
-    ) -> None:
-        """The newest confirmed write to each key in what was dropped is
-        back, or superseded, once ``h`` took over: in what it kept, then
-        what it published before its first HUGZ that names its branch (of
-        writes issued before it was first heard from)."""
-        after: dict[str, str] = {}
-        for s in sorted(timeline):
-            key, value = timeline[s]
-            after[key] = value
-        for u in sorted(h.updates, key=lambda u: u.seq):
-            if u.t >= h.settled:
-                break
-            x = self.by_value.get(u.value)
-            if x is None or x.issued < h.first:
-                after[u.key] = u.value
-        self.figures["checked takeovers"] += 1
-        newest: dict[str, tuple[int, Write]] = {}
-        for s, (key, value) in sorted(dropped.items()):
-            w = self.by_value.get(value)
-            if w is not None and w.ok:
-                newest[key] = (s, w)
-        for key, (s, w) in sorted(newest.items()):
-            self.figures["confirmed writes dropped at takeovers"] += 1
-            held = after.get(key)
-            if held == w.value:
-                self.figures["dropped and replayed"] += 1
-                continue
-            x = None if held is None else self.by_value.get(held)
-            if x is not None and x.key == w.key and may_follow(x, w):
-                self.figures["dropped and superseded"] += 1
-                continue
-            holds = "nothing" if held is None else self.describe(x)
-            self.lose(
-                w,
-                f"published at seq {s}, dropped by {kind} when {h.server} started "
-                f"history {h.name} ({self.rel(h.first)}), which then held {holds}",
-            )
+    def resolve(self, awaiting: dict[str, Dropped], h: History, u: Update) -> None:
+        """Update ``u`` of history ``h`` may settle a dropped write to its key."""
+        d = awaiting.get(u.key)
+        if d is None:
+            return
+        w = d.write
+        at_takeover = d.by is h and u.t < h.settled
+        if u.value == w.value:
+            del awaiting[u.key]
+            if at_takeover:
+                self.figures["dropped, replayed at the takeover"] += 1
+            else:
+                self.figures["dropped, back later"] += 1
+                self.back_later.append((d, u.t))
+            return
+        x = self.by_value.get(u.value)
+        if x is None or not may_follow(x, w):
+            return  # an older write: still waiting
+        replayed = at_takeover and x.issued < h.first
+        if d.kind == "a new lineage" and not replayed:
+            return  # fails at the end of the takeover (fail_strict)
+        del awaiting[u.key]
+        if replayed:
+            self.figures["dropped, superseded at the takeover"] += 1
+        else:
+            self.figures["dropped, overwritten before back"] += 1
+            self.hidden.append((d, u.t, x))
+
+    def fail_strict(self, awaiting: dict[str, Dropped], h: History) -> None:
+        """Writes dropped by ``h`` founding a new lineage that its first
+        updates did not bring back are lost."""
+        for key, d in list(awaiting.items()):
+            if d.by is h and d.kind == "a new lineage":
+                del awaiting[key]
+                self.lose(d.write, d.reason("not in what the new map published first"))
 
     # -- the output --
 
@@ -1389,35 +1436,15 @@ class Report:
         chaos, final = self.chaos, self.final
         violations = self.check_streams()
         self.check_final()
-        confirmed = sum(w.ok for w in self.writes)
-        unconfirmed = len(self.writes) - confirmed
-        differences = [] if final is None else map_differences(final, self.states)
-        if final is None:
-            differences.append("no final snapshot from the active")
-        missing = [c.name for c in chaos.clients if c.name not in self.states]
-        differences += [f"{name}: no dump of its map" for name in missing]
-        ps = self.passive_status
-        if final is not None and not (
-            ps is not None
-            and ps.get("lineage") == final.lineage
-            and ps.get("sequence") == final.sequence
-            and ps.get("keys") == len(final.entries)
-        ):
-            shown = (
-                None
-                if ps is None
-                else {k: ps.get(k) for k in ("state", "lineage", "sequence", "keys")}
-            )
-            differences.append(
-                f"the passive's copy: {shown}, the active's: lineage {final.lineage}, "
-                f"sequence {final.sequence}, {len(final.entries)} keys"
-            )
+        differences = self.check_maps()
         self.scan_logs()
         crashes = chaos.crashes
+        confirmed = sum(w.ok for w in self.writes)
+        durable = "durable maps" if chaos.durable else "no durable maps"
         print(f"folder {chaos.folder}")
         print(
-            f"servers: --heartbeat {chaos.args.heartbeat} --hugz {chaos.args.hugz}"
-            f"{' with durable maps' if chaos.durable else ' (no durable maps: one kill at a time)'}; "
+            f"servers: --heartbeat {chaos.args.heartbeat} --hugz {chaos.args.hugz}, "
+            f"{durable}, fsync {chaos.args.fsync or 'default'}; "
             f"modes {','.join(chaos.args.modes)}"
         )
         if final is not None:
@@ -1435,10 +1462,34 @@ class Report:
         print(f"figures: {figures}")
         for note in self.notes:
             print(f"note: {note}")
+        if self.back_later:
+            delays = [t - d.by.first for d, t in self.back_later]
+            print(
+                f"back later: {len(self.back_later)} confirmed writes dropped at a "
+                f"takeover were published again later (a hand-over), after up to "
+                f"{max(delays):.2f} s"
+            )
+            for d, t in self.back_later[:5]:
+                w = d.write
+                print(
+                    f"BACK LATER: {w.key} = {self.describe(w)}: "
+                    f"{d.reason(f'back at {self.rel(t)}')}"
+                )
+        for d, t, x in self.hidden[:MAX_SHOWN]:
+            w = d.write
+            print(
+                f"OVERWRITTEN BEFORE BACK: {w.key} = {self.describe(w)}: "
+                + d.reason(
+                    f"the key showed an older value until {self.describe(x)} "
+                    f"was published at {self.rel(t)}"
+                )
+            )
         for problem in chaos.unhealthy:
             print(f"UNHEALTHY: {problem}")
         for crash in crashes:
             print(f"CRASH: {crash}")
+        for change in self.lineage_changes:
+            print(f"LINEAGE: {change}")
         for violation in violations[:MAX_SHOWN]:
             print(f"SEQUENCE: {violation}")
         if len(violations) > MAX_SHOWN:
@@ -1459,22 +1510,61 @@ class Report:
             print(f"LOST: {w.key} = {self.describe(w)} by {w.writer}: {reason}")
         if len(losses) > MAX_SHOWN:
             print(f"LOST: ... {len(losses) - MAX_SHOWN} more")
-        if losses or violations or crashes or chaos.unhealthy:
+        failed = bool(
+            losses
+            or differences
+            or violations
+            or crashes
+            or chaos.unhealthy
+            or self.lineage_changes
+        )
+        if failed:
             print("timeline:")
             for t, message in sorted(chaos.timeline):
                 print(f"  {t - self.t0:8.3f} {message}")
-        ok = not (losses or differences or violations or crashes or chaos.unhealthy)
         modes = ", ".join(f"{k} {v}" for k, v in sorted(chaos.modes.items()))
+        trouble = [
+            *([f"crashes {len(crashes)}"] if crashes else []),
+            *(["sequences went wrong"] if violations else []),
+            *(["map lost (new lineage)"] if self.lineage_changes else []),
+            *(["UNHEALTHY"] if chaos.unhealthy else []),
+        ]
         print(
             f"cycles {chaos.cycles_done}, confirmed {confirmed}, lost {len(losses)}, "
-            f"maps {'differ' if differences else 'equal'}; "
-            f"unconfirmed {unconfirmed}, sequences "
-            f"{'went wrong' if violations else 'ok'}, crashes {len(crashes)}"
-            f"{', UNHEALTHY' if chaos.unhealthy else ''}; ({modes}); "
-            f"seed {chaos.args.seed}, {now() - self.t0:.1f} s",
+            f"maps {'differ' if differences else 'equal'}"
+            + "".join(f", {t}" for t in trouble)
+            + f"; unconfirmed {len(self.writes) - confirmed}"
+            f", dropped at takeovers {self.figures['dropped confirmed writes']}"
+            f" (back later {len(self.back_later)}, overwritten before back "
+            f"{len(self.hidden)}); {modes}; seed {chaos.args.seed}, "
+            f"{now() - self.t0:.1f} s",
             flush=True,
         )
-        return 0 if ok else 1
+        return 1 if failed else 0
+
+    def check_maps(self) -> list[str]:
+        """(b): the clients' maps and the passive's copy."""
+        chaos, final = self.chaos, self.final
+        if final is None:
+            return ["no final snapshot from the active"]
+        differences = map_differences(final, self.states)
+        missing = [c.name for c in chaos.clients if c.name not in self.states]
+        differences += [f"{name}: no dump of its map" for name in missing]
+        ps = self.passive_status
+        if not (
+            ps is not None
+            and ps.get("lineage") == final.lineage
+            and ps.get("sequence") == final.sequence
+            and ps.get("keys") == len(final.entries)
+        ):
+            shown = None
+            if ps is not None:
+                shown = {k: ps.get(k) for k in ("state", "lineage", "sequence", "keys")}
+            differences.append(
+                f"the passive's copy: {shown}, the active's: lineage {final.lineage}, "
+                f"sequence {final.sequence}, {len(final.entries)} keys"
+            )
+        return differences
 
     def scan_logs(self) -> None:
         """(d): tracebacks in any log, servers that did not stop cleanly."""
