@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchlib import children, load, pair, report, snapshots
+from benchlib import children, durable, load, pair, report, snapshots
 from benchlib.servers import Fleet, Server, new_context
 from benchlib.wire import HOT
 
@@ -141,6 +141,7 @@ class Bench:
                 self.section("fill 100k", lambda: self.fill(small, SMALL, 100_000))
                 self.section("snapshots 100k", lambda: self.snapshots(small, 100_000))
             self.fleet.stop(*small.values())
+            self.section("durable vs in memory", self.durable)
             self.section("memory and large store", self.large_store)
             self.section("failover", self.failover)
             if self.mode.idle_seconds:
@@ -227,6 +228,19 @@ class Bench:
                 duration=self.mode.latency_seconds,
                 key_space=SMALL,
             )
+
+    def durable(self) -> None:
+        mode = self.mode
+        self.results["durable"] = durable.run(
+            self.mp,
+            self.ctx,
+            self.fleet,
+            keys=100_000,
+            flood=mode.floods["1"][2],
+            repeats=mode.repeats,
+            step=mode.ladder_step,
+            key_space=SMALL,
+        )
 
     def large_store(self) -> None:
         """Fresh servers: RSS empty, at 100k (and 1M); snapshots and a flood there."""
@@ -410,7 +424,7 @@ def main() -> int:
     mode = QUICK if args.quick else FULL
     args.out.parent.mkdir(parents=True, exist_ok=True)
     results = Bench(mode, args.out.parent / "logs").run()
-    text = report.render(results)
+    text = "\n".join([report.render(results), *durable.render(results.get("durable"))])
     print(text)
     args.out.write_text(json.dumps(results, indent=2, default=str))
     args.out.with_suffix(".txt").write_text(text + "\n")

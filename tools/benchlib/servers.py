@@ -61,7 +61,7 @@ def _free(port: int) -> bool:
 @dataclass
 class Server:
     name: str
-    kind: str  # "ceiling" or "trioclone"
+    kind: str  # "ceiling", "trioclone" or "durable"
     port: int
     popen: subprocess.Popen[bytes]
     log_path: Path
@@ -127,17 +127,30 @@ class Fleet:
         return server
 
     def start(
-        self, kind: str, name: str | None = None, timeout: float = 20.0
+        self,
+        kind: str,
+        name: str | None = None,
+        timeout: float = 20.0,
+        extra: Sequence[str] = (),
+        port: int | None = None,
     ) -> Server:
-        """A standalone server of ``kind``, answering snapshot requests."""
-        port = free_ports()
+        """A standalone server of ``kind``, answering snapshot requests:
+        "ceiling", "trioclone" (its map in memory) or "durable" (its map kept
+        in a data folder under the log folder; ``extra`` may set --fsync)."""
+        name = name or kind
+        port = port or free_ports()
         if kind == "ceiling":
             args = [sys.executable, str(CEILING), "--port", str(port)]
         else:
-            args = trioclone_command(
-                "--standalone", "--port", str(port), "--bind", HOST
+            kept = (
+                ["--data-dir", str(self.log_dir / f"data-{name}")]
+                if kind == "durable"
+                else ["--in-memory"]
             )
-        server = self._spawn(name or kind, kind, port, args)
+            args = trioclone_command(
+                "--standalone", "--port", str(port), "--bind", HOST, *kept, *extra
+            )
+        server = self._spawn(name, kind, port, args)
         self.wait_ready(server, timeout)
         return server
 
@@ -157,7 +170,7 @@ class Fleet:
             args = trioclone_command(
                 "--role", role, "--port", str(own), "--peer-port", str(peer),
                 "--state-port", str(state), "--peer-state-port", str(peer_state),
-                "--bind", HOST, "--peer", HOST, *timing, *extra,
+                "--bind", HOST, "--peer", HOST, "--in-memory", *timing, *extra,
             )  # fmt: skip
             return self._spawn(f"{role}-{tag}", "trioclone", own, args, state)
 

@@ -233,6 +233,28 @@ class Store:
         """The packed record of ``key`` (what a durable copy keeps)."""
         return self._records.get(key)
 
+    def drain(
+        self, offset: float
+    ) -> tuple[list[tuple[bytes, bytes, float | None]], list[tuple[bytes]]]:
+        """Empty the journal: ``(key, record, deadline + offset)`` for each
+        changed key still held (``offset`` turns deadlines to another clock),
+        and ``(key,)`` for each one gone."""
+        journal, records, deadlines = self.journal, self._records, self._deadlines
+        kept: list[tuple[bytes, bytes, float | None]] = []
+        gone: list[tuple[bytes]] = []
+        if not journal:
+            return kept, gone
+        self.journal = set()
+        for key in journal:
+            record = records.get(key)
+            if record is None:
+                gone.append((key,))
+            elif deadlines and key in deadlines:
+                kept.append((key, record, deadlines[key] + offset))
+            else:
+                kept.append((key, record, None))
+        return kept, gone
+
     def load(
         self, rows: Iterable[tuple[bytes, bytes, float | None]], sequence: int
     ) -> None:

@@ -2,8 +2,9 @@
 
 What is kept: every key's record as the store packs it (sequence, UUID,
 properties, value) with its TTL deadline as wall-clock time, so a restart
-knows what expired while it was down; the window of replaced writes (UUID
-and when, wall clock); and one meta row: the map's lineage, sequence and
+knows what expired while it was down; the window of replaced writes (a row
+of UUIDs per commit, with the wall-clock time of its newest); and one meta
+row: the map's lineage, sequence and
 branch, and whether this server was its active (its own writes are then
 those after the branch).
 
@@ -40,11 +41,12 @@ from pathlib import Path
 
 from trioclone.core.applied import BUCKET, Applied
 from trioclone.core.server import ServerCore, ServerMap
-from trioclone.core.store import CorruptRecord, Store
+from trioclone.core.store import CorruptRecord
 from trioclone.errors import CloneError
 from trioclone.server.settings import FSYNC_MODES
 
 FILE = "map.sqlite3"
+UUID_SIZE = 16  # (chp.RULE_UUID: a UUID in a map is 16 bytes)
 LOCK = "lock"
 FORMAT = 1
 FSYNC = dict(zip(FSYNC_MODES, ("FULL", "NORMAL", "OFF"), strict=True))
@@ -66,8 +68,8 @@ CREATE TABLE kv0 (key BLOB PRIMARY KEY, record BLOB NOT NULL, deadline REAL)
     WITHOUT ROWID;
 CREATE TABLE kv1 (key BLOB PRIMARY KEY, record BLOB NOT NULL, deadline REAL)
     WITHOUT ROWID;
-CREATE TABLE applied0 (at REAL NOT NULL, uuid BLOB NOT NULL);
-CREATE TABLE applied1 (at REAL NOT NULL, uuid BLOB NOT NULL);
+CREATE TABLE applied0 (at REAL NOT NULL, uuids BLOB NOT NULL);
+CREATE TABLE applied1 (at REAL NOT NULL, uuids BLOB NOT NULL);
 """
 
 
@@ -207,7 +209,7 @@ class DataDir:
                 _load_window(
                     smap.applied,
                     self._db.execute(
-                        f"SELECT uuid, at FROM applied{current} ORDER BY rowid"
+                        f"SELECT uuids, at FROM applied{current} ORDER BY rowid"
                     ),
                     now,
                     wall,
@@ -305,22 +307,21 @@ class DataDir:
 
     def _write(self, tables: int, smap: ServerMap, now: float, wall: float) -> None:
         store, applied = smap.store, smap.applied
-        changed = store.journal
-        if changed:
-            store.journal = set()
-            gone = [(key,) for key in changed if key not in store]
+        if store.journal:
+            kept, gone = store.drain(wall - now)
             if gone:
                 self._db.executemany(f"DELETE FROM kv{tables} WHERE key=?", gone)
-            self._db.executemany(
-                f"INSERT OR REPLACE INTO kv{tables} VALUES (?, ?, ?)",
-                _rows(store, changed, wall - now),
-            )
+            if kept:
+                self._db.executemany(
+                    f"INSERT OR REPLACE INTO kv{tables} VALUES (?, ?, ?)", kept
+                )
         added = applied.journal
-        if added:
+        if added:  # one row: the newest time (each is remembered no shorter)
             applied.journal = []
-            self._db.executemany(
+            uuids = b"".join([uuid for uuid, _ in added])
+            self._db.execute(
                 f"INSERT INTO applied{tables} VALUES (?, ?)",
-                [(when + wall - now, uuid) for uuid, when in added],
+                (added[-1][1] + wall - now, uuids),
             )
 
     def _evict(self, applied: Applied, now: float, wall: float) -> None:
@@ -340,17 +341,6 @@ class DataDir:
         self._db.execute(f"DELETE FROM applied{tables}")
 
 
-def _rows(
-    store: Store, keys: set[bytes], offset: float
-) -> Iterator[tuple[bytes, bytes, float | None]]:
-    """``(key, record, wall-clock deadline)`` for each key still held."""
-    for key in keys:
-        record = store.record(key)
-        if record is not None:
-            deadline = store.deadline(key)
-            yield key, record, None if deadline is None else deadline + offset
-
-
 def _on_clock(
     rows: Iterator[tuple[bytes, bytes, float | None]], now: float, wall: float
 ) -> Iterator[tuple[bytes, bytes, float | None]]:
@@ -363,8 +353,12 @@ def _load_window(
     applied: Applied, rows: Iterator[tuple[bytes, float]], now: float, wall: float
 ) -> None:
     offset = now - wall
-    for uuid, at in rows:
-        applied.add(uuid, min(at + offset, now))
+    for uuids, at in rows:
+        if len(uuids) % UUID_SIZE:
+            raise ValueError("a window row that is not whole UUIDs")
+        when = min(at + offset, now)
+        for start in range(0, len(uuids), UUID_SIZE):
+            applied.add(uuids[start : start + UUID_SIZE], when)
 
 
 def _clear_journals(smap: ServerMap) -> None:
