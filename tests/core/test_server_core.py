@@ -985,7 +985,9 @@ def heartbeat(a: ServerCore, b: ServerCore, now: float) -> None:
 
 
 def split_pair(
-    writes: list[list[bytes]] | None = None, **primary_options: object
+    writes: list[list[bytes]] | None = None,
+    backup_options: Mapping[str, object] | None = None,
+    **primary_options: object,
 ) -> tuple[ServerCore, ServerCore]:
     """A pair that split: the backup took over, both accept writes.
 
@@ -998,7 +1000,7 @@ def split_pair(
     run(primary, 0.0)
     for frames in writes:
         primary.collect(frames, 0.5)
-    backup = new_core(bstar=BinaryStar(False, 0.0))
+    backup = new_core(bstar=BinaryStar(False, 0.0), **(backup_options or {}))
     backup.on_peer_state(state(State.ACTIVE), 0.0)
     snapshot = [f[1:] for f in _drain(_transfer(primary, b""), 1.0)][:-1]
     sync(backup, primary.store.sequence, snapshot, 1.0, lineage=OURS)

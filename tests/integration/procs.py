@@ -169,9 +169,21 @@ class Processes:
         self.stop_all()
 
     def start(
-        self, name: str, *serve_args: str, port: int | None = None
+        self,
+        name: str,
+        *serve_args: str,
+        port: int | None = None,
+        prefix: Sequence[str] = (),
     ) -> ServerProcess:
-        args = serve_command(*serve_args)
+        """``trioclone serve`` with ``serve_args``, run under ``prefix`` (e.g.
+        ``ip netns exec NS``, which execs it: the PID is the server's)."""
+        return self.run(name, [*prefix, *serve_command(*serve_args)], port=port)
+
+    def run(
+        self, name: str, args: Sequence[str], *, port: int | None = None
+    ) -> ServerProcess:
+        """Any command, its output logged to a file, stopped like a server."""
+        args = list(args)
         log_path = self.log_dir / f"{next(self._names):02d}-{name}.log"
         with log_path.open("wb") as log_file:
             popen = subprocess.Popen(

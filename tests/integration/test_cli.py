@@ -850,3 +850,39 @@ def test_serve_logs_a_status_line_every_status_interval(procs: Processes) -> Non
     assert len(gaps) >= 4, server.log()
     assert gaps[0] >= 0.198, gaps
     assert gaps[len(gaps) // 2] < 0.5, gaps  # not once a minute
+
+
+def test_a_local_pair_keeps_a_folder_per_server_and_passes_the_fsync_mode(
+    tmp_path: Path,
+) -> None:
+    parser = build_parser()
+    args = parser.parse_args(
+        ["serve", "--pair", "--data-dir", str(tmp_path), "--fsync", "interval"]
+    )
+    commands = local_pair_commands(args)
+    folders = {}
+    for role, command in commands.items():
+        child = parser.parse_args(command[3:])
+        assert child.fsync == "interval" and not child.reset_data
+        folders[role] = child.data_dir
+    assert folders == {
+        "primary": tmp_path / "primary-5556",
+        "backup": tmp_path / "backup-5566",
+    }
+    memory = local_pair_commands(parser.parse_args(["serve", "--pair", "--in-memory"]))
+    assert all(parser.parse_args(c[3:]).in_memory for c in memory.values())
+
+
+def test_data_dir_and_in_memory_do_not_go_together(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [
+            *(sys.executable, "-m", "trioclone", "serve", "--standalone"),
+            *("--in-memory", "--data-dir", str(tmp_path)),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 2 and "not allowed with argument" in done.stderr
+    assert not any(tmp_path.iterdir())  # nothing was made

@@ -119,6 +119,40 @@ def test_reset_data_starts_empty_and_the_map_is_kept_from_then_on(
     assert wait_snapshot(ctx, port).values() == {}
 
 
+def test_an_online_backup_of_the_data_folder_restores(
+    procs: Processes, ctx: Context, tmp_path: Path
+) -> None:
+    """The README's one-line backup, taken while the server writes."""
+    (port,) = free_base_ports(1)
+    folder, restored = tmp_path / "live", tmp_path / "restored"
+    server = start_standalone(procs, "--data-dir", str(folder), port=port)
+    wait_snapshot(ctx, port)
+    writer = ChpClient(ctx, port)
+    writer.probe()
+    for n in range(500):
+        writer.set(b"/before/%03d" % n, b"v%d" % n)
+    writer.wait_for(b"/before/499", timeout=10)
+    restored.mkdir()
+    backup = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sqlite3, sys; "
+            "sqlite3.connect(sys.argv[1]).backup(sqlite3.connect(sys.argv[2]))",
+            str(folder / "map.sqlite3"),
+            str(restored / "map.sqlite3"),
+        ]
+    )
+    for n in range(200):  # the server writes on meanwhile
+        writer.set(b"/during/%03d" % n, b"d")
+    assert backup.wait(timeout=30) == 0
+    procs.kill(server)
+    start_standalone(procs, "--data-dir", str(restored), port=port)
+    values = wait_snapshot(ctx, port).values()
+    assert all(values[b"/before/%03d" % n] == b"v%d" % n for n in range(500))
+    assert all(values.get(key, b"d") == b"d" for key in values if b"/during/" in key)
+
+
 def cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "trioclone", *args],

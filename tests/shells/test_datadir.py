@@ -26,17 +26,20 @@ from tests.core.test_server_core import (
     actions,
     active_core,
     exchange_hugz,
+    heartbeat,
     kvpub,
     kvset,
     new_core,
     passive_core,
     run,
+    split_pair,
     state,
     sync,
+    take_over,
 )
 from tests.shells.test_standalone import standalone
 from trioclone.core.bstar import BinaryStar, State
-from trioclone.core.chp import kthxbai
+from trioclone.core.chp import hugz, kthxbai
 from trioclone.core.replica import Request
 from trioclone.core.server import Role, ServerCore
 from trioclone.server.datadir import FILE, DataDir, DataDirError, Kept
@@ -204,6 +207,31 @@ def test_a_restarted_active_hands_over_what_its_peer_never_heard(
     assert backup.collect(kvset(b"/both", b"old", U3), 21.0) is None  # a repeat
 
 
+def test_a_server_killed_while_handing_over_hands_over_again(tmp_path: Path) -> None:
+    """A split heals: the backup steps down and hands over what it accepted;
+    killed before the primary has it, it still holds it as its own."""
+    primary, backup = split_pair(backup_options={"journal": True})
+    data = DataDir(tmp_path)
+    data.flush(backup, 10.0, WALL + 10.0)
+    backup.collect(kvset(b"/b-only", b"b", _uuid(21)), 11.0)
+    exchange_hugz(primary, backup, 20.0)
+    heartbeat(primary, backup, 20.0)
+    assert backup.role is Role.PASSIVE and backup.own_writes
+    data.flush(backup, 20.0, WALL + 20.0)  # the step-down, before any step
+    run(backup, 20.0)
+    assert backup.relays and backup.own_writes
+    data.flush(backup, 20.0, WALL + 20.0)
+    data.close()  # killed: the primary never got the hand-over
+    again = reopen(tmp_path, 30.0, WALL + 30.0, bstar=BinaryStar(False, 30.0))
+    assert again.own_writes
+    exchange_hugz(again, primary, 30.0)
+    again.on_peer_state(state(State.ACTIVE), 30.0)
+    run(again, 30.0)
+    for frames in again.relays:
+        primary.collect(frames, 30.5)
+    assert primary.store.get(b"/b-only").body == b"b"
+
+
 def test_a_restarted_passive_hands_nothing_over(tmp_path: Path) -> None:
     core = passive_core(1, [kvpub(b"/a", 1)], journal=True)
     data = DataDir(tmp_path)
@@ -213,6 +241,24 @@ def test_a_restarted_passive_hands_nothing_over(tmp_path: Path) -> None:
     again.on_peer_state(state(State.ACTIVE), 5.0)
     run(again, 5.0)
     assert again.role is Role.PASSIVE and not again.relays
+
+
+def test_a_restarted_passive_taking_over_keeps_what_it_heard_of_its_map(
+    tmp_path: Path,
+) -> None:
+    """The history its copy belongs to is kept too: the active's HUGZ name
+    it, so what the stream carries is for this map, even before a sync."""
+    core = passive_core(1, [kvpub(b"/a", 1)], journal=True)
+    data = DataDir(tmp_path)
+    data.flush(core, 0.0, WALL)
+    data.close()
+    again = reopen(tmp_path, 5.0, WALL + 5.0, bstar=BinaryStar(False, 5.0))
+    again.on_peer_state(state(State.ACTIVE), 5.0)
+    again.poll(5.0)  # connects, asks for a snapshot that will not come
+    again.on_update(hugz(1, {"lineage": ACTIVES}), 5.1)
+    again.on_update(kvpub(b"/b", 2, uuid=U2), 5.2)
+    take_over(again, 10.0)  # the active died before the snapshot came
+    assert again.store.get(b"/b") is not None and again.store.sequence == 2
 
 
 def test_a_map_on_disk_that_is_not_the_peers_stops_the_server(tmp_path: Path) -> None:

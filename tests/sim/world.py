@@ -9,13 +9,15 @@ Trio runs tasks that are ready at the same moment (see ``deterministic``).
 
 Faults (``World._faults``), from ``FAULT_START`` to ``duration``
 ---------------------------------------------------------------
-* SIGKILL of either server, restarted empty after a while (nothing is kept
-  on disk yet).  A server is killed only while its peer holds the whole map
+* SIGKILL of either server, restarted after a while: with the map it kept on
+  disk (two seeds in three, ``durable``: each server has a data folder, and
+  the wall clock is Trio's) or empty.  A server is killed only while its peer holds the whole map
   (active, or a passive that completed a copy) and nothing else is wrong
   with the peer (no cut or stall, no node frozen, not slow or behind): the
   pair promises to survive one failure at a time, and its replication is
   asynchronous.
-* SIGKILL of both servers (in one seed in ten or so): the map is lost, and
+* SIGKILL of both servers (in one seed in ten or so), restarted in either
+  order: the map comes back from disk (``durable``), or is lost, and then
   writes confirmed before it bind nothing; clients must notice the new map.
 * SIGKILL of a client, restarted after a while.
 * A cut (connections reset, what was in flight lost) or a stall (a
@@ -34,8 +36,9 @@ All along (``_monitor``, every 0.25 s, and ``published``):
 * ``entries_published``: a synced client holds only entries that a server
   published, at that sequence, in the history it follows (lineage and
   branch, ``chp.map_of``; below the branch, in the lineage).
-* ``applied_once``: no server process publishes one UUID twice in one
-  history (lineage and branch: a fork it abandoned is another history).
+* ``applied_once``: no server process (no server, over its restarts, when
+  ``durable``) publishes one UUID twice in one history (lineage and
+  branch: a fork it abandoned is another history).
 * ``sequence_increases``: within one active period of a server, the
   sequences it publishes in a lineage strictly increase.
 * ``takeover_keeps_heard``: a server that takes over holds, for each key,
@@ -66,6 +69,8 @@ import hashlib
 import itertools
 import logging
 import random
+import shutil
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -83,9 +88,9 @@ from trioclone.core.chp import (
     SEQUENCE,
     TTL,
     decode_kvmsg,
-    lineage_of,
+    map_of,
 )
-from trioclone.core.replica import Phase
+from trioclone.core.replica import Phase, _same as same_history
 from trioclone.core.server import Role
 from trioclone.endpoints import Endpoints
 from trioclone.errors import RemoteProtocolError, WriteTimeoutError
@@ -187,7 +192,7 @@ def deterministic(seed: int) -> Iterator[None]:
 # -- the system ---------------------------------------------------------------
 
 
-def settings_for(rng: random.Random) -> dict[str, ServerSettings]:
+def settings_for(rng: random.Random, folder: str | None) -> dict[str, ServerSettings]:
     chp = {
         name: Endpoints(
             f"sim://{name}/snapshot",
@@ -213,6 +218,7 @@ def settings_for(rng: random.Random) -> dict[str, ServerSettings]:
             publisher_hwm=hwm,
             sync_timeout=sync_timeout,
             status_interval=3600,
+            data_dir=None if folder is None else f"{folder}/{me}",
         )
     return result
 
@@ -229,12 +235,15 @@ class ServerNode:
         self.incarnation = 0
         self.period = 0
         #: What this server's passive heard on the stream: key -> (sequence,
-        #: lineage, body, has a TTL), the newest; checked once it took over.
+        #: history (lineage/branch), body, has a TTL), the newest; checked
+        #: once it took over, against the history of the map it took over.
         self.heard: dict[bytes, tuple[int, str | None, bytes, bool]] = {}
         self.to_check: dict[bytes, tuple[int, str | None, bytes, bool]] | None = None
         self._lineage: str | None = None
         self._connection: object = None
         self._unsure: dict[bytes, tuple[int, str | None, bytes, bool]] | None = None
+        self._stopped: trio.Event | None = None  # set once its task ended
+        self.took_history: str | None = None  # of the map its passive held
 
     @property
     def alive(self) -> bool:
@@ -255,6 +264,14 @@ class ServerNode:
             await handler(is_reply, batch)
 
         server._mirror = mirror  # type: ignore[method-assign]
+        core, become_active = server.core, server.core._become_active
+
+        def taking_over(now: float) -> None:
+            replica = core.replica  # (the history of the map it takes over)
+            self.took_history = replica.history if replica is not None else None
+            become_active(now)
+
+        core._become_active = taking_over  # type: ignore[method-assign]
 
     def _snapshot(self, frames: list[bytes], server: CloneServer) -> None:
         """A snapshot's end: it speaks for every key up to its sequence
@@ -267,15 +284,20 @@ class ServerNode:
 
     def _heard(self, frames: list[bytes], server: CloneServer) -> None:
         """An update the passive heard counts once its connection said (a
-        HUGZ naming the map it holds, or a snapshot) that it carries that
-        map: before, it could be another map's (a restarted server's)."""
+        HUGZ naming the history of the map it holds, lineage and branch, or
+        a snapshot) that it carries that map: before, it could be another
+        map's (a restarted server's)."""
         try:
             msg = decode_kvmsg(frames)
         except RemoteProtocolError:
             return
         if msg.key == HUGZ:
-            self._lineage = lineage_of(msg)
-            if self._lineage == server.core.lineage:
+            self._lineage = map_of(msg)
+            # the map's history is the replica's (a map kept on disk and not
+            # synced since holds its own: another branch is another map)
+            replica = server.core.replica
+            ours = replica.history if replica is not None else None
+            if ours is not None and same_history(map_of(msg), ours):
                 self._sure()
             else:
                 self._unsure = {}
@@ -294,8 +316,14 @@ class ServerNode:
                 self.heard[key] = value
 
     async def start(self, nursery: trio.Nursery) -> None:
+        if self._stopped is not None:
+            await self._stopped.wait()  # (its data folder is free again)
         self.incarnation += 1
-        server = CloneServer(self.settings, sockets=self.world.net.sockets(self.name))
+        server = CloneServer(
+            self.settings,
+            sockets=self.world.net.sockets(self.name),
+            wall=trio.current_time,
+        )
         self.server = server
         self.heard, self.to_check, self._lineage = {}, None, None
         self._observe(server)
@@ -321,11 +349,14 @@ class ServerNode:
         )
 
     async def _run(self, server: CloneServer, *, task_status: Any) -> None:
+        self._stopped = stopped = trio.Event()
         with trio.CancelScope() as self.scope:
             try:
                 await server.run(task_status=task_status)
             except Exception as exc:
                 self.world.crash(f"{self.name}: {exc!r}")
+            finally:
+                stopped.set()
 
     def kill(self) -> None:
         self.world.log(f"kill {self.name}")
@@ -479,7 +510,12 @@ class World:
         self.outages: list[float] = []
         self.final: dict[bytes, tuple[bytes, int]] = {}
         self.end = 0.0
-        settings = settings_for(self.rng)
+        #: Servers keep their maps on disk (two seeds in three).
+        self.durable = seed % 3 != 2
+        self.folder = (
+            tempfile.mkdtemp(prefix="trioclone-sim-") if self.durable else None
+        )
+        settings = settings_for(self.rng, self.folder)
         self.endpoints = [settings[name].bind for name in SERVERS]
         self.servers = {
             name: ServerNode(self, name, settings[name]) for name in SERVERS
@@ -543,7 +579,8 @@ class World:
         self._last[period] = sequence
         if uuid:  # (per history: a fork a server left, and its writes, is gone)
             history = f"{lineage}/{branch}"
-            seen = self._uuids.setdefault((node.name, incarnation, history), set())
+            run = 0 if self.durable else incarnation  # a map kept is one history
+            seen = self._uuids.setdefault((node.name, run, history), set())
             if uuid in seen:
                 self.violations.append(
                     Violation(
@@ -629,9 +666,11 @@ class World:
                     continue
                 for node in self.servers.values():
                     node.kill()
-                self.outages.append(trio.current_time())
+                if not self.durable:
+                    self.outages.append(trio.current_time())
                 self._fault(
-                    f"kill both servers (the map is lost), restart after {length:.2f} s"
+                    f"kill both servers (the map is {'kept' if self.durable else 'lost'}),"
+                    f" restart after {length:.2f} s"
                 )
                 first, second = rng.sample(list(self.servers.values()), 2)
                 nursery.start_soon(self._restart, first, length, nursery)
@@ -703,8 +742,13 @@ class World:
             return
         node.to_check = None
         store, lineage = server.core.store, server.core.lineage
+        took = node.took_history
         for key, (sequence, of, body, ttl) in heard.items():
-            if of != lineage or store.sequence_of(key) >= sequence:
+            if (of or "").partition("/")[0] != lineage:
+                continue  # another map's
+            if took is not None and not same_history(of, took):
+                continue  # it took over a map of another branch (kept on disk)
+            if store.sequence_of(key) >= sequence:
                 continue
             if key not in store and (not body or ttl):
                 continue  # deleted, or expired since
@@ -895,7 +939,7 @@ class World:
         for write in self.writes:
             by_key.setdefault(write.key, []).append(write)
         # A write confirmed before both servers were last killed was lost
-        # with the map (nothing is kept on disk yet): it binds nothing.
+        # with the map (unless it was kept on disk): it binds nothing.
         lost_before = max(self.outages, default=-1.0)
         for key, writes in by_key.items():
             confirmed = [
@@ -978,6 +1022,8 @@ def run(seed: int, *, duration: float = 30.0) -> Result:
             )
     finally:
         logger.setLevel(level)
+        if world.folder is not None:
+            shutil.rmtree(world.folder, ignore_errors=True)
     world.trace.extend(
         f"final {k.decode()}={v.decode()!r}@{s}"
         for k, (v, s) in sorted(world.final.items())

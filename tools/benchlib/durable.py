@@ -36,7 +36,7 @@ def run(
     out: dict[str, Any] = {kind: {} for kind in KINDS}
     for kind, server in servers.items():
         out[kind]["fill"] = snapshots.fill(ctx, server, 0, keys)
-    for kind, server in servers.items():  # warm-up, not counted
+    for server in servers.values():  # warm-up, not counted
         load.flood(mp, ctx, server, subscribers=1, count=10_000, key_space=key_space)
     tries: dict[str, list[dict[str, Any]]] = {kind: [] for kind in KINDS}
     for _ in range(repeats):
@@ -103,7 +103,11 @@ def render(result: dict[str, Any] | None) -> list[str]:
     def row(label: str, path: tuple[str, ...], spec: str, unit: str = "") -> None:
         values = [_dig(result, kind, *path) for kind in KINDS]
         shown = [
-            "-" if v is None else f"{v:{spec}}{unit}" if not isinstance(v, bool) else str(v)
+            "-"
+            if v is None
+            else f"{v:{spec}}{unit}"
+            if not isinstance(v, bool)
+            else str(v)
             for v in values
         ]
         ratio = (

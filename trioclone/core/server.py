@@ -251,6 +251,9 @@ class ServerCore:
         self._restored_active = False
         #: Why this server must stop: its map on disk is not its peer's.
         self.conflict: str | None = None
+        self._restored_history: str | None = None
+        #: The map whose writes the last step-down hands over.
+        self._handed_map: ServerMap | None = None
 
     # -- state ----------------------------------------------------------------
 
@@ -304,17 +307,39 @@ class ServerCore:
     @property
     def own_writes(self) -> bool:
         """The map holds writes this server accepted as active, after
-        ``branch`` (so it hands them over if it finds a peer active)."""
-        return self.role is Role.ACTIVE or self._restored_active
+        ``branch`` (so it hands them over if it finds a peer active): it
+        is active, or was when it stopped, or still hands them over."""
+        return (
+            self.role is Role.ACTIVE
+            or self._restored_active
+            or (
+                (self._handoff is not None or self.pending.relaying)
+                and self.map is self._handed_map
+            )
+        )
 
-    def restore(self, lineage: str, branch: int, active: bool) -> None:
+    @property
+    def map_history(self) -> str | None:
+        """The history the map belongs to (``chp.map_of``): a passive's, the
+        active's it copied; else the lineage and branch it serves."""
+        replica = self.replica
+        if replica is not None and replica.history is not None:
+            return replica.history
+        if self.restored:
+            return self._restored_history
+        return None if self.lineage is None else f"{self.lineage}/{self.branch}"
+
+    def restore(
+        self, lineage: str, branch: int, active: bool, history: str | None
+    ) -> None:
         """The map (``store`` and ``applied``) was loaded from disk: its
-        lineage, and whether this server was its active (its own writes
-        are those after ``branch``) or a passive (everything came from the
-        peer) when it stopped."""
+        lineage, whether this server was its active (its own writes are
+        those after ``branch``) or a passive (everything came from the
+        peer) when it stopped, and the history it belongs to."""
         self.lineage = lineage
         self.fresh = False
         self.branch = branch if active else self.store.sequence
+        self._restored_history = history
         self.restored = True
         self._restored_active = active
         if active:
@@ -838,6 +863,7 @@ class ServerCore:
         ):
             bound = max(bound, claim.branch)
         tombstones, self._tombstones = self._tombstones, OrderedDict()
+        self._handed_map = self.map  # (kept as its own until a resync)
         why = (
             "restarted, the peer active"
             if restarted
@@ -966,6 +992,8 @@ class Mirror(Replica[ServerMap]):
         self.core = core
         self.sequence = live.store.sequence
         self.lineage = core.lineage
+        if core.restored:  # what the map kept on disk belongs to
+            self.history = core.map_history
         #: The active serves a map founded empty after ours: not adopted.
         self.refused_new_map = False
 

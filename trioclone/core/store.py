@@ -229,10 +229,6 @@ class Store:
             frames.insert(0, identity)
         return frames
 
-    def record(self, key: bytes) -> bytes | None:
-        """The packed record of ``key`` (what a durable copy keeps)."""
-        return self._records.get(key)
-
     def drain(
         self, offset: float
     ) -> tuple[list[tuple[bytes, bytes, float | None]], list[tuple[bytes]]]:

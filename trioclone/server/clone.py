@@ -71,6 +71,7 @@ class CloneServer:
         *,
         context: Context | None = None,
         sockets: Callable[[], Sockets] | None = None,
+        wall: Callable[[], float] = wall_clock,
     ):
         self.settings = settings
         self.core = ServerCore(
@@ -101,6 +102,8 @@ class CloneServer:
         self._context = context
         #: Makes the server's sockets (a simulated network can stand in).
         self._open_sockets = sockets or (lambda: Sockets(context))
+        #: The wall clock, for what is kept on disk (a simulation's is Trio's).
+        self._wall = wall
         self._log = Limited(log)
         #: Messages rejected, by the socket they came in on.
         self.rejections: Counter[str] = Counter()
@@ -139,13 +142,8 @@ class CloneServer:
         self.data = self._open_data(s.data_dir, s.fsync, s.reset_data)
         try:
             await self._serve(task_status)
-        finally:
-            try:
-                self._persist()  # (a passive's map is not flushed by publishing)
-            except DataDirError as exc:
-                log.error("%s", exc)
-            finally:
-                self.data.close()
+        finally:  # (no last flush: each input's was whole, as at a SIGKILL)
+            self.data.close()
 
     def _open_data(self, folder: str, fsync: str, reset: bool) -> DataDir:
         data = DataDir(Path(folder), fsync, reset=reset)
@@ -154,7 +152,7 @@ class CloneServer:
                 "starting with an empty map: --reset-data deleted %s", data.path
             )
         try:
-            kept = data.load(self.core, trio.current_time(), wall_clock())
+            kept = data.load(self.core, trio.current_time(), self._wall())
         except BaseException:
             data.close()
             raise
@@ -177,7 +175,7 @@ class CloneServer:
         """Commit what changed in the map (before anything shows it)."""
         data = self.data
         if data is not None:
-            data.flush(self.core, trio.current_time(), wall_clock())
+            data.flush(self.core, trio.current_time(), self._wall())
 
     async def _serve(self, task_status: Any) -> NoReturn:
         s, core = self.settings, self.core

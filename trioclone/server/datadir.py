@@ -4,9 +4,9 @@ What is kept: every key's record as the store packs it (sequence, UUID,
 properties, value) with its TTL deadline as wall-clock time, so a restart
 knows what expired while it was down; the window of replaced writes (a row
 of UUIDs per commit, with the wall-clock time of its newest); and one meta
-row: the map's lineage, sequence and
-branch, and whether this server was its active (its own writes are then
-those after the branch).
+row: the map's lineage, sequence,
+branch and history (``chp.map_of``), and whether this server was its
+active (its own writes are then those after the branch).
 
 When: the shell calls ``flush`` before anything that shows the map leaves
 the server (every publish, every snapshot chunk) and after every input it
@@ -61,9 +61,10 @@ CREATE TABLE meta (
     lineage TEXT,
     sequence INTEGER NOT NULL,
     branch INTEGER NOT NULL,
-    active INTEGER NOT NULL
+    active INTEGER NOT NULL,
+    history TEXT
 );
-INSERT INTO meta VALUES (0, {format}, 0, NULL, 0, 0, 0);
+INSERT INTO meta VALUES (0, {format}, 0, NULL, 0, 0, 0, NULL);
 CREATE TABLE kv0 (key BLOB PRIMARY KEY, record BLOB NOT NULL, deadline REAL)
     WITHOUT ROWID;
 CREATE TABLE kv1 (key BLOB PRIMARY KEY, record BLOB NOT NULL, deadline REAL)
@@ -88,7 +89,7 @@ class Kept:
     active: bool
 
 
-Meta = tuple[int, str | None, int, int, bool]
+Meta = tuple[int, str | None, int, int, bool, str | None]
 
 
 def wall_clock() -> float:
@@ -197,9 +198,9 @@ class DataDir:
         together: deadlines and window times are kept as wall-clock time."""
         try:
             meta = self._db.execute(
-                "SELECT current, lineage, sequence, branch, active FROM meta"
+                "SELECT current, lineage, sequence, branch, active, history FROM meta"
             ).fetchone()
-            current, lineage, sequence, branch, active = meta
+            current, lineage, sequence, branch, active, history = meta
             smap = core.map
             if lineage is not None:
                 rows = self._db.execute(
@@ -220,7 +221,7 @@ class DataDir:
         _clear_journals(smap)
         if lineage is None:
             return None
-        core.restore(lineage, branch, bool(active))
+        core.restore(lineage, branch, bool(active), history)
         self._written = self._meta(core)
         return Kept(lineage, sequence, len(smap.store), len(smap.applied), bool(active))
 
@@ -261,7 +262,7 @@ class DataDir:
             if meta != self._written:
                 db.execute(
                     "UPDATE meta SET current=?, lineage=?, sequence=?, branch=?, "
-                    "active=?",
+                    "active=?, history=?",
                     meta,
                 )
             if now >= self._evict_at:
@@ -303,6 +304,7 @@ class DataDir:
             core.map.store.sequence,
             core.branch,
             core.own_writes,
+            core.map_history,
         )
 
     def _write(self, tables: int, smap: ServerMap, now: float, wall: float) -> None:
