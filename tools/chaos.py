@@ -589,7 +589,9 @@ class Chaos:
             "--status-interval",
             str(STATUS_INTERVAL),
         ]
-        if self.durable:
+        if self.args.in_memory:
+            args += ["--in-memory"]
+        elif self.durable:
             args += ["--data-dir", str(me.data_dir)]
             if self.args.fsync:
                 args += ["--fsync", self.args.fsync]
@@ -1144,6 +1146,7 @@ class Report:
         self.lineage_changes: list[str] = []
         #: where the SUBs missed updates (the first few)
         self.unseen_at: list[str] = []
+        self.histories: list[History] = []
         #: dropped at a takeover and published again later (a hand-over)
         self.back_later: list[tuple[Dropped, float]] = []
         #: dropped at a takeover, overwritten by a newer write before back
@@ -1192,7 +1195,7 @@ class Report:
                 and may_follow(x, w)
             ):
                 self.figures["superseded"] += 1
-                if x.confirmed is None or x.issued < (w.confirmed or 0):
+                if x.issued < (w.confirmed or 0):
                     self.figures["superseded by an overlapping write"] += 1
                 lineage = self.lineage_at.get((w.value, w.seq))
                 same = lineage is not None and lineage == self.lineage_at.get(
@@ -1212,6 +1215,7 @@ class Report:
         chaos = self.chaos
         starts = {n: s.starts for n, s in chaos.servers.items()}
         histories, violations = split_histories(chaos.observer.seen, starts)
+        self.histories = histories
         violations += [f"malformed: {m}" for m in chaos.observer.malformed]
         # A history's HUGZ, over every server, never go back; no fork.
         by_name: dict[tuple[str | None, int | None], list[History]] = defaultdict(list)
@@ -1505,6 +1509,7 @@ class Report:
             print(f"note: {note}")
         for where in self.unseen_at:
             print(f"not seen by the SUBs: {where}")
+        self.show_unconfirmed()
         if self.back_later:
             delays = [t - d.by.first for d, t in self.back_later]
             print(
@@ -1584,6 +1589,28 @@ class Report:
             flush=True,
         )
         return 1 if failed else 0
+
+    def show_unconfirmed(self) -> None:
+        """Writes that timed out: applied or not, as the SUBs saw."""
+        published = {
+            u.value for h in self.histories for u in h.updates if u.value is not None
+        }
+        unconfirmed = [w for w in self.writes if not w.ok]
+        if not unconfirmed:
+            return
+        applied = [w for w in unconfirmed if w.value in published]
+        print(
+            f"unconfirmed: {len(unconfirmed)} writes timed out, {len(applied)} of "
+            "them were applied all the same (published)"
+        )
+        final = self.final
+        for w in unconfirmed[:5]:
+            held = final is not None and final.entries.get(w.key, (0, ""))[1] == w.value
+            print(
+                f"UNCONFIRMED: {w.key} = {self.describe(w)} by {w.writer}, "
+                f"{'published' if w in applied else 'never published'}"
+                f"{', held at the end' if held else ''}"
+            )
 
     def check_maps(self) -> list[str]:
         """(b): the clients' maps and the passive's copy."""
@@ -1683,7 +1710,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--health-timeout", type=float, default=30.0, help="per cycle (30 s)"
     )
-    parser.add_argument("--fsync", help="servers' --fsync, with durable maps")
+    parser.add_argument(
+        "--fsync",
+        choices=["always", "interval", "off"],
+        help="servers' --fsync, with durable maps",
+    )
+    parser.add_argument(
+        "--in-memory",
+        action="store_true",
+        help="servers keep no map on disk (then one kill at a time)",
+    )
     parser.add_argument(
         "--server-arg",
         action="append",
@@ -1694,13 +1730,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep the folder")
     parser.add_argument("-v", "--verbose", action="store_true", help="print events")
     args = parser.parse_args(argv)
-    durable = has_durable_maps()
+    durable = has_durable_maps() and not args.in_memory
     kinds = ["active", "passive", "both"] if durable else ["active", "passive"]
     args.modes = args.modes.split(",") if args.modes else kinds
     if not set(args.modes) <= {"active", "passive", "both"} or not args.modes:
         parser.error("--modes takes active, passive and both")
     if "both" in args.modes and not durable:
-        parser.error("killing both servers needs durable maps (serve --data-dir)")
+        parser.error(
+            "killing both needs durable maps (serve --data-dir, no --in-memory)"
+        )
     if args.fsync and not durable:
         parser.error("--fsync needs durable maps")
     if args.workdir is not None:
