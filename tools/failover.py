@@ -42,6 +42,7 @@ CONFIGS = {
 
 
 def one_run(timing: tuple[str, ...]) -> dict[str, Any]:
+    """One pair (each server's data folder in a temporary one), one kill."""
     with (
         tempfile.TemporaryDirectory(prefix="trioclone-failover-") as tmp,
         Processes(Path(tmp)) as procs,

@@ -185,12 +185,16 @@ class Processes:
         """Any command, its output logged to a file, stopped like a server."""
         args = list(args)
         log_path = self.log_dir / f"{next(self._names):02d}-{name}.log"
+        # a server's default data folder is under the log folder, never the
+        # user's (the tests' own fixture does the same per test)
+        env = {**os.environ, "XDG_DATA_HOME": str(self.log_dir / "data")}
         with log_path.open("wb") as log_file:
             popen = subprocess.Popen(
                 args,
                 stdin=subprocess.DEVNULL,
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
+                env=env,
             )
         proc = ServerProcess(name, args, log_path, popen, port)
         self.started.append(proc)

@@ -420,16 +420,24 @@ def transitions(proc: ServerProcess) -> list[str]:
     ]
 
 
+def pair_and_writer(
+    procs: Processes, lab: Lab, tmp_path: Path
+) -> tuple[ServerProcess, ServerProcess, Client]:
+    """A pair, and the left client writing: 20 writes confirmed by the primary."""
+    primary, backup = start_pair(procs, lab)
+    left = start_client(procs, lab, "left", tmp_path)
+    left.send("start")
+    left.wait_confirmed(20, 10, server=endpoint("primary", "a"))
+    return primary, backup, left
+
+
 # -- the tests ---------------------------------------------------------------------
 
 
 def test_clients_cut_from_an_active_the_backup_still_hears_get_no_failover(
     lab: Lab, procs: Processes, tmp_path: Path
 ) -> None:
-    primary, backup = start_pair(procs, lab)
-    left = start_client(procs, lab, "left", tmp_path)
-    left.send("start")
-    left.wait_confirmed(20, 10, server=endpoint("primary", "a"))
+    primary, backup, left = pair_and_writer(procs, lab, tmp_path)
 
     cut_at = phase("cut: left | primary; the backup reaches both")
     lab.cut(("primary", "a"))
@@ -462,10 +470,7 @@ def test_clients_cut_from_an_active_the_backup_still_hears_get_no_failover(
 def test_an_active_cut_from_clients_and_backup_fails_over_and_loses_nothing(
     lab: Lab, procs: Processes, tmp_path: Path
 ) -> None:
-    primary, backup = start_pair(procs, lab)
-    left = start_client(procs, lab, "left", tmp_path)
-    left.send("start")
-    left.wait_confirmed(20, 10, server=endpoint("primary", "a"))
+    primary, backup, left = pair_and_writer(procs, lab, tmp_path)
 
     cut_at = phase("cut: primary | backup + left")
     lab.cut(*(("primary", lan) for lan in LANS))
@@ -501,10 +506,7 @@ def test_an_active_cut_from_clients_and_backup_fails_over_and_loses_nothing(
 def test_servers_cut_from_each_other_keep_one_active_and_converge(
     lab: Lab, procs: Processes, tmp_path: Path
 ) -> None:
-    primary, backup = start_pair(procs, lab)
-    left = start_client(procs, lab, "left", tmp_path)
-    left.send("start")
-    left.wait_confirmed(20, 10, server=endpoint("primary", "a"))
+    primary, backup, left = pair_and_writer(procs, lab, tmp_path)
 
     cut_at = phase("cut: primary | backup; left reaches both")
     lab.cut(("primary", "srv"))

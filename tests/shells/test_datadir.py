@@ -68,6 +68,17 @@ def on_disk(folder: Path) -> tuple[int, list[bytes]]:
     return sequence, sorted(keys)
 
 
+def kept(folder: Path, *writes: list[bytes]) -> None:
+    """An active server's map after ``writes`` (at 0.0), kept in ``folder``."""
+    core = active_core(journal=True)
+    data = DataDir(folder)
+    data.load(core, 0.0, WALL)
+    for frames in writes:
+        core.collect(frames, 0.0)
+    data.flush(core, 0.0, WALL)
+    data.close()
+
+
 def test_the_map_comes_back_with_its_sequence_lineage_window_and_deadlines(
     tmp_path: Path,
 ) -> None:
@@ -96,13 +107,7 @@ def test_the_map_comes_back_with_its_sequence_lineage_window_and_deadlines(
 
 
 def test_a_key_that_expired_while_down_is_expired_at_the_start(tmp_path: Path) -> None:
-    core = active_core(journal=True)
-    data = DataDir(tmp_path)
-    data.load(core, 0.0, WALL)
-    core.collect(kvset(b"/t", b"x", U1, {"ttl": "5"}), 0.0)
-    core.collect(kvset(b"/kept", b"y", U2), 0.0)
-    data.flush(core, 0.0, WALL)
-    data.close()
+    kept(tmp_path, kvset(b"/t", b"x", U1, {"ttl": "5"}), kvset(b"/kept", b"y", U2))
     again = reopen(tmp_path, 3.0, WALL + 60.0)
     again.start(3.0)
     deletes = again.expire(3.0)
@@ -262,12 +267,7 @@ def test_a_restarted_passive_taking_over_keeps_what_it_heard_of_its_map(
 
 
 def test_a_map_on_disk_that_is_not_the_peers_stops_the_server(tmp_path: Path) -> None:
-    core = active_core(journal=True)
-    data = DataDir(tmp_path)
-    data.load(core, 0.0, WALL)
-    core.collect(kvset(b"/ours", b"o", U1), 0.0)
-    data.flush(core, 0.0, WALL)
-    data.close()
+    kept(tmp_path, kvset(b"/ours", b"o", U1))
     again = reopen(tmp_path, 0.0, WALL, bstar=BinaryStar(False, 0.0))
     again.on_peer_state(state(State.ACTIVE), 0.0)
     again.poll(0.0)
@@ -286,12 +286,7 @@ def test_a_file_that_is_not_a_database_is_refused_by_name(tmp_path: Path) -> Non
 
 
 def test_a_corrupt_record_is_refused_and_nothing_is_loaded(tmp_path: Path) -> None:
-    core = active_core(journal=True)
-    data = DataDir(tmp_path)
-    data.load(core, 0.0, WALL)
-    core.collect(kvset(b"/a", b"1", U1), 0.0)
-    data.flush(core, 0.0, WALL)
-    data.close()
+    kept(tmp_path, kvset(b"/a", b"1", U1))
     with sqlite3.connect(tmp_path / FILE) as db:
         db.execute("UPDATE kv0 SET record = x'0000'")
     data = DataDir(tmp_path)
@@ -316,12 +311,7 @@ def test_one_folder_serves_one_server_at_a_time(tmp_path: Path) -> None:
 
 
 def test_reset_starts_empty(tmp_path: Path) -> None:
-    core = active_core(journal=True)
-    data = DataDir(tmp_path)
-    data.load(core, 0.0, WALL)
-    core.collect(kvset(b"/a", b"1", U1), 0.0)
-    data.flush(core, 0.0, WALL)
-    data.close()
+    kept(tmp_path, kvset(b"/a", b"1", U1))
     data = DataDir(tmp_path, reset=True)
     assert data.load(new_core(journal=True), 0.0, WALL) is None
     data.close()

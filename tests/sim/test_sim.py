@@ -34,15 +34,15 @@ def test_a_seed_replays_exactly() -> None:
 
 
 # Each known bug, put back (tests/sim/mutants.py), and the first seed that
-# catches it: python tools/sim.py --seeds 500 --mutant NAME --stop (one,
-# confirmed-before-live, first caught at 782 since servers keep their maps
-# on disk: --start 500 --seeds 1000).
+# catches it: python tools/sim.py --seeds 1000 --mutant NAME --stop (since
+# servers keep their maps on disk, confirmed-before-live is first caught at
+# 782).
 CAUGHT = {
     # bugs that the issue "Nothing lost, nothing stale, nothing twice" fixed
     "backlog-dropped": 251,  # case 1
-    "lineage-ignored": 250,  # case 2
+    "lineage-ignored": 372,  # case 2
     "window-ignored": 0,  # case 3
-    "subtree-gaps-ignored": 154,  # case 4
+    "subtree-gaps-ignored": 67,  # case 4
     "split-writes-discarded": 183,  # case 6
     "confirmed-before-live": 782,  # the replica core's confirmation rule
     # bugs the simulation found (the seed is each one's regression test; the

@@ -11,10 +11,12 @@ Faults (``World._faults``), from ``FAULT_START`` to ``duration``
 ---------------------------------------------------------------
 * SIGKILL of either server, restarted after a while: with the map it kept on
   disk (two seeds in three, ``durable``: each server has a data folder, and
-  the wall clock is Trio's) or empty.  A server is killed only while its peer holds the whole map
-  (active, or a passive that completed a copy) and nothing else is wrong
-  with the peer (no cut or stall, no node frozen, not slow or behind): the
-  pair promises to survive one failure at a time, and its replication is
+  the wall clock is Trio's) or empty.  With maps on disk a server is
+  killed at any moment: what its peer did not receive comes back when it
+  restarts.  Without, only while its peer holds the whole map (active, or
+  a passive that completed a copy) and nothing else is wrong with the peer
+  (no cut or stall, no node frozen, not slow or behind): the pair then
+  promises to survive one failure at a time, as its replication is
   asynchronous.
 * SIGKILL of both servers (in one seed in ten or so), restarted in either
   order: the map comes back from disk (``durable``), or is lost, and then
@@ -631,11 +633,13 @@ class World:
             if kind == "kill":
                 name = rng.choice(SERVERS)
                 node, peer = self.servers[name], self.servers[_peer(name)]
-                if not (node.alive and peer.holds_map()):
+                if not node.alive:
                     continue
                 peer_name = _peer(name)
                 servers = frozenset(SERVERS)
-                if (
+                if not self.durable and not peer.holds_map():
+                    continue
+                if not self.durable and (
                     net.cuts[servers]
                     or net.stalls[servers]
                     or net.frozen

@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 from benchlib import load, snapshots
+from benchlib.report import dig
 from benchlib.servers import Fleet, Server
 from benchlib.wire import Context, server_sequence
 
@@ -101,7 +102,7 @@ def render(result: dict[str, Any] | None) -> list[str]:
     ]
 
     def row(label: str, path: tuple[str, ...], spec: str, unit: str = "") -> None:
-        values = [_dig(result, kind, *path) for kind in KINDS]
+        values = [dig(result, kind, *path) for kind in KINDS]
         shown = [
             "-"
             if v is None
@@ -131,7 +132,7 @@ def render(result: dict[str, Any] | None) -> list[str]:
                 f"  flood with --fsync {mode}: {flood['rate']:,.0f} updates/s, "
                 f"{flood['cpu_us']:.1f} us CPU per update, {flood['lost_max']} lost"
             )
-    again = _dig(result, "durable", "restart")
+    again = dig(result, "durable", "restart")
     if again:
         lines.append(
             f"  SIGKILL, restart with {again['keys_back']} keys kept: serving in "
@@ -139,11 +140,3 @@ def render(result: dict[str, Any] | None) -> list[str]:
             f"{again['sequence_after']}"
         )
     return lines
-
-
-def _dig(tree: Any, *path: str) -> Any:
-    for step in path:
-        if not isinstance(tree, dict) or step not in tree:
-            return None
-        tree = tree[step]
-    return tree
