@@ -3,7 +3,8 @@
     python tools/chaos.py [--cycles N] [--seed S] [--modes active,passive,both]
     nox -s chaos -- --cycles 50 --seed 7
 
-What runs (all on 127.0.0.1, on free ports, in a temporary folder):
+What runs (all on 127.0.0.1, in a temporary folder, on free ports below the
+kernel's ephemeral range, which a restarted server could find taken):
 
 * a primary and a backup ``trioclone serve`` process (``--status-interval
   0.5``, ``--heartbeat``/``--hugz`` 0.5 s unless told), each with a
@@ -35,9 +36,10 @@ says ACTIVE and it answers a snapshot; the other's says PASSIVE, it logged
 lines, logged after that snapshot, shows the active's lineage at a sequence
 at least the snapshot's.  Killing both needs durable maps (``serve
 --data-dir``); without them only one server is killed at a time (the
-restarted one resyncs from its peer).  The seed fixes the schedule (modes,
-waits, down times, the keys each writer writes), not the timing of the
-processes, so a failing seed may pass when run again.
+restarted one resyncs from its peer); ``--in-memory`` runs them so.  The
+seed fixes the schedule (modes, waits, down times, the keys each writer
+writes), not the timing of the processes, so a failing seed may pass when
+run again.
 
 At the end: stop the writers, wait until the pair is healthy and the
 active's sequence stays put, take a snapshot from the active, and check
@@ -63,16 +65,21 @@ this host):
     writes it held in the order they reached it, so writes confirmed at
     s_x < s_w may legitimately end in the other order (counted as
     "reordered", not lost).
-    The same rule is applied at every takeover, to the map the new active
-    serves once it took over: a confirmed write that the old active
-    published beyond the new active's branch point (a "rewind": the passive
-    had not heard it) must be replayed, or superseded as above, in what the
-    new active published before its first HUGZ that names its branch
-    (counting only writes issued before the new active was first heard from,
-    so a newer write cannot hide the loss).  Such a loss is real even if a
-    later write to its key hides it from the final map.  This needs the raw
-    SUBs to have seen every update of the lineage (contiguous sequences);
-    where they did not, it is skipped and said so.
+    The same rule is applied as the map goes, to what the servers published
+    (seen by the raw SUBs).  At each takeover, the newest confirmed write to
+    each key that the old active had published beyond the new active's
+    branch point (a "rewind": the passive had not heard it) is followed
+    until its key is published again: with its value (replayed at the
+    takeover, or "back later": the killed server's hand-over at its
+    restart), or with a write that may follow it (superseded).  One still
+    waiting at the end is lost.  One superseded by a write issued after the
+    takeover ("overwritten before back") is printed but is not a failure:
+    its key showed an older value meanwhile, the asynchronous replication
+    the README admits (and a hand-over yields to the peer's newer writes).
+    A new lineage is the map lost: a failure by itself, and a write it
+    dropped must be in what the new map published first.  A sequence the
+    SUBs never saw (a SIGKILLed server's last messages, which its map on
+    disk may hold) is an unknown position, not checked.
 (b) Maps are equal: each writer's map, each watcher's own map and the map
     it rebuilt from its events equal the active's (the subtree watcher's,
     the active's under /chaos/sub/), and the passive's last status line shows
@@ -81,10 +88,11 @@ this host):
     period started from, as the HUGZ name them) a server's updates have
     strictly increasing sequences and its HUGZ never go back; over all
     servers, a history's HUGZ never go back and no two different updates
-    share a sequence; and, where the SUBs saw every update, the updates of
-    the active's history, rebuilt into a map, give the active's final map
-    (values and sequences).  Rewinds (a new branch below what the lineage
-    had published) are counted and are not failures by themselves.
+    share a sequence; and the updates of the active's history, rebuilt into
+    a map, give the active's final map (values and sequences; a key last
+    written at a sequence the SUBs did not see is taken as it is).  Rewinds
+    (a new branch below what the lineage had published) are counted and
+    are not failures by themselves.
 (d) No process crashed: every server exit was a SIGKILL of ours or the
     SIGTERM at the end (exit 0), no log holds a traceback, every client
     exited 0.
@@ -109,6 +117,7 @@ import os
 import random
 import shutil
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -134,7 +143,6 @@ from tests.integration.procs import (  # noqa: E402
     ServerProcess,
     decode,
     free_base_ports,
-    free_ports,
     recv,
     tcp,
 )
@@ -496,6 +504,43 @@ class Observer:
 # == the run ================================================================
 
 
+def pick_ports() -> tuple[int, int, int, int]:
+    """Two base ports P (P to P+2 free) and two Binary Star ports, below the
+    kernel's range of ephemeral ports when there is room (else from
+    ``free_base_ports``).  A server restarted on a port of that range can
+    find it taken by an outgoing connection: even by its peer's connection
+    to it, which meets itself (a TCP self-connect) while nothing listens
+    there, and holds the port."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    if low < 12_000:
+        p1, p2 = free_base_ports(2)
+        s1, s2 = free_base_ports(2, span=1)
+        return p1, p2, s1, s2
+    pick = random.Random()  # not the schedule's: ports do not change what runs
+    bases: list[int] = []
+    for _ in range(10_000):
+        base = pick.randrange(10_000, low - 3)
+        if any(abs(base - b) < 3 for b in bases):
+            continue
+        if all(_bindable(p) for p in range(base, base + 3)):
+            bases.append(base)
+            if len(bases) == 4:
+                return bases[0], bases[1], bases[2], bases[3]
+    raise RuntimeError("no free ports on 127.0.0.1")
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((HOST, port))
+        except OSError:
+            return False
+    return True
+
+
 def has_durable_maps() -> bool:
     """Does ``trioclone serve`` know ``--data-dir`` (durable maps)?"""
     help_text = subprocess.run(
@@ -528,7 +573,7 @@ class Chaos:
         self.t0 = now()
         (folder / "logs").mkdir()
         self.procs = Processes(folder / "logs")
-        (p1, p2), (s1, s2) = free_base_ports(2), free_ports(2)
+        p1, p2, s1, s2 = pick_ports()
         self.servers = {
             "primary": Server("primary", p1, s1, folder / "data-primary"),
             "backup": Server("backup", p2, s2, folder / "data-backup"),
@@ -538,6 +583,7 @@ class Chaos:
         self.killed: set[int] = set()  # PIDs we SIGKILLed
         self.timeline: list[tuple[float, str]] = []
         self.crashes: list[str] = []
+        self.crashed: Counter[str] = Counter()  # by server
         self.unhealthy: list[str] = []
         self.modes: Counter[str] = Counter()
         self.cycles_done = 0
@@ -638,6 +684,10 @@ class Chaos:
                     f"{server.name} (pid {proc.pid}) exited on its own with code "
                     f"{code}; its log ends:\n{_tail(proc.log(), 1500)}"
                 )
+                self.crashed[server.name] += 1
+                if self.crashed[server.name] > 3:
+                    self.note(f"{server.name} died on its own (code {code}) again")
+                    continue
                 self.note(f"{server.name} died on its own (code {code}): restarting")
                 self.start(server.name, " after a crash")
         for client in self.clients:
