@@ -34,7 +34,9 @@ restart after a random down time (up to ``--max-down``), and wait (at most
 says ACTIVE and it answers a snapshot; the other's says PASSIVE, it logged
 "synced from the active" (and no failed sync since), and one of its status
 lines, logged after that snapshot, shows the active's lineage at a sequence
-at least the snapshot's.  Killing both needs durable maps (``serve
+at least the snapshot's.  With ``--impatient P`` a cycle skips that wait
+with chance P, so the next kill may come during a restart, a sync or a
+hand-over (durable maps only).  Killing both needs durable maps (``serve
 --data-dir``); without them only one server is killed at a time (the
 restarted one resyncs from its peer); ``--in-memory`` runs them so.  The
 seed fixes the schedule (modes, waits, down times, the keys each writer
@@ -586,6 +588,8 @@ class Chaos:
         self.crashed: Counter[str] = Counter()  # by server
         self.unhealthy: list[str] = []
         self.modes: Counter[str] = Counter()
+        self.impatient = 0  # cycles that did not wait for health
+        self.guess = random.Random(args.seed + 1)  # (timing decides when it is used)
         self.cycles_done = 0
         self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self.observer = Observer({n: s.port for n, s in self.servers.items()})
@@ -706,6 +710,18 @@ class Chaos:
             time.sleep(min(left, 0.1))
             self.poll()
 
+    def guess_roles(self) -> tuple[str, str]:
+        """(active, passive) as the last status lines say, when the pair may
+        not be healthy: a server that says ACTIVE, else either."""
+        self.poll()
+        active = [
+            n for n, s in self.servers.items() if s.latest.get("state") == "ACTIVE"
+        ]
+        name = (
+            active[0] if len(active) == 1 else self.guess.choice(sorted(self.servers))
+        )
+        return name, "backup" if name == "primary" else "primary"
+
     def wait_healthy(self, timeout: float) -> tuple[str, str] | None:
         """(active, passive) once the pair is healthy; None after ``timeout``."""
         deadline = now() + timeout
@@ -825,6 +841,11 @@ class Chaos:
                 self.start(name, f" (cycle {number})")
             self.modes[kind] += 1
             self.cycles_done = number
+            if args.impatient and self.rng.random() < args.impatient:
+                self.impatient += 1
+                pair = self.guess_roles()
+                self.note(f"cycle {number} ({kind}): not waiting for health")
+                continue
             healthy = self.wait_healthy(args.health_timeout)
             if healthy is None:
                 self.unhealthy.append(
@@ -1621,6 +1642,8 @@ class Report:
             for t, message in sorted(chaos.timeline):
                 print(f"  {t - self.t0:8.3f} {message}")
         modes = ", ".join(f"{k} {v}" for k, v in sorted(chaos.modes.items()))
+        if chaos.impatient:
+            modes += f" ({chaos.impatient} not waiting for health)"
         trouble = [
             *([f"crashes {len(crashes)}"] if crashes else []),
             *(["sequences went wrong"] if violations else []),
@@ -1776,6 +1799,14 @@ def main(argv: list[str] | None = None) -> int:
         default=[],
         help="one more option for both servers (--server-arg=--x=y), repeatable",
     )
+    parser.add_argument(
+        "--impatient",
+        type=float,
+        default=0.0,
+        help="the chance that a cycle does not wait for the pair to be healthy "
+        "before the next kill (during a restart, sync or hand-over); needs "
+        "durable maps (default 0)",
+    )
     parser.add_argument("--workdir", type=Path, help="run here (default: a temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the folder")
     parser.add_argument("-v", "--verbose", action="store_true", help="print events")
@@ -1789,6 +1820,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(
             "killing both needs durable maps (serve --data-dir, no --in-memory)"
         )
+    if args.impatient and not durable:
+        parser.error("--impatient needs durable maps")
+    if not 0 <= args.impatient <= 1:
+        parser.error("--impatient is a chance, 0 to 1")
     if args.fsync and not durable:
         parser.error("--fsync needs durable maps")
     if args.workdir is not None:
