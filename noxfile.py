@@ -1,5 +1,7 @@
-"""Sessions: lint, typecheck, tests, bench, lateness, subtrees, sim and chaos
-(``nox -s bench -- --quick``)."""
+"""Sessions: lint, typecheck, tests, bench, lateness, subtrees, sim, fuzz and
+chaos (``nox -s bench -- --quick``)."""
+
+import os
 
 import nox
 
@@ -48,6 +50,21 @@ def sim(session: nox.Session) -> None:
     """The deterministic simulation: ``nox -s sim -- --seeds 20000``."""
     session.install("-e", ".[test]")
     session.run("python", "tools/sim.py", *session.posargs)
+
+
+@nox.session
+def fuzz(session: nox.Session) -> None:
+    """Live fuzzing of a real server pair, ``TRIOCLONE_FUZZ_EXAMPLES`` examples
+    (5,000 unless set): ``nox -s fuzz``."""
+    session.install("-e", ".[test]")
+    examples = os.environ.get("TRIOCLONE_FUZZ_EXAMPLES", "5000")
+    session.run(
+        "pytest",
+        "tests/integration/test_fuzz_live.py",
+        "-s",
+        *session.posargs,
+        env={"TRIOCLONE_FUZZ_EXAMPLES": examples},
+    )
 
 
 @nox.session

@@ -104,8 +104,11 @@ FULL = Mode(
 
 
 class Bench:
-    def __init__(self, mode: Mode, log_dir: Path) -> None:
+    def __init__(
+        self, mode: Mode, log_dir: Path, *, durable_only: bool = False
+    ) -> None:
         self.mode = mode
+        self.durable_only = durable_only
         self.mp = children.context()
         self.ctx = new_context()
         self.fleet = Fleet(self.ctx, log_dir)
@@ -131,21 +134,10 @@ class Bench:
             trioclone_commit=git_commit(),
         )
         with self.fleet:
-            small = {kind: self.fleet.start(kind, f"{kind}-small") for kind in KINDS}
-            self.section("fill 10k", lambda: self.fill(small, 0, SMALL))
-            self.section("snapshots 10k", lambda: self.snapshots(small, SMALL))
-            self.section("floods", lambda: self.floods(small))
-            self.section("loss-free ladder", lambda: self.ladder(small))
-            self.section("latency", lambda: self.latency(small))
-            if self.mode.medium_on_small:
-                self.section("fill 100k", lambda: self.fill(small, SMALL, 100_000))
-                self.section("snapshots 100k", lambda: self.snapshots(small, 100_000))
-            self.fleet.stop(*small.values())
-            self.section("durable vs in memory", self.durable)
-            self.section("memory and large store", self.large_store)
-            self.section("failover", self.failover)
-            if self.mode.idle_seconds:
-                self.section("idle pair", self.idle)
+            if self.durable_only:
+                self.section("durable vs in memory", self.durable)
+            else:
+                self.all_sections()
         self.results.update(
             load_after=round(os.getloadavg()[0], 2),
             elapsed=time.monotonic() - started,
@@ -153,6 +145,23 @@ class Bench:
         )
         self.results["targets"] = report.targets(self.results)
         return self.results
+
+    def all_sections(self) -> None:
+        small = {kind: self.fleet.start(kind, f"{kind}-small") for kind in KINDS}
+        self.section("fill 10k", lambda: self.fill(small, 0, SMALL))
+        self.section("snapshots 10k", lambda: self.snapshots(small, SMALL))
+        self.section("floods", lambda: self.floods(small))
+        self.section("loss-free ladder", lambda: self.ladder(small))
+        self.section("latency", lambda: self.latency(small))
+        if self.mode.medium_on_small:
+            self.section("fill 100k", lambda: self.fill(small, SMALL, 100_000))
+            self.section("snapshots 100k", lambda: self.snapshots(small, 100_000))
+        self.fleet.stop(*small.values())
+        self.section("durable vs in memory", self.durable)
+        self.section("memory and large store", self.large_store)
+        self.section("failover", self.failover)
+        if self.mode.idle_seconds:
+            self.section("idle pair", self.idle)
 
     # -- sections ------------------------------------------------------------
 
@@ -418,12 +427,19 @@ def main() -> int:
         default=Path("bench-results/bench.json"),
         help="JSON results",
     )
+    parser.add_argument(
+        "--durable-only",
+        action="store_true",
+        help="only the durable vs in-memory section (h)",
+    )
     args = parser.parse_args()
     # SIGTERM unwinds like Ctrl-C, so every server is still stopped by PID
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     mode = QUICK if args.quick else FULL
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    results = Bench(mode, args.out.parent / "logs").run()
+    results = Bench(
+        mode, args.out.parent / "logs", durable_only=args.durable_only
+    ).run()
     text = "\n".join([report.render(results), *durable.render(results.get("durable"))])
     print(text)
     args.out.write_text(json.dumps(results, indent=2, default=str))

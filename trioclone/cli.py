@@ -9,6 +9,7 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import trio
 import zmq
@@ -35,6 +36,7 @@ from trioclone.server.settings import (
 )
 
 log = logging.getLogger("trioclone")
+E = TypeVar("E", bound=BaseException)
 supervisor_log = logging.getLogger("trioclone.pair")
 
 #: ``serve`` options that set a setting, passed unchanged to both servers of
@@ -219,14 +221,23 @@ def run_serve(args: argparse.Namespace) -> int:
     try:
         trio.run(serve_until_signalled, CloneServer(settings))
     except* zmq.ZMQError as group:  # a bind failed: port in use, bad address
-        for exc in group.exceptions:
+        for exc in leaves(group):
             log.error("cannot start the %s server: %s", role, exc)
         failed = True
     except* DataDirError as kept:  # its map on disk cannot be used
-        for problem in kept.exceptions:
+        for problem in leaves(kept):
             log.error("the %s server stops: %s", role, problem)
         failed = True
     return 1 if failed else 0
+
+
+def leaves(group: BaseExceptionGroup[E]) -> list[E]:
+    """The exceptions in ``group`` and the groups nested in it (a task's
+    error reaches here inside its nursery's group)."""
+    found: list[E] = []
+    for exc in group.exceptions:
+        found.extend(leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return found
 
 
 def data_dir(args: argparse.Namespace, role: str, port: int) -> str | None:

@@ -26,7 +26,7 @@ UUID2 = bytes(range(16, 32))
 
 def _expire(store: Store, now: float, limit: int | None = None) -> list[bytes]:
     """The keys expired at ``now`` (the server also takes their UUIDs)."""
-    return [key for key, _ in store.expire_with_uuids(now, limit)]
+    return [key for key, *_ in store.expire_with_uuids(now, limit)]
 
 
 def _snapshot(store: Store, subtree: bytes, now: float) -> Iterator[list[bytes]]:

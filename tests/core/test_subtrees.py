@@ -5,7 +5,12 @@ from __future__ import annotations
 import pytest
 
 from trioclone.core.chp import decode_kvmsg
-from trioclone.core.subtrees import RULE_SUBSCRIPTION, Subtrees
+from trioclone.core.subtrees import (
+    MAX_PREFIX,
+    PROVISIONAL,
+    RULE_SUBSCRIPTION,
+    Subtrees,
+)
 from trioclone.errors import RemoteProtocolError
 
 
@@ -85,3 +90,36 @@ def test_a_prefix_subscribed_again_starts_at_the_maps_sequence() -> None:
     sequence = 13  # /a/1 deleted at 13 while the subscriber was away
     subscribe(subtrees, b"/a/")
     assert beats(subtrees) == {b"/a/": "13"}
+
+
+def test_a_subtree_tracked_by_a_snapshot_alone_is_forgotten() -> None:
+    """A client that only asks for snapshots (or a stranger naming large
+    subtrees) gets a few heartbeats, not heartbeats for ever."""
+    subtrees = Subtrees(sequence=lambda: 5)
+    subtrees.track(b"/snap/", snapshot=True)
+    subtrees.track(b"/sub/", snapshot=True)
+    subtrees.on_subscription([b"\x01/sub/"])  # its subscription came after
+    for _ in range(PROVISIONAL):
+        assert {f[0] for f in subtrees.heartbeats()} == {
+            b"/snap/\x00HUGZ",
+            b"/sub/\x00HUGZ",
+        }
+    assert {f[0] for f in subtrees.heartbeats()} == {b"/sub/\x00HUGZ"}
+    assert list(subtrees.tracked) == [b"/sub/"]
+
+
+def test_a_subscription_first_keeps_the_subtree_whatever_snapshots_follow() -> None:
+    subtrees = Subtrees(sequence=lambda: 5)
+    subtrees.on_subscription([b"\x01/a/"])
+    subtrees.track(b"/a/", snapshot=True)
+    for _ in range(PROVISIONAL + 2):
+        assert [f[0] for f in subtrees.heartbeats()] == [b"/a/\x00HUGZ"]
+
+
+def test_a_prefix_longer_than_the_limit_is_not_tracked() -> None:
+    subtrees = Subtrees(sequence=lambda: 5)
+    subtrees.on_subscription([b"\x01" + b"/" * (MAX_PREFIX + 1)])
+    subtrees.track(b"/" * (MAX_PREFIX + 1), snapshot=True)
+    assert not subtrees.tracked and subtrees.untracked == 2
+    subtrees.on_subscription([b"\x01" + b"/" * MAX_PREFIX])
+    assert len(subtrees.tracked) == 1

@@ -8,6 +8,7 @@ import logging
 import math
 
 import trio
+import zmq
 
 from tests.chp import RawClient, settle
 from tests.shells.pair import Relay, pair_settings, start, started_pair
@@ -563,4 +564,30 @@ async def test_a_passive_loads_a_large_window_in_bounded_steps(
             assert steps.largest <= 3 * HISTORY_BATCH, (
                 f"one task step loaded {steps.largest:,} UUIDs"
             )
+            nursery.cancel_scope.cancel()
+
+
+async def test_the_passive_reads_what_subscribers_send_its_publisher(
+    context, autojump_clock
+):
+    """Nothing is published while passive, but subscribers still connect to
+    the publisher (an XPUB) and send it subscriptions, or anything else from
+    an XSUB.  libzmq queues what they send, and frees the connections that
+    went away, only when the socket is used: the passive must read it too,
+    at least once a HUGZ interval, or every connection made to it stays in
+    its memory with all it sent (live fuzzing found it: 100 MB a
+    connection, never freed; tests/integration/test_stranger_memory.py)."""
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            (_p, b), _primary, backup, _ = await started_pair(nursery, context)
+            with Sockets(context) as sockets:
+                xsub = sockets.open(zmq.XSUB, connect=[b.bind.publisher])
+                await settle()
+                xsub.try_send([b"\x02not a subscription"])
+                xsub.try_send([b"\x01/watched/"])
+                await trio.sleep(1.5 * backup.server.settings.hugz_interval)
+                server = backup.server
+                assert server.state.value == State.PASSIVE
+                assert server.rejections["publisher"] == 1
+                assert b"/watched/" in server.core.subtrees.tracked
             nursery.cancel_scope.cancel()

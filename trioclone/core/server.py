@@ -58,7 +58,7 @@ import logging
 import math
 import uuid as uuidlib
 from collections import Counter, OrderedDict, deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from trioclone.core.applied import Applied
@@ -242,7 +242,9 @@ class ServerCore:
         #: records until they are all in.
         self._window_relays: list[Frames] = []
         self._sweep: Iterator[bytes] | None = None
-        self._tombstones: OrderedDict[bytes, tuple[int, bytes, bool]] = OrderedDict()
+        self._tombstones: OrderedDict[bytes, tuple[int, bytes, int]] = OrderedDict()
+        #: Keys whose tombstone changed, for a durable copy (None: not kept).
+        self.tombstones_changed: set[bytes] | None = set() if journal else None
         self._following_since: float | None = None
         self._housekeeping_at = 0.0
         #: The map was loaded from disk and neither synced nor served since.
@@ -252,6 +254,8 @@ class ServerCore:
         #: Why this server must stop: its map on disk is not its peer's.
         self.conflict: str | None = None
         self._restored_history: str | None = None
+        #: The map's sequence when this active period began.
+        self._active_base = 0
         #: The map whose writes the last step-down hands over.
         self._handed_map: ServerMap | None = None
 
@@ -309,8 +313,12 @@ class ServerCore:
         """The map holds writes this server accepted as active, after
         ``branch`` (so it hands them over if it finds a peer active): it
         is active, or was when it stopped, or still hands them over."""
+        takeover = self._takeover
         return (
-            self.role is Role.ACTIVE
+            (
+                self.role is Role.ACTIVE
+                and (takeover is None or takeover.replica is None)
+            )
             or self._restored_active
             or (
                 (self._handoff is not None or self.pending.relaying)
@@ -329,8 +337,19 @@ class ServerCore:
             return self._restored_history
         return None if self.lineage is None else f"{self.lineage}/{self.branch}"
 
+    def tombstone(self, key: bytes) -> tuple[int, bytes, int] | None:
+        """The delete (sequence, UUID, and for a TTL expiry the sequence of
+        the write that expired, else 0) this server made
+        of ``key`` while active, if it still hands it over after a split."""
+        return self._tombstones.get(key)
+
     def restore(
-        self, lineage: str, branch: int, active: bool, history: str | None
+        self,
+        lineage: str,
+        branch: int,
+        active: bool,
+        history: str | None,
+        tombstones: Iterable[tuple[bytes, int, bytes, int]] = (),
     ) -> None:
         """The map (``store`` and ``applied``) was loaded from disk: its
         lineage, whether this server was its active (its own writes are
@@ -341,6 +360,9 @@ class ServerCore:
         self.branch = branch if active else self.store.sequence
         self._restored_history = history
         self.restored = True
+        if active:  # (a step-down hands them over with its writes)
+            for key, sequence, uuid, expired in sorted(tombstones, key=lambda t: t[1]):
+                self._tombstones[key] = (sequence, uuid, expired)
         self._restored_active = active
         if active:
             self._active_since = -math.inf  # its whole window is its own
@@ -412,6 +434,7 @@ class ServerCore:
             msg.sequence,
             now,
         )
+        self._restart_handoff(now)
 
     def _verdict(self, now: float) -> bool | None:
         """Should we stay active if both are?  None: cannot tell yet.
@@ -482,15 +505,21 @@ class ServerCore:
                 fork = int(expired)
             except ValueError:
                 raise RemoteProtocolError(RULE_EXPIRED, expired) from None
+            restart = EXPIRED not in msg.properties
+            if restart:
+                # a restart's: ours win only if written in our current
+                # active period (a map we served before, restored, holds
+                # writes older than the peer's, made once we had stopped)
+                fork = max(fork, self._active_base)
             if msg.properties[LINEAGE] == self.lineage and self._written_since(
-                msg.key, fork
+                msg.key, fork, restart=restart
             ):
                 # Written (or deleted) here after the maps forked, by a write
                 # the peer did not replace (its window, handed over first,
                 # would say so): newer than the expiry, or than the write of
-                # a server that was killed before we took over, so it stays;
-                # the write handed over is still one that was applied (a
-                # late copy of it is a repeat).
+                # a server that was killed before our active period began,
+                # so it stays; the write handed over is still one that was
+                # applied (a late copy of it is a repeat).
                 self.stats["handoff_superseded"] += 1
                 self.applied.add(msg.uuid, now)
                 return None
@@ -502,13 +531,18 @@ class ServerCore:
         plain = msg._replace(sequence=0, properties=props)
         return plain, [msg.key, bytes(8), msg.uuid, encoded, msg.body]
 
-    def _written_since(self, key: bytes, fork: int) -> bool:
-        """``key`` was written or deleted here after sequence ``fork``, by a
-        write that is not in our window of replaced ones."""
+    def _written_since(self, key: bytes, fork: int, *, restart: bool = False) -> bool:
+        """``key`` was deleted here after sequence ``fork``, or written by a
+        write that is not in our window of replaced ones (the peer's window,
+        handed over first, would have put it there)."""
         store = self.store
         tombstone = self._tombstones.get(key)
         if tombstone is not None and tombstone[0] > fork:
-            return tombstone[1] not in self.applied
+            # deleted here since; or expired, which after a restart counts
+            # only if the write that expired was made since (an expiry of a
+            # value from our older map, which the peer's write replaced,
+            # does not)
+            return not (restart and tombstone[2]) or tombstone[2] > fork
         return store.sequence_of(key) > fork and store.uuid_of(key) not in self.applied
 
     def _window_handed_over(self, msg: KVMsg, now: float) -> None:
@@ -543,8 +577,11 @@ class ServerCore:
         smap.record(msg, sequence, props, ttl, now, current)
         key = msg.key
         if msg.body:
-            if self._tombstones:
-                self._tombstones.pop(key, None)
+            tombstones = self._tombstones
+            if tombstones and key in tombstones:
+                del tombstones[key]
+                if self.tombstones_changed is not None:
+                    self.tombstones_changed.add(key)
         elif msg.uuid:
             self._tombstone(key, sequence, msg.uuid)
         if self.subtrees.tracked:
@@ -553,16 +590,20 @@ class ServerCore:
         return [key, SEQUENCE.pack(sequence), frames[2], props, frames[4]]
 
     def _tombstone(
-        self, key: bytes, sequence: int, uuid: bytes, *, expired: bool = False
+        self, key: bytes, sequence: int, uuid: bytes, *, expired: int = 0
     ) -> None:
         """Remember a client's delete (or a TTL expiry), for a hand-over after
         a split."""
-        tombstones = self._tombstones
+        tombstones, changed = self._tombstones, self.tombstones_changed
         tombstones.pop(key, None)
         tombstones[key] = (sequence, uuid, expired)
+        if changed is not None:
+            changed.add(key)
         if len(tombstones) > self.pending.max_size:
-            tombstones.popitem(last=False)
+            dropped, _ = tombstones.popitem(last=False)
             self.stats["tombstones_dropped"] += 1
+            if changed is not None:
+                changed.add(dropped)
 
     def _heard_sequence(self) -> int:
         """The newest sequence of the active's that we know of."""
@@ -601,14 +642,14 @@ class ServerCore:
             return []
         store, applied, subtrees = self.store, self.applied, self.subtrees
         deletes = []
-        for key, uuid in store.expire_with_uuids(now, limit):
+        for key, uuid, written in store.expire_with_uuids(now, limit):
             applied.add(uuid, now)
             sequence = store.next_sequence()
             if uuid and self.bstar is not None:
                 # A hand-over after a split carries it (as a delete by the
                 # expired write's UUID): a late copy of an older write that
                 # reaches the winner first must not outlive it.
-                self._tombstone(key, sequence, uuid, expired=True)
+                self._tombstone(key, sequence, uuid, expired=written)
             if subtrees.tracked:
                 subtrees.published(key, sequence)
             deletes.append([key, SEQUENCE.pack(sequence), b"", b"", b""])
@@ -627,7 +668,7 @@ class ServerCore:
     def kthxbai(self, subtree: bytes) -> Frames:
         props = {LINEAGE: self.lineage or ""}
         if subtree != HISTORY:
-            self.subtrees.track(subtree)
+            self.subtrees.track(subtree, snapshot=True)
         count = self.subtrees.counts.get(subtree)
         if count is not None:  # where the client counts its heartbeats from
             props[COUNT] = str(count)
@@ -661,6 +702,8 @@ class ServerCore:
         self._housekeeping_at = now + HOUSEKEEPING
         self.applied.retain = self._retaining(now)
         if not self.applied.retain and self.role is Role.ACTIVE:
+            if self.tombstones_changed is not None:
+                self.tombstones_changed.update(self._tombstones)
             self._tombstones.clear()  # the peer follows us: no split to heal
         self.applied.evict(now)
         if self.role is not Role.ACTIVE:
@@ -706,13 +749,30 @@ class ServerCore:
     def _become_passive(self, now: float) -> None:
         if self.role is Role.ACTIVE:
             self._start_handoff(now)
-        elif self._restored_active:
-            self._start_handoff(now, restarted=True)
-        self._restored_active = False
         self.role = Role.PASSIVE
         self._takeover = None
         self.subtrees.clear()
         self.replica = Mirror(self, self.map)
+        self._restart_handoff(now)
+
+    def _restart_handoff(self, now: float, history: str | None = None) -> None:
+        """Restarted holding a map we served, and the peer is active: hand
+        over what we accepted after the point its map forked from ours,
+        once we know that point (its HUGZ, or the snapshot of its map)."""
+        if not self._restored_active or self.role is not Role.PASSIVE:
+            return
+        if history is None:
+            claim = self.peer_claim
+            if claim is None or claim.lineage != self.lineage:
+                return  # not yet (or another map: see Mirror._adopting)
+            branch = claim.branch
+        else:
+            lineage, _, named = history.partition("/")
+            if lineage != self.lineage:
+                return
+            branch = int(named) if named.isdigit() else 0
+        self._restored_active = False
+        self._start_handoff(now, restarted=True, peer_branch=branch)
 
     def step(self, now: float, limit: int = STEP) -> list[Frames]:
         """A bounded piece of the work in hand; frames to publish."""
@@ -746,8 +806,9 @@ class ServerCore:
         if replica.lineage is not None:
             self.lineage = replica.lineage
 
-    def _replica_synced(self, replica: Mirror) -> None:
+    def _replica_synced(self, replica: Mirror, now: float) -> None:
         """The passive's replica has a fresh copy of the active's map."""
+        self._restart_handoff(now, replica.history)  # (from the map we held)
         self._adopt(replica)
         self.fresh = self.restored = False
         self._sweep = iter(self.pending.uuids())  # matched a step at a time
@@ -787,7 +848,7 @@ class ServerCore:
             self.fresh = True
             self.branch = 0
         assert self._takeover is not None
-        self._takeover.base = self.store.sequence
+        self._takeover.base = self._active_base = self.store.sequence
         self.pending.relay_off()
 
     def _replay(self, now: float, limit: int) -> list[Frames]:
@@ -849,12 +910,14 @@ class ServerCore:
 
     # -- a split that heals ----------------------------------------------------
 
-    def _start_handoff(self, now: float, *, restarted: bool = False) -> None:
+    def _start_handoff(
+        self, now: float, *, restarted: bool = False, peer_branch: int = 0
+    ) -> None:
         """Stepping down from ACTIVE (or finding the peer active after a
         restart, holding a map we served): give the peer what we accepted.
         After a restart, each write yields to one the peer made after the
         fork: the peer took over once we had stopped, so after our writes."""
-        bound = self.branch
+        bound = max(self.branch, peer_branch)
         claim = self.peer_claim
         if (
             claim is not None
@@ -943,7 +1006,7 @@ def _prefixed(stats: Counter[str]) -> dict[str, int]:
 
 def _handoff_frames(
     store: Store,
-    tombstones: OrderedDict[bytes, tuple[int, bytes, bool]],
+    tombstones: OrderedDict[bytes, tuple[int, bytes, int]],
     bound: int,
     lineage: str,
     now: float,
@@ -1062,4 +1125,4 @@ class Mirror(Replica[ServerMap]):
         self.live.store.sequence = msg.sequence
 
     def _swapped(self, old: ServerMap, now: float) -> None:
-        self.core._replica_synced(self)
+        self.core._replica_synced(self, now)

@@ -167,20 +167,20 @@ class Store:
 
     def expire_with_uuids(
         self, now: float, limit: int | None = None
-    ) -> list[tuple[bytes, bytes]]:
+    ) -> list[tuple[bytes, bytes, int]]:
         """Remove the keys whose deadline is ``<= now``, oldest first, and at
         most ``limit`` (the rest stay due for the next call); return each
-        with the UUID it was last written with."""
-        expired: list[tuple[bytes, bytes]] = []
+        with the UUID and sequence it was last written with."""
+        expired: list[tuple[bytes, bytes, int]] = []
         heap = self._heap
         room = len(heap) if limit is None else limit
         while heap and heap[0][0] <= now and len(expired) < room:
             deadline, key = heapq.heappop(heap)
             if self._deadlines.get(key) == deadline:
-                uuid = self.uuid_of(key)
+                uuid, written = self.uuid_of(key), self.sequence_of(key)
                 del self._deadlines[key]
                 del self._records[key]
-                expired.append((key, uuid))
+                expired.append((key, uuid, written))
                 if self.journal is not None:
                     self.journal.add(key)
         return expired

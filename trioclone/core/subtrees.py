@@ -15,9 +15,16 @@ exactly the clients of that prefix (and whole-map clients).  A client whose
 last sequence under its subtree is below ``N`` missed an update.
 
 XPUB passes up the first subscription to a prefix and the last
-unsubscription, so the set of tracked prefixes follows the clients.  The
-cost is one dict lookup per distinct prefix length for each update
-published, and one small message per tracked prefix per HUGZ interval.
+unsubscription, so the set of tracked prefixes follows the clients.  A
+snapshot of a subtree tracks it too (its client subscribes, counted from
+the snapshot on), but only for ``PROVISIONAL`` heartbeats unless a
+subscription to it comes: a client that only asks for snapshots (or a
+stranger naming subtrees) does not make the server send heartbeats for
+ever.  A prefix longer than ``MAX_PREFIX`` bytes is not tracked (counted
+in ``untracked``, like those beyond ``limit``): each heartbeat carries its
+prefix to every whole-map subscriber.  The cost is one dict lookup per
+distinct prefix length for each update published, and one small message
+per tracked prefix per HUGZ interval.
 """
 
 from __future__ import annotations
@@ -28,6 +35,10 @@ from trioclone.core.chp import HUGZ, subtree_hugz
 from trioclone.errors import RemoteProtocolError
 
 RULE_SUBSCRIPTION = "a subscription message is one frame: 0 or 1, then a prefix"
+#: Heartbeats a subtree tracked from a snapshot alone gets.
+PROVISIONAL = 3
+#: Longer prefixes are not tracked.
+MAX_PREFIX = 1024
 
 Frames = list[bytes]
 
@@ -48,6 +59,8 @@ class Subtrees:
         #: prefix -> updates published under it since it was tracked
         self.counts: dict[bytes, int] = {}
         self._lengths: dict[int, int] = {}  # prefix length -> prefixes of it
+        #: prefix tracked from a snapshot, no subscription seen -> heartbeats left
+        self._provisional: dict[bytes, int] = {}
 
     def __len__(self) -> int:
         return len(self.tracked)
@@ -62,20 +75,32 @@ class Subtrees:
             return  # whole-map clients see every sequence; HUGZ is for everyone
         if frame[0] == 1:
             self.track(prefix)
-        elif self.tracked.pop(prefix, None) is not None:
+        else:
+            self._forget(prefix)
+
+    def _forget(self, prefix: bytes) -> None:
+        self._provisional.pop(prefix, None)
+        if self.tracked.pop(prefix, None) is not None:
             del self.counts[prefix]
             self._lengths[len(prefix)] -= 1
             if not self._lengths[len(prefix)]:
                 del self._lengths[len(prefix)]
 
-    def track(self, prefix: bytes) -> None:
-        """Track ``prefix`` (a subscription to it came up; or a snapshot of it
-        is served, whose client subscribes to it: counted from then on)."""
-        if prefix in self.tracked or not prefix or prefix == HUGZ:
+    def track(self, prefix: bytes, *, snapshot: bool = False) -> None:
+        """Track ``prefix``: a subscription to it came up; or (``snapshot``)
+        a snapshot of it is served, whose client subscribes to it, counted
+        from then on: provisionally, until its subscription comes."""
+        if prefix in self.tracked:
+            if not snapshot:
+                self._provisional.pop(prefix, None)  # subscribed: for good
             return
-        if len(self.tracked) >= self.limit:
+        if not prefix or prefix == HUGZ:
+            return
+        if len(self.tracked) >= self.limit or len(prefix) > MAX_PREFIX:
             self.untracked += 1
             return
+        if snapshot:
+            self._provisional[prefix] = PROVISIONAL
         # Not 0: a subscriber that comes back (its SUB reconnected, losing
         # what was in flight) may have missed the last update under the
         # prefix, and a prefix at 0 gets no heartbeat until the next one.
@@ -95,8 +120,14 @@ class Subtrees:
                 counts[prefix] += 1
 
     def heartbeats(self) -> list[Frames]:
-        """One subtree heartbeat per tracked prefix that saw an update."""
-        counts = self.counts
+        """One subtree heartbeat per tracked prefix that saw an update (a
+        provisional prefix is forgotten after its last one)."""
+        counts, provisional = self.counts, self._provisional
+        for prefix, left in list(provisional.items()):
+            if left <= 0:
+                self._forget(prefix)
+            else:
+                provisional[prefix] = left - 1
         return [
             subtree_hugz(prefix, seq, counts[prefix])
             for prefix, seq in self.tracked.items()

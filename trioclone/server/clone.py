@@ -4,9 +4,11 @@ Sockets and the tasks every role needs live as long as the server: the
 collector (client KVSETs), the snapshot socket (ICANHAZ, which are also the
 Binary Star votes), the Binary Star heartbeat sender and peer listener, the
 listener for the peer's HUGZ (its claims) and the publisher (one owner,
-gated).  A timer task drives the core's timeouts; a work task runs its
-long work (a takeover, catching up a backlog, a hand-over) in bounded
-steps with a schedule point between them, so heartbeats are never late.
+gated; what its subscribers send it is read at least once a HUGZ
+interval, in every role).  A timer task drives the core's timeouts; a
+work task runs its long work (a takeover, catching up a backlog, a
+hand-over) in bounded steps with a schedule point between them, so
+heartbeats are never late.
 
 Work that belongs to one role runs in a role scope that the supervisor
 cancels and starts again on every role change:
@@ -58,6 +60,11 @@ PUMP = 1024  # snapshot messages sent, over all clients, per schedule point
 SNAPSHOT_HWM = 10_000
 MAX_TRANSFERS = 256  # snapshot replies in progress at once
 MAX_QUEUED = 10_000  # snapshot requests waiting for one
+#: The largest message a subscriber may send the publisher or the Binary
+#: Star heartbeat PUB (a subscription is one): libzmq does a subscription's
+#: work, a trie node per byte, in the server's event loop (about 0.2 s a
+#: megabyte); a subscriber that sends a larger one is disconnected.
+MAX_SUBSCRIPTION = 65_536
 
 Context = zmq.Context[zmq.Socket[bytes]]
 
@@ -190,7 +197,10 @@ class CloneServer:
                 sockets.open(
                     zmq.XPUB,
                     bind=[s.bind.publisher],
-                    options=[(zmq.SNDHWM, s.publisher_hwm)],
+                    options=[
+                        (zmq.SNDHWM, s.publisher_hwm),
+                        (zmq.MAXMSGSIZE, MAX_SUBSCRIPTION),
+                    ],
                 ),
                 core.subtrees,
                 self._reject,
@@ -214,6 +224,7 @@ class CloneServer:
                 nursery.start_soon(self._timers)
                 nursery.start_soon(self._work)
                 nursery.start_soon(self._report, s.status_interval)
+                nursery.start_soon(self._tend_publisher, s.hugz_interval)
                 if self.data is not None and self.data.fsync == "interval":
                     nursery.start_soon(self._sync_disk, self.data)
                 log.info("%s listening: %s", s.name, s.bind)
@@ -226,7 +237,11 @@ class CloneServer:
         self.core.bstar = BinaryStar(
             pair.primary, now, pair.heartbeat, pair.expiry_heartbeats
         )
-        self._state_sock = sockets.open(zmq.PUB, bind=[pair.state_bind])
+        self._state_sock = sockets.open(
+            zmq.PUB,
+            bind=[pair.state_bind],
+            options=[(zmq.MAXMSGSIZE, MAX_SUBSCRIPTION)],
+        )
         peer_states = sockets.open(zmq.SUB, connect=[pair.state_peer], subscribe=[b""])
         claims = sockets.open(
             zmq.SUB, connect=[pair.peer.publisher], subscribe=[b"HUGZ"]
@@ -551,6 +566,17 @@ class CloneServer:
         while True:
             await trio.sleep(SYNC_INTERVAL)
             await trio.to_thread.run_sync(data.sync)
+
+    async def _tend_publisher(self, interval: float) -> NoReturn:
+        """Read what subscribers send the publisher at least once an
+        interval, in every role.  The active does so before each HUGZ and
+        each batch it publishes; a passive publishes nothing, and libzmq
+        queues what subscribers send, and frees the connections that went
+        away, only when the socket is used: unread, each connection made to
+        a passive would stay in its memory with all it sent."""
+        while True:
+            await trio.sleep(interval)
+            self.publisher.admit()
 
     async def _report(self, interval: float) -> NoReturn:
         while True:

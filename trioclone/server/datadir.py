@@ -54,6 +54,7 @@ FSYNC = dict(zip(FSYNC_MODES, ("FULL", "NORMAL", "OFF"), strict=True))
 SYNC_INTERVAL = 1.0
 
 _SCHEMA = """
+BEGIN;
 CREATE TABLE meta (
     id INTEGER PRIMARY KEY CHECK (id = 0),
     format INTEGER NOT NULL,
@@ -71,6 +72,13 @@ CREATE TABLE kv1 (key BLOB PRIMARY KEY, record BLOB NOT NULL, deadline REAL)
     WITHOUT ROWID;
 CREATE TABLE applied0 (at REAL NOT NULL, uuids BLOB NOT NULL);
 CREATE TABLE applied1 (at REAL NOT NULL, uuids BLOB NOT NULL);
+CREATE TABLE tombstones (
+    key BLOB PRIMARY KEY,
+    sequence INTEGER NOT NULL,
+    uuid BLOB NOT NULL,
+    expired INTEGER NOT NULL
+) WITHOUT ROWID;
+COMMIT;
 """
 
 
@@ -221,7 +229,16 @@ class DataDir:
         _clear_journals(smap)
         if lineage is None:
             return None
-        core.restore(lineage, branch, bool(active), history)
+        try:
+            tombstones = [
+                (key, sequence, uuid, int(expired))
+                for key, sequence, uuid, expired in self._db.execute(
+                    "SELECT key, sequence, uuid, expired FROM tombstones"
+                )
+            ]
+        except sqlite3.Error as exc:
+            raise self._error("is corrupt", exc) from exc
+        core.restore(lineage, branch, bool(active), history, tombstones)
         self._written = self._meta(core)
         return Kept(lineage, sequence, len(smap.store), len(smap.applied), bool(active))
 
@@ -237,6 +254,7 @@ class DataDir:
             and meta == self._written
             and not smap.store.journal
             and not smap.applied.journal
+            and not core.tombstones_changed
             and now < self._evict_at
         ):
             return
@@ -248,12 +266,14 @@ class DataDir:
                     self._empty(other)
                 self._write(other, smap, now, wall)
                 self._current, self._cur_map, self._next_map = other, smap, None
+                db.execute("DELETE FROM tombstones")  # the old map's deletes
                 meta = self._meta(core)
                 incoming = core.incoming
                 stale = 1 - other
             else:
                 self._write(self._current, smap, now, wall)
                 stale = None
+            self._write_tombstones(core)
             if incoming is not None:
                 if incoming is not self._next_map:
                     self._empty(1 - self._current)
@@ -321,9 +341,31 @@ class DataDir:
         if added:  # one row: the newest time (each is remembered no shorter)
             applied.journal = []
             uuids = b"".join([uuid for uuid, _ in added])
+            newest = max(when for _, when in added)  # (a loaded window is older)
             self._db.execute(
                 f"INSERT INTO applied{tables} VALUES (?, ?)",
-                (added[-1][1] + wall - now, uuids),
+                (newest + wall - now, uuids),
+            )
+
+    def _write_tombstones(self, core: ServerCore) -> None:
+        """The deletes the server made while active that a hand-over would
+        carry (kept when it steps down, until its map is replaced)."""
+        changed = core.tombstones_changed
+        if not changed:
+            return
+        core.tombstones_changed = set()
+        rows, gone = [], []
+        for key in changed:
+            tombstone = core.tombstone(key)
+            if tombstone is None:
+                gone.append((key,))
+            else:
+                rows.append((key, *tombstone))
+        if gone:
+            self._db.executemany("DELETE FROM tombstones WHERE key=?", gone)
+        if rows:
+            self._db.executemany(
+                "INSERT OR REPLACE INTO tombstones VALUES (?, ?, ?, ?)", rows
             )
 
     def _evict(self, applied: Applied, now: float, wall: float) -> None:
