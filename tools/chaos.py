@@ -112,6 +112,7 @@ import argparse
 import ast
 import bisect
 import contextlib
+import dataclasses
 import itertools
 import json
 import math
@@ -894,6 +895,9 @@ class Chaos:
         self.observer.stop()
         self.procs.stop_all()
         self.note("stopped everything")
+        with (self.folder / "observed.jsonl").open("w") as out:
+            for seen in self.observer.seen:
+                out.write(json.dumps(dataclasses.asdict(seen)) + "\n")
         report = Report(self, final, pair, passive_status, states)
         return report.show()
 
@@ -1430,7 +1434,9 @@ class Report:
                         f"(process {previous.gen}, {self.rel(previous.t)}) and "
                         f"{u.seq} (process {u.gen}, {self.rel(u.t)})"
                         if previous is not None
-                        else f"before {h.server}'s first update {u.seq} in {h.name}"
+                        else f"before {h.server}'s first update {u.seq} in {h.name} "
+                        f"(process {u.gen}, {self.rel(u.t)}; "
+                        f"{sum(t < u.t for t, _ in h.hugz)} of its HUGZ heard before)"
                     )
                     killed = previous is None or previous.gen != u.gen
                     self.unseen(timeline, u.seq - 1, at, killed=killed)
