@@ -1,5 +1,5 @@
-"""Sessions: lint, typecheck, tests, bench, lateness, subtrees, sim and fuzz
-(``nox -s bench -- --quick``)."""
+"""Sessions: lint, typecheck, tests, bench, lateness, subtrees, sim, fuzz and
+chaos (``nox -s bench -- --quick``)."""
 
 import os
 
@@ -65,3 +65,11 @@ def fuzz(session: nox.Session) -> None:
         *session.posargs,
         env={"TRIOCLONE_FUZZ_EXAMPLES": examples},
     )
+
+
+@nox.session
+def chaos(session: nox.Session) -> None:
+    """SIGKILL and restart a real pair under load, then check what it kept:
+    ``nox -s chaos -- --cycles 50 --seed 7``."""
+    session.install("-e", ".")
+    session.run("python", "tools/chaos.py", *session.posargs)
