@@ -79,6 +79,30 @@ def kept(folder: Path, *writes: list[bytes]) -> None:
     data.close()
 
 
+def killed_after(
+    folder: Path, *, heard: list[list[bytes]], unheard: list[list[bytes]]
+) -> ServerCore:
+    """A durable primary (its map in ``folder``) whose backup synced
+    ``heard``; it then applied ``unheard``, which never reached the backup,
+    and was killed.  Returns the backup, still passive."""
+    primary = new_core(bstar=BinaryStar(True, 0.0), journal=True)
+    data = DataDir(folder)
+    data.load(primary, 0.0, WALL)
+    primary.on_peer_state(state(State.BACKUP), 0.0)
+    run(primary, 0.0)
+    for frames in heard:
+        primary.collect(frames, 0.5)
+    backup = new_core(bstar=BinaryStar(False, 0.0))
+    backup.on_peer_state(state(State.ACTIVE), 0.0)
+    snapshot = [f[1:] for f in _drain(_transfer(primary, b""), 1.0)][:-1]
+    sync(backup, primary.store.sequence, snapshot, 1.0, lineage=OURS)
+    for frames in unheard:
+        primary.collect(frames, 2.0)
+    data.flush(primary, 2.0, WALL + 2.0)
+    data.close()
+    return backup
+
+
 def test_the_map_comes_back_with_its_sequence_lineage_window_and_deadlines(
     tmp_path: Path,
 ) -> None:
@@ -174,20 +198,11 @@ def test_a_restarted_active_hands_over_what_its_peer_never_heard(
     not received when the active was killed.  Restarted from disk, it finds
     its peer active and hands them over; each yields to a write the peer
     made to its key after taking over (so after it)."""
-    primary = new_core(bstar=BinaryStar(True, 0.0), journal=True)
-    data = DataDir(tmp_path)
-    data.load(primary, 0.0, WALL)
-    primary.on_peer_state(state(State.BACKUP), 0.0)
-    run(primary, 0.0)
-    primary.collect(kvset(b"/heard", b"h", U1), 0.5)
-    backup = new_core(bstar=BinaryStar(False, 0.0))
-    backup.on_peer_state(state(State.ACTIVE), 0.0)
-    snapshot = [f[1:] for f in _drain(_transfer(primary, b""), 1.0)][:-1]
-    sync(backup, primary.store.sequence, snapshot, 1.0, lineage=OURS)
-    primary.collect(kvset(b"/unheard", b"p", U2), 2.0)
-    primary.collect(kvset(b"/both", b"old", U3), 2.0)
-    data.flush(primary, 2.0, WALL + 2.0)
-    data.close()  # the primary is killed
+    backup = killed_after(
+        tmp_path,
+        heard=[kvset(b"/heard", b"h", U1)],
+        unheard=[kvset(b"/unheard", b"p", U2), kvset(b"/both", b"old", U3)],
+    )
 
     assert backup.on_vote(10.0) is not None and backup.role is Role.ACTIVE
     run(backup, 10.0)

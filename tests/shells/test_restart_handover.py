@@ -21,7 +21,7 @@ from tests.core.test_server_core import (
     state,
     sync,
 )
-from tests.shells.test_datadir import WALL, reopen
+from tests.shells.test_datadir import WALL, killed_after, reopen
 from trioclone.core.bstar import BinaryStar, State
 from trioclone.core.server import Role
 from trioclone.server.datadir import DataDir
@@ -29,19 +29,11 @@ from trioclone.server.datadir import DataDir
 
 def _pair_then_kill_primary(tmp_path: Path):
     """Primary writes /k=v1 (heard by backup) then /k=v2 (unheard); killed."""
-    primary = new_core(bstar=BinaryStar(True, 0.0), journal=True)
-    data = DataDir(tmp_path / "p")
-    data.load(primary, 0.0, WALL)
-    primary.on_peer_state(state(State.BACKUP), 0.0)
-    run(primary, 0.0)
-    primary.collect(kvset(b"/k", b"v1", U1), 0.5)
-    backup = new_core(bstar=BinaryStar(False, 0.0))
-    backup.on_peer_state(state(State.ACTIVE), 0.0)
-    snapshot = [f[1:] for f in _drain(_transfer(primary, b""), 1.0)][:-1]
-    sync(backup, primary.store.sequence, snapshot, 1.0, lineage=OURS)
-    primary.collect(kvset(b"/k", b"v2", U2), 2.0)  # confirmed, never reached B
-    data.flush(primary, 2.0, WALL + 2.0)
-    data.close()
+    backup = killed_after(
+        tmp_path / "p",
+        heard=[kvset(b"/k", b"v1", U1)],
+        unheard=[kvset(b"/k", b"v2", U2)],  # confirmed, never reached B
+    )
     assert backup.on_vote(10.0) is not None and backup.role is Role.ACTIVE
     run(backup, 10.0)
     assert backup.branch == 1
