@@ -12,8 +12,12 @@ kernel's ephemeral range, which a restarted server could find taken):
 * client processes, each its own Python process (``tools/chaos.py _writer``
   or ``_watcher``), so the checker never starves a client:
   - ``--writers`` writers (3) using confirmed ``set`` (the blocking client,
-    ``trioclone.connect``) on the keys /chaos/k00../chaos/k40 and
-    /chaos/sub/s00../chaos/sub/s09, every value unique ("w1-123").  Each
+    ``trioclone.connect``) on hot keys, /chaos/k00../chaos/k40 and
+    /chaos/sub/s00../chaos/sub/s09, each written over within a second or
+    so, and (``--rare-share``, a fifth of the writes) on 300 rare keys,
+    /chaos/r000../chaos/r239 and /chaos/sub/r00../chaos/sub/r59, each
+    written about every half minute, so that a lost write stays in sight;
+    every value is unique ("w1-123").  Each
     write is a line of ``w1.jsonl``: the time it was issued, and the
     sequence and time it was confirmed, or (``WriteTimeoutError``) the time
     the writer gave up on it;
@@ -73,11 +77,16 @@ this host):
     branch point (a "rewind": the passive had not heard it) is followed
     until its key is published again: with its value (replayed at the
     takeover, or "back later": the killed server's hand-over at its
-    restart), or with a write that may follow it (superseded).  One still
-    waiting at the end is lost.  One superseded by a write issued after the
-    takeover ("overwritten before back") is printed but is not a failure:
-    its key showed an older value meanwhile, the asynchronous replication
-    the README admits (and a hand-over yields to the peer's newer writes).
+    restart; or back in the map of a restarted active that goes on with its
+    history), or with a write that may follow it (superseded).  One still
+    waiting at the end is lost.  With durable maps it must be back, or
+    superseded, within ``--handover-grace`` (5 s) after the server that had
+    it started again (and ran that long): a write to its key after that,
+    with the write still missing, is a loss.  Without durable maps nothing
+    hands it over, and one superseded by a write issued after the takeover
+    ("overwritten before back") is printed but is not a failure: its key
+    showed an older value meanwhile, the asynchronous replication the
+    README admits.
     A new lineage is the map lost: a failure by itself, and a write it
     dropped must be in what the new map published first.  A sequence the
     SUBs never saw (a SIGKILLed server's last messages, which its map on
@@ -154,7 +163,12 @@ TOOL = Path(__file__).resolve()
 KEYS = [f"/chaos/k{i:02d}" for i in range(41)]
 SUBTREE = "/chaos/sub/"
 SUB_KEYS = [f"{SUBTREE}s{i:02d}" for i in range(10)]
-SUB_SHARE = 0.25  # of the writes go to the subtree
+SUB_SHARE = 0.25  # of the writes to hot keys go to the subtree
+#: Keys written seldom (each every half a minute or so): a write lost on one
+#: stays visible, where a hot key is written over within a second.
+RARE_KEYS = [f"/chaos/r{i:03d}" for i in range(240)] + [
+    f"{SUBTREE}r{i:02d}" for i in range(60)
+]
 UNCONFIRMED_SLACK = 2.0  # s: an unconfirmed write may be applied this late
 STATUS_INTERVAL = 0.5
 STATE_EVERY = 0.25  # s between a stopped client's dumps
@@ -209,6 +223,7 @@ def writer_main(argv: list[str]) -> int:
     parser.add_argument("--seed", type=int, required=True)
     parser.add_argument("--rate", type=float, required=True)
     parser.add_argument("--write-timeout", type=float, required=True)
+    parser.add_argument("--rare-share", type=float, required=True)
     args = parser.parse_args(argv)
     import trioclone
 
@@ -223,7 +238,12 @@ def writer_main(argv: list[str]) -> int:
         next_at = now()
         while not control.stop.exists() and not control.over():
             written += 1
-            key = rng.choice(SUB_KEYS) if rng.random() < SUB_SHARE else rng.choice(KEYS)
+            if rng.random() < args.rare_share:
+                key = rng.choice(RARE_KEYS)
+            elif rng.random() < SUB_SHARE:
+                key = rng.choice(SUB_KEYS)
+            else:
+                key = rng.choice(KEYS)
             value = f"{args.name}-{written}"
             record: dict[str, Any] = {"key": key, "value": value, "issued": now()}
             try:
@@ -365,6 +385,7 @@ class Server:
     proc: ServerProcess | None = None
     tail: LogTail | None = None
     starts: list[float] = field(default_factory=list)
+    ends: dict[int, float] = field(default_factory=dict)  # process -> killed at
     statuses: list[dict[str, Any]] = field(default_factory=list)  # this process's
     synced_line: int = -1  # index of the last "synced from the active" line
     retry_line: int = -1  # index of the last failed-sync warning
@@ -664,6 +685,7 @@ class Chaos:
         self.poll()  # a process that died on its own is a crash, not a kill
         if proc.alive:
             self.killed.add(proc.pid)
+            server.ends[len(server.starts) - 1] = now()
             self.procs.kill(proc, signal.SIGKILL)
         self.note(f"SIGKILL {name} (pid {proc.pid}, {why})")
 
@@ -684,6 +706,7 @@ class Chaos:
             proc = server.proc
             if not proc.alive and proc.pid not in self.killed:
                 self.killed.add(proc.pid)  # reported once
+                server.ends[len(server.starts) - 1] = now()
                 code = proc.popen.returncode
                 self.crashes.append(
                     f"{server.name} (pid {proc.pid}) exited on its own with code "
@@ -779,6 +802,8 @@ class Chaos:
                     str(self.args.rate),
                     "--write-timeout",
                     str(self.args.write_timeout),
+                    "--rare-share",
+                    str(self.args.rare_share),
                 ],
             )
         for name, subtree in (("watch-all", ""), ("watch-sub", SUBTREE)):
@@ -1178,6 +1203,8 @@ class Dropped:
     by: History  # the history whose takeover dropped it
     kind: str  # "a rewind" or "a new lineage"
     rel: Any  # Report.rel
+    holder: str  # the server that published it
+    deadline: float | None  # back by then (its hand-over), if maps are durable
 
     def reason(self, outcome: str) -> str:
         return (
@@ -1361,7 +1388,7 @@ class Report:
                 last.last = max(last.last, h.last)
                 continue
             chain.append(h)
-        timeline: dict[int, tuple[str, str] | None] = {}
+        timeline: dict[int, tuple[str, str, str, int] | None] = {}
         lineage: str | None = None
         lineages: set[str] = set()
         complete, why = True, ""
@@ -1386,6 +1413,26 @@ class Report:
                 lineage = h.lineage
                 if lineage is not None:
                     lineages.add(lineage)
+            elif (prior := self.resumes(chain, index)) is not None:
+                # A server that was this history's active, restarted with its
+                # map: it goes on with it (and hands over what others wrote).
+                kind = "a resumption"
+                if (
+                    min(c.branch or 0 for c in chain[prior + 1 : index]) < b
+                    and complete
+                ):
+                    complete, why = False, f"{h.name} resumed below a later branch"
+                restored = {s: kv for s, kv in timeline.items() if s <= b}
+                for u in chain[prior].updates:
+                    restored[u.seq] = (u.key, u.value, h.server, u.gen)
+                dropped = {s: kv for s, kv in timeline.items() if restored.get(s) != kv}
+                for key, d in list(awaiting.items()):
+                    kv = restored.get(d.seq)
+                    if kv is not None and kv[1] == d.write.value:
+                        del awaiting[key]
+                        self.figures["dropped, back with a restarted map"] += 1
+                timeline = restored
+                self.figures["resumptions"] += 1
             else:
                 kind = "a rewind"
                 dropped = {s: kv for s, kv in timeline.items() if s > b}
@@ -1411,16 +1458,18 @@ class Report:
                             d.write, d.reason("never back before the map was lost")
                         )
                     awaiting.clear()
-                newest: dict[str, tuple[int, Write]] = {}
+                newest: dict[str, tuple[int, Write, str, int]] = {}
                 for s, kv in sorted(dropped.items()):
                     w = None if kv is None else self.by_value.get(kv[1])
                     if kv is None:
                         self.figures["dropped unseen updates"] += 1
                     elif w is not None and w.ok:
-                        newest[kv[0]] = (s, w)
-                for key, (s, w) in newest.items():
+                        newest[kv[0]] = (s, w, kv[2], kv[3])
+                for key, (s, w, server, gen) in newest.items():
                     self.figures["dropped confirmed writes"] += 1
-                    awaiting[key] = Dropped(w, s, h, kind, self.rel)
+                    awaiting[key] = Dropped(
+                        w, s, h, kind, self.rel, server, self.deadline(server, gen)
+                    )
             previous: Update | None = None
             for u in sorted(h.updates, key=lambda u: (u.seq, u.t)):
                 if previous is not None and u.seq <= previous.seq:
@@ -1442,7 +1491,7 @@ class Report:
                     self.unseen(timeline, u.seq - 1, at, killed=killed)
                 if complete and u.t >= h.settled:
                     self.fail_strict(awaiting, h)
-                timeline[u.seq] = (u.key, u.value)
+                timeline[u.seq] = (u.key, u.value, h.server, u.gen)
                 if complete:
                     self.resolve(awaiting, h, u)
                 previous = u
@@ -1499,7 +1548,7 @@ class Report:
 
     def unseen(
         self,
-        timeline: dict[int, tuple[str, str] | None],
+        timeline: dict[int, tuple[str, str, str, int] | None],
         upto: int,
         at: str,
         *,
@@ -1515,6 +1564,32 @@ class Report:
         self.figures["updates not seen" + (" (at a kill)" if killed else "")] += count
         if len(self.unseen_at) < 5:
             self.unseen_at.append(f"{count} updates ({first}..{upto}) {at}")
+
+    @staticmethod
+    def resumes(chain: list[History], index: int) -> int | None:
+        """The earlier history in ``chain`` that ``chain[index]`` goes on
+        with (the same server, lineage and branch), if any."""
+        h = chain[index]
+        for j in range(index - 1, -1, -1):
+            c = chain[j]
+            if (c.lineage, c.branch, c.server) == (h.lineage, h.branch, h.server):
+                return j
+        return None
+
+    def deadline(self, server: str, gen: int) -> float | None:
+        """With durable maps: when a write that process ``gen`` of ``server``
+        published, and a takeover dropped, must be back: ``--handover-grace``
+        after the first later process of that server that lived that long
+        (it hands over at its start, again if killed meanwhile)."""
+        chaos = self.chaos
+        if not chaos.durable:
+            return None
+        grace, record = chaos.args.handover_grace, chaos.servers[server]
+        for k in range(gen + 1, len(record.starts)):
+            start = record.starts[k]
+            if record.ends.get(k, math.inf) - start >= grace:
+                return start + grace
+        return math.inf  # it never ran that long again: back by the end
 
     def resolve(self, awaiting: dict[str, Dropped], h: History, u: Update) -> None:
         """Update ``u`` of history ``h`` may settle a dropped write to its key."""
@@ -1532,6 +1607,18 @@ class Report:
                 self.back_later.append((d, u.t))
             return
         x = self.by_value.get(u.value)
+        if d.deadline is not None and u.t > d.deadline:
+            del awaiting[u.key]
+            self.lose(
+                w,
+                d.reason(
+                    f"not back by {self.rel(d.deadline)} "
+                    f"({self.chaos.args.handover_grace:g} s after {d.holder}, which "
+                    f"had it, started again), then {self.describe(x)} was "
+                    f"published at {self.rel(u.t)}"
+                ),
+            )
+            return
         if x is None or not may_follow(x, w):
             return  # an older write: still waiting
         replayed = at_takeover and x.issued < h.first
@@ -1777,6 +1864,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--write-timeout", type=float, default=8.0, help="set()'s timeout (8 s)"
+    )
+    parser.add_argument(
+        "--rare-share",
+        type=float,
+        default=0.2,
+        help="share of the writes to the 300 rarely written keys (0.2)",
+    )
+    parser.add_argument(
+        "--handover-grace",
+        type=float,
+        default=5.0,
+        help="with durable maps, a confirmed write a takeover dropped is back "
+        "within this long after its server started again (5 s)",
     )
     parser.add_argument("--heartbeat", type=float, default=0.5, help="servers' (0.5)")
     parser.add_argument("--hugz", type=float, default=0.5, help="servers' (0.5)")
