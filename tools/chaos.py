@@ -480,7 +480,9 @@ class Observer:
                 sock = ctx.socket(zmq.SUB)
                 sock.setsockopt(zmq.LINGER, 0)
                 sock.setsockopt(zmq.RCVHWM, 0)
-                sock.setsockopt(zmq.RECONNECT_IVL, 50)
+                sock.setsockopt(
+                    zmq.RECONNECT_IVL, 10
+                )  # a restarted server publishes at once
                 sock.setsockopt(zmq.SUBSCRIBE, b"")
                 sock.connect(tcp(port + 1))
                 poller.register(sock, zmq.POLLIN)
