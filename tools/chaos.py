@@ -2,6 +2,7 @@
 
     python tools/chaos.py [--cycles N] [--seed S] [--modes active,passive,both]
     nox -s chaos -- --cycles 50 --seed 7
+    python tools/chaos.py --analyse FOLDER   # check a run kept (--keep) again
 
 What runs (all on 127.0.0.1, in a temporary folder, on free ports below the
 kernel's ephemeral range, which a restarted server could find taken):
@@ -139,6 +140,7 @@ import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -926,7 +928,40 @@ class Chaos:
             for seen in self.observer.seen:
                 out.write(json.dumps(dataclasses.asdict(seen)) + "\n")
         report = Report(self, final, pair, passive_status, states)
-        return report.show()
+        code = report.show()
+        self.save(final, pair, passive_status, now() - self.t0)
+        return code
+
+    def save(
+        self,
+        final: Snap | None,
+        pair: tuple[str, str] | None,
+        passive_status: dict[str, Any] | None,
+        wall: float,
+    ) -> None:
+        """What ``--analyse`` needs to check this run again (run.json)."""
+        record = {
+            "t0": self.t0,
+            "wall": wall,
+            "durable": self.durable,
+            "args": {k: v for k, v in vars(self.args).items() if k != "workdir"},
+            "servers": {
+                n: {"starts": s.starts, "ends": {str(k): v for k, v in s.ends.items()}}
+                for n, s in self.servers.items()
+            },
+            "clients": [{"name": c.name, "subtree": c.subtree} for c in self.clients],
+            "final": None if final is None else dataclasses.asdict(final),
+            "pair": pair,
+            "passive_status": passive_status,
+            "crashes": self.crashes,
+            "unhealthy": self.unhealthy,
+            "timeline": self.timeline,
+            "modes": self.modes,
+            "impatient": self.impatient,
+            "cycles_done": self.cycles_done,
+            "malformed": self.observer.malformed,
+        }
+        dump_json(self.folder / "run.json", record)
 
     def quiesce(self, active: str) -> Snap | None:
         """The active's snapshot once its sequence stays put for 1 s."""
@@ -1255,6 +1290,9 @@ class Report:
         self.back_later: list[tuple[Dropped, float]] = []
         #: dropped at a takeover, overwritten by a newer write before back
         self.hidden: list[tuple[Dropped, float, Write]] = []
+        #: dropped at a takeover, then an overlapping write published before it
+        #: where both were published came back instead (its key went back)
+        self.reordered: list[tuple[Dropped, float, Write]] = []
 
     def rel(self, t: float | None) -> str:
         return "-" if t is None else f"{t - self.t0:.3f}"
@@ -1627,7 +1665,16 @@ class Report:
         if d.kind == "a new lineage" and not replayed:
             return  # fails at the end of the takeover (fail_strict)
         del awaiting[u.key]
-        if replayed:
+        if (
+            x.seq is not None
+            and x.seq < d.seq
+            and self.lineage_at.get((x.value, x.seq)) == d.by.lineage
+        ):
+            # x came before w where both were published: an older write
+            # replayed over a newer one (they overlapped in time)
+            self.figures["dropped, an older overlapping write replayed over it"] += 1
+            self.reordered.append((d, u.t, x))
+        elif replayed:
             self.figures["dropped, superseded at the takeover"] += 1
         else:
             self.figures["dropped, overwritten before back"] += 1
@@ -1698,6 +1745,16 @@ class Report:
                     f"was published at {self.rel(t)}"
                 )
             )
+        for d, t, x in self.reordered[:MAX_SHOWN]:
+            w = d.write
+            print(
+                f"REORDERED: {w.key} = {self.describe(w)}: "
+                + d.reason(
+                    f"{self.describe(x)}, published before it there (both were "
+                    f"in flight together), was published again at {self.rel(t)} "
+                    "and the key went back to it"
+                )
+            )
         for problem in chaos.unhealthy:
             print(f"UNHEALTHY: {problem}")
         for crash in crashes:
@@ -1752,8 +1809,9 @@ class Report:
             + f"; unconfirmed {len(self.writes) - confirmed}"
             f", dropped at takeovers {self.figures['dropped confirmed writes']}"
             f" (back later {len(self.back_later)}, overwritten before back "
-            f"{len(self.hidden)}); {modes}; seed {chaos.args.seed}, "
-            f"{now() - self.t0:.1f} s",
+            f"{len(self.hidden)}, reordered {len(self.reordered)}); {modes}; "
+            f"seed {chaos.args.seed}, "
+            f"{getattr(chaos, 'wall', now() - self.t0):.1f} s",
             flush=True,
         )
         return 1 if failed else 0
@@ -1807,6 +1865,8 @@ class Report:
     def scan_logs(self) -> None:
         """(d): tracebacks in any log, servers that did not stop cleanly."""
         chaos = self.chaos
+        if isinstance(chaos, Replay):
+            return  # (the crashes the run found, as it saved them)
         for proc in chaos.procs.started:
             log = proc.log()
             if "Traceback" in log:
@@ -1844,12 +1904,74 @@ class Report:
 # == main ==================================================================
 
 
+class Replay:
+    """A run kept on disk (run.json, observed.jsonl, the writers' records and
+    the clients' dumps), for ``--analyse``: the checks again, as they are now."""
+
+    def __init__(self, folder: Path) -> None:
+        record = json.loads((folder / "run.json").read_text())
+        self.folder = folder
+        self.t0 = record["t0"]
+        self.wall = record["wall"]
+        self.durable = record["durable"]
+        self.args = argparse.Namespace(**record["args"])
+        self.servers = {
+            n: Server(
+                n,
+                0,
+                0,
+                folder,
+                starts=v["starts"],
+                ends={int(k): e for k, e in v["ends"].items()},
+            )
+            for n, v in record["servers"].items()
+        }
+        self.clients = [SimpleNamespace(**c) for c in record["clients"]]
+        final = record["final"]
+        self.final = None
+        if final is not None:
+            entries = {k: (v[0], v[1]) for k, v in final.pop("entries").items()}
+            self.final = Snap(entries, **final)
+        self.pair = record["pair"]
+        self.passive_status = record["passive_status"]
+        self.crashes = record["crashes"]
+        self.unhealthy = record["unhealthy"]
+        self.timeline = [tuple(t) for t in record["timeline"]]
+        self.modes = Counter(record["modes"])
+        self.impatient = record["impatient"]
+        self.cycles_done = record["cycles_done"]
+        self.observer = SimpleNamespace(
+            seen=[
+                Seen(**json.loads(line))
+                for line in _read(folder / "observed.jsonl").splitlines()
+            ],
+            malformed=record["malformed"],
+        )
+
+    def note(self, message: str) -> None:
+        pass  # (the run's own timeline is shown)
+
+    def report(self) -> int:
+        states = {}
+        for client in self.clients:
+            path = self.folder / f"{client.name}.state.json"
+            with contextlib.suppress(FileNotFoundError, json.JSONDecodeError):
+                states[client.name] = json.loads(path.read_text())
+        report = Report(self, self.final, self.pair, self.passive_status, states)  # type: ignore[arg-type]
+        return report.show()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "_writer":
         return writer_main(argv[1:])
     if argv and argv[0] == "_watcher":
         return watcher_main(argv[1:])
+    if argv and argv[0] == "--analyse":
+        if len(argv) != 2:
+            print("usage: chaos.py --analyse FOLDER (a run kept with --keep)")
+            return 2
+        return Replay(Path(argv[1])).report()
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0] if __doc__ else None
     )
