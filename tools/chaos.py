@@ -1242,6 +1242,7 @@ class Dropped:
     rel: Any  # Report.rel
     holder: str  # the server that published it
     deadline: float | None  # back by then (its hand-over), if maps are durable
+    last: tuple[float, str] | None = None  # last value published to its key since
 
     def reason(self, outcome: str) -> str:
         return (
@@ -1530,15 +1531,15 @@ class Report:
                     killed = previous is None or previous.gen != u.gen
                     self.unseen(timeline, u.seq - 1, at, killed=killed)
                 if complete and u.t >= h.settled:
-                    self.fail_strict(awaiting, h)
+                    self.end_of_takeover(awaiting, h)
                 timeline[u.seq] = (u.key, u.value, h.server, u.gen)
                 if complete:
                     self.resolve(awaiting, h, u)
                 previous = u
             if complete:
-                self.fail_strict(awaiting, h)
-        for d in awaiting.values():
-            self.lose(d.write, d.reason("never published again"))
+                self.end_of_takeover(awaiting, h)
+        for key in list(awaiting):
+            self.judge(awaiting, key, "by the end")
         self.figures["takeovers"] += max(len(chain) - 1, 0)
         if not complete:
             self.notes.append(
@@ -1632,61 +1633,73 @@ class Report:
         return math.inf  # it never ran that long again: back by the end
 
     def resolve(self, awaiting: dict[str, Dropped], h: History, u: Update) -> None:
-        """Update ``u`` of history ``h`` may settle a dropped write to its key."""
+        """Update ``u`` of history ``h`` to the key of a dropped write: it is
+        back, or it is what the key holds when the write is judged."""
         d = awaiting.get(u.key)
         if d is None:
             return
         w = d.write
-        at_takeover = d.by is h and u.t < h.settled
         if u.value == w.value:
             del awaiting[u.key]
-            if at_takeover:
+            if d.by is h and u.t < h.settled:
                 self.figures["dropped, replayed at the takeover"] += 1
             else:
                 self.figures["dropped, back later"] += 1
                 self.back_later.append((d, u.t))
             return
-        x = self.by_value.get(u.value)
         if d.deadline is not None and u.t > d.deadline:
-            del awaiting[u.key]
-            self.lose(
-                w,
-                d.reason(
-                    f"not back by {self.rel(d.deadline)} "
-                    f"({self.chaos.args.handover_grace:g} s after {d.holder}, which "
-                    f"had it, started again), then {self.describe(x)} was "
-                    f"published at {self.rel(u.t)}"
-                ),
-            )
+            self.judge(awaiting, u.key, f"by {self.rel(d.deadline)}")
             return
-        if x is None or not may_follow(x, w):
-            return  # an older write: still waiting
-        replayed = at_takeover and x.issued < h.first
-        if d.kind == "a new lineage" and not replayed:
-            return  # fails at the end of the takeover (fail_strict)
-        del awaiting[u.key]
+        d.last = (u.t, u.value)
+        if d.deadline is None and d.kind == "a rewind" and u.t >= d.by.settled:
+            self.judge(awaiting, u.key, "")  # nothing hands it over: now
+
+    def end_of_takeover(self, awaiting: dict[str, Dropped], h: History) -> None:
+        """``h`` took over: judge what it dropped and nothing will bring back
+        (a new lineage; without durable maps, a key written since)."""
+        for key, d in list(awaiting.items()):
+            if d.by is h and (
+                d.kind == "a new lineage" or (d.deadline is None and d.last)
+            ):
+                self.judge(awaiting, key, "when the takeover was done")
+
+    def judge(self, awaiting: dict[str, Dropped], key: str, when: str) -> None:
+        """A dropped write that is not back: superseded by what its key holds
+        (``d.last``, the last write published to it since), or lost."""
+        d = awaiting.pop(key)
+        w = d.write
+        x = None if d.last is None else self.by_value.get(d.last[1])
+        wait = ""
+        if d.deadline is not None:
+            wait = (
+                f" ({self.chaos.args.handover_grace:g} s after {d.holder}, which "
+                "had it, started again)"
+            )
+        if x is None or x.key != w.key or not may_follow(x, w):
+            holds = (
+                "the value it had before"
+                if d.last is None
+                else f"{self.describe(x)} (published at {self.rel(d.last[0])})"
+            )
+            self.lose(w, d.reason(f"not back {when}{wait}; its key held {holds}"))
+            return
+        assert d.last is not None
         if (
             x.seq is not None
             and x.seq < d.seq
             and self.lineage_at.get((x.value, x.seq)) == d.by.lineage
         ):
-            # x came before w where both were published: an older write
-            # replayed over a newer one (they overlapped in time)
+            # x came before w where both were published (they overlapped in
+            # time): an older write replayed over a newer one, for good
             self.figures["dropped, an older overlapping write replayed over it"] += 1
-            self.reordered.append((d, u.t, x))
-        elif replayed:
+            self.reordered.append((d, d.last[0], x))
+        elif x.issued < d.by.first:
             self.figures["dropped, superseded at the takeover"] += 1
+        elif d.kind == "a new lineage":
+            self.lose(w, d.reason("not in what the new map published first"))
         else:
             self.figures["dropped, overwritten before back"] += 1
-            self.hidden.append((d, u.t, x))
-
-    def fail_strict(self, awaiting: dict[str, Dropped], h: History) -> None:
-        """Writes dropped by ``h`` founding a new lineage that its first
-        updates did not bring back are lost."""
-        for key, d in list(awaiting.items()):
-            if d.by is h and d.kind == "a new lineage":
-                del awaiting[key]
-                self.lose(d.write, d.reason("not in what the new map published first"))
+            self.hidden.append((d, d.last[0], x))
 
     # -- the output --
 
