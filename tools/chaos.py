@@ -1243,6 +1243,8 @@ class Dropped:
     holder: str  # the server that published it
     deadline: float | None  # back by then (its hand-over), if maps are durable
     last: tuple[float, str] | None = None  # last value published to its key since
+    #: when its key first held a write that may follow it, since
+    superseded_at: float | None = None
 
     def reason(self, outcome: str) -> str:
         return (
@@ -1651,6 +1653,9 @@ class Report:
             self.judge(awaiting, u.key, f"by {self.rel(d.deadline)}")
             return
         d.last = (u.t, u.value)
+        x = self.by_value.get(u.value)
+        if d.superseded_at is None and x is not None and may_follow(x, w):
+            d.superseded_at = u.t
         if d.deadline is None and d.kind == "a rewind" and u.t >= d.by.settled:
             self.judge(awaiting, u.key, "")  # nothing hands it over: now
 
@@ -1692,14 +1697,14 @@ class Report:
             # x came before w where both were published (they overlapped in
             # time): an older write replayed over a newer one, for good
             self.figures["dropped, an older overlapping write replayed over it"] += 1
-            self.reordered.append((d, d.last[0], x))
+            self.reordered.append((d, d.superseded_at or d.last[0], x))
         elif x.issued < d.by.first:
             self.figures["dropped, superseded at the takeover"] += 1
         elif d.kind == "a new lineage":
             self.lose(w, d.reason("not in what the new map published first"))
         else:
             self.figures["dropped, overwritten before back"] += 1
-            self.hidden.append((d, d.last[0], x))
+            self.hidden.append((d, d.superseded_at or d.last[0], x))
 
     # -- the output --
 
@@ -1754,8 +1759,8 @@ class Report:
             print(
                 f"OVERWRITTEN BEFORE BACK: {w.key} = {self.describe(w)}: "
                 + d.reason(
-                    f"the key showed an older value until {self.describe(x)} "
-                    f"was published at {self.rel(t)}"
+                    f"the key showed an older value until {self.rel(t)}, then "
+                    f"newer writes; it held {self.describe(x)} when judged"
                 )
             )
         for d, t, x in self.reordered[:MAX_SHOWN]:
