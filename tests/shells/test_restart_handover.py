@@ -21,7 +21,7 @@ from tests.core.test_server_core import (
     state,
     sync,
 )
-from tests.shells.test_datadir import WALL
+from tests.shells.test_datadir import WALL, reopen
 from trioclone.core.bstar import BinaryStar, State
 from trioclone.core.server import Role
 from trioclone.server.datadir import DataDir
@@ -55,10 +55,7 @@ def test_restart_handover_when_peer_state_arrives_before_its_hugz(
     but the backup's Binary Star heartbeat reaches the restarted primary
     before any of its HUGZ (two independent SUB sockets)."""
     backup = _pair_then_kill_primary(tmp_path)
-    restarted = new_core(bstar=BinaryStar(True, 20.0), journal=True)
-    data = DataDir(tmp_path / "p")
-    data.load(restarted, 20.0, WALL + 20.0)
-    data.close()
+    restarted = reopen(tmp_path / "p", 20.0, WALL + 20.0, bstar=BinaryStar(True, 20.0))
     restarted.on_peer_state(state(State.ACTIVE), 20.0)  # no HUGZ heard yet
     assert restarted.role is Role.PASSIVE
     run(restarted, 20.0)
@@ -75,10 +72,7 @@ def test_restart_handover_when_peer_state_arrives_before_its_hugz(
 
 def test_restart_handover_with_hugz_first_is_fine(tmp_path: Path) -> None:
     backup = _pair_then_kill_primary(tmp_path)
-    restarted = new_core(bstar=BinaryStar(True, 20.0), journal=True)
-    data = DataDir(tmp_path / "p")
-    data.load(restarted, 20.0, WALL + 20.0)
-    data.close()
+    restarted = reopen(tmp_path / "p", 20.0, WALL + 20.0, bstar=BinaryStar(True, 20.0))
     exchange_hugz(restarted, backup, 20.0)
     restarted.on_peer_state(state(State.ACTIVE), 20.0)
     run(restarted, 20.0)
@@ -149,10 +143,9 @@ def test_restart_after_more_than_the_horizon_peer_state_before_hugz(
     first housekeeping poll, so the hand-over's fork is its own branch (0),
     and the backup's /k=v1 (seq 1 > 0) makes the confirmed v2 yield."""
     backup = _pair_then_kill_primary(tmp_path)
-    restarted = new_core(bstar=BinaryStar(True, 300.0), journal=True)
-    data = DataDir(tmp_path / "p")
-    data.load(restarted, 300.0, WALL + 300.0)
-    data.close()
+    restarted = reopen(
+        tmp_path / "p", 300.0, WALL + 300.0, bstar=BinaryStar(True, 300.0)
+    )
     restarted.poll(300.0)  # the shell's _timers runs first
     restarted.on_peer_state(state(State.ACTIVE), 300.5)  # no HUGZ heard yet
     run(restarted, 300.5)
@@ -167,10 +160,9 @@ def test_restart_after_more_than_the_horizon_peer_state_before_hugz(
 
 def test_restart_after_more_than_the_horizon_hugz_first(tmp_path: Path) -> None:
     backup = _pair_then_kill_primary(tmp_path)
-    restarted = new_core(bstar=BinaryStar(True, 300.0), journal=True)
-    data = DataDir(tmp_path / "p")
-    data.load(restarted, 300.0, WALL + 300.0)
-    data.close()
+    restarted = reopen(
+        tmp_path / "p", 300.0, WALL + 300.0, bstar=BinaryStar(True, 300.0)
+    )
     restarted.poll(300.0)
     exchange_hugz(restarted, backup, 300.2)
     restarted.on_peer_state(state(State.ACTIVE), 300.5)
@@ -221,10 +213,7 @@ def test_restarted_active_synced_before_its_hand_over_arrived_then_killed(
         len(restarted.pending),
     )
     data.close()  # killed before the resend (due 1 s after the first send)
-    again = new_core(bstar=BinaryStar(True, 30.0), journal=True)
-    data = DataDir(tmp_path / "p")
-    data.load(again, 30.0, WALL + 30.0)
-    data.close()
+    again = reopen(tmp_path / "p", 30.0, WALL + 30.0, bstar=BinaryStar(True, 30.0))
     print(
         "restarted again: own_writes",
         again.own_writes,
@@ -269,10 +258,7 @@ def test_a_write_in_a_gap_below_the_takeover_point_never_comes_back(
     assert backup.on_vote(10.0) is not None and backup.role is Role.ACTIVE
     run(backup, 10.0)
     print("backup branch", backup.branch, "keys", sorted(backup.store.keys()))
-    restarted = new_core(bstar=BinaryStar(True, 20.0), journal=True)
-    data = DataDir(tmp_path / "p")
-    data.load(restarted, 20.0, WALL + 20.0)
-    data.close()
+    restarted = reopen(tmp_path / "p", 20.0, WALL + 20.0, bstar=BinaryStar(True, 20.0))
     exchange_hugz(restarted, backup, 20.0)
     restarted.on_peer_state(state(State.ACTIVE), 20.0)
     run(restarted, 20.0)
@@ -292,10 +278,7 @@ def test_a_delete_the_new_active_made_after_the_fork_is_undone(tmp_path: Path) -
     the newer confirmed delete."""
     backup = _pair_then_kill_primary(tmp_path)
     assert backup.collect(kvset(b"/k", b"", U4), 11.0) is not None  # confirmed delete
-    restarted = new_core(bstar=BinaryStar(True, 20.0), journal=True)
-    data = DataDir(tmp_path / "p")
-    data.load(restarted, 20.0, WALL + 20.0)
-    data.close()
+    restarted = reopen(tmp_path / "p", 20.0, WALL + 20.0, bstar=BinaryStar(True, 20.0))
     exchange_hugz(restarted, backup, 20.0)  # (claim known: the good case)
     restarted.on_peer_state(state(State.ACTIVE), 20.0)
     run(restarted, 20.0)
@@ -311,10 +294,7 @@ def test_a_ttl_expiry_on_the_new_active_after_the_fork_is_undone(
     backup = _pair_then_kill_primary(tmp_path)
     assert backup.collect(kvset(b"/k", b"brief", U4, {"ttl": "1"}), 11.0) is not None
     assert [f[0] for f in backup.expire(12.5)] == [b"/k"]
-    restarted = new_core(bstar=BinaryStar(True, 20.0), journal=True)
-    data = DataDir(tmp_path / "p")
-    data.load(restarted, 20.0, WALL + 20.0)
-    data.close()
+    restarted = reopen(tmp_path / "p", 20.0, WALL + 20.0, bstar=BinaryStar(True, 20.0))
     exchange_hugz(restarted, backup, 20.0)
     restarted.on_peer_state(state(State.ACTIVE), 20.0)
     run(restarted, 20.0)
