@@ -18,10 +18,9 @@ kernel's ephemeral range, which a restarted server could find taken):
     so, and (``--rare-share``, a fifth of the writes) on 300 rare keys,
     /chaos/r000../chaos/r239 and /chaos/sub/r00../chaos/sub/r59, each
     written about every half minute, so that a lost write stays in sight;
-    every value is unique ("w1-123").  Each
-    write is a line of ``w1.jsonl``: the time it was issued, and the
-    sequence and time it was confirmed, or (``WriteTimeoutError``) the time
-    the writer gave up on it;
+    every value is unique ("w1-123").  Each write is a line of
+    ``w1.jsonl``: the time it was issued, and the sequence and time it was
+    confirmed, or (``WriteTimeoutError``) the time the writer gave up on it;
   - a whole-map watcher and a subtree watcher (/chaos/sub/): Trio clients
     (``open_client``) that rebuild the map from ``watch(prefix,
     state=True)``;
@@ -76,18 +75,19 @@ this host):
     (seen by the raw SUBs).  At each takeover, the newest confirmed write to
     each key that the old active had published beyond the new active's
     branch point (a "rewind": the passive had not heard it) is followed
-    until its key is published again: with its value (replayed at the
-    takeover, or "back later": the killed server's hand-over at its
-    restart; or back in the map of a restarted active that goes on with its
-    history), or with a write that may follow it (superseded).  One still
-    waiting at the end is lost.  With durable maps it must be back, or
-    superseded, within ``--handover-grace`` (5 s) after the server that had
-    it started again (and ran that long): a write to its key after that,
-    with the write still missing, is a loss.  Without durable maps nothing
-    hands it over, and one superseded by a write issued after the takeover
-    ("overwritten before back") is printed but is not a failure: its key
-    showed an older value meanwhile, the asynchronous replication the
-    README admits.
+    until it is back: published again (replayed at the takeover, or "back
+    later": the killed server's hand-over at its restart), or in the map of
+    a restarted active that goes on with its history.  Once nothing more
+    can bring it back (with durable maps, ``--handover-grace``, 5 s, after
+    the server that had it started again and ran that long; without them,
+    once the takeover is done), a write not back is judged on what its key
+    holds then, by the rule above: lost, unless it holds a write that may
+    follow it.  That write may have been issued after the takeover
+    ("overwritten before back"), or published before it where both were
+    published, an overlapping write replayed over it ("REORDERED"): both
+    are printed, not failures (the key showed an older value meanwhile, the
+    asynchronous replication the README admits).  A write still waiting at
+    the end is judged then.
     A new lineage is the map lost: a failure by itself, and a write it
     dropped must be in what the new map published first.  A sequence the
     SUBs never saw (a SIGKILLed server's last messages, which its map on
