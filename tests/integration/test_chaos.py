@@ -9,6 +9,7 @@ must equal the active's, no sequence may go back and nothing may crash.
 from __future__ import annotations
 
 import importlib.util
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -101,3 +102,96 @@ def test_the_checker_tells_a_sequence_that_went_back_from_a_takeover() -> None:
     went_back = [*takeover[:4], update(1.6, "primary", 1), hugz(2.0, "primary", 2, 0)]
     _, violations = chaos.split_histories(went_back, starts)
     assert len(violations) == 1 and "went back" in violations[0], violations
+
+
+def _kept_run(folder: Path, handed_back: bool) -> None:
+    """A run as ``--keep`` leaves it: the primary publishes k1 and k2 and is
+    killed; the backup, which had heard only k1, takes over at 1; the
+    primary's hand-over brings k2 back (or does not)."""
+    lineage = "L" * 32
+    seen = [
+        ("primary", True, 0, 0, "", "", 1.0),
+        ("primary", False, 1, None, "/k1", "w1-1", 1.1),
+        ("primary", False, 2, None, "/k2", "w1-2", 1.2),
+        ("primary", True, 2, 0, "", "", 1.5),
+        ("backup", True, 1, None, "", "", 5.5),
+        ("backup", True, 1, 1, "", "", 5.6),
+    ]
+    if handed_back:
+        seen.append(("backup", False, 2, None, "/k2", "w1-2", 7.0))
+    seen.append(("backup", True, 2 if handed_back else 1, 1, "", "", 7.5))
+    with (folder / "observed.jsonl").open("w") as out:
+        for server, hugz, seq, branch, key, value, t in seen:
+            record = {"t": t, "server": server, "hugz": hugz, "seq": seq}
+            if hugz:
+                record |= {"lineage": lineage, "branch": branch}
+            else:
+                record |= {"key": key, "value": value}
+            out.write(json.dumps(record) + "\n")
+    writes = [
+        {"key": "/k1", "value": "w1-1", "issued": 1.0, "seq": 1, "confirmed": 1.15},
+        {"key": "/k2", "value": "w1-2", "issued": 1.15, "seq": 2, "confirmed": 1.25},
+    ]
+    (folder / "w1.jsonl").write_text(
+        "".join(json.dumps(w | {"ended": w["confirmed"]}) + "\n" for w in writes)
+    )
+    final = {"/k1": [1, "w1-1"], **({"/k2": [2, "w1-2"]} if handed_back else {})}
+    state = {
+        "synced": True,
+        "sequence": 2,
+        "map": {k: v for k, (_, v) in final.items()},
+    }
+    (folder / "w1.state.json").write_text(json.dumps(state))
+    args = {
+        "seed": 1, "heartbeat": 0.5, "hugz": 0.5, "fsync": None,
+        "modes": ["active"], "handover_grace": 5.0,
+    }  # fmt: skip
+    run = {
+        "t0": 0.0,
+        "wall": 10.0,
+        "durable": True,
+        "args": args,
+        "servers": {
+            "primary": {"starts": [0.0, 6.0], "ends": {"0": 5.0}},
+            "backup": {"starts": [0.0], "ends": {}},
+        },
+        "clients": [{"name": "w1", "subtree": None}],
+        "final": {
+            "entries": final,
+            "sequence": 2 if handed_back else 1,
+            "lineage": lineage,
+            "branch": 1,
+        },
+        "pair": ["backup", "primary"],
+        "passive_status": {
+            "lineage": lineage,
+            "sequence": 2 if handed_back else 1,
+            "keys": len(final),
+        },
+        "crashes": [],
+        "unhealthy": [],
+        "timeline": [],
+        "modes": {"active": 1},
+        "impatient": 0,
+        "cycles_done": 1,
+        "malformed": [],
+    }
+    (folder / "run.json").write_text(json.dumps(run))
+
+
+@pytest.mark.parametrize("handed_back", [True, False])
+def test_a_write_a_takeover_dropped_must_come_back(
+    tmp_path: Path, handed_back: bool, capsys: pytest.CaptureFixture[str]
+) -> None:
+    chaos = _tool()
+    _kept_run(tmp_path, handed_back)
+    status = chaos.Replay(tmp_path).report()
+    out = capsys.readouterr().out
+    last = out.strip().splitlines()[-1]
+    if handed_back:
+        assert status == 0, out
+        assert "lost 0, maps equal;" in last and "back later 1" in last, out
+    else:
+        assert status == 1, out
+        assert "lost 1," in last, out
+        assert "LOST: /k2 = w1-2 (seq 2," in out, out
