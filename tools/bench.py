@@ -1,6 +1,7 @@
 """Benchmark trioclone against the bare pyzmq ceiling (``tools/ceiling.py``).
 
     python tools/bench.py [--quick] [--out bench-results/bench.json]
+    python tools/bench.py --secured-only [--quick]
     nox -s bench -- --quick
 
 Real server processes on 127.0.0.1 (free ports), load from separate
@@ -15,7 +16,10 @@ c. KVSET -> KVPUB latency at 1,000/s and at half the loss-free rate;
 d. snapshot times (full, 1% subtree, 50 clients at once, a slow reader);
 e. failover time of a pair (default and fast settings) and lost updates;
 f. RSS per key;
-g. how (a), (d) and (f) grow with the number of keys and subscribers.
+g. how (a), (d) and (f) grow with the number of keys and subscribers;
+h. a durable server against an in-memory one (``--durable-only``);
+i. a secured pair (CURVE, ZAP, permissions) against a plain one, and the
+   ceiling with and without CURVE (``--secured-only``).
 
 Quick mode takes about a minute or two; full mode well under 15 minutes.
 Run on a busy machine, the ratios to the ceiling (measured in the same run,
@@ -38,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchlib import children, durable, load, pair, report, snapshots
+from benchlib import children, durable, load, pair, report, secured, snapshots
 from benchlib.servers import Fleet, Server, new_context
 from benchlib.wire import HOT
 
@@ -105,10 +109,16 @@ FULL = Mode(
 
 class Bench:
     def __init__(
-        self, mode: Mode, log_dir: Path, *, durable_only: bool = False
+        self,
+        mode: Mode,
+        log_dir: Path,
+        *,
+        durable_only: bool = False,
+        secured_only: bool = False,
     ) -> None:
         self.mode = mode
         self.durable_only = durable_only
+        self.secured_only = secured_only
         self.mp = children.context()
         self.ctx = new_context()
         self.fleet = Fleet(self.ctx, log_dir)
@@ -134,8 +144,11 @@ class Bench:
             trioclone_commit=git_commit(),
         )
         with self.fleet:
-            if self.durable_only:
-                self.section("durable vs in memory", self.durable)
+            if self.durable_only or self.secured_only:
+                if self.durable_only:
+                    self.section("durable vs in memory", self.durable)
+                if self.secured_only:
+                    self.section("secured vs plain", self.secured)
             else:
                 self.all_sections()
         self.results.update(
@@ -143,7 +156,9 @@ class Bench:
             elapsed=time.monotonic() - started,
             growth=growth(self.results),
         )
-        self.results["targets"] = report.targets(self.results)
+        self.results["targets"] = report.targets(self.results) + secured.targets(
+            self.results.get("secured")
+        )
         return self.results
 
     def all_sections(self) -> None:
@@ -158,6 +173,7 @@ class Bench:
             self.section("snapshots 100k", lambda: self.snapshots(small, 100_000))
         self.fleet.stop(*small.values())
         self.section("durable vs in memory", self.durable)
+        self.section("secured vs plain", self.secured)
         self.section("memory and large store", self.large_store)
         self.section("failover", self.failover)
         if self.mode.idle_seconds:
@@ -247,6 +263,18 @@ class Bench:
             keys=100_000,
             flood=mode.floods["1"][2],
             repeats=mode.repeats,
+            step=mode.ladder_step,
+            key_space=SMALL,
+        )
+
+    def secured(self) -> None:
+        mode = self.mode
+        self.results["secured"] = secured.run(
+            self.mp,
+            self.ctx,
+            self.fleet,
+            flood=mode.floods["1"][2],
+            rounds=max(mode.repeats - 1, 2),
             step=mode.ladder_step,
             key_space=SMALL,
         )
@@ -432,15 +460,29 @@ def main() -> int:
         action="store_true",
         help="only the durable vs in-memory section (h)",
     )
+    parser.add_argument(
+        "--secured-only",
+        action="store_true",
+        help="only the secured vs plain section (i)",
+    )
     args = parser.parse_args()
     # SIGTERM unwinds like Ctrl-C, so every server is still stopped by PID
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     mode = QUICK if args.quick else FULL
     args.out.parent.mkdir(parents=True, exist_ok=True)
     results = Bench(
-        mode, args.out.parent / "logs", durable_only=args.durable_only
+        mode,
+        args.out.parent / "logs",
+        durable_only=args.durable_only,
+        secured_only=args.secured_only,
     ).run()
-    text = "\n".join([report.render(results), *durable.render(results.get("durable"))])
+    text = "\n".join(
+        [
+            report.render(results),
+            *durable.render(results.get("durable")),
+            *secured.render(results.get("secured")),
+        ]
+    )
     print(text)
     args.out.write_text(json.dumps(results, indent=2, default=str))
     args.out.with_suffix(".txt").write_text(text + "\n")

@@ -18,6 +18,7 @@ from multiprocessing.process import BaseProcess
 from typing import Any
 
 from benchlib import workers
+from benchlib.wire import PLAIN, Security
 
 JOIN_GRACE = 5.0
 
@@ -103,8 +104,10 @@ class Children:
         collectors: Sequence[int],
         publisher: int,
         timeout: float = 20.0,
+        security: Security = PLAIN,
     ) -> list[Writer]:
-        """``count`` writer processes, each with a live path to the collectors."""
+        """``count`` writer processes, each with a live path to the collectors
+        (``security``: their sockets' CURVE options)."""
         started = []
         for index in range(count):
             parent, child = self.pipe()
@@ -115,6 +118,7 @@ class Children:
                 list(collectors),
                 publisher,
                 self.stop_event,
+                security,
             )
             started.append(Writer(parent, process))
         for writer in started:
@@ -123,12 +127,23 @@ class Children:
         return started
 
     def subscribers(
-        self, count: int, publisher: int, sockets: int = 1
+        self,
+        count: int,
+        publisher: int,
+        sockets: int = 1,
+        security: Security = PLAIN,
     ) -> list[Subscriber]:
         subs = []
         for _ in range(count):
             stats = self.mp.RawArray("d", workers.SLOTS * sockets + 1)
-            self.start(workers.subscriber, publisher, sockets, stats, self.stop_event)
+            self.start(
+                workers.subscriber,
+                publisher,
+                sockets,
+                stats,
+                self.stop_event,
+                security,
+            )
             subs.append(Subscriber(stats, sockets))
         return subs
 

@@ -17,6 +17,11 @@
   then); the second run decides.
 * ``latency``: one process writes at a fixed rate with a send timestamp in
   each body and reads its own updates back.
+
+``flood`` and ``ladder`` also load a pair: given its ``backup``, the
+writers send each update to both collectors (as the Guide's Model Six
+clients do) and the subscriber listens to ``server``, the active.  Every
+socket uses the CURVE options of ``server.security`` (none: plain CHP).
 """
 
 from __future__ import annotations
@@ -40,7 +45,9 @@ def wait_live(
     ctx: Context, server: Server, subs: list[Subscriber], timeout: float = 10.0
 ) -> None:
     """Probe until every subscriber socket has seen a probe."""
-    feeder = Feeder(ctx, [server.port], server.port, b"parent")
+    feeder = Feeder(
+        ctx, [server.port], server.port, b"parent", security=server.security
+    )
     try:
         deadline = time.monotonic() + timeout
         for _ in range(int(timeout / 0.02) + 2):
@@ -74,6 +81,21 @@ def wait_counts(
     return False
 
 
+def settled_cpu(server: Server, quiet: float = 0.3, timeout: float = 10.0) -> float:
+    """The server's CPU seconds once it has stopped working (a backup may
+    still be applying the tail of a flood): no more than a tick over
+    ``quiet`` seconds, or ``timeout``."""
+    deadline = time.monotonic() + timeout
+    cpu = server.cpu_seconds()
+    for _ in range(int(timeout / quiet) + 2):
+        time.sleep(quiet)
+        now = server.cpu_seconds()
+        if now - cpu <= 0.01 or time.monotonic() > deadline:
+            return now
+        cpu = now
+    return server.cpu_seconds()
+
+
 def collect(writers: list[Writer], timeout: float) -> list[dict[str, float]]:
     return [writer.receive(timeout) for writer in writers]
 
@@ -88,11 +110,20 @@ def flood(
     writers: int = 3,
     count: int,
     key_space: int,
+    backup: Server | None = None,
 ) -> dict[str, Any]:
-    """Writers send ``count`` updates at full speed; subscribers count them."""
+    """Writers send ``count`` updates at full speed; subscribers count them.
+
+    With a ``backup``, its CPU per update is reported too (``backup_cpu_us``).
+    """
+    collectors = [server.port] + ([backup.port] if backup else [])
     with Children(mp) as children:
-        subs = children.subscribers(subscribers, server.port, sockets)
-        senders = children.writers(writers, [server.port], server.port)
+        subs = children.subscribers(
+            subscribers, server.port, sockets, security=server.security
+        )
+        senders = children.writers(
+            writers, collectors, server.port, security=server.security
+        )
         wait_live(ctx, server, subs)
         for i, writer in enumerate(senders):
             share = count // writers + (i < count % writers)
@@ -100,11 +131,13 @@ def flood(
         total = count
         sub_cpu0 = [sub.cpu() for sub in subs]
         cpu0 = server.cpu_seconds()
+        backup_cpu0 = backup.cpu_seconds() if backup else 0.0
         for writer in senders:
             writer.send("flood")
         sent = collect(senders, 120.0)
         complete = wait_counts(subs, total, idle=2.0, timeout=30 + total / 2000)
         cpu = server.cpu_seconds() - cpu0
+        backup_cpu = settled_cpu(backup) - backup_cpu0 if backup else None
         counts = [c for sub in subs for c in sub.counts()]
         last = max(t for sub in subs for t in sub.lasts())
         sub_cpu = [sub.cpu() - c0 for sub, c0 in zip(subs, sub_cpu0, strict=True)]
@@ -116,7 +149,7 @@ def flood(
     writer_busy = sum(s["cpu"] for s in sent) / sum(s["end"] - s["start"] for s in sent)
     sub_busy = max(sub_cpu) / wall
     losses = [total - c for c in counts]
-    return {
+    result = {
         "subscribers": subscribers * sockets,
         "updates": total,
         "rate": rate,
@@ -130,6 +163,9 @@ def flood(
         "generator_saturated": writer_rate < SERVER_BOUND * rate,
         "subscriber_saturated": sub_busy > 0.9,
     }
+    if backup_cpu is not None:
+        result["backup_cpu_us"] = backup_cpu / total * 1e6
+    return result
 
 
 def ladder(
@@ -142,16 +178,21 @@ def ladder(
     bisect: bool,
     key_space: int,
     writers: int = 2,
+    backup: Server | None = None,
 ) -> dict[str, Any]:
     """The highest offered rate of ``rates`` that one subscriber gets whole.
 
     Linear: rates in order until the first failure.  Bisect: a binary search
     over ``rates`` (fewer steps; assumes a failure at r means failure above).
+    With a ``backup``, the writers send to both servers of the pair.
     """
     steps: list[dict[str, Any]] = []
+    collectors = [server.port] + ([backup.port] if backup else [])
     with Children(mp) as children:
-        subs = children.subscribers(1, server.port)
-        senders = children.writers(writers, [server.port], server.port)
+        subs = children.subscribers(1, server.port, security=server.security)
+        senders = children.writers(
+            writers, collectors, server.port, security=server.security
+        )
         wait_live(ctx, server, subs)
         sub = subs[0]
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import zmq
 
-from benchlib.wire import HOST, Context, server_sequence
+from benchlib.wire import HOST, PLAIN, Context, Security, server_sequence
 
 TOOLS = Path(__file__).resolve().parent.parent
 CEILING = TOOLS / "ceiling.py"
@@ -66,6 +66,7 @@ class Server:
     popen: subprocess.Popen[bytes]
     log_path: Path
     state_port: int | None = None  # a pair's Binary Star heartbeat PUB
+    security: Security = PLAIN  # what a client's sockets need to reach it
 
     @property
     def pid(self) -> int:
@@ -113,6 +114,7 @@ class Fleet:
         port: int,
         args: list[str],
         state_port: int | None = None,
+        security: Security = PLAIN,
     ) -> Server:
         log_path = self.log_dir / f"{len(self.started):02d}-{name}.log"
         with log_path.open("wb") as log_file:
@@ -122,7 +124,7 @@ class Fleet:
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
             )
-        server = Server(name, kind, port, popen, log_path, state_port)
+        server = Server(name, kind, port, popen, log_path, state_port, security)
         self.started.append(server)
         return server
 
@@ -133,14 +135,18 @@ class Fleet:
         timeout: float = 20.0,
         extra: Sequence[str] = (),
         port: int | None = None,
+        security: Security = PLAIN,
     ) -> Server:
         """A standalone server of ``kind``, answering snapshot requests:
         "ceiling", "trioclone" (its map in memory) or "durable" (its map kept
-        in a data folder under the log folder; ``extra`` may set --fsync)."""
+        in a data folder under the log folder; ``extra`` may set --fsync).
+
+        ``extra``: more options for its command line (CURVE keys, say), and
+        ``security``: the CURVE options a client then needs."""
         name = name or kind
         port = port or free_ports()
         if kind == "ceiling":
-            args = [sys.executable, str(CEILING), "--port", str(port)]
+            args = [sys.executable, str(CEILING), "--port", str(port), *extra]
         else:
             kept = (
                 ["--data-dir", str(self.log_dir / f"data-{name}")]
@@ -150,21 +156,29 @@ class Fleet:
             args = trioclone_command(
                 "--standalone", "--port", str(port), "--bind", HOST, *kept, *extra
             )
-        server = self._spawn(name, kind, port, args)
+        server = self._spawn(name, kind, port, args, security=security)
         self.wait_ready(server, timeout)
         return server
 
     def start_pair(
-        self, *, fast: bool, timeout: float = 30.0, extra: Sequence[str] = ()
+        self,
+        *,
+        fast: bool,
+        timeout: float = 30.0,
+        extra: Sequence[str] = (),
+        security: Security = PLAIN,
+        tag: str | None = None,
     ) -> tuple[Server, Server]:
         """A trioclone pair: primary ACTIVE, backup PASSIVE and synced.
 
-        ``extra``: more ``trioclone serve`` options, for both servers.
+        ``extra``: more ``trioclone serve`` options, for both servers;
+        ``security``: the CURVE options a client then needs; ``tag``: in
+        the log files' names.
         """
         p1, p2 = free_ports(), free_ports()
         s1, s2 = free_ports(1), free_ports(1)
         timing = list(FAST) if fast else []
-        tag = "fast" if fast else "default"
+        tag = tag or ("fast" if fast else "default")
 
         def side(role: str, own: int, peer: int, state: int, peer_state: int) -> Server:
             args = trioclone_command(
@@ -172,7 +186,7 @@ class Fleet:
                 "--state-port", str(state), "--peer-state-port", str(peer_state),
                 "--bind", HOST, "--peer", HOST, "--in-memory", *timing, *extra,
             )  # fmt: skip
-            return self._spawn(f"{role}-{tag}", "trioclone", own, args, state)
+            return self._spawn(f"{role}-{tag}", "trioclone", own, args, state, security)
 
         primary = side("primary", p1, p2, s1, s2)
         backup = side("backup", p2, p1, s2, s1)
@@ -186,7 +200,7 @@ class Fleet:
         for _ in range(int(timeout / 0.1) + 2):
             if not server.alive:
                 raise RuntimeError(f"{server.name} exited; see {server.log_path}")
-            if server_sequence(self.ctx, server.port, 0.5) is not None:
+            if server_sequence(self.ctx, server.port, 0.5, server.security) is not None:
                 return
             if time.monotonic() > deadline:
                 break

@@ -45,6 +45,10 @@ VALUE = b"v" * VALUE_SIZE
 
 Frames = list[bytes]
 Context = zmq.Context[zmq.Socket[bytes]]
+#: The CURVE options of a connecting socket (CURVE_SERVERKEY, CURVE_PUBLICKEY,
+#: CURVE_SECRETKEY), set before it connects; empty for plain CHP.
+Security = tuple[tuple[int, int | bytes], ...]
+PLAIN: Security = ()
 
 
 def tcp(port: int) -> str:
@@ -112,9 +116,14 @@ def frame_receiver(sock: zmq.Socket[bytes]) -> Callable[[int], Frames]:
     return receive_frames
 
 
-def socket(ctx: Context, kind: int, **options: int) -> zmq.Socket[bytes]:
+def socket(
+    ctx: Context, kind: int, security: Security = PLAIN, **options: int
+) -> zmq.Socket[bytes]:
+    """A socket with LINGER 0, ``security``'s CURVE options and ``options``."""
     sock = ctx.socket(kind)
     sock.setsockopt(zmq.LINGER, 0)
+    for option, setting in security:
+        sock.setsockopt(option, setting)
     for name, value in options.items():
         sock.setsockopt(getattr(zmq, name), value)
     return sock
@@ -137,13 +146,14 @@ class Feeder:
         publisher: int,
         name: bytes,
         subscribe: Sequence[bytes] = (),
+        security: Security = PLAIN,
     ):
         self.probe_key = PROBE + name
-        self.pub = socket(ctx, zmq.PUB, SNDHWM=0)
+        self.pub = socket(ctx, zmq.PUB, security, SNDHWM=0)
         for port in collectors:
             self.pub.connect(tcp(port + 2))
         # every subscription before connect: once the probe echoes, all are live
-        self.sub = socket(ctx, zmq.SUB, RCVHWM=0)
+        self.sub = socket(ctx, zmq.SUB, security, RCVHWM=0)
         for prefix in (self.probe_key, *subscribe):
             self.sub.setsockopt(zmq.SUBSCRIBE, prefix)
         self.sub.connect(tcp(publisher + 1))
@@ -196,13 +206,14 @@ def request_snapshot(
     pause_every: int = 0,
     pause: float = 0.0,
     max_messages: int = 20_000_000,
+    security: Security = PLAIN,
 ) -> SnapshotReply | None:
     """ICANHAZ on a fresh DEALER; None if KTHXBAI does not come in time.
 
     ``pause_every``/``pause``: a slow reader that sleeps ``pause`` seconds
     every ``pause_every`` messages.
     """
-    dealer = socket(ctx, zmq.DEALER)
+    dealer = socket(ctx, zmq.DEALER, security)
     dealer.connect(tcp(port))
     try:
         keys: set[bytes] | None = set() if keep_keys else None
@@ -237,9 +248,11 @@ def request_snapshot(
         dealer.close(0)
 
 
-def server_sequence(ctx: Context, port: int, timeout: float = 2.0) -> int | None:
+def server_sequence(
+    ctx: Context, port: int, timeout: float = 2.0, security: Security = PLAIN
+) -> int | None:
     """The server's current sequence (a KTHXBAI for an empty subtree)."""
-    reply = request_snapshot(ctx, port, NO_SUBTREE, timeout=timeout)
+    reply = request_snapshot(ctx, port, NO_SUBTREE, timeout=timeout, security=security)
     return None if reply is None else reply.sequence
 
 

@@ -29,6 +29,7 @@ from benchlib.wire import (
     VALUE_SIZE,
     Feeder,
     Frames,
+    Security,
     build_updates,
     frame_receiver,
     frame_sender,
@@ -45,7 +46,12 @@ STAMP = struct.Struct("!q")
 
 
 def writer(
-    conn: Connection, index: int, collectors: Sequence[int], publisher: int, stop: Any
+    conn: Connection,
+    index: int,
+    collectors: Sequence[int],
+    publisher: int,
+    stop: Any,
+    security: Security = (),
 ) -> None:
     """Connect, probe, then obey commands from the parent:
 
@@ -53,9 +59,10 @@ def writer(
     ``("flood",)``: send them all as fast as possible;
     ``("pace", rate)``: send them at ``rate`` per second (until ``stop``);
     ``("stop",)``.  ``flood`` and ``pace`` answer with a send report.
+    ``security``: the CURVE options of its sockets (none: plain CHP).
     """
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-    feeder = Feeder(ctx, collectors, publisher, b"w%03d" % index)
+    feeder = Feeder(ctx, collectors, publisher, b"w%03d" % index, security=security)
     try:
         conn.send(feeder.probe())
         updates: list[Frames] = []
@@ -112,18 +119,21 @@ def send_updates(
 SLOTS = 4
 
 
-def subscriber(publisher: int, sockets: int, stats: Any, stop: Any) -> None:
+def subscriber(
+    publisher: int, sockets: int, stats: Any, stop: Any, security: Security = ()
+) -> None:
     """Count data updates on ``sockets`` SUB sockets until ``stop`` is set.
 
     ``stats`` is a shared array of ``SLOTS * sockets + 1`` doubles; the last
     one is this process's CPU seconds.  Probes are counted apart, so the
-    parent knows when each subscription is live.
+    parent knows when each subscription is live.  ``security``: the CURVE
+    options of its sockets (none: plain CHP).
     """
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     subs = []
     poller = zmq.Poller()
     for _ in range(sockets):
-        sub = socket(ctx, zmq.SUB)
+        sub = socket(ctx, zmq.SUB, security)
         for prefix in (*DATA_PREFIXES, PROBE):
             sub.setsockopt(zmq.SUBSCRIBE, prefix)
         sub.connect(tcp(publisher + 1))
