@@ -115,6 +115,8 @@ def flood(
     """Writers send ``count`` updates at full speed; subscribers count them.
 
     With a ``backup``, its CPU per update is reported too (``backup_cpu_us``).
+    ``main_cpu_us``: the part of ``cpu_us`` in the server's main thread (the
+    rest is libzmq's I/O threads).
     """
     collectors = [server.port] + ([backup.port] if backup else [])
     with Children(mp) as children:
@@ -131,13 +133,17 @@ def flood(
         total = count
         sub_cpu0 = [sub.cpu() for sub in subs]
         cpu0 = server.cpu_seconds()
+        main0 = server.main_thread_cpu_seconds()
         backup_cpu0 = backup.cpu_seconds() if backup else 0.0
+        backup_main0 = backup.main_thread_cpu_seconds() if backup else 0.0
         for writer in senders:
             writer.send("flood")
         sent = collect(senders, 120.0)
         complete = wait_counts(subs, total, idle=2.0, timeout=30 + total / 2000)
         cpu = server.cpu_seconds() - cpu0
+        main = server.main_thread_cpu_seconds() - main0
         backup_cpu = settled_cpu(backup) - backup_cpu0 if backup else None
+        backup_main = backup.main_thread_cpu_seconds() - backup_main0 if backup else 0
         counts = [c for sub in subs for c in sub.counts()]
         last = max(t for sub in subs for t in sub.lasts())
         sub_cpu = [sub.cpu() - c0 for sub, c0 in zip(subs, sub_cpu0, strict=True)]
@@ -154,6 +160,7 @@ def flood(
         "updates": total,
         "rate": rate,
         "cpu_us": cpu / total * 1e6,
+        "main_cpu_us": main / total * 1e6,
         "lost_total": sum(losses),
         "lost_max": max(losses),
         "complete": complete,
@@ -165,6 +172,7 @@ def flood(
     }
     if backup_cpu is not None:
         result["backup_cpu_us"] = backup_cpu / total * 1e6
+        result["backup_main_cpu_us"] = backup_main / total * 1e6
     return result
 
 

@@ -1,16 +1,18 @@
 """Secured (CURVE, a clients folder, a permissions file) against plain, side by side.
 
-Two set-ups, each plain and secured, all four running at once and measured
-in the same run, taking turns (plain then secured, back to back):
+Three set-ups, each plain and secured, all six running at once and
+measured in the same run, taking turns (plain then secured, back to back):
 
 * the ceiling (``tools/ceiling.py``, standalone) without and with CURVE on
   its three sockets: what CURVE's encryption costs a server that does
   nothing else;
-* a trioclone pair (primary ACTIVE, backup PASSIVE) without and with
-  ``--curve-secret``, ``--curve-clients`` and ``--permissions``: every
-  socket, the pair's heartbeat and sync links too, is CURVE; the ZAP task
-  lets in the bench's one client key; the permissions file lets it write
-  only under the bench's prefixes, so every write is checked.
+* a standalone trioclone server without and with ``--curve-secret``,
+  ``--curve-clients`` and ``--permissions`` (the same work as the ceiling);
+* a trioclone pair (primary ACTIVE, backup PASSIVE), the same options for
+  both: every socket, the pair's heartbeat and sync links too, is CURVE.
+
+The ZAP task lets in the bench's one client key; the permissions file lets
+it write only under the bench's prefixes, so every write is checked.
 
 The load generator and the subscribers connect with the bench's own key
 pair (made here with ``trioclone.curve``) to a secured server.  Writers
@@ -47,8 +49,12 @@ from benchlib.wire import (
 from trioclone.curve import Curve, write_key_pair
 
 KINDS = ("plain", "secured")
-SETUPS = ("ceiling", "pair")
-LABELS = {"ceiling": "ceiling (bare pyzmq, standalone)", "pair": "trioclone pair"}
+SETUPS = ("ceiling", "standalone", "pair")
+LABELS = {
+    "ceiling": "ceiling (bare pyzmq), standalone",
+    "standalone": "trioclone, standalone",
+    "pair": "trioclone pair (writers send to both)",
+}
 #: The prefixes the bench's client may write: its data keys and its probes.
 WRITABLE = (*DATA_PREFIXES, PROBE)
 DENIED_KEY = b"/denied/bench"
@@ -114,6 +120,18 @@ def run(
                     "ceiling",
                     "ceiling-curve",
                     extra=keys.ceiling_args,
+                    security=keys.security,
+                ),
+                None,
+            ),
+        },
+        "standalone": {
+            "plain": (fleet.start("trioclone", "standalone-plain"), None),
+            "secured": (
+                fleet.start(
+                    "trioclone",
+                    "standalone-secured",
+                    extra=keys.server_args,
                     security=keys.security,
                 ),
                 None,
@@ -306,6 +324,8 @@ def render(result: dict[str, Any] | None) -> list[str]:
             ".1f",
             " us",
         )
+        main = "      of which main thread (rest: libzmq)"
+        row(main, setup, ("flood", "main_cpu_us"), ".1f", " us")
         if setup == "pair":
             row(
                 "    flood: backup's CPU per update",
@@ -314,6 +334,7 @@ def render(result: dict[str, Any] | None) -> list[str]:
                 ".1f",
                 " us",
             )
+            row(main, setup, ("flood", "backup_main_cpu_us"), ".1f", " us")
         row("    flood: lost", setup, ("flood", "lost_max"), ",")
         row(
             "    flood: generator saturated?",
