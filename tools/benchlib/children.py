@@ -18,6 +18,7 @@ from multiprocessing.process import BaseProcess
 from typing import Any
 
 from benchlib import workers
+from benchlib.servers import process_cpu_seconds
 from benchlib.wire import PLAIN, Security
 
 JOIN_GRACE = 5.0
@@ -146,6 +147,14 @@ class Children:
             )
             subs.append(Subscriber(stats, sockets))
         return subs
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU of every running child so far (all threads)."""
+        total = 0.0
+        for process in self.processes:
+            if process.pid is not None and process.is_alive():
+                total += process_cpu_seconds(process.pid)
+        return total
 
     def stop_all(self) -> None:
         self.stop_event.set()

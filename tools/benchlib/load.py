@@ -116,7 +116,8 @@ def flood(
 
     With a ``backup``, its CPU per update is reported too (``backup_cpu_us``).
     ``main_cpu_us``: the part of ``cpu_us`` in the server's main thread (the
-    rest is libzmq's I/O threads).
+    rest is libzmq's I/O threads); ``load_cpu_us``: the CPU per update of
+    the writer and subscriber processes, all threads (on this machine too).
     """
     collectors = [server.port] + ([backup.port] if backup else [])
     with Children(mp) as children:
@@ -132,6 +133,7 @@ def flood(
             writer.call("build", share, i, key_space, writers)
         total = count
         sub_cpu0 = [sub.cpu() for sub in subs]
+        load_cpu0 = children.cpu_seconds()
         cpu0 = server.cpu_seconds()
         main0 = server.main_thread_cpu_seconds()
         backup_cpu0 = backup.cpu_seconds() if backup else 0.0
@@ -142,6 +144,7 @@ def flood(
         complete = wait_counts(subs, total, idle=2.0, timeout=30 + total / 2000)
         cpu = server.cpu_seconds() - cpu0
         main = server.main_thread_cpu_seconds() - main0
+        load_cpu = children.cpu_seconds() - load_cpu0
         backup_cpu = settled_cpu(backup) - backup_cpu0 if backup else None
         backup_main = backup.main_thread_cpu_seconds() - backup_main0 if backup else 0
         counts = [c for sub in subs for c in sub.counts()]
@@ -161,6 +164,7 @@ def flood(
         "rate": rate,
         "cpu_us": cpu / total * 1e6,
         "main_cpu_us": main / total * 1e6,
+        "load_cpu_us": load_cpu / total * 1e6,
         "lost_total": sum(losses),
         "lost_max": max(losses),
         "complete": complete,

@@ -335,6 +335,13 @@ def render(result: dict[str, Any] | None) -> list[str]:
                 " us",
             )
             row(main, setup, ("flood", "backup_main_cpu_us"), ".1f", " us")
+        row(
+            "    flood: writers' and subscriber's CPU",
+            setup,
+            ("flood", "load_cpu_us"),
+            ".1f",
+            " us",
+        )
         row("    flood: lost", setup, ("flood", "lost_max"), ",")
         row(
             "    flood: generator saturated?",

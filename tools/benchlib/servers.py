@@ -231,6 +231,11 @@ class Fleet:
         self.stop(*self.started)
 
 
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU of process ``pid`` (all threads) so far."""
+    return _cpu(Path(f"/proc/{pid}/stat"))
+
+
 def _cpu(stat_path: Path) -> float:
     stat = stat_path.read_text()
     fields = stat[stat.rindex(")") + 2 :].split()
