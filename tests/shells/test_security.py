@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import zmq
 
 from tests.integration.procs import free_base_ports, free_ports
 from trioclone import Curve, KeyPair, PermissionDeniedError, open_client
@@ -323,3 +324,51 @@ def test_a_server_with_a_bad_key_does_not_start(keys: Keys) -> None:
     (keys.clients / "broken.key").write_text('curve\n public-key = "x"\n')
     with pytest.raises(ConfigError, match=r"broken\.key"):
         CloneServer(settings)
+
+
+async def test_the_stream_carries_only_what_a_client_may_read(keys: Keys) -> None:
+    """A client that subscribes beyond its readable prefixes (here to the
+    whole map, with a bare SUB) gets none of those updates."""
+    settings = secured(
+        keys,
+        """
+        [clients.deploy]
+        write = [""]
+        [default]
+        read = ["public/"]
+        """,
+    )
+    deploy = keys.client("deploy")
+    guest = keys.client("guest")
+    assert guest.server is None
+    with trio.fail_after(GUARD):
+        async with (
+            serving(settings) as server,
+            open_client([address(settings)], curve=deploy) as writer,
+            open_client([address(settings)], "public/", curve=guest) as reader,
+        ):
+            context = zmq.Context()
+            sub = context.socket(zmq.SUB)
+            try:
+                for option, value in guest.options(binds=False):
+                    sub.setsockopt(option, value)
+                sub.setsockopt(zmq.SUBSCRIBE, b"")
+                sub.setsockopt(zmq.SUBSCRIBE, b"secret/")
+                sub.connect(settings.bind.publisher)
+                await reader.wait_synced()
+                await writer.wait_synced()
+                await trio.sleep(QUIET)  # the SUB's subscriptions are in
+                await writer.set("secret/x", "hidden")
+                await writer.set("public/x", "shown")
+                while reader.get("public/x") is None:
+                    await trio.sleep(0.01)
+                await trio.sleep(QUIET)
+                seen = []
+                while sub.poll(0):
+                    seen.append(sub.recv_multipart()[0])
+                assert seen == []
+                assert server.core.stats["reads_denied"] >= 2
+                assert reader.get("secret/x") is None
+            finally:
+                sub.close(0)
+                context.term()
