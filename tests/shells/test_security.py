@@ -20,6 +20,7 @@ import zmq
 
 from tests.integration.procs import free_base_ports, free_ports
 from trioclone import Curve, KeyPair, PermissionDeniedError, open_client
+from trioclone.core.chp import HISTORY, SEQUENCE
 from trioclone.curve import read_key_pair, read_public, write_key_pair
 from trioclone.errors import ConfigError
 from trioclone.server.clone import CloneServer
@@ -372,3 +373,51 @@ async def test_the_stream_carries_only_what_a_client_may_read(keys: Keys) -> Non
             finally:
                 sub.close(0)
                 context.term()
+
+
+async def test_only_the_pairs_key_may_hand_over_writes(keys: Keys) -> None:
+    """A client that may write everything still cannot pose as the peer:
+    a KVSET with a sequence and a lineage (a hand-over, or a window
+    hand-over under the reserved history key) is refused, not applied."""
+    settings = secured(keys)
+    alice = keys.client("alice")
+    with trio.fail_after(GUARD):
+        async with (
+            serving(settings) as server,
+            open_client([address(settings)], curve=alice) as clone,
+        ):
+            await clone.wait_synced()
+            lineage = server.core.lineage.encode()
+            forged = [
+                [
+                    b"k",
+                    SEQUENCE.pack(7),
+                    b"u" * 16,
+                    b"lineage=" + lineage + b"\n",
+                    b"v",
+                ],
+                [
+                    HISTORY,
+                    SEQUENCE.pack(7),
+                    b"",
+                    b"age=0\nlineage=" + lineage + b"\n",
+                    b"w" * 16,
+                ],
+            ]
+            context = zmq.Context()
+            pub = context.socket(zmq.PUB)
+            try:
+                for option, value in alice.options(binds=False):
+                    pub.setsockopt(option, value)
+                pub.connect(settings.bind.collector)
+                while server.core.stats["writes_denied"] < 2:
+                    for frames in forged:
+                        pub.send_multipart(frames)
+                    await trio.sleep(0.05)
+            finally:
+                pub.close(0)
+                context.term()
+            assert server.core.store.get(b"k") is None
+            assert server.core.stats["handoff_received"] == 0
+            assert b"w" * 16 not in server.core.applied
+            await clone.set("k", "still a working client")

@@ -46,7 +46,7 @@ from trioclone.core.bstar import BinaryStar, Outcome, State, encode_state
 from trioclone.core.chp import HISTORY, HUGZ, decode_request, encode_denial
 from trioclone.core.permissions import PAIR
 from trioclone.core.replica import Timings
-from trioclone.core.server import PEER_IDENTITY, Role, ServerCore
+from trioclone.core.server import PEER_IDENTITY, Role, ServerCore, is_handover
 from trioclone.core.snapshot import KeyIndex, Transfer
 from trioclone.core.store import Store
 from trioclone.curve import Curve, read_key_pair
@@ -638,15 +638,21 @@ class CloneServer:
         assert self.zap is not None
         grant = self.zap.grant(user)
         key = frames[0] if frames else b""
-        if grant.may_write(key):
+        if user != PAIR and is_handover(frames):
+            reason = f"client {user!r} sent a hand-over: only the pair's servers may"
+        elif grant.may_write(key):
             return True
+        else:
+            allowed = ", ".join(repr(p.decode(errors="replace")) for p in grant.write)
+            reason = (
+                f"client {user!r} may not write {key.decode(errors='replace')!r} "
+                + (
+                    f"(it may write keys under {allowed})"
+                    if allowed
+                    else "(it may write no key)"
+                )
+            )
         self.core.stats["writes_denied"] += 1
-        allowed = ", ".join(repr(p.decode(errors="replace")) for p in grant.write)
-        reason = f"client {user!r} may not write {key.decode(errors='replace')!r} " + (
-            f"(it may write keys under {allowed})"
-            if allowed
-            else "(it may write no key)"
-        )
         self._log.log(logging.WARNING, "write denied", "refused a write: %s", reason)
         uuid = frames[2] if len(frames) == 5 else b""
         for identity in self._routes.get(user, ()):
