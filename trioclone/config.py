@@ -90,13 +90,18 @@ class Setting:
         """Takes text (a host, a path, a choice), not a number."""
         return self.action.choices is not None or self.action.type in (None, str, Path)
 
-    def parse(self, raw: object, where: str) -> object:
-        """``raw`` from the environment (text) or a file (a TOML value),
+    def parse(self, raw: object, where: str, *, typed: bool = False) -> object:
+        """``raw`` from the environment (text) or, ``typed``, from a file (a
+        TOML value of the setting's type: a boolean, a number or a string),
         through the option's own checks; ConfigError naming ``where``."""
         if isinstance(raw, dict | list):
             raise ConfigError(f"{where}: must be a single value, not a table or array")
         if self.switch:
+            if typed and not isinstance(raw, bool):
+                raise ConfigError(f"{where}: must be true or false, not {raw!r}")
             return _switch(raw, where)
+        if typed and isinstance(raw, str) and not self.textual:
+            raise ConfigError(f"{where}: must be {self._kind()}, not a string")
         if isinstance(raw, bool):
             raise ConfigError(f"{where}: must be {self._kind()}, not a boolean")
         if isinstance(raw, int | float):
@@ -104,7 +109,8 @@ class Setting:
                 raise ConfigError(f"{where}: must be {self._kind()}, not a number")
             raw = repr(raw)
         if not isinstance(raw, str):  # a TOML date or time
-            raise ConfigError(f"{where}: must be {self._kind()}, not {raw!r}")
+            what = type(raw).__name__
+            raise ConfigError(f"{where}: must be {self._kind()}, not a {what}")
         if raw == "":
             raise ConfigError(f"{where}: is empty")
         convert: Callable[[str], object] = self.action.type or str  # type: ignore[assignment]
@@ -341,7 +347,8 @@ def _from_file(rows: Sequence[Setting], path: Path) -> dict[str, tuple[object, S
                 f"(keys are the serve flags without the dashes, e.g. peer-expiry)"
             )
         where = f"config file {path}: {key} (for {row.flag})"
-        found[row.dest] = (row.parse(raw, where), Source("file", str(path)))
+        value = row.parse(raw, where, typed=True)
+        found[row.dest] = (value, Source("file", str(path)))
     return found
 
 
