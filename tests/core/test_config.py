@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from trioclone import cli
+from trioclone import cli, cli_client
 from trioclone.cli import (
     build_parser,
     child_environment,
@@ -497,8 +497,16 @@ def test_client_commands_ignore_the_serve_variables(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("TRIOCLONE_SOMETHING", "3")
-    args = build_parser().parse_args(["get", "/k"])  # parsed as before
-    assert args.key == "/k"
+    monkeypatch.setenv("TRIOCLONE_HEARTBEAT", "0")
+    ran = []
+
+    async def connected(*args: object) -> int:  # no server needed
+        ran.append(args)
+        return 0
+
+    monkeypatch.setattr(cli_client, "connected", connected)
+    assert cli.main(["get", "/k"]) == 0
+    assert len(ran) == 1
 
 
 def test_two_options_of_one_group_from_one_source_are_rejected(
