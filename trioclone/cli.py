@@ -192,7 +192,10 @@ def add_serve(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
             "Run a Clone server. Ports P (snapshots), P+1 (updates), P+2 (writes). "
             "Defaults as the ZeroMQ Guide: primary P=5556 with Binary Star port "
             "5003, backup P=5566 with 5004. With --pair, --port and --state-port "
-            "are the primary's, --peer-port and --peer-state-port the backup's."
+            "are the primary's, --peer-port and --peer-state-port the backup's. "
+            "Every option --NAME is also the variable TRIOCLONE_NAME and the key "
+            "NAME of the --config file (flag > environment > file > default; "
+            "see docs/configuration.md)."
         ),
     )
     # one is required, from a flag, the environment or the config file
