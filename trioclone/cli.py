@@ -16,6 +16,7 @@ import trio
 import zmq
 
 from trioclone.cli_client import (
+    VARIABLES,
     add_client_commands,
     base_port,
     count,
@@ -111,7 +112,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     server: str | None = None
     if args.run is run_serve:  # its settings also come from env and file
         try:
-            effective = resolve(build_parser, setting_parsers, argv, args, os.environ)
+            effective = resolve(
+                build_parser, setting_parsers, argv, args, os.environ, VARIABLES
+            )
             server = serve_mode(args)
         except ConfigError as exc:
             parser.exit(2, f"trioclone: {exc}\n")
@@ -439,6 +442,7 @@ PER_SERVER = frozenset(
         *("standalone", "role", "pair", "bind", "peer", "port", "peer_port"),
         *("state_port", "peer_state_port", "data_dir", "in_memory"),
         *("log_level", "log_format", "reset_data"),
+        *("curve_secret", "curve_clients", "permissions"),  # made absolute
     }
 )
 

@@ -20,7 +20,7 @@ import argparse
 import difflib
 import json
 import tomllib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -246,13 +246,15 @@ def resolve(
     argv: Sequence[str] | None,
     args: argparse.Namespace,
     environ: Mapping[str, str],
+    others: Collection[str] = (),
 ) -> Effective:
     """Fill ``args`` (parsed from ``argv`` by ``build()``) with the settings
     from ``environ`` and the config file, as the precedence says.
 
     ``parsers(parser)`` are the parsers whose options are settings (the
     top-level one and ``serve``'s; the last one's exclusive groups are the
-    settings made of several options).  ConfigError for anything wrong.
+    settings made of several options).  ``others`` are TRIOCLONE_
+    variables of other commands, left alone.  ConfigError for anything wrong.
     """
     probe = build()
     probing = parsers(probe)
@@ -268,7 +270,7 @@ def resolve(
             for row in rows
             if given.get(row.dest, _UNSET) is not _UNSET
         },
-        "env": _from_environment(rows, environ),
+        "env": _from_environment(rows, environ, others),
         "file": {} if config is None else _from_file(rows, config),
     }
     values: dict[str, object] = {}
@@ -307,12 +309,12 @@ def _config_path(
 
 
 def _from_environment(
-    rows: Sequence[Setting], environ: Mapping[str, str]
+    rows: Sequence[Setting], environ: Mapping[str, str], others: Collection[str]
 ) -> dict[str, tuple[object, Source]]:
     by_name = {row.variable: row for row in rows}
     found: dict[str, tuple[object, Source]] = {}
     for name in sorted(environ):
-        if not name.startswith(ENV_PREFIX) or name == CONFIG_VARIABLE:
+        if not name.startswith(ENV_PREFIX) or name in (CONFIG_VARIABLE, *others):
             continue
         row = by_name.get(name)
         if row is None:

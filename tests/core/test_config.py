@@ -28,6 +28,7 @@ from trioclone.cli import (
     setting_parsers,
 )
 from trioclone.config import resolve
+from trioclone.curve import write_key_pair
 from trioclone.logformat import JsonLines
 
 #: A good value of every setting other than its default, as the file writes
@@ -49,6 +50,9 @@ SAMPLES: dict[str, Any] = {
     "in-memory": True,
     "fsync": "interval",
     "reset-data": True,
+    "curve-secret": "/etc/trioclone/pair.key_secret",
+    "curve-clients": "/etc/trioclone/clients",
+    "permissions": "/etc/trioclone/permissions.toml",
     "heartbeat": 0.5,
     "peer-expiry": 3,
     "hugz": 0.25,
@@ -79,7 +83,7 @@ def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args: object, **kwargs: object) -> None:
         raise Started("a server was made")
 
-    monkeypatch.setattr(cli, "CloneServer", refuse)
+    monkeypatch.setattr(cli, "serve_until_signalled", refuse)
     monkeypatch.setattr(cli, "Supervisor", refuse)
 
 
@@ -121,9 +125,22 @@ def rejected(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
     return err
 
 
+#: Settings that need others: the flags given with them in these tests.
+COMPANIONS = {
+    "curve-secret": ["--curve-clients", "/etc/trioclone/clients"],
+    "curve-clients": ["--curve-secret", "/etc/trioclone/pair.key_secret"],
+    "permissions": [
+        *("--curve-clients", "/etc/trioclone/clients"),
+        *("--curve-secret", "/etc/trioclone/pair.key_secret"),
+    ],
+}
+
+
 def base_mode(key: str) -> list[str]:
-    """A mode flag that goes with setting ``key`` (none for a mode setting)."""
-    return [] if key in MODES else ["--role", "primary"]
+    """A mode flag that goes with setting ``key`` (none for a mode setting),
+    and the settings it needs."""
+    mode = [] if key in MODES else ["--role", "primary"]
+    return [*mode, *COMPANIONS.get(key, [])]
 
 
 def written(value: Any) -> Any:
@@ -493,6 +510,15 @@ def test_a_variable_that_names_no_setting_is_rejected(
     assert hint in err
 
 
+def test_serve_lets_the_client_commands_variables_be(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("TRIOCLONE_SERVER_KEY", str(tmp_path / "pair.key"))
+    monkeypatch.setenv("TRIOCLONE_CLIENT_KEY", str(tmp_path / "me.key_secret"))
+    got = effective(["--standalone"], capsys)
+    assert all(v["source"] == "default" for k, v in got.items() if k != "standalone")
+
+
 def test_client_commands_ignore_the_serve_variables(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -593,6 +619,29 @@ def test_a_local_pair_passes_settings_from_env_and_file_as_flags(
             child.data_dir == tmp_path / f"{role}-{7000 if role == 'primary' else 5566}"
         )
     assert parser.parse_args(commands["backup"][3:]).peer_port == 7000
+
+
+def test_a_local_pair_passes_the_security_settings_once_each(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_key_pair(tmp_path, "pair")
+    clients = tmp_path / "clients"
+    clients.mkdir()
+    write_key_pair(clients, "alice")
+    (clients / "alice.key_secret").unlink()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TRIOCLONE_CURVE_SECRET", "pair.key_secret")
+    config = tmp_path / "serve.toml"
+    config.write_text('pair = true\nin-memory = true\ncurve-clients = "clients"\n')
+    argv = ["serve", "--config", str(config)]
+    args = build_parser().parse_args(argv)
+    resolve(build_parser, setting_parsers, argv, args, os.environ)
+    parser = build_parser()
+    for command in local_pair_commands(args).values():
+        assert command.count("--curve-secret") == command.count("--curve-clients") == 1
+        child = parser.parse_args(command[3:])
+        assert child.curve_secret == tmp_path / "pair.key_secret"
+        assert child.curve_clients == clients
 
 
 def test_a_local_pairs_servers_get_no_trioclone_variables() -> None:
