@@ -644,6 +644,28 @@ def test_a_local_pair_passes_the_security_settings_once_each(
         assert child.curve_clients == clients
 
 
+def test_a_relative_path_in_the_file_is_from_the_working_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = tmp_path / "conf" / "serve.toml"
+    config.parent.mkdir()
+    config.write_text('standalone = true\ndata-dir = "kept"\n')
+    monkeypatch.chdir(tmp_path)
+    argv = ["serve", "--config", str(config)]
+    args = build_parser().parse_args(argv)
+    resolve(build_parser, setting_parsers, argv, args, os.environ)
+    settings = cli.server_settings(
+        args,
+        "standalone",
+        port=None,
+        peer_host="localhost",
+        peer_port=None,
+        state_port=None,
+        peer_state_port=None,
+    )
+    assert settings.data_dir == "kept"  # as --data-dir kept: under tmp_path
+
+
 def test_a_local_pairs_servers_get_no_trioclone_variables() -> None:
     environ = {"TRIOCLONE_HEARTBEAT": "3", "PATH": "/bin", "XDG_DATA_HOME": "/d"}
     assert child_environment(environ) == {"PATH": "/bin", "XDG_DATA_HOME": "/d"}
