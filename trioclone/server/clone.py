@@ -555,7 +555,12 @@ class CloneServer:
                         break
                     transfer.advance(now)
             except UnroutableError:
-                log.info("snapshot client went away after %d messages", transfer.sent)
+                self._log.log(  # one per client: a crowd must not flood the log
+                    logging.INFO,
+                    "snapshot client gone",
+                    "snapshot client went away after %d messages",
+                    transfer.sent,
+                )
                 continue
             finally:
                 work = max(transfer.examined - examined, transfer.sent - sent)
@@ -567,7 +572,9 @@ class CloneServer:
                 continue
             if now - transfer.idle_since >= stall:
                 self.core.stats["snapshots_stalled"] += 1
-                log.warning(
+                self._log.log(
+                    logging.WARNING,
+                    "snapshot client stalled",
                     "dropped a snapshot client that took nothing for %.0f s "
                     "(%d messages sent)",
                     stall,
