@@ -23,6 +23,7 @@ from trioclone.cli_client import (
     port,
     seconds,
 )
+from trioclone.cli_status import add_status_command
 from trioclone.errors import ConfigError
 from trioclone.server.clone import CloneServer
 from trioclone.server.datadir import DataDirError, default_folder
@@ -93,6 +94,17 @@ SETTINGS_OPTIONS: dict[str, tuple[str, Callable[[str], object], str]] = {
         "updates queued per subscriber before the publisher drops, 0 for no "
         "limit (a client notices a drop and snapshots again)",
     ),
+    "--metrics-port": (
+        "metrics_port",
+        port,
+        "serve Prometheus metrics at http://BIND:PORT/metrics (needs "
+        "pip install 'trioclone[metrics]'; with --pair the backup's is PORT+1)",
+    ),
+    "--metrics-bind": (
+        "metrics_bind",
+        str,
+        "the address the metrics endpoint listens on",
+    ),
 }
 
 
@@ -133,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
     add_serve(commands)
     add_client_commands(commands)
+    add_status_command(commands)
     return parser
 
 
@@ -337,7 +350,17 @@ def local_pair_commands(args: argparse.Namespace) -> dict[str, list[str]]:
     peer_host = "localhost" if args.bind in ("*", "0.0.0.0") else args.bind
     shared: list[str] = ["--fsync", args.fsync]
     for option in SETTINGS_OPTIONS:
-        shared += [option, repr(getattr(args, _dest(option)))]
+        value = getattr(args, _dest(option))
+        if value is not None and option != "--metrics-port":
+            shared += [option, str(value)]
+    metrics: dict[str, list[str]] = {"primary": [], "backup": []}
+    if args.metrics_port is not None:  # one endpoint each, side by side
+        if args.metrics_port >= 65535:
+            raise ConfigError(
+                "--metrics-port with --pair needs PORT+1 free: at most 65534"
+            )
+        metrics["primary"] = ["--metrics-port", str(args.metrics_port)]
+        metrics["backup"] = ["--metrics-port", str(args.metrics_port + 1)]
     if args.reset_data:
         shared.append("--reset-data")
     commands = {}
@@ -378,6 +401,7 @@ def local_pair_commands(args: argparse.Namespace) -> dict[str, list[str]]:
                 else ["--data-dir", data_dir(args, role, own.port) or ""]
             ),
             *shared,
+            *metrics[role],
         ]
     return commands
 
