@@ -27,6 +27,7 @@ from trioclone.cli_status import add_status_command
 from trioclone.errors import ConfigError
 from trioclone.server.clone import CloneServer
 from trioclone.server.datadir import DataDirError, default_folder
+from trioclone.server.metrics import require_prometheus
 from trioclone.server.settings import (
     FSYNC_MODES,
     ServerSettings,
@@ -218,6 +219,8 @@ def add_serve(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    if args.metrics_port is not None:
+        require_prometheus()  # a clear error now, not from inside the server
     if args.pair:
         return run_local_pair(args)
     role = "standalone" if args.standalone else args.role

@@ -317,7 +317,7 @@ class CloneServer:
             "name": s.name,
             "version": __version__,
             "pair": bstar is not None,
-            "state": self.state.value.name,
+            "state": State.ACTIVE.name if bstar is None else bstar.state.name,
             "role": core.role.value,
             "serving": core.serving,
             "synced": core.synced,
