@@ -39,6 +39,9 @@ INSTALL_HINT = "pip install 'trioclone[metrics]'"
 MAX_HEAD = 8192
 REQUEST_TIMEOUT = 5.0
 MAX_CONNECTIONS = 16
+#: After answering: read (and drop) at most this much for at most this long.
+LINGER = 1.0
+MAX_DRAIN = 1 << 20
 PATH = "/metrics"
 PREFIX = "trioclone_"
 
@@ -286,6 +289,17 @@ class MetricsEndpoint:
             f"{extra}Connection: close\r\n\r\n"
         ).encode()
         await stream.send_all(header if head_only else header + body)
+        # Read what the client still sends (an oversized head, say) for a
+        # moment before closing: closing with unread input resets the
+        # connection, and the client may lose the answer.
+        await stream.send_eof()
+        with trio.move_on_after(LINGER):
+            drained = 0
+            while drained < MAX_DRAIN:
+                chunk = await stream.receive_some(MAX_HEAD)
+                if not chunk:
+                    break
+                drained += len(chunk)
 
     def _refuse(self, why: str) -> None:
         self.refused += 1
