@@ -178,3 +178,23 @@ def test_a_bad_metrics_port_is_refused_at_start(port, capsys):
 def test_settings_refuse_a_metrics_port_out_of_range():
     with pytest.raises(ConfigError, match="metrics_port"):
         ServerSettings(Endpoints.inproc("x"), metrics_port=70000)
+
+
+def test_a_local_pair_gives_each_server_its_own_metrics_port():
+    parser = cli.build_parser()
+    args = parser.parse_args(
+        ["serve", "--pair", "--metrics-port", "9100", "--metrics-bind", "0.0.0.0"]
+    )
+    commands = cli.local_pair_commands(args)
+    children = {role: parser.parse_args(c[3:]) for role, c in commands.items()}
+    assert children["primary"].metrics_port == 9100
+    assert children["backup"].metrics_port == 9101
+    assert {c.metrics_bind for c in children.values()} == {"0.0.0.0"}
+    plain = cli.local_pair_commands(parser.parse_args(["serve", "--pair"]))
+    for command in plain.values():
+        child = parser.parse_args(command[3:])
+        assert child.metrics_port is None and child.metrics_bind == "127.0.0.1"
+    with pytest.raises(ConfigError, match="65534"):
+        cli.local_pair_commands(
+            parser.parse_args(["serve", "--pair", "--metrics-port", "65535"])
+        )

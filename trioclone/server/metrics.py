@@ -10,7 +10,9 @@ A scrape is bounded: the request head is at most ``MAX_HEAD`` bytes and
 must arrive within ``REQUEST_TIMEOUT`` seconds, at most ``MAX_CONNECTIONS``
 are served at once, and anything but ``GET`` or ``HEAD`` of ``/metrics``
 gets 404 or 405.  A bad scrape is logged (rate-limited) and closed; it
-never disturbs the server.  docs/monitoring.md lists every metric.
+never disturbs the server.  After answering, what the client still sends is
+read and dropped for up to ``LINGER`` seconds, so closing does not reset
+the connection before the answer is read.  docs/monitoring.md lists every metric.
 """
 
 from __future__ import annotations
@@ -176,7 +178,7 @@ SECONDS = frozenset(("peer_heartbeat_age", "uptime"))
 
 #: Help for the counters the server keeps; others get a generic one.
 COUNTERS = {
-    "updates": "Updates applied to the map (client writes and expiries)",
+    "updates": "Client writes this server applied as active (TTL expiries: expired)",
     "published": "Messages published (updates, HUGZ, subtree heartbeats)",
     "snapshots_served": "Snapshot replies sent to the end",
     "snapshots_refused": "Snapshot requests not answered: too many waiting",
