@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import trio
 import zmq
@@ -202,6 +202,32 @@ def add_serve(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
         "lost by a power cut; interval: synced once a second; off: when the "
         "OS likes (default %(default)s; a killed process loses nothing in any mode)",
     )
+    secure = serve.add_argument_group(
+        "security (docs/security.md)",
+        "Without these the server speaks plain CHP: anyone who reaches its "
+        "ports can read and write the map.",
+    )
+    secure.add_argument(
+        "--curve-secret",
+        type=Path,
+        metavar="FILE",
+        help="the pair's secret certificate (trioclone keygen; both servers "
+        "use the same one): every socket uses CURVE",
+    )
+    secure.add_argument(
+        "--curve-clients",
+        type=Path,
+        metavar="FOLDER",
+        help="the folder of the allowed clients' public certificates "
+        "(NAME.key); read again when it changes",
+    )
+    secure.add_argument(
+        "--permissions",
+        type=Path,
+        metavar="FILE",
+        help="TOML: the key prefixes each client may read and write "
+        "(default: every allowed client reads and writes everything)",
+    )
     serve.add_argument(
         "--reset-data",
         action="store_true",
@@ -285,6 +311,7 @@ def server_settings(
         data_dir=data_dir(args, role, own_port),
         fsync=args.fsync,
         reset_data=args.reset_data,
+        **security_settings(args),
         bind_host=args.bind,
         peer_host=peer_host,
         peer_port=peer_port,
@@ -295,6 +322,16 @@ def server_settings(
             for option, (setting, _, _) in SETTINGS_OPTIONS.items()
         },
     )
+
+
+def security_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The security options as settings (absolute: ``--pair``'s children
+    and a daemon may run elsewhere)."""
+    return {
+        name: None if value is None else str(Path(value).absolute())
+        for name in ("curve_secret", "curve_clients", "permissions")
+        for value in [getattr(args, name)]
+    }
 
 
 async def serve_until_signalled(server: CloneServer) -> None:
@@ -366,9 +403,12 @@ def local_pair_commands(args: argparse.Namespace) -> dict[str, list[str]]:
         metrics["backup"] = ["--metrics-port", str(args.metrics_port + 1)]
     if args.reset_data:
         shared.append("--reset-data")
+    for name, value in security_settings(args).items():
+        if value is not None:
+            shared += [f"--{name.replace('_', '-')}", value]
     commands = {}
     for role, own, peer in (("primary", primary, backup), ("backup", backup, primary)):
-        server_settings(  # the child would refuse these too, after we started it
+        settings = server_settings(  # the child would refuse these too, later
             args,
             role,
             port=own.port,
@@ -377,6 +417,7 @@ def local_pair_commands(args: argparse.Namespace) -> dict[str, list[str]]:
             state_port=own.state_port,
             peer_state_port=peer.state_port,
         )
+        CloneServer(settings)  # reads the keys: a bad one is refused now
         commands[role] = [
             sys.executable,
             "-m",

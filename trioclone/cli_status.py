@@ -9,11 +9,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import trio
 
-from trioclone.cli_client import EXIT_NO_SERVER, seconds, server_address
+from trioclone.cli_client import (
+    EXIT_NO_SERVER,
+    client_curve,
+    seconds,
+    server_address,
+)
 from trioclone.client.agent import DEFAULT_SERVERS
 from trioclone.client.status import ServerStatus, ask_all
 from trioclone.endpoints import Endpoints
@@ -62,6 +69,21 @@ def add_status_command(
         default=2.0,
         help="seconds to wait for each server (default %(default)s)",
     )
+    status.add_argument(
+        "--server-key",
+        type=Path,
+        metavar="FILE",
+        default=_env_path("TRIOCLONE_SERVER_KEY"),
+        help="the servers' public certificate, for secured servers "
+        "(default: $TRIOCLONE_SERVER_KEY)",
+    )
+    status.add_argument(
+        "--client-key",
+        type=Path,
+        metavar="FILE",
+        default=_env_path("TRIOCLONE_CLIENT_KEY"),
+        help="this client's secret certificate (default: $TRIOCLONE_CLIENT_KEY)",
+    )
     status.add_argument("--json", action="store_true", help="JSON output")
     status.add_argument(
         "--check",
@@ -71,11 +93,17 @@ def add_status_command(
     status.set_defaults(run=run_status)
 
 
+def _env_path(name: str) -> Path | None:
+    value = os.environ.get(name)
+    return Path(value) if value else None
+
+
 def run_status(args: argparse.Namespace) -> int:
     servers: list[Endpoints] = args.server or [
         Endpoints.parse(s) for s in DEFAULT_SERVERS
     ]
-    results = trio.run(ask_all, servers, args.timeout)
+    curve = client_curve(args)  # ConfigError: exit 2 with its reason
+    results = trio.run(ask_all, servers, args.timeout, None, curve)
     print(render_json(results) if args.json else render_table(results))
     return exit_code(results, check=args.check)
 

@@ -15,6 +15,7 @@ import zmq
 
 from trioclone._zmq import Socket, Sockets
 from trioclone.core.status import decode_status_reply, encode_status_request
+from trioclone.curve import Curve
 from trioclone.endpoints import Endpoints
 from trioclone.errors import RemoteProtocolError
 
@@ -36,7 +37,7 @@ class ServerStatus:
 
 def open_status_socket(sockets: Sockets, server: Endpoints) -> Socket:
     """The socket a status request goes out on: the one place that makes it
-    (where a client's security options go)."""
+    (``sockets`` adds its CURVE options, for a secured server)."""
     return sockets.open(zmq.DEALER, connect=[server.snapshot])
 
 
@@ -62,14 +63,16 @@ async def ask_all(
     servers: Sequence[Endpoints],
     timeout: float,
     context: zmq.Context[zmq.Socket[bytes]] | None = None,
+    curve: Curve | None = None,
 ) -> list[ServerStatus]:
-    """Every server's status, asked in parallel, in the order given."""
+    """Every server's status, asked in parallel, in the order given;
+    ``curve``: the client's keys, for secured servers (docs/security.md)."""
     results: list[ServerStatus | None] = [None] * len(servers)
 
     async def ask(index: int, sockets: Sockets) -> None:
         results[index] = await ask_status(sockets, servers[index], timeout)
 
-    with Sockets(context) as sockets:
+    with Sockets(context, curve) as sockets:
         async with trio.open_nursery() as nursery:
             for index in range(len(servers)):
                 nursery.start_soon(ask, index, sockets)

@@ -26,6 +26,7 @@ role scope is still winding down.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -42,7 +43,8 @@ from trioclone._follow import Follower, feed
 from trioclone._log import Limited
 from trioclone._zmq import ROUTER_RETRY_INTERVAL, Socket, Sockets, UnroutableError
 from trioclone.core.bstar import BinaryStar, Outcome, State, encode_state
-from trioclone.core.chp import HISTORY, decode_request
+from trioclone.core.chp import HISTORY, decode_request, encode_denial
+from trioclone.core.permissions import PAIR
 from trioclone.core.replica import Timings
 from trioclone.core.server import PEER_IDENTITY, Role, ServerCore
 from trioclone.core.snapshot import KeyIndex, Transfer
@@ -52,11 +54,13 @@ from trioclone.core.status import (
     is_status_request,
 )
 from trioclone.core.store import Store
-from trioclone.errors import RemoteProtocolError
+from trioclone.curve import Curve, read_key_pair
+from trioclone.errors import ConfigError, RemoteProtocolError
 from trioclone.server.datadir import SYNC_INTERVAL, DataDir, DataDirError, wall_clock
 from trioclone.server.durations import Durations
 from trioclone.server.publisher import Publisher
 from trioclone.server.settings import PairSettings, ServerSettings
+from trioclone.server.zap import ZAP_ENDPOINT, ZapHandler
 
 if TYPE_CHECKING:
     from trioclone.server.metrics import MetricsEndpoint
@@ -74,6 +78,10 @@ MAX_QUEUED = 10_000  # snapshot requests waiting for one
 #: work, a trie node per byte, in the server's event loop (about 0.2 s a
 #: megabyte); a subscriber that sends a larger one is disconnected.
 MAX_SUBSCRIPTION = 65_536
+#: Refusals waiting to be sent to the clients they are for, and the routing
+#: ids of each client's snapshot sockets kept to send them to.
+MAX_DENIALS = 1024
+ROUTES_PER_USER = 16
 
 Context = zmq.Context[zmq.Socket[bytes]]
 
@@ -116,8 +124,13 @@ class CloneServer:
         #: Called with ("active" | "passive", "enter" | "exit"); for tests.
         self.trace: Callable[[str, str], None] | None = None
         self._context = context
+        #: With keys: who may connect (a ZAP handler) and what each may do.
+        self.zap: ZapHandler | None = None
+        curve = self._curve(settings, context)
         #: Makes the server's sockets (a simulated network can stand in).
-        self._open_sockets = sockets or (lambda: Sockets(context))
+        self._open_sockets = sockets or (lambda: Sockets(context, curve))
+        self._denials: deque[list[bytes]] = deque(maxlen=MAX_DENIALS)
+        self._routes: dict[str, deque[bytes]] = {}
         #: The wall clock, for what is kept on disk (a simulation's is Trio's).
         self._wall = wall
         self._log = Limited(log)
@@ -155,6 +168,25 @@ class CloneServer:
     @property
     def pair(self) -> PairSettings | None:
         return self.settings.pair
+
+    def _curve(self, s: ServerSettings, context: Context | None) -> Curve | None:
+        """Read the keys and permissions (``ConfigError`` naming the file at
+        fault) and make the ZAP handler; None for a plain server."""
+        if s.curve_secret is None or s.curve_clients is None:
+            return None
+        if context is not None:
+            raise ConfigError(
+                "a server with CURVE needs a ZeroMQ context of its own "
+                "(its ZAP handler is the context's)"
+            )
+        keys = read_key_pair(Path(s.curve_secret))
+        self.zap = ZapHandler(
+            keys,
+            Path(s.curve_clients),
+            None if s.permissions is None else Path(s.permissions),
+            self.core.stats,
+        )
+        return Curve.for_server(keys)
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> NoReturn:
         """Serve until cancelled; ``nursery.start`` returns once bound.
@@ -213,6 +245,9 @@ class CloneServer:
         s, core = self.settings, self.core
         with self._open_sockets() as sockets:
             self._sockets = sockets
+            zap = None
+            if self.zap is not None:  # first: it vets every handshake
+                zap = sockets.open(zmq.ROUTER, bind=[ZAP_ENDPOINT], secure=False)
             router = sockets.open(
                 zmq.ROUTER,
                 bind=[s.bind.snapshot],
@@ -238,6 +273,8 @@ class CloneServer:
                 options=[(zmq.RCVHWM, s.collector_hwm)],
             )
             async with trio.open_nursery() as nursery:
+                if self.zap is not None and zap is not None:
+                    nursery.start_soon(self.zap.run, zap)
                 now = trio.current_time()
                 if s.pair is not None:
                     self._start_pair(nursery, sockets, s.pair, now)
@@ -440,12 +477,15 @@ class CloneServer:
     # -- tasks for the server's whole life ----------------------------------
 
     async def _collect(self, sock: Socket) -> NoReturn:
-        core = self.core
+        core, secured = self.core, self.zap is not None
         while True:
-            batch = await sock.receive_batch(BATCH)
+            users: list[str] | None = [] if secured else None
+            batch = await sock.receive_batch(BATCH, users)
             now = trio.current_time()
             updates = []
-            for frames in batch:
+            for index, frames in enumerate(batch):
+                if users is not None and not self._may_write(users[index], frames):
+                    continue
                 try:
                     update = core.collect(frames, now)
                 except RemoteProtocolError as exc:
@@ -484,23 +524,26 @@ class CloneServer:
             self._expiry_wakeup.set()  # a takeover ended: deadlines are due
 
     async def _serve_snapshots(self, router: Socket) -> NoReturn:
-        transfers = self._transfers
+        transfers, secured = self._transfers, self.zap is not None
         while True:
+            self._send_denials(router)
             requests: list[list[bytes]] = []
+            users: list[str] | None = [] if secured else None
             if transfers:
-                requests = router.receive_nowait(64)
+                requests = router.receive_nowait(64, users)
             else:
                 if not self._queued:
                     self._key_index = None  # no transfer holds it: let it go
                 with trio.CancelScope() as self._snapshot_wait:
-                    requests = await router.receive_batch(64)
+                    requests = await router.receive_batch(64, users)
                 self._snapshot_wait = None
             now = trio.current_time()
-            for frames in requests:
+            for index, frames in enumerate(requests):
                 if is_status_request(frames[1:]):
                     self._on_status_request(router, frames, now)
                 else:
-                    self._on_request(frames, now)
+                    user = None if users is None else users[index]
+                    self._on_request(frames, now, user)
             if requests:  # (votes may have changed the role)
                 self._after(now)
             if not transfers:
@@ -535,7 +578,7 @@ class CloneServer:
         if not sent:
             log.debug("a status client went away or reads nothing: not answered")
 
-    def _on_request(self, frames: list[bytes], now: float) -> None:
+    def _on_request(self, frames: list[bytes], now: float, user: str | None) -> None:
         identity, request = frames[0], frames[1:]
         try:
             subtree = decode_request(request)
@@ -543,6 +586,10 @@ class CloneServer:
             self._reject("snapshot", exc)
             return
         from_peer = identity.startswith(PEER_IDENTITY)
+        if user is not None:  # secured: only the pair's key is the peer
+            from_peer = from_peer and user == PAIR
+            if not self._may_read(user, identity, subtree):
+                return
         answer, outcome = self.core.on_request(
             now, from_peer=from_peer, subtree=subtree
         )
@@ -689,6 +736,64 @@ class CloneServer:
         while True:
             await trio.sleep(interval)
             log.info("status %s", self.status())
+
+    # -- permissions (a secured server) ------------------------------------
+
+    def _may_write(self, user: str, frames: list[bytes]) -> bool:
+        """True if ``user`` may write the key of the KVSET ``frames``;
+        otherwise the write is counted, logged and refused to its client."""
+        assert self.zap is not None
+        grant = self.zap.grant(user)
+        key = frames[0] if frames else b""
+        if grant.may_write(key):
+            return True
+        self.core.stats["writes_denied"] += 1
+        allowed = ", ".join(repr(p.decode(errors="replace")) for p in grant.write)
+        reason = f"client {user!r} may not write {key.decode(errors='replace')!r} " + (
+            f"(it may write keys under {allowed})"
+            if allowed
+            else "(it may write no key)"
+        )
+        self._log.log(logging.WARNING, "write denied", "refused a write: %s", reason)
+        uuid = frames[2] if len(frames) == 5 else b""
+        for identity in self._routes.get(user, ()):
+            self._deny(identity, uuid, key, reason)
+        return False
+
+    def _may_read(self, user: str, identity: bytes, subtree: bytes) -> bool:
+        """True if ``user`` may have a snapshot of ``subtree``; otherwise it
+        is counted, logged and refused.  Remembers where ``user`` asks from:
+        a refused write is reported there."""
+        assert self.zap is not None
+        routes = self._routes.setdefault(user, deque(maxlen=ROUTES_PER_USER))
+        if identity not in routes:
+            routes.append(identity)
+        grant = self.zap.grant(user)
+        if grant.may_read(b"" if subtree == HISTORY else subtree):
+            return True
+        self.core.stats["reads_denied"] += 1
+        allowed = ", ".join(repr(p.decode(errors="replace")) for p in grant.read)
+        shown = (
+            "the whole map" if not subtree else repr(subtree.decode(errors="replace"))
+        )
+        reason = f"client {user!r} may not read {shown} " + (
+            f"(it may read keys under {allowed})" if allowed else "(it may read no key)"
+        )
+        self._log.log(logging.WARNING, "read denied", "refused a snapshot: %s", reason)
+        self._deny(identity, b"", subtree, reason)
+        return False
+
+    def _deny(self, identity: bytes, uuid: bytes, key: bytes, reason: str) -> None:
+        self._denials.append([identity, *encode_denial(uuid, key, reason)])
+        if self._snapshot_wait is not None:
+            self._snapshot_wait.cancel()  # its task owns the socket: it sends
+
+    def _send_denials(self, router: Socket) -> None:
+        """Best effort: a client that went away, or reads nothing, gets none."""
+        denials = self._denials
+        while denials:
+            with contextlib.suppress(UnroutableError):
+                router.try_send(denials.popleft())
 
     def _reject(self, where: str, exc: RemoteProtocolError) -> None:
         self.core.stats["rejected"] += 1

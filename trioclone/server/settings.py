@@ -106,6 +106,12 @@ class ServerSettings:
     #: free one; None: no endpoint) and the address it listens on.
     metrics_port: int | None = None
     metrics_bind: str = "127.0.0.1"
+    #: CURVE (docs/security.md): the pair's secret certificate, the folder
+    #: of allowed clients' public certificates, and what each may read and
+    #: write (core/permissions.py).  None: plain CHP, open to anyone.
+    curve_secret: str | None = None
+    curve_clients: str | None = None
+    permissions: str | None = None
 
     def __post_init__(self) -> None:
         for name in (
@@ -129,6 +135,16 @@ class ServerSettings:
             )
         if not self.metrics_bind:
             raise ConfigError("metrics_bind must be an address to listen on")
+        if (self.curve_secret is None) != (self.curve_clients is None):
+            raise ConfigError(
+                "curve_secret and curve_clients go together: the server's "
+                "secret key, and the folder of the clients it allows"
+            )
+        if self.permissions is not None and self.curve_secret is None:
+            raise ConfigError(
+                "permissions need CURVE (curve_secret and curve_clients): "
+                "without keys no client can be told from another"
+            )
         if self.fsync not in FSYNC_MODES:
             raise ConfigError(
                 f"fsync must be one of {', '.join(FSYNC_MODES)}, not {self.fsync!r}"
