@@ -270,6 +270,10 @@ def run_serve(args: argparse.Namespace) -> int:
         for problem in leaves(kept):
             log.error("the %s server stops: %s", role, problem)
         failed = True
+    except* OSError as listen:  # the metrics port: in use, bad address
+        for error in leaves(listen):
+            log.error("cannot start the %s server's metrics endpoint: %s", role, error)
+        failed = True
     return 1 if failed else 0
 
 

@@ -4,6 +4,7 @@ endpoint's socket is a real one): no sleeps, every wait bounded."""
 
 from __future__ import annotations
 
+import socket
 import sys
 
 import pytest
@@ -11,6 +12,7 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.chp import RawClient, settle, unique
+from tests.integration.procs import free_base_ports
 from trioclone import cli
 from trioclone._zmq import Sockets
 from trioclone.core.chp import ICANHAZ
@@ -198,3 +200,23 @@ def test_a_local_pair_gives_each_server_its_own_metrics_port():
         cli.local_pair_commands(
             parser.parse_args(["serve", "--pair", "--metrics-port", "65535"])
         )
+
+
+def test_a_metrics_port_in_use_stops_the_server_with_a_clear_error(caplog):
+    (base,) = free_base_ports(1)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code = cli.main(
+            [
+                *("serve", "--standalone", "--in-memory", "--bind", "127.0.0.1"),
+                *("--port", str(base), "--metrics-port", str(port)),
+            ]
+        )
+    assert code == 1
+    assert any(
+        "cannot start the standalone server's metrics endpoint" in r.getMessage()
+        and str(port) in r.getMessage()
+        for r in caplog.records
+    )

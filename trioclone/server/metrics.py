@@ -216,7 +216,12 @@ class MetricsEndpoint:
     async def serve(
         self, host: str, port: int, *, task_status: Any = trio.TASK_STATUS_IGNORED
     ) -> NoReturn:
-        listeners = await trio.open_tcp_listeners(port, host=host)
+        try:
+            listeners = await trio.open_tcp_listeners(port, host=host)
+        except OSError as exc:  # named: the caller reports it as it is
+            raise OSError(
+                exc.errno, f"--metrics-port {port} on {host}: {exc.strerror or exc}"
+            ) from exc
         sockname = listeners[0].socket.getsockname()
         self.address = (str(sockname[0]), int(sockname[1]))
         log.info("metrics at http://%s:%d%s", host, self.address[1], PATH)
