@@ -134,7 +134,7 @@ class Socket:
         try:
             while len(batch) < max_messages:
                 frame = _recv(sock, _NOBLOCK, copy=False)
-                user = "" if users is None else str(frame.get("User-Id"))
+                user = "" if users is None else _user_id(frame)
                 message = [frame.bytes]
                 while frame.more:  # the rest of a message is always queued
                     frame = _recv(sock, _NOBLOCK, copy=False)
@@ -197,6 +197,16 @@ class Socket:
             with contextlib.suppress(zmq.ZMQError):
                 self._sock.unbind(endpoint)
         self._sock.close(linger)
+
+
+def _user_id(frame: zmq.Frame) -> str:
+    """The User-Id libzmq attached to a message ("" if none: a message
+    libzmq made itself, such as an XPUB's unsubscription of a subscriber
+    that went away)."""
+    try:
+        return str(frame.get("User-Id"))
+    except zmq.ZMQError:
+        return ""
 
 
 class Sockets:

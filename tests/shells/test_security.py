@@ -16,9 +16,11 @@ from pathlib import Path
 
 import pytest
 import trio
+import zmq
 
 from tests.integration.procs import free_base_ports, free_ports
 from trioclone import Curve, KeyPair, PermissionDeniedError, open_client
+from trioclone.core.chp import HISTORY, SEQUENCE
 from trioclone.curve import read_key_pair, read_public, write_key_pair
 from trioclone.errors import ConfigError
 from trioclone.server.clone import CloneServer
@@ -323,3 +325,99 @@ def test_a_server_with_a_bad_key_does_not_start(keys: Keys) -> None:
     (keys.clients / "broken.key").write_text('curve\n public-key = "x"\n')
     with pytest.raises(ConfigError, match=r"broken\.key"):
         CloneServer(settings)
+
+
+async def test_the_stream_carries_only_what_a_client_may_read(keys: Keys) -> None:
+    """A client that subscribes beyond its readable prefixes (here to the
+    whole map, with a bare SUB) gets none of those updates."""
+    settings = secured(
+        keys,
+        """
+        [clients.deploy]
+        write = [""]
+        [default]
+        read = ["public/"]
+        """,
+    )
+    deploy = keys.client("deploy")
+    guest = keys.client("guest")
+    assert guest.server is None
+    with trio.fail_after(GUARD):
+        async with (
+            serving(settings) as server,
+            open_client([address(settings)], curve=deploy) as writer,
+            open_client([address(settings)], "public/", curve=guest) as reader,
+        ):
+            context = zmq.Context()
+            sub = context.socket(zmq.SUB)
+            try:
+                for option, value in guest.options(binds=False):
+                    sub.setsockopt(option, value)
+                sub.setsockopt(zmq.SUBSCRIBE, b"")
+                sub.setsockopt(zmq.SUBSCRIBE, b"secret/")
+                sub.connect(settings.bind.publisher)
+                await reader.wait_synced()
+                await writer.wait_synced()
+                await trio.sleep(QUIET)  # the SUB's subscriptions are in
+                await writer.set("secret/x", "hidden")
+                await writer.set("public/x", "shown")
+                while reader.get("public/x") is None:
+                    await trio.sleep(0.01)
+                await trio.sleep(QUIET)
+                seen = []
+                while sub.poll(0):
+                    seen.append(sub.recv_multipart()[0])
+                assert seen == []
+                assert server.core.stats["reads_denied"] >= 2
+                assert reader.get("secret/x") is None
+            finally:
+                sub.close(0)
+                context.term()
+
+
+async def test_only_the_pairs_key_may_hand_over_writes(keys: Keys) -> None:
+    """A client that may write everything still cannot pose as the peer:
+    a KVSET with a sequence and a lineage (a hand-over, or a window
+    hand-over under the reserved history key) is refused, not applied."""
+    settings = secured(keys)
+    alice = keys.client("alice")
+    with trio.fail_after(GUARD):
+        async with (
+            serving(settings) as server,
+            open_client([address(settings)], curve=alice) as clone,
+        ):
+            await clone.wait_synced()
+            lineage = server.core.lineage.encode()
+            forged = [
+                [
+                    b"k",
+                    SEQUENCE.pack(7),
+                    b"u" * 16,
+                    b"lineage=" + lineage + b"\n",
+                    b"v",
+                ],
+                [
+                    HISTORY,
+                    SEQUENCE.pack(7),
+                    b"",
+                    b"age=0\nlineage=" + lineage + b"\n",
+                    b"w" * 16,
+                ],
+            ]
+            context = zmq.Context()
+            pub = context.socket(zmq.PUB)
+            try:
+                for option, value in alice.options(binds=False):
+                    pub.setsockopt(option, value)
+                pub.connect(settings.bind.collector)
+                while server.core.stats["writes_denied"] < 2:
+                    for frames in forged:
+                        pub.send_multipart(frames)
+                    await trio.sleep(0.05)
+            finally:
+                pub.close(0)
+                context.term()
+            assert server.core.store.get(b"k") is None
+            assert server.core.stats["handoff_received"] == 0
+            assert b"w" * 16 not in server.core.applied
+            await clone.set("k", "still a working client")

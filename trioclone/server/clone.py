@@ -43,10 +43,10 @@ from trioclone._follow import Follower, feed
 from trioclone._log import Limited
 from trioclone._zmq import ROUTER_RETRY_INTERVAL, Socket, Sockets, UnroutableError
 from trioclone.core.bstar import BinaryStar, Outcome, State, encode_state
-from trioclone.core.chp import HISTORY, decode_request, encode_denial
+from trioclone.core.chp import HISTORY, HUGZ, decode_request, encode_denial
 from trioclone.core.permissions import PAIR
 from trioclone.core.replica import Timings
-from trioclone.core.server import PEER_IDENTITY, Role, ServerCore
+from trioclone.core.server import PEER_IDENTITY, Role, ServerCore, is_handover
 from trioclone.core.snapshot import KeyIndex, Transfer
 from trioclone.core.status import (
     check_status_request,
@@ -265,6 +265,7 @@ class CloneServer:
                 core.subtrees,
                 self._reject,
                 before=None if self.data is None else self._persist,
+                vet=None if s.permissions is None else self._may_subscribe,
             )
             collector = sockets.open(
                 zmq.SUB,
@@ -745,15 +746,21 @@ class CloneServer:
         assert self.zap is not None
         grant = self.zap.grant(user)
         key = frames[0] if frames else b""
-        if grant.may_write(key):
+        if user != PAIR and is_handover(frames):
+            reason = f"client {user!r} sent a hand-over: only the pair's servers may"
+        elif grant.may_write(key):
             return True
+        else:
+            allowed = ", ".join(repr(p.decode(errors="replace")) for p in grant.write)
+            reason = (
+                f"client {user!r} may not write {key.decode(errors='replace')!r} "
+                + (
+                    f"(it may write keys under {allowed})"
+                    if allowed
+                    else "(it may write no key)"
+                )
+            )
         self.core.stats["writes_denied"] += 1
-        allowed = ", ".join(repr(p.decode(errors="replace")) for p in grant.write)
-        reason = f"client {user!r} may not write {key.decode(errors='replace')!r} " + (
-            f"(it may write keys under {allowed})"
-            if allowed
-            else "(it may write no key)"
-        )
         self._log.log(logging.WARNING, "write denied", "refused a write: %s", reason)
         uuid = frames[2] if len(frames) == 5 else b""
         for identity in self._routes.get(user, ()):
@@ -781,6 +788,22 @@ class CloneServer:
         )
         self._log.log(logging.WARNING, "read denied", "refused a snapshot: %s", reason)
         self._deny(identity, b"", subtree, reason)
+        return False
+
+    def _may_subscribe(self, user: str, prefix: bytes) -> bool:
+        """True if ``user`` may have the updates under ``prefix``."""
+        assert self.zap is not None
+        grant = self.zap.grant(user)
+        if prefix == HUGZ or grant.may_read(prefix):
+            return True
+        self.core.stats["reads_denied"] += 1
+        self._log.log(
+            logging.WARNING,
+            "subscription denied",
+            "refused a subscription: client %r may not read %r",
+            user,
+            prefix.decode(errors="replace"),
+        )
         return False
 
     def _deny(self, identity: bytes, uuid: bytes, key: bytes, reason: str) -> None:
