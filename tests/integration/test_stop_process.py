@@ -13,7 +13,10 @@ bounded; every process is stopped by PID (``Processes``).
 
 from __future__ import annotations
 
+import shutil
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -288,3 +291,53 @@ def test_the_operators_failback_loses_no_confirmed_write(procs: Processes) -> No
             assert backup.wait_for_log("synced from the active", 20)
             writer.wait_for(50)
         check_both_kept(procs, pair, primary, backup, writer.confirmed)
+
+
+# -- backup and restore of a pair ----------------------------------------------
+
+
+def test_a_pair_restores_from_an_online_backup_of_its_passive(
+    procs: Processes, tmp_path: Path
+) -> None:
+    """docs/operations.md: copy the passive's map while the pair runs; to
+    restore, the copy becomes the primary's map and the backup starts once
+    with --reset-data; the pair then serves the map as it was at the copy."""
+    copy = tmp_path / "copy.sqlite3"
+    with Pair(procs, TIMING) as pair, zmq_context() as ctx:
+        primary, backup = pair.start()
+        before = pair.write_until_seen(b"/before", 300, pair.sub_primary)
+        sequence = request_snapshot(ctx, pair.p1, timeout=5.0)
+        assert sequence is not None
+        assert backup.wait_for_status(10, state="PASSIVE", sequence=sequence.sequence)
+        backed_up = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                "import sqlite3, sys; "
+                "sqlite3.connect(sys.argv[1]).backup(sqlite3.connect(sys.argv[2]))",
+                str(folder(procs, "backup", pair.p2) / "map.sqlite3"),
+                str(copy),
+            ],
+            timeout=30,
+            check=False,
+        )
+        assert backed_up.returncode == 0
+        after = pair.write_until_seen(b"/after", 100, pair.sub_primary)
+        stop(procs, backup)
+        stop(procs, primary)
+
+        restored = folder(procs, "primary", pair.p1)
+        shutil.rmtree(restored)
+        restored.mkdir()
+        shutil.copy(copy, restored / "map.sqlite3")
+        primary = pair.start_primary("primary-restored")
+        backup = procs.start(
+            "backup-reset", *pair._args("backup"), "--reset-data", port=pair.p2
+        )
+        assert backup.wait_for_log("synced from the active", 20), backup.log()[-3000:]
+        snapshot = request_snapshot(ctx, pair.p1, timeout=5.0)
+        assert snapshot is not None
+        values = snapshot.values()
+        assert all(values.get(key) == pair.known[key] for key in before)
+        assert not any(key in values for key in after)
+        assert backup.wait_for_status(10, state="PASSIVE", keys=len(values))
