@@ -22,6 +22,7 @@ from trioclone.client.events import (
 )
 from trioclone.core.chp import KVMsg as KVMsg
 from trioclone.core.client import ClientTimings as ClientTimings
+from trioclone.curve import Curve as Curve, KeyPair as KeyPair
 from trioclone.endpoints import Endpoints as Endpoints
 from trioclone.errors import (
     ClientClosedError as ClientClosedError,
@@ -29,6 +30,7 @@ from trioclone.errors import (
     ConfigError as ConfigError,
     LocalProtocolError as LocalProtocolError,
     NoServerError as NoServerError,
+    PermissionDeniedError as PermissionDeniedError,
     ProtocolError as ProtocolError,
     RemoteProtocolError as RemoteProtocolError,
     WriteTimeoutError as WriteTimeoutError,

@@ -39,6 +39,7 @@ from types import TracebackType
 import trio
 import zmq
 
+from trioclone.curve import Curve
 from trioclone.errors import CloneError
 
 Frames = list[bytes]
@@ -108,31 +109,42 @@ class Socket:
         """The next whole multipart message."""
         return (await self.receive_batch(1))[0]
 
-    async def receive_batch(self, max_messages: int = 256) -> list[Frames]:
-        """At least one and at most ``max_messages`` messages."""
+    async def receive_batch(
+        self, max_messages: int = 256, users: list[str] | None = None
+    ) -> list[Frames]:
+        """At least one and at most ``max_messages`` messages (and, with
+        ``users``, each one's sender as ``receive_nowait`` gives it)."""
         await trio.lowlevel.checkpoint_if_cancelled()
-        batch = self.receive_nowait(max_messages)
+        batch = self.receive_nowait(max_messages, users)
         waited = False
         while not batch:
             waited = await self.wait(zmq.POLLIN) or waited
-            batch = self.receive_nowait(max_messages)
+            batch = self.receive_nowait(max_messages, users)
         if not waited:  # a schedule point for fairness, never a cancel point
             await trio.lowlevel.cancel_shielded_checkpoint()
         return batch
 
-    def receive_nowait(self, max_messages: int = 256) -> list[Frames]:
-        """Up to ``max_messages`` messages already queued; never waits."""
+    def receive_nowait(
+        self, max_messages: int = 256, users: list[str] | None = None
+    ) -> list[Frames]:
+        """Up to ``max_messages`` messages already queued; never waits.
+
+        With ``users`` (a socket with CURVE only), the User-Id the ZAP
+        handler gave each message's sender is appended to it, in order."""
         self._check_open()
         batch: list[Frames] = []
         sock = self._sock
         try:
             while len(batch) < max_messages:
                 frame = _recv(sock, _NOBLOCK, copy=False)
+                user = "" if users is None else _user_id(frame)
                 message = [frame.bytes]
                 while frame.more:  # the rest of a message is always queued
                     frame = _recv(sock, _NOBLOCK, copy=False)
                     message.append(frame.bytes)
                 batch.append(message)
+                if users is not None:
+                    users.append(user)
         except zmq.Again:
             pass
         except zmq.ZMQError as exc:
@@ -190,16 +202,33 @@ class Socket:
         self._sock.close(linger)
 
 
+def _user_id(frame: zmq.Frame) -> str:
+    """The User-Id libzmq attached to a message ("" if none: a message
+    libzmq made itself, such as an XPUB's unsubscription of a subscriber
+    that went away)."""
+    try:
+        return str(frame.get("User-Id"))
+    except zmq.ZMQError:
+        return ""
+
+
 class Sockets:
     """Makes sockets on one context and closes them all, context last.
 
     Pass a ``zmq.Context`` to share it (``inproc://`` needs one context);
-    otherwise a private context is made and terminated on ``close``.
+    otherwise a private context is made and terminated on ``close``.  With
+    ``curve``, every socket but those opened ``secure=False`` uses CURVE:
+    as its server if it binds, as a client if it connects.
     """
 
-    def __init__(self, context: zmq.Context[zmq.Socket[bytes]] | None = None):
+    def __init__(
+        self,
+        context: zmq.Context[zmq.Socket[bytes]] | None = None,
+        curve: Curve | None = None,
+    ):
         self._own_context = context is None
         self.context = context if context is not None else zmq.Context()
+        self.curve = curve
         self._sockets: list[Socket] = []
         self._terminated = False
 
@@ -211,12 +240,15 @@ class Sockets:
         connect: Iterable[str] = (),
         subscribe: Iterable[bytes] = (),
         options: Iterable[tuple[int, int | bytes]] = (),
+        secure: bool = True,
     ) -> Socket:
         """A new socket of ``kind``, configured, bound and connected."""
         bind = list(bind)
         raw: zmq.Socket[bytes] = self.context.socket(kind)
         try:
             raw.setsockopt(zmq.LINGER, 0)
+            if self.curve is not None and secure:
+                options = [*self.curve.options(binds=bool(bind)), *options]
             for option, value in options:
                 raw.setsockopt(option, value)
             for prefix in subscribe:

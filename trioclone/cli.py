@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import trio
 import zmq
 
 from trioclone.cli_client import (
+    VARIABLES,
     add_client_commands,
     base_port,
     count,
@@ -23,7 +25,9 @@ from trioclone.cli_client import (
     port,
     seconds,
 )
+from trioclone.config import ENV_PREFIX, Effective, Setting, resolve, table
 from trioclone.errors import ConfigError
+from trioclone.logformat import LOG_FORMATS, configure
 from trioclone.server.clone import STOP_LIMIT, CloneServer
 from trioclone.server.datadir import DataDirError, default_folder
 from trioclone.server.settings import (
@@ -104,19 +108,59 @@ def _dest(option: str) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    role = getattr(args, "role", None)
-    tag = f" [{role}]" if role else ""  # tells apart the two servers' lines
-    logging.basicConfig(
-        level=getattr(logging, args.log_level),
-        format=f"%(asctime)s{tag} %(name)s %(levelname)s %(message)s",
-    )
+    effective: Effective | None = None
+    server: str | None = None
+    if args.run is run_serve:  # its settings also come from env and file
+        try:
+            effective = resolve(
+                build_parser, setting_parsers, argv, args, os.environ, VARIABLES
+            )
+            server = serve_mode(args)
+        except ConfigError as exc:
+            parser.exit(2, f"trioclone: {exc}\n")
+        args.effective = effective
+    # the role tells apart the two servers' text lines
+    configure(args.log_level, args.log_format, server, getattr(args, "role", None))
     try:
         code: int = args.run(args)
     except ConfigError as exc:
-        parser.exit(2, f"trioclone: {exc}\n")
+        outside = [] if effective is None else effective.from_outside(str(exc))
+        said = f" (not from flags: {', '.join(outside)})" if outside else ""
+        parser.exit(2, f"trioclone: {exc}{said}\n")
     except KeyboardInterrupt:
         return 130
     return code
+
+
+def setting_parsers(
+    parser: argparse.ArgumentParser,
+) -> list[argparse.ArgumentParser]:
+    """The parsers whose options are ``serve``'s settings (see config.py):
+    the top-level one (the log options) and ``serve``'s own."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return [parser, action.choices["serve"]]
+    raise LookupError("no serve command")
+
+
+def serve_settings_table() -> list[Setting]:
+    """Every setting of ``serve``, in the order ``--help`` shows them."""
+    return table(setting_parsers(build_parser()))
+
+
+def serve_mode(args: argparse.Namespace) -> str:
+    """standalone, primary, backup or pair; ConfigError if none is set."""
+    if args.pair:
+        return "pair"
+    if args.standalone:
+        return "standalone"
+    if args.role is None:
+        raise ConfigError(
+            "serve needs a mode: --standalone, --role primary|backup or --pair "
+            "(or TRIOCLONE_STANDALONE, TRIOCLONE_ROLE, TRIOCLONE_PAIR, or the "
+            "keys standalone, role, pair of the --config file)"
+        )
+    return str(args.role)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -129,6 +173,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="INFO",
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
         help="log level (default INFO; per-update logging is DEBUG only)",
+    )
+    parser.add_argument(
+        "--log-format",
+        default="text",
+        choices=LOG_FORMATS,
+        help="text: one readable line per record; json: one JSON object per "
+        "line (default %(default)s)",
     )
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
     add_serve(commands)
@@ -144,10 +195,14 @@ def add_serve(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
             "Run a Clone server. Ports P (snapshots), P+1 (updates), P+2 (writes). "
             "Defaults as the ZeroMQ Guide: primary P=5556 with Binary Star port "
             "5003, backup P=5566 with 5004. With --pair, --port and --state-port "
-            "are the primary's, --peer-port and --peer-state-port the backup's."
+            "are the primary's, --peer-port and --peer-state-port the backup's. "
+            "Every option --NAME is also the variable TRIOCLONE_NAME and the key "
+            "NAME of the --config file (flag > environment > file > default; "
+            "see docs/configuration.md)."
         ),
     )
-    mode = serve.add_mutually_exclusive_group(required=True)
+    # one is required, from a flag, the environment or the config file
+    mode = serve.add_mutually_exclusive_group()
     mode.add_argument("--standalone", action="store_true", help="one server, no pair")
     mode.add_argument("--role", choices=["primary", "backup"], help="side of the pair")
     mode.add_argument(
@@ -188,6 +243,32 @@ def add_serve(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
         "lost by a power cut; interval: synced once a second; off: when the "
         "OS likes (default %(default)s; a killed process loses nothing in any mode)",
     )
+    secure = serve.add_argument_group(
+        "security (docs/security.md)",
+        "Without these the server speaks plain CHP: anyone who reaches its "
+        "ports can read and write the map.",
+    )
+    secure.add_argument(
+        "--curve-secret",
+        type=Path,
+        metavar="FILE",
+        help="the pair's secret certificate (trioclone keygen; both servers "
+        "use the same one): every socket uses CURVE",
+    )
+    secure.add_argument(
+        "--curve-clients",
+        type=Path,
+        metavar="FOLDER",
+        help="the folder of the allowed clients' public certificates "
+        "(NAME.key); read again when it changes",
+    )
+    secure.add_argument(
+        "--permissions",
+        type=Path,
+        metavar="FILE",
+        help="TOML: the key prefixes each client may read and write "
+        "(default: every allowed client reads and writes everything)",
+    )
     serve.add_argument(
         "--reset-data",
         action="store_true",
@@ -201,13 +282,29 @@ def add_serve(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
             default=default(setting),
             help=f"{text} (default %(default)s)",
         )
+    serve.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help=f"a TOML file of settings: the flags' names without the dashes "
+        f"(default: ${ENV_PREFIX}CONFIG if set; flags and {ENV_PREFIX}* "
+        "variables beat it)",
+    )
+    serve.add_argument(
+        "--print-config",
+        nargs="?",
+        const="text",
+        choices=["text", "json"],
+        help="print the effective settings and where each came from (as TOML, "
+        "or json), and exit without starting",
+    )
     serve.set_defaults(run=run_serve)
 
 
 def run_serve(args: argparse.Namespace) -> int:
     if args.pair:
         return run_local_pair(args)
-    role = "standalone" if args.standalone else args.role
+    role = serve_mode(args)
     settings = server_settings(
         args,
         role,
@@ -217,6 +314,8 @@ def run_serve(args: argparse.Namespace) -> int:
         state_port=args.state_port,
         peer_state_port=args.peer_state_port,
     )
+    if print_config(args):
+        return 0
     failed = False
     try:
         trio.run(serve_until_signalled, CloneServer(settings))
@@ -269,6 +368,7 @@ def server_settings(
         data_dir=data_dir(args, role, own_port),
         fsync=args.fsync,
         reset_data=args.reset_data,
+        **security_settings(args),
         bind_host=args.bind,
         peer_host=peer_host,
         peer_port=peer_port,
@@ -279,6 +379,16 @@ def server_settings(
             for option, (setting, _, _) in SETTINGS_OPTIONS.items()
         },
     )
+
+
+def security_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The security options as settings (absolute: ``--pair``'s children
+    and a daemon may run elsewhere)."""
+    return {
+        name: None if value is None else str(Path(value).absolute())
+        for name in ("curve_secret", "curve_clients", "permissions")
+        for value in [getattr(args, name)]
+    }
 
 
 async def serve_until_signalled(server: CloneServer) -> None:
@@ -319,7 +429,45 @@ class Side:
 def run_local_pair(args: argparse.Namespace) -> int:
     """Run ``serve --role primary`` and ``--role backup`` as supervised children."""
     commands = local_pair_commands(args)
-    return trio.run(Supervisor(commands).run)
+    if print_config(args):
+        return 0
+    return trio.run(Supervisor(commands, env=child_environment(os.environ)).run)
+
+
+def print_config(args: argparse.Namespace) -> bool:
+    """With ``--print-config``: print the settings (checked) and say so."""
+    effective: Effective | None = getattr(args, "effective", None)
+    if not args.print_config or effective is None:
+        return False
+    print(effective.render(args.print_config))
+    return True
+
+
+def child_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """``environ`` without the TRIOCLONE_ settings: a local pair's servers
+    get every setting as a flag."""
+    return {k: v for k, v in environ.items() if not k.startswith(ENV_PREFIX)}
+
+
+#: Settings ``local_pair_commands`` gives each server its own way; every
+#: other setting of ``serve`` is passed to both servers as it is.
+PER_SERVER = frozenset(
+    {
+        *("standalone", "role", "pair", "bind", "peer", "port", "peer_port"),
+        *("state_port", "peer_state_port", "data_dir", "in_memory"),
+        *("log_level", "log_format", "reset_data"),
+        *("curve_secret", "curve_clients", "permissions"),  # made absolute
+    }
+)
+
+
+def as_flag(row: Setting, value: object) -> list[str]:
+    """``value`` of ``row`` as command-line arguments ([] if it is unset)."""
+    if row.switch:
+        return [row.flag] if value else []
+    if value is None:
+        return []
+    return [row.flag, repr(value) if isinstance(value, float) else str(value)]
 
 
 def local_pair_commands(args: argparse.Namespace) -> dict[str, list[str]]:
@@ -349,14 +497,18 @@ def local_pair_commands(args: argparse.Namespace) -> dict[str, list[str]]:
     )
     # The servers reach each other at the address they bind, or at localhost.
     peer_host = "localhost" if args.bind in ("*", "0.0.0.0") else args.bind
-    shared: list[str] = ["--fsync", args.fsync]
-    for option in SETTINGS_OPTIONS:
-        shared += [option, repr(getattr(args, _dest(option)))]
-    if args.reset_data:
+    shared: list[str] = []
+    for row in serve_settings_table():
+        if row.dest not in PER_SERVER:
+            shared += as_flag(row, getattr(args, row.dest))
+    if args.reset_data:  # the supervisor drops it from a restart
         shared.append("--reset-data")
+    for name, value in security_settings(args).items():
+        if value is not None:
+            shared += [f"--{name.replace('_', '-')}", value]
     commands = {}
     for role, own, peer in (("primary", primary, backup), ("backup", backup, primary)):
-        server_settings(  # the child would refuse these too, after we started it
+        settings = server_settings(  # the child would refuse these too, later
             args,
             role,
             port=own.port,
@@ -365,12 +517,15 @@ def local_pair_commands(args: argparse.Namespace) -> dict[str, list[str]]:
             state_port=own.state_port,
             peer_state_port=peer.state_port,
         )
+        CloneServer(settings)  # reads the keys: a bad one is refused now
         commands[role] = [
             sys.executable,
             "-m",
             "trioclone",
             "--log-level",
             args.log_level,
+            "--log-format",
+            args.log_format,
             "serve",
             "--role",
             role,
@@ -424,8 +579,10 @@ class Supervisor:
         commands: Mapping[str, Sequence[str]],
         backoff: Backoff | None = None,
         grace: float = STOP_LIMIT + 2.0,
+        env: Mapping[str, str] | None = None,
     ) -> None:
         self.commands = dict(commands)
+        self.env = None if env is None else dict(env)  # None: ours
         self.backoff = backoff or Backoff()
         self.grace = grace
         self._failed_at_start: set[str] = set()
@@ -474,7 +631,7 @@ class Supervisor:
 
     async def _run_once(self, name: str, command: Sequence[str]) -> tuple[int, int]:
         """Run ``command`` until it exits: its PID and exit status."""
-        process = await trio.lowlevel.open_process(list(command))
+        process = await trio.lowlevel.open_process(list(command), env=self.env)
         supervisor_log.info("started the %s server: pid %d", name, process.pid)
         try:
             return process.pid, await process.wait()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import os
 import sys
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -22,13 +23,24 @@ from trioclone.client.events import (
 )
 from trioclone.core.chp import is_reserved
 from trioclone.core.client import ClientTimings
+from trioclone.curve import Curve, write_key_pair
 from trioclone.endpoints import Endpoints, check_port
-from trioclone.errors import ConfigError, LocalProtocolError, WriteTimeoutError
+from trioclone.errors import (
+    ConfigError,
+    LocalProtocolError,
+    PermissionDeniedError,
+    WriteTimeoutError,
+)
 from trioclone.server.settings import COUNT, HEARTBEATS, HWM, SECONDS, Rule
 
 EXIT_NOT_FOUND = 1
 EXIT_NO_SERVER = 3
 EXIT_NOT_CONFIRMED = 4
+EXIT_DENIED = 5  # a secured server refused: see docs/security.md
+#: The client commands' environment variables (``serve`` lets them be).
+SERVER_KEY_VARIABLE = "TRIOCLONE_SERVER_KEY"
+CLIENT_KEY_VARIABLE = "TRIOCLONE_CLIENT_KEY"
+VARIABLES = (SERVER_KEY_VARIABLE, CLIENT_KEY_VARIABLE)
 
 T = TypeVar("T")
 Command = Callable[[CloneClient, argparse.Namespace], Coroutine[Any, Any, int]]
@@ -45,6 +57,22 @@ def add_client_commands(
         metavar="ADDRESS",
         help="tcp://HOST:PORT of a server; repeat for a pair "
         f"(default: {' and '.join(DEFAULT_SERVERS)})",
+    )
+    common.add_argument(
+        "--server-key",
+        type=Path,
+        metavar="FILE",
+        default=_env_path(SERVER_KEY_VARIABLE),
+        help="the servers' public certificate, for secured servers "
+        "(default: $TRIOCLONE_SERVER_KEY)",
+    )
+    common.add_argument(
+        "--client-key",
+        type=Path,
+        metavar="FILE",
+        default=_env_path(CLIENT_KEY_VARIABLE),
+        help="this client's secret certificate (NAME.key_secret) "
+        "(default: $TRIOCLONE_CLIENT_KEY)",
     )
     common.add_argument(
         "--timeout",
@@ -89,6 +117,46 @@ def add_client_commands(
         cmd.add_argument("prefix", nargs="?", default="", help="key prefix")
         cmd.add_argument("--json", action="store_true", help="JSON output")
         cmd.set_defaults(run=client_command(handler, subtree="prefix"))
+
+    keygen = commands.add_parser(
+        "keygen",
+        help="write a CURVE key pair: NAME.key (public) and NAME.key_secret",
+        description="Write a new CURVE key pair in the ZeroMQ certificate "
+        "format: NAME.key, the public certificate to give the other side, and "
+        "NAME.key_secret (mode 0600), which never leaves its owner. A pair of "
+        "servers shares one key pair; each client has its own.",
+    )
+    keygen.add_argument("name", help="the key pair's name (a plain file name)")
+    keygen.add_argument(
+        "--dir",
+        type=Path,
+        default=Path("."),
+        help="the folder to write them in (default: the current one)",
+    )
+    keygen.set_defaults(run=run_keygen)
+
+
+def run_keygen(args: argparse.Namespace) -> int:
+    write_key_pair(args.dir, args.name)  # ConfigError: exit 2 with its reason
+    print(f"wrote {args.dir / args.name}.key and {args.dir / args.name}.key_secret")
+    return 0
+
+
+def client_curve(args: argparse.Namespace) -> Curve | None:
+    """The CURVE options ``--server-key`` and ``--client-key`` give."""
+    if args.server_key is None and args.client_key is None:
+        return None
+    if args.server_key is None or args.client_key is None:
+        raise ConfigError(
+            "--server-key and --client-key go together: the servers' public "
+            "certificate and this client's secret one"
+        )
+    return Curve.client_files(args.server_key, args.client_key)
+
+
+def _env_path(name: str) -> Path | None:
+    value = os.environ.get(name)
+    return Path(value) if value else None
 
 
 # -- option types: a bad value exits 2 with "argument --NAME: ..." -------------
@@ -170,6 +238,7 @@ def client_command(
 ) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
         servers = args.server or [Endpoints.parse(s) for s in DEFAULT_SERVERS]
+        args.curve = client_curve(args)  # ConfigError: exit 2 with its reason
         try:
             return trio.run(connected, handler, args, servers, getattr(args, subtree))
         except KeyboardInterrupt:
@@ -187,9 +256,13 @@ async def connected(
     servers: list[Endpoints],
     subtree: str,
 ) -> int:
-    async with open_client(servers, subtree) as clone:
+    async with open_client(servers, subtree, curve=args.curve) as clone:
         with trio.move_on_after(args.timeout):
-            await clone.wait_synced()
+            try:
+                await clone.wait_synced()
+            except PermissionDeniedError as exc:
+                print(f"trioclone: refused: {exc}", file=sys.stderr)
+                return EXIT_DENIED
         if not clone.synced:
             print(
                 f"trioclone: no server answered within {args.timeout:g} s "
@@ -230,6 +303,9 @@ async def confirmed(write: Coroutine[Any, Any, int]) -> int:
     except WriteTimeoutError as exc:
         print(f"trioclone: {exc}", file=sys.stderr)
         return EXIT_NOT_CONFIRMED
+    except PermissionDeniedError as exc:
+        print(f"trioclone: refused: {exc}", file=sys.stderr)
+        return EXIT_DENIED
     print(f"ok, sequence {sequence}")
     return 0
 
@@ -292,12 +368,15 @@ async def do_load(clone: CloneClient, args: argparse.Namespace) -> int:
     entries: dict[str, bytes] = args.entries
     window = trio.Semaphore(args.window)
     failed: list[str] = []
+    refused: list[str] = []
 
     async def write(key: str, body: bytes) -> None:
         try:
             await clone.set(key, body, timeout=args.timeout)
         except WriteTimeoutError:
             failed.append(key)
+        except PermissionDeniedError as exc:
+            refused.append(str(exc))
         finally:
             window.release()
 
@@ -305,6 +384,13 @@ async def do_load(clone: CloneClient, args: argparse.Namespace) -> int:
         for key, body in entries.items():
             await window.acquire()
             nursery.start_soon(write, key, body)
+    if refused:
+        print(
+            f"trioclone: refused: {len(refused)} of {len(entries)} writes, "
+            f"first: {sorted(refused)[0]}",
+            file=sys.stderr,
+        )
+        return EXIT_DENIED
     if failed:
         print(
             f"trioclone: {len(failed)} of {len(entries)} writes not confirmed "

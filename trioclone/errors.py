@@ -52,3 +52,8 @@ class WriteTimeoutError(CloneError):
 
 class ClientClosedError(CloneError):
     """The client was used after it was closed."""
+
+
+class PermissionDeniedError(CloneError):
+    """A secured server refused a write or a snapshot: the client's key may
+    not write that key, or read that subtree (see core/permissions.py)."""

@@ -19,7 +19,7 @@ from typing import Any, NoReturn
 
 import trio
 import zmq
-from trio_util import AsyncValue
+from trio_util import AsyncValue, wait_any
 
 from trioclone._follow import Follower, feed
 from trioclone._log import Limited
@@ -32,7 +32,7 @@ from trioclone.client.events import (
     key_bytes,
     key_text,
 )
-from trioclone.core.chp import HUGZ
+from trioclone.core.chp import HUGZ, decode_denial
 from trioclone.core.client import (
     ClientCore,
     ClientTimings,
@@ -44,10 +44,12 @@ from trioclone.core.client import (
     Unconfirmed,
     Updated,
 )
+from trioclone.curve import Curve
 from trioclone.endpoints import Endpoints
 from trioclone.errors import (
     ClientClosedError,
     LocalProtocolError,
+    PermissionDeniedError,
     RemoteProtocolError,
     WriteTimeoutError,
 )
@@ -68,17 +70,20 @@ async def open_client(
     timings: ClientTimings | None = None,
     context: Context | None = None,
     sockets: Callable[[], Sockets] | None = None,
+    curve: Curve | None = None,
 ) -> AsyncIterator[CloneClient]:
     """Mirror the map held by ``servers`` (one server, or a Binary Star pair).
 
     ``subtree`` is a key prefix (or several) to mirror; "" is everything.
     The client starts syncing at once; ``await clone.wait_synced()`` to wait.
     ``sockets`` makes the client's sockets (a simulated network, in tests).
+    ``curve`` (``Curve.for_client(server_key, own_keys)``): talk to secured
+    servers (docs/security.md).
     """
     endpoints = [s if isinstance(s, Endpoints) else Endpoints.parse(s) for s in servers]
     subtrees = [subtree] if isinstance(subtree, str) else list(subtree)
     core = ClientCore(len(endpoints), [key_bytes(s) for s in subtrees], timings)
-    client = CloneClient(core, endpoints, sockets or (lambda: Sockets(context)))
+    client = CloneClient(core, endpoints, sockets or (lambda: Sockets(context, curve)))
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(client._run)
@@ -107,7 +112,9 @@ class CloneClient:
         self._open_sockets = sockets
         self._closed = False
         self._log = Limited(log)
-        self._waiters: dict[bytes, tuple[trio.Event, list[int | None]]] = {}
+        #: uuid -> (set when settled, [its sequence, None if unconfirmed, or
+        #: the reason a server refused it])
+        self._waiters: dict[bytes, tuple[trio.Event, list[int | str | None]]] = {}
         self._watchers: weakref.WeakSet[Watch] = weakref.WeakSet()
         self._wakeup = trio.Event()
         self._pub: Socket
@@ -115,6 +122,8 @@ class CloneClient:
         #: The agent's nursery: tasks started here end with the client.
         self.nursery: trio.Nursery
         self._synced = AsyncValue(False)
+        #: Why a server refused this client's snapshot request, if one did.
+        self._refused: AsyncValue[str | None] = AsyncValue(None)
 
     # -- reading ---------------------------------------------------------
 
@@ -157,7 +166,14 @@ class CloneClient:
         return bool(self._synced.value)
 
     async def wait_synced(self) -> None:
-        await self._synced.wait_value(True)
+        """Wait for a complete snapshot; ``PermissionDeniedError`` if a
+        secured server refused this client the subtree it asked for."""
+        await wait_any(
+            lambda: self._synced.wait_value(True),
+            lambda: self._refused.wait_value(lambda reason: reason is not None),
+        )
+        if not self._synced.value and self._refused.value is not None:
+            raise PermissionDeniedError(self._refused.value)
 
     def watch(self, prefix: str = "", *, state: bool = False) -> Watch:
         """Changes under ``prefix`` from now on: ``async for event in ...``.
@@ -184,7 +200,9 @@ class CloneClient:
     ) -> int:
         """Write and wait until the active server applied it; its sequence.
 
-        Raises ``WriteTimeoutError`` if no server confirmed it in ``timeout``
+        Raises ``PermissionDeniedError`` at once if a secured server refused
+        it (the client's key may not write ``key``), and ``WriteTimeoutError``
+        if no server confirmed it in ``timeout``
         seconds, or within the client's write horizon if that is shorter
         (``ClientTimings.write_horizon``, 30 s by default: past it the write
         is no longer resent, as a resend could no longer be told from a new
@@ -197,7 +215,7 @@ class CloneClient:
         body = value.encode() if isinstance(value, str) else value
         uuid = self._core.write(key_bytes(key), body, trio.current_time(), ttl=ttl)
         done = trio.Event()
-        result: list[int | None] = []
+        result: list[int | str | None] = []
         self._waiters[uuid] = (done, result)
         self._dispatch()
         try:
@@ -206,7 +224,9 @@ class CloneClient:
         finally:  # confirmed, timed out or cancelled: stop tracking it
             self._waiters.pop(uuid, None)
             self._core.forget(uuid)
-        if result and result[0] is not None:
+        if result and isinstance(result[0], str):
+            raise PermissionDeniedError(result[0])
+        if result and isinstance(result[0], int):
             return result[0]
         waited = min(timeout, self._core.timings.write_horizon)
         raise WriteTimeoutError(
@@ -265,8 +285,24 @@ class CloneClient:
                 await self._wakeup.wait()
 
     async def _handle(self, is_reply: bool, batch: list[list[bytes]]) -> None:
+        if is_reply:
+            batch = [frames for frames in batch if not self._refusal(frames)]
         feed(self._core, is_reply, batch, trio.current_time(), self._reject)
         self._dispatch()  # wakes _timers: the rest of a catch-up is its work
+
+    def _refusal(self, frames: list[bytes]) -> bool:
+        """True if ``frames`` is a secured server's refusal, which settles
+        the refused write, or (a refused snapshot) fails ``wait_synced``."""
+        denial = decode_denial(frames)
+        if denial is None:
+            return False
+        if denial.uuid:
+            self._core.forget(denial.uuid)  # never resent
+            self._settle_write(denial.uuid, denial.reason)
+        else:
+            log.error("the server refused a snapshot: %s", denial.reason)
+            self._refused.value = denial.reason
+        return True
 
     def _reject(self, where: str, exc: RemoteProtocolError) -> None:
         self._log.log(logging.WARNING, where, "rejected %s from server: %s", where, exc)
@@ -295,7 +331,7 @@ class CloneClient:
         self._synced.value = core.phase is Phase.ACTIVE
         self._wakeup.set()
 
-    def _settle_write(self, uuid: bytes, sequence: int | None) -> None:
+    def _settle_write(self, uuid: bytes, sequence: int | str | None) -> None:
         waiter = self._waiters.pop(uuid, None)
         if waiter is not None:
             waiter[1].append(sequence)

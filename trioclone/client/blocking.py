@@ -20,6 +20,7 @@ import trio
 from trioclone.client.agent import DEFAULT_SERVERS, CloneClient, open_client
 from trioclone.client.events import CloneEvent
 from trioclone.core.client import ClientTimings
+from trioclone.curve import Curve
 from trioclone.errors import ClientClosedError, LocalProtocolError, NoServerError
 from trioclone.server.settings import SECONDS
 
@@ -36,6 +37,7 @@ class BlockingClient:
         *,
         timings: ClientTimings | None = None,
         sync_timeout: float | None = 10.0,
+        curve: Curve | None = None,
     ) -> None:
         if sync_timeout is not None:
             SECONDS.check("sync_timeout", sync_timeout, LocalProtocolError)
@@ -46,7 +48,7 @@ class BlockingClient:
         self._token: trio.lowlevel.TrioToken | None = None
         self._thread = threading.Thread(
             target=self._thread_main,
-            args=(servers, subtree, timings),
+            args=(servers, subtree, timings, curve),
             name="trioclone-agent",
             daemon=True,
         )
@@ -54,7 +56,14 @@ class BlockingClient:
         self._started.wait()
         if self._failure is not None:
             raise self._failure
-        if sync_timeout is not None and not self.wait_synced(sync_timeout):
+        if sync_timeout is None:
+            return
+        try:
+            synced = self.wait_synced(sync_timeout)
+        except BaseException:  # refused by a secured server: not left running
+            self.close()
+            raise
+        if not synced:
             self.close()
             raise NoServerError(f"no server answered within {sync_timeout} s")
 
@@ -70,8 +79,11 @@ class BlockingClient:
         servers: Sequence[str],
         subtree: str | Sequence[str],
         timings: ClientTimings | None,
+        curve: Curve | None,
     ) -> None:
-        async with open_client(servers, subtree, timings=timings) as client:
+        async with open_client(
+            servers, subtree, timings=timings, curve=curve
+        ) as client:
             self._client = client
             self._stop = trio.Event()
             self._token = trio.lowlevel.current_trio_token()

@@ -271,3 +271,28 @@ def decode_history(msg: KVMsg) -> tuple[list[bytes], float]:
     """The UUIDs and age of a HISTORY batch; ``RemoteProtocolError`` if bad."""
     age, body = check_history(msg), msg.body
     return [body[i : i + 16] for i in range(0, len(body), 16)], age
+
+
+#: A secured trioclone server's refusal, on the snapshot socket: four
+#: frames (a kvmsg has five, so a reply is never mistaken for one):
+#: ``KVDENIED``, the refused write's UUID (empty for a refused snapshot),
+#: its key (or the subtree asked for), and the reason as UTF-8 text.
+#: Only a client that was refused gets one; the Guide's clients never do.
+DENIED = b"KVDENIED"
+
+
+class Denial(NamedTuple):
+    uuid: bytes
+    key: bytes
+    reason: str
+
+
+def encode_denial(uuid: bytes, key: bytes, reason: str) -> list[bytes]:
+    return [DENIED, uuid, key, reason.encode()]
+
+
+def decode_denial(frames: Sequence[bytes]) -> Denial | None:
+    """The denial ``frames`` are, or None if they are not one."""
+    if len(frames) != 4 or frames[0] != DENIED:
+        return None
+    return Denial(frames[1], frames[2], frames[3].decode(errors="replace"))

@@ -35,6 +35,7 @@ role scope is still winding down.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -51,15 +52,18 @@ from trioclone._follow import Follower, feed
 from trioclone._log import Limited
 from trioclone._zmq import ROUTER_RETRY_INTERVAL, Socket, Sockets, UnroutableError
 from trioclone.core.bstar import BinaryStar, Outcome, State, encode_state
-from trioclone.core.chp import HISTORY, decode_request
+from trioclone.core.chp import HISTORY, HUGZ, decode_request, encode_denial
+from trioclone.core.permissions import PAIR
 from trioclone.core.replica import Timings
-from trioclone.core.server import PEER_IDENTITY, Role, ServerCore
+from trioclone.core.server import PEER_IDENTITY, Role, ServerCore, is_handover
 from trioclone.core.snapshot import KeyIndex, Transfer
 from trioclone.core.store import Store
-from trioclone.errors import RemoteProtocolError
+from trioclone.curve import Curve, read_key_pair
+from trioclone.errors import ConfigError, RemoteProtocolError
 from trioclone.server.datadir import SYNC_INTERVAL, DataDir, DataDirError, wall_clock
 from trioclone.server.publisher import Publisher
 from trioclone.server.settings import PairSettings, ServerSettings
+from trioclone.server.zap import ZAP_ENDPOINT, ZapHandler
 
 log = logging.getLogger("trioclone.server")
 
@@ -84,6 +88,10 @@ STOP_LIMIT = 3.0
 STOP_LINGER = 1.0
 #: At most this many writes queued in the collector are taken at a stop.
 STOP_DRAIN = 100_000
+#: Refusals waiting to be sent to the clients they are for, and the routing
+#: ids of each client's snapshot sockets kept to send them to.
+MAX_DENIALS = 1024
+ROUTES_PER_USER = 16
 
 Context = zmq.Context[zmq.Socket[bytes]]
 
@@ -126,8 +134,13 @@ class CloneServer:
         #: Called with ("active" | "passive", "enter" | "exit"); for tests.
         self.trace: Callable[[str, str], None] | None = None
         self._context = context
+        #: With keys: who may connect (a ZAP handler) and what each may do.
+        self.zap: ZapHandler | None = None
+        curve = self._curve(settings, context)
         #: Makes the server's sockets (a simulated network can stand in).
-        self._open_sockets = sockets or (lambda: Sockets(context))
+        self._open_sockets = sockets or (lambda: Sockets(context, curve))
+        self._denials: deque[list[bytes]] = deque(maxlen=MAX_DENIALS)
+        self._routes: dict[str, deque[bytes]] = {}
         #: The wall clock, for what is kept on disk (a simulation's is Trio's).
         self._wall = wall
         self._log = Limited(log)
@@ -161,6 +174,25 @@ class CloneServer:
     @property
     def pair(self) -> PairSettings | None:
         return self.settings.pair
+
+    def _curve(self, s: ServerSettings, context: Context | None) -> Curve | None:
+        """Read the keys and permissions (``ConfigError`` naming the file at
+        fault) and make the ZAP handler; None for a plain server."""
+        if s.curve_secret is None or s.curve_clients is None:
+            return None
+        if context is not None:
+            raise ConfigError(
+                "a server with CURVE needs a ZeroMQ context of its own "
+                "(its ZAP handler is the context's)"
+            )
+        keys = read_key_pair(Path(s.curve_secret))
+        self.zap = ZapHandler(
+            keys,
+            Path(s.curve_clients),
+            None if s.permissions is None else Path(s.permissions),
+            self.core.stats,
+        )
+        return Curve.for_server(keys)
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until cancelled, or until ``stop`` is called and the
@@ -238,6 +270,9 @@ class CloneServer:
             self._stop_wakeup.set()
         with self._open_sockets() as sockets:
             self._sockets = sockets
+            zap = None
+            if self.zap is not None:  # first: it vets every handshake
+                zap = sockets.open(zmq.ROUTER, bind=[ZAP_ENDPOINT], secure=False)
             router = sockets.open(
                 zmq.ROUTER,
                 bind=[s.bind.snapshot],
@@ -255,6 +290,7 @@ class CloneServer:
                 core.subtrees,
                 self._reject,
                 before=None if self.data is None else self._persist,
+                vet=None if s.permissions is None else self._may_subscribe,
             )
             collector = sockets.open(
                 zmq.SUB,
@@ -263,6 +299,8 @@ class CloneServer:
                 options=[(zmq.RCVHWM, s.collector_hwm)],
             )
             async with trio.open_nursery() as nursery:
+                if self.zap is not None and zap is not None:
+                    nursery.start_soon(self.zap.run, zap)
                 now = trio.current_time()
                 if s.pair is not None:
                     self._start_pair(nursery, sockets, s.pair, now)
@@ -448,26 +486,32 @@ class CloneServer:
     async def _collect(self, sock: Socket) -> None:
         """Take client writes until a stop; then take those queued already
         (at most ``STOP_DRAIN``) and close the collector."""
+        secured = self.zap is not None
         with self._collecting:
             while True:
-                self._take(await sock.receive_batch(BATCH))
+                users: list[str] | None = [] if secured else None
+                self._take(await sock.receive_batch(BATCH, users), users)
         taken = 0
         while taken < STOP_DRAIN:
-            batch = sock.receive_nowait(min(BATCH, STOP_DRAIN - taken))
+            users = [] if secured else None
+            batch = sock.receive_nowait(min(BATCH, STOP_DRAIN - taken), users)
             if not batch:
                 break
-            self._take(batch)
+            self._take(batch, users)
             taken += len(batch)
         sock.close()
         log.info("the collector is closed (%d queued writes taken at the stop)", taken)
         self._collected.set()
 
-    def _take(self, batch: list[list[bytes]]) -> None:
-        """Apply (active) or hold (passive) a batch of client writes."""
+    def _take(self, batch: list[list[bytes]], users: list[str] | None) -> None:
+        """Apply (active) or hold (passive) a batch of client writes; with
+        CURVE, ``users`` are their senders (each must be allowed to write)."""
         core = self.core
         now = trio.current_time()
         updates = []
-        for frames in batch:
+        for index, frames in enumerate(batch):
+            if users is not None and not self._may_write(users[index], frames):
+                continue
             try:
                 update = core.collect(frames, now)
             except RemoteProtocolError as exc:
@@ -506,20 +550,22 @@ class CloneServer:
             self._expiry_wakeup.set()  # a takeover ended: deadlines are due
 
     async def _serve_snapshots(self, router: Socket) -> NoReturn:
-        transfers = self._transfers
+        transfers, secured = self._transfers, self.zap is not None
         while True:
+            self._send_denials(router)
             requests: list[list[bytes]] = []
+            users: list[str] | None = [] if secured else None
             if transfers:
-                requests = router.receive_nowait(64)
+                requests = router.receive_nowait(64, users)
             else:
                 if not self._queued:
                     self._key_index = None  # no transfer holds it: let it go
                 with trio.CancelScope() as self._snapshot_wait:
-                    requests = await router.receive_batch(64)
+                    requests = await router.receive_batch(64, users)
                 self._snapshot_wait = None
             now = trio.current_time()
-            for frames in requests:
-                self._on_request(frames, now)
+            for index, frames in enumerate(requests):
+                self._on_request(frames, now, None if users is None else users[index])
             if requests:  # (votes may have changed the role)
                 self._after(now)
             if not transfers:
@@ -533,7 +579,7 @@ class CloneServer:
                 with trio.move_on_after(ROUTER_RETRY_INTERVAL):
                     await router.wait(zmq.POLLIN)
 
-    def _on_request(self, frames: list[bytes], now: float) -> None:
+    def _on_request(self, frames: list[bytes], now: float, user: str | None) -> None:
         identity, request = frames[0], frames[1:]
         try:
             subtree = decode_request(request)
@@ -541,6 +587,10 @@ class CloneServer:
             self._reject("snapshot", exc)
             return
         from_peer = identity.startswith(PEER_IDENTITY)
+        if user is not None:  # secured: only the pair's key is the peer
+            from_peer = from_peer and user == PAIR
+            if not self._may_read(user, identity, subtree):
+                return
         answer, outcome = self.core.on_request(
             now, from_peer=from_peer, subtree=subtree
         )
@@ -611,7 +661,12 @@ class CloneServer:
                         break
                     transfer.advance(now)
             except UnroutableError:
-                log.info("snapshot client went away after %d messages", transfer.sent)
+                self._log.log(  # one per client: a crowd must not flood the log
+                    logging.INFO,
+                    "snapshot client gone",
+                    "snapshot client went away after %d messages",
+                    transfer.sent,
+                )
                 continue
             finally:
                 work = max(transfer.examined - examined, transfer.sent - sent)
@@ -623,7 +678,9 @@ class CloneServer:
                 continue
             if now - transfer.idle_since >= stall:
                 self.core.stats["snapshots_stalled"] += 1
-                log.warning(
+                self._log.log(
+                    logging.WARNING,
+                    "snapshot client stalled",
                     "dropped a snapshot client that took nothing for %.0f s "
                     "(%d messages sent)",
                     stall,
@@ -685,6 +742,86 @@ class CloneServer:
         while True:
             await trio.sleep(interval)
             log.info("status %s", self.status())
+
+    # -- permissions (a secured server) ------------------------------------
+
+    def _may_write(self, user: str, frames: list[bytes]) -> bool:
+        """True if ``user`` may write the key of the KVSET ``frames``;
+        otherwise the write is counted, logged and refused to its client."""
+        assert self.zap is not None
+        grant = self.zap.grant(user)
+        key = frames[0] if frames else b""
+        if user != PAIR and is_handover(frames):
+            reason = f"client {user!r} sent a hand-over: only the pair's servers may"
+        elif grant.may_write(key):
+            return True
+        else:
+            allowed = ", ".join(repr(p.decode(errors="replace")) for p in grant.write)
+            reason = (
+                f"client {user!r} may not write {key.decode(errors='replace')!r} "
+                + (
+                    f"(it may write keys under {allowed})"
+                    if allowed
+                    else "(it may write no key)"
+                )
+            )
+        self.core.stats["writes_denied"] += 1
+        self._log.log(logging.WARNING, "write denied", "refused a write: %s", reason)
+        uuid = frames[2] if len(frames) == 5 else b""
+        for identity in self._routes.get(user, ()):
+            self._deny(identity, uuid, key, reason)
+        return False
+
+    def _may_read(self, user: str, identity: bytes, subtree: bytes) -> bool:
+        """True if ``user`` may have a snapshot of ``subtree``; otherwise it
+        is counted, logged and refused.  Remembers where ``user`` asks from:
+        a refused write is reported there."""
+        assert self.zap is not None
+        routes = self._routes.setdefault(user, deque(maxlen=ROUTES_PER_USER))
+        if identity not in routes:
+            routes.append(identity)
+        grant = self.zap.grant(user)
+        if grant.may_read(b"" if subtree == HISTORY else subtree):
+            return True
+        self.core.stats["reads_denied"] += 1
+        allowed = ", ".join(repr(p.decode(errors="replace")) for p in grant.read)
+        shown = (
+            "the whole map" if not subtree else repr(subtree.decode(errors="replace"))
+        )
+        reason = f"client {user!r} may not read {shown} " + (
+            f"(it may read keys under {allowed})" if allowed else "(it may read no key)"
+        )
+        self._log.log(logging.WARNING, "read denied", "refused a snapshot: %s", reason)
+        self._deny(identity, b"", subtree, reason)
+        return False
+
+    def _may_subscribe(self, user: str, prefix: bytes) -> bool:
+        """True if ``user`` may have the updates under ``prefix``."""
+        assert self.zap is not None
+        grant = self.zap.grant(user)
+        if prefix == HUGZ or grant.may_read(prefix):
+            return True
+        self.core.stats["reads_denied"] += 1
+        self._log.log(
+            logging.WARNING,
+            "subscription denied",
+            "refused a subscription: client %r may not read %r",
+            user,
+            prefix.decode(errors="replace"),
+        )
+        return False
+
+    def _deny(self, identity: bytes, uuid: bytes, key: bytes, reason: str) -> None:
+        self._denials.append([identity, *encode_denial(uuid, key, reason)])
+        if self._snapshot_wait is not None:
+            self._snapshot_wait.cancel()  # its task owns the socket: it sends
+
+    def _send_denials(self, router: Socket) -> None:
+        """Best effort: a client that went away, or reads nothing, gets none."""
+        denials = self._denials
+        while denials:
+            with contextlib.suppress(UnroutableError):
+                router.try_send(denials.popleft())
 
     def _reject(self, where: str, exc: RemoteProtocolError) -> None:
         self.core.stats["rejected"] += 1

@@ -102,6 +102,12 @@ class ServerSettings:
     data_dir: str | None = None
     fsync: str = "always"
     reset_data: bool = False
+    #: CURVE (docs/security.md): the pair's secret certificate, the folder
+    #: of allowed clients' public certificates, and what each may read and
+    #: write (core/permissions.py).  None: plain CHP, open to anyone.
+    curve_secret: str | None = None
+    curve_clients: str | None = None
+    permissions: str | None = None
 
     def __post_init__(self) -> None:
         for name in (
@@ -118,6 +124,16 @@ class ServerSettings:
             COUNT.check(name, getattr(self, name))
         for name in ("publisher_hwm", "collector_hwm"):
             HWM.check(name, getattr(self, name))
+        if (self.curve_secret is None) != (self.curve_clients is None):
+            raise ConfigError(
+                "curve_secret and curve_clients go together: the server's "
+                "secret key, and the folder of the clients it allows"
+            )
+        if self.permissions is not None and self.curve_secret is None:
+            raise ConfigError(
+                "permissions need CURVE (curve_secret and curve_clients): "
+                "without keys no client can be told from another"
+            )
         if self.fsync not in FSYNC_MODES:
             raise ConfigError(
                 f"fsync must be one of {', '.join(FSYNC_MODES)}, not {self.fsync!r}"
