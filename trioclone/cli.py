@@ -407,7 +407,7 @@ async def _stop_on_signals(
     async for signum in signals:
         name = signal.Signals(signum).name
         if not server.stopping:
-            log.info("stopping on %s (a second signal stops at once)", name)
+            log.info("stopping on %s", name)
             server.stop()
         else:
             log.warning("stopping at once on a second signal (%s)", name)
