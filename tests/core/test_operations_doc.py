@@ -7,7 +7,8 @@ import re
 import shlex
 from pathlib import Path
 
-from trioclone.cli import Supervisor, build_parser
+from trioclone.cli import VARIABLES, Supervisor, build_parser, setting_parsers
+from trioclone.config import resolve
 from trioclone.endpoints import Endpoints
 from trioclone.server import clone
 from trioclone.server.clone import CloneServer
@@ -63,16 +64,20 @@ def test_the_systemd_unit_runs_a_valid_serve_command_and_waits_out_the_stop() ->
     assert settings["Restart"] == "on-failure"
     assert float(settings["TimeoutStopSec"]) > clone.STOP_LIMIT + 2
     assert settings["StateDirectory"] == "trioclone/%i"
-    for role, env in (
-        ("primary", {"BIND": "10.0.0.1", "PEER": "10.0.0.2"}),
-        ("backup", {"BIND": "10.0.0.2", "PEER": "10.0.0.1"}),
-    ):
-        line = settings["ExecStart"].replace("%i", role)
-        for name, value in env.items():
-            line = line.replace(f"${{{name}}}", value)
-        program, *args = shlex.split(line)
+    text = DOC.read_text()
+    env_file = re.search(r"# /etc/trioclone/primary.env\n(.*?)```", text, re.S)
+    assert env_file, "no environment file in docs/operations.md"
+    environ = dict(line.split("=", 1) for line in env_file[1].split())
+    assert environ == {"TRIOCLONE_BIND": "10.0.0.1", "TRIOCLONE_PEER": "10.0.0.2"}
+    for role in ("primary", "backup"):
+        program, *args = shlex.split(settings["ExecStart"].replace("%i", role))
         assert program.endswith("/trioclone")
         options = build_parser().parse_args(args)
-        assert (options.role, options.peer) == (role, env["PEER"])
+        resolve(build_parser, setting_parsers, args, options, environ, VARIABLES)
+        assert (options.role, options.peer, options.bind) == (
+            role,
+            "10.0.0.2",
+            "10.0.0.1",
+        )
         # its data folder is the one StateDirectory makes
         assert str(options.data_dir) == f"/var/lib/trioclone/{role}"
