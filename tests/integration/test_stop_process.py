@@ -231,26 +231,31 @@ def test_a_subscriber_that_reads_nothing_holds_a_stop_up_at_most_the_linger(
 
 
 @pytest.mark.parametrize(
-    ("victim", "sig"),
+    ("victim", "sig", "at_once"),
     [
-        ("primary", signal.SIGTERM),  # the active
-        ("backup", signal.SIGTERM),  # the passive
-        ("primary", signal.SIGINT),
+        ("primary", signal.SIGTERM, False),  # the active
+        ("primary", signal.SIGTERM, True),  # as systemctl restart does
+        ("backup", signal.SIGTERM, False),  # the passive
+        ("primary", signal.SIGINT, False),
     ],
-    ids=["active-TERM", "passive-TERM", "active-INT"],
+    ids=["active-TERM", "active-TERM-restarted-at-once", "passive-TERM", "active-INT"],
 )
 def test_a_planned_restart_loses_no_confirmed_write(
-    procs: Processes, victim: str, sig: int
+    procs: Processes, victim: str, sig: int, at_once: bool
 ) -> None:
+    """``at_once``: started again as soon as it exited, before its peer's
+    heartbeats expired (the passive takes over when it hears it start)."""
     with Pair(procs, TIMING) as pair:
         primary, backup = pair.start()
         with writing([tcp(pair.p1), tcp(pair.p2)]) as writer:
             writer.wait_for(100)
             if victim == "primary":  # the active: the backup takes over
                 stop(procs, primary, sig)
-                writer.wait_for(50)
-                assert backup.wait_for_log(TAKEOVER, 15), backup.log()[-3000:]
+                if not at_once:
+                    writer.wait_for(50)
+                    assert backup.wait_for_log(TAKEOVER, 15), backup.log()[-3000:]
                 restarted = pair.start_primary("primary-2")
+                assert backup.wait_for_log(TAKEOVER, 15), backup.log()[-3000:]
                 active, passive = backup, restarted
             else:  # the passive: the primary keeps serving
                 stop(procs, backup, sig)
