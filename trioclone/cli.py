@@ -25,11 +25,13 @@ from trioclone.cli_client import (
     port,
     seconds,
 )
+from trioclone.cli_status import add_status_command
 from trioclone.config import ENV_PREFIX, Effective, Setting, resolve, table
 from trioclone.errors import ConfigError
 from trioclone.logformat import LOG_FORMATS, configure
 from trioclone.server.clone import STOP_LIMIT, CloneServer
 from trioclone.server.datadir import DataDirError, default_folder
+from trioclone.server.metrics import require_prometheus
 from trioclone.server.settings import (
     FSYNC_MODES,
     ServerSettings,
@@ -96,6 +98,17 @@ SETTINGS_OPTIONS: dict[str, tuple[str, Callable[[str], object], str]] = {
         hwm,
         "updates queued per subscriber before the publisher drops, 0 for no "
         "limit (a client notices a drop and snapshots again)",
+    ),
+    "--metrics-port": (
+        "metrics_port",
+        port,
+        "serve Prometheus metrics at http://BIND:PORT/metrics (needs "
+        "pip install 'trioclone[metrics]'; with --pair the backup's is PORT+1)",
+    ),
+    "--metrics-bind": (
+        "metrics_bind",
+        str,
+        "the address the metrics endpoint listens on",
     ),
 }
 
@@ -184,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
     add_serve(commands)
     add_client_commands(commands)
+    add_status_command(commands)
     return parser
 
 
@@ -302,6 +316,8 @@ def add_serve(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    if args.metrics_port is not None:
+        require_prometheus()  # a clear error now, not from inside the server
     if args.pair:
         return run_local_pair(args)
     role = serve_mode(args)
@@ -326,6 +342,10 @@ def run_serve(args: argparse.Namespace) -> int:
     except* DataDirError as kept:  # its map on disk cannot be used
         for problem in leaves(kept):
             log.error("the %s server stops: %s", role, problem)
+        failed = True
+    except* OSError as listen:  # the metrics port: in use, bad address
+        for error in leaves(listen):
+            log.error("cannot start the %s server's metrics endpoint: %s", role, error)
         failed = True
     return 1 if failed else 0
 
@@ -457,6 +477,7 @@ PER_SERVER = frozenset(
         *("state_port", "peer_state_port", "data_dir", "in_memory"),
         *("log_level", "log_format", "reset_data"),
         *("curve_secret", "curve_clients", "permissions"),  # made absolute
+        "metrics_port",  # the backup's is the primary's + 1
     }
 )
 
@@ -501,6 +522,14 @@ def local_pair_commands(args: argparse.Namespace) -> dict[str, list[str]]:
     for row in serve_settings_table():
         if row.dest not in PER_SERVER:
             shared += as_flag(row, getattr(args, row.dest))
+    metrics: dict[str, list[str]] = {"primary": [], "backup": []}
+    if args.metrics_port is not None:  # one endpoint each, side by side
+        if args.metrics_port >= 65535:
+            raise ConfigError(
+                "--metrics-port with --pair needs PORT+1 free: at most 65534"
+            )
+        metrics["primary"] = ["--metrics-port", str(args.metrics_port)]
+        metrics["backup"] = ["--metrics-port", str(args.metrics_port + 1)]
     if args.reset_data:  # the supervisor drops it from a restart
         shared.append("--reset-data")
     for name, value in security_settings(args).items():
@@ -547,6 +576,7 @@ def local_pair_commands(args: argparse.Namespace) -> dict[str, list[str]]:
                 else ["--data-dir", data_dir(args, role, own.port) or ""]
             ),
             *shared,
+            *metrics[role],
         ]
     return commands
 

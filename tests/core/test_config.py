@@ -65,6 +65,8 @@ SAMPLES: dict[str, Any] = {
     "backlog-limit": 6000,
     "snapshot-stall": 7,
     "publisher-hwm": 0,
+    "metrics-port": 9100,
+    "metrics-bind": "0.0.0.0",
 }
 MODES = {"standalone", "role", "pair"}
 

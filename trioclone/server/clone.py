@@ -42,7 +42,7 @@ import os
 from collections import Counter, deque
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import trio
 import zmq
@@ -57,13 +57,22 @@ from trioclone.core.permissions import PAIR
 from trioclone.core.replica import Timings
 from trioclone.core.server import PEER_IDENTITY, Role, ServerCore, is_handover
 from trioclone.core.snapshot import KeyIndex, Transfer
+from trioclone.core.status import (
+    check_status_request,
+    encode_status_reply,
+    is_status_request,
+)
 from trioclone.core.store import Store
 from trioclone.curve import Curve, read_key_pair
 from trioclone.errors import ConfigError, RemoteProtocolError
 from trioclone.server.datadir import SYNC_INTERVAL, DataDir, DataDirError, wall_clock
+from trioclone.server.durations import Durations
 from trioclone.server.publisher import Publisher
 from trioclone.server.settings import PairSettings, ServerSettings
 from trioclone.server.zap import ZAP_ENDPOINT, ZapHandler
+
+if TYPE_CHECKING:
+    from trioclone.server.metrics import MetricsEndpoint
 
 log = logging.getLogger("trioclone.server")
 
@@ -146,6 +155,16 @@ class CloneServer:
         self._log = Limited(log)
         #: Messages rejected, by the socket they came in on.
         self.rejections: Counter[str] = Counter()
+        #: ... and by socket and the rule they broke.
+        self.rejected_rules: Counter[tuple[str, str]] = Counter()
+        #: How long snapshot replies took (from their first message to the
+        #: last), and commits of the map on disk.
+        self.snapshot_durations = Durations()
+        self.commit_durations = Durations()
+        #: Trio time when the sockets were bound (for the uptime).
+        self.started_at: float | None = None
+        #: The Prometheus endpoint, with ``settings.metrics_port``.
+        self.metrics: MetricsEndpoint | None = None
         self._role = Role.WAITING
         self._transfers: deque[Transfer] = deque()
         #: requests to answer once a transfer is free (or a takeover is done)
@@ -202,6 +221,10 @@ class CloneServer:
         cannot be used raises ``DataDirError`` (naming the file) before any
         socket is bound."""
         s = self.settings
+        if s.metrics_port is not None:
+            from trioclone.server.metrics import require_prometheus
+
+            require_prometheus()  # before anything is bound or loaded
         if s.data_dir is None:
             await self._serve(task_status)
             return
@@ -261,7 +284,9 @@ class CloneServer:
         """Commit what changed in the map (before anything shows it)."""
         data = self.data
         if data is not None:
-            data.flush(self.core, trio.current_time(), self._wall())
+            now = trio.current_time()
+            if data.flush(self.core, now, self._wall()):
+                self.commit_durations.observe(trio.current_time() - now)
 
     async def _serve(self, task_status: Any) -> None:
         s, core = self.settings, self.core
@@ -315,6 +340,9 @@ class CloneServer:
                 nursery.start_soon(self._tend_publisher, s.hugz_interval)
                 if self.data is not None and self.data.fsync == "interval":
                     nursery.start_soon(self._sync_disk, self.data)
+                if s.metrics_port is not None:
+                    await nursery.start(self._serve_metrics, s)
+                self.started_at = trio.current_time()
                 log.info("%s listening: %s", s.name, s.bind)
                 task_status.started(self)
                 await self._stop_wakeup.wait()
@@ -388,6 +416,57 @@ class CloneServer:
             **({} if bstar is None else dict(bstar.faults)),
         }
 
+    def status_report(self, now: float) -> dict[str, object]:
+        """The answer to a status request (docs/monitoring.md says what
+        each field means): cheap, whatever the map's size."""
+        from trioclone import __version__  # (the package imports its parts)
+
+        core, s, bstar = self.core, self.settings, self.core.bstar
+        heard = None
+        if bstar is not None and bstar.peer_state is not None:
+            heard = max(now - (bstar.peer_expiry - bstar.expiry), 0.0)
+        replica = core.replica
+        counters: dict[str, int] = {
+            **core.stats,
+            **(
+                {}
+                if replica is None
+                else {f"sync_{k}": v for k, v in replica.stats.items()}
+            ),
+            "published": self.publisher.published,
+            "pending_dropped": core.pending.dropped,
+            "window_evicted_early": core.applied.evicted_early,
+            "subtrees_untracked": core.subtrees.untracked,
+        }
+        return {
+            "name": s.name,
+            "version": __version__,
+            "pair": bstar is not None,
+            "state": State.ACTIVE.name if bstar is None else bstar.state.name,
+            "role": core.role.value,
+            "serving": core.serving,
+            "synced": core.synced,
+            "sequence": core.sequence,
+            "keys": len(core.store),
+            "lineage": core.lineage,
+            "pending": len(core.pending),
+            "window": len(core.applied),
+            "peer_state": None
+            if bstar is None or bstar.peer_state is None
+            else bstar.peer_state.name,
+            "peer_heartbeat_age": heard,
+            "peer_expired": None if bstar is None else bstar.peer_expired(now),
+            "snapshot_transfers": len(self._transfers),
+            "snapshot_queued": len(self._queued),
+            "subtrees_tracked": len(core.subtrees),
+            "uptime": 0.0 if self.started_at is None else now - self.started_at,
+            "data_dir": None if self.data is None else str(self.data.path),
+            "fsync": None if self.data is None else self.data.fsync,
+            "rejected": dict(self.rejections),
+            "faults": {} if bstar is None else dict(bstar.faults),
+            "counters": counters,
+        }
+
     # -- after every input: carry out what the core asks ---------------------
 
     def _after(self, now: float) -> None:
@@ -436,6 +515,8 @@ class CloneServer:
         self.synced.value = synced
 
     def _role_changed(self, role: Role) -> None:
+        if role is Role.ACTIVE and self._role is Role.PASSIVE:
+            self.core.stats["takeovers"] += 1
         self._role = role
         if role is Role.PASSIVE:
             self.publisher.close(discard=True)
@@ -565,7 +646,11 @@ class CloneServer:
                 self._snapshot_wait = None
             now = trio.current_time()
             for index, frames in enumerate(requests):
-                self._on_request(frames, now, None if users is None else users[index])
+                if is_status_request(frames[1:]):
+                    self._on_status_request(router, frames, now)
+                else:
+                    user = None if users is None else users[index]
+                    self._on_request(frames, now, user)
             if requests:  # (votes may have changed the role)
                 self._after(now)
             if not transfers:
@@ -578,6 +663,27 @@ class CloneServer:
             elif transfers:  # every client's queue is full: poll, wake for requests
                 with trio.move_on_after(ROUTER_RETRY_INTERVAL):
                     await router.wait(zmq.POLLIN)
+
+    def _on_status_request(
+        self, router: Socket, frames: list[bytes], now: float
+    ) -> None:
+        """Answer at once, in every role and state: never a vote, never
+        queued behind snapshots."""
+        identity, request = frames[0], frames[1:]
+        try:
+            check_status_request(request)
+        except RemoteProtocolError as exc:
+            self._reject("snapshot", exc)
+            return
+        self.core.stats["status_requests"] += 1
+        try:
+            sent = router.try_send(
+                [identity, *encode_status_reply(self.status_report(now))]
+            )
+        except UnroutableError:
+            sent = False
+        if not sent:
+            log.debug("a status client went away or reads nothing: not answered")
 
     def _on_request(self, frames: list[bytes], now: float, user: str | None) -> None:
         identity, request = frames[0], frames[1:]
@@ -675,6 +781,8 @@ class CloneServer:
                     transfer.idle_since = now
                     moved = True
             if transfer.done:
+                self.core.stats["snapshots_served"] += 1
+                self.snapshot_durations.observe(now - transfer.started)
                 continue
             if now - transfer.idle_since >= stall:
                 self.core.stats["snapshots_stalled"] += 1
@@ -826,9 +934,20 @@ class CloneServer:
     def _reject(self, where: str, exc: RemoteProtocolError) -> None:
         self.core.stats["rejected"] += 1
         self.rejections[where] += 1
+        self.rejected_rules[where, exc.rule] += 1
         self._log.log(
             logging.WARNING, where, "rejected on the %s socket: %s", where, exc
         )
+
+    async def _serve_metrics(
+        self, s: ServerSettings, *, task_status: Any = trio.TASK_STATUS_IGNORED
+    ) -> NoReturn:
+        from trioclone.server.metrics import MetricsEndpoint
+
+        assert s.metrics_port is not None
+        endpoint = MetricsEndpoint(self)
+        self.metrics = endpoint
+        await endpoint.serve(s.metrics_bind, s.metrics_port, task_status=task_status)
 
     # -- ACTIVE ------------------------------------------------------------
 
