@@ -13,6 +13,7 @@ bounded; every process is stopped by PID (``Processes``).
 
 from __future__ import annotations
 
+import json
 import shutil
 import signal
 import subprocess
@@ -22,6 +23,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import zmq
@@ -128,6 +130,17 @@ def stop(procs: Processes, server: ServerProcess, sig: int = signal.SIGTERM) -> 
         else "standalone"
     )
     assert log.rstrip().endswith(f"{role} stopped")
+
+
+def status(pair: Pair, *options: str) -> dict[str, Any]:
+    """``trioclone status --json`` of the pair (with ``--check``: exit 0)."""
+    command = [sys.executable, "-m", "trioclone", "status", "--json", *options]
+    for port in (pair.p1, pair.p2):
+        command += ["--server", tcp(port)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    answer: dict[str, Any] = json.loads(done.stdout)
+    return answer
 
 
 def check_both_kept(
@@ -287,6 +300,15 @@ def test_the_operators_failback_loses_no_confirmed_write(procs: Processes) -> No
             assert primary.wait_for_log("Binary Star: PRIMARY -> PASSIVE", 15)
             assert primary.wait_for_log("synced from the active", 20)
             writer.wait_for(50)
+            # what the operator checks first: the primary is passive and synced
+            states = status(pair)
+            assert states["actives"] == 1
+            assert [
+                (s["name"], s["state"], s["synced"]) for s in states["servers"]
+            ] == [
+                ("primary", "PASSIVE", True),
+                ("backup", "ACTIVE", True),
+            ]
 
             # the operator's step: restart the backup once the primary synced
             stop(procs, backup)
@@ -295,6 +317,11 @@ def test_the_operators_failback_loses_no_confirmed_write(procs: Processes) -> No
             assert backup.wait_for_log("Binary Star: BACKUP -> PASSIVE", 15)
             assert backup.wait_for_log("synced from the active", 20)
             writer.wait_for(50)
+            states = status(pair, "--check")
+            assert [(s["name"], s["state"]) for s in states["servers"]] == [
+                ("primary", "ACTIVE"),
+                ("backup", "PASSIVE"),
+            ]
         check_both_kept(procs, pair, primary, backup, writer.confirmed)
 
 
