@@ -7,7 +7,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -29,7 +29,7 @@ from trioclone.cli_status import add_status_command
 from trioclone.config import ENV_PREFIX, Effective, Setting, resolve, table
 from trioclone.errors import ConfigError
 from trioclone.logformat import LOG_FORMATS, configure
-from trioclone.server.clone import CloneServer
+from trioclone.server.clone import STOP_LIMIT, CloneServer
 from trioclone.server.datadir import DataDirError, default_folder
 from trioclone.server.metrics import require_prometheus
 from trioclone.server.settings import (
@@ -412,13 +412,27 @@ def security_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 
 async def serve_until_signalled(server: CloneServer) -> None:
-    async with trio.open_nursery() as nursery:
-        await nursery.start(server.run)
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            async for signum in signals:
-                log.info("stopping on %s", signal.Signals(signum).name)
-                nursery.cancel_scope.cancel()
-                return
+    """Serve until SIGTERM or SIGINT, then stop gracefully (bounded: see
+    ``CloneServer.stop``); a second signal meanwhile stops at once."""
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_stop_on_signals, signals, server, nursery.cancel_scope)
+            await server.run()
+            nursery.cancel_scope.cancel()
+
+
+async def _stop_on_signals(
+    signals: AsyncIterator[int], server: CloneServer, scope: trio.CancelScope
+) -> None:
+    async for signum in signals:
+        name = signal.Signals(signum).name
+        if not server.stopping:
+            log.info("stopping on %s", name)
+            server.stop()
+        else:
+            log.warning("stopping at once on a second signal (%s)", name)
+            scope.cancel()
+            return
 
 
 # -- serve --pair: two servers on this host, kept running --------------------
@@ -594,7 +608,7 @@ class Supervisor:
         self,
         commands: Mapping[str, Sequence[str]],
         backoff: Backoff | None = None,
-        grace: float = 5.0,
+        grace: float = STOP_LIMIT + 2.0,
         env: Mapping[str, str] | None = None,
     ) -> None:
         self.commands = dict(commands)

@@ -19,6 +19,15 @@ cancels and starts again on every role change:
 
 The supervisor re-reads the current role after every scope exit, so a
 quick ACTIVE -> PASSIVE -> ACTIVE flap still ends with the right scope.
+
+``stop`` asks for a graceful stop (the command line calls it on SIGTERM or
+SIGINT), bounded by ``STOP_LIMIT`` seconds: no more writes are taken (the
+collector stops reading, takes what is queued in it already, and is
+closed); every task is cancelled; the map is committed, and synced to disk
+with ``--fsync interval``; the publisher and the hand-over socket linger
+(at most ``STOP_LINGER`` seconds) so the passive and the clients get what
+was published; then ``run`` returns.  Cancelling ``run`` instead stops at
+once, as before.
 Role changes happen in the core, synchronously, in whichever task fed it
 the event, so the core never acts in the wrong role, even while an old
 role scope is still winding down.
@@ -78,6 +87,16 @@ MAX_QUEUED = 10_000  # snapshot requests waiting for one
 #: work, a trie node per byte, in the server's event loop (about 0.2 s a
 #: megabyte); a subscriber that sends a larger one is disconnected.
 MAX_SUBSCRIPTION = 65_536
+#: A graceful stop takes at most this long (seconds), whatever the disk and
+#: the peers do; then ``run`` returns.  ``serve --pair``'s supervisor waits
+#: longer than this before it kills a child (``Supervisor.grace``).
+STOP_LIMIT = 3.0
+#: How long the publisher and the hand-over socket may linger at a graceful
+#: stop, delivering what was already sent (a subscriber that reads nothing
+#: cannot hold it up longer).
+STOP_LINGER = 1.0
+#: At most this many writes queued in the collector are taken at a stop.
+STOP_DRAIN = 100_000
 #: Refusals waiting to be sent to the clients they are for, and the routing
 #: ids of each client's snapshot sockets kept to send them to.
 MAX_DENIALS = 1024
@@ -160,6 +179,12 @@ class CloneServer:
         self._expiry_wakeup = trio.Event()
         self._timer_wakeup = trio.Event()
         self._work_wakeup = trio.Event()
+        #: Set by ``stop``; the collector's scope, cancelled to stop it, and
+        #: set once it took what was queued and closed.
+        self._stop_requested = False
+        self._stop_wakeup: trio.Event | None = None
+        self._collecting = trio.CancelScope()
+        self._collected = trio.Event()
         #: The map on disk, when ``settings.data_dir`` is set.
         self.data: DataDir | None = None
         self._sockets: Sockets
@@ -188,8 +213,9 @@ class CloneServer:
         )
         return Curve.for_server(keys)
 
-    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> NoReturn:
-        """Serve until cancelled; ``nursery.start`` returns once bound.
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve until cancelled, or until ``stop`` is called and the
+        graceful stop is done; ``nursery.start`` returns once bound.
 
         With a data folder, the map it kept is loaded first; a folder that
         cannot be used raises ``DataDirError`` (naming the file) before any
@@ -201,11 +227,32 @@ class CloneServer:
             require_prometheus()  # before anything is bound or loaded
         if s.data_dir is None:
             await self._serve(task_status)
+            return
         self.data = self._open_data(s.data_dir, s.fsync, s.reset_data)
         try:
             await self._serve(task_status)
-        finally:  # (no last flush: each input's was whole, as at a SIGKILL)
+        finally:  # (no last flush here: each input's was whole, as at a SIGKILL)
             self.data.close()
+
+    def stop(self) -> None:
+        """Stop gracefully (see the module's docstring); ``run`` returns
+        once done.  Called before ``run`` binds, the server stops as soon
+        as it is serving; a second call changes nothing."""
+        if self._stop_requested:
+            return
+        self._stop_requested = True
+        log.info(
+            "stopping (%s, sequence %d): no more writes taken",
+            self.core.role.value,
+            self.core.sequence,
+        )
+        self._collecting.cancel()
+        if self._stop_wakeup is not None:
+            self._stop_wakeup.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop_requested
 
     def _open_data(self, folder: str, fsync: str, reset: bool) -> DataDir:
         data = DataDir(Path(folder), fsync, reset=reset)
@@ -241,8 +288,11 @@ class CloneServer:
             if data.flush(self.core, now, self._wall()):
                 self.commit_durations.observe(trio.current_time() - now)
 
-    async def _serve(self, task_status: Any) -> NoReturn:
+    async def _serve(self, task_status: Any) -> None:
         s, core = self.settings, self.core
+        self._stop_wakeup = trio.Event()
+        if self._stop_requested:
+            self._stop_wakeup.set()
         with self._open_sockets() as sockets:
             self._sockets = sockets
             zap = None
@@ -295,7 +345,44 @@ class CloneServer:
                 self.started_at = trio.current_time()
                 log.info("%s listening: %s", s.name, s.bind)
                 task_status.started(self)
-        raise AssertionError("the server's tasks never return")
+                await self._stop_wakeup.wait()
+                with trio.move_on_after(STOP_LIMIT) as bound:
+                    await self._collected.wait()
+                nursery.cancel_scope.cancel()
+            # Every task has ended: nothing publishes or commits any more.
+            with trio.move_on_at(bound.deadline) as bound:
+                await self._finish(sockets)
+            if bound.cancelled_caught:
+                log.warning(
+                    "stopping took %g s: the last steps were cut short", STOP_LIMIT
+                )
+        log.info("%s stopped", s.name)
+
+    # -- a graceful stop ------------------------------------------------------
+
+    async def _finish(self, sockets: Sockets) -> None:
+        """The map committed and on disk, then the sockets closed, letting
+        the publisher and the hand-over socket deliver what they hold."""
+        data = self.data
+        if data is not None:
+            self._persist()
+            # (in the event loop, as every commit: nothing else runs now)
+            data.sync()
+            log.info(
+                "the map is committed%s: %d keys, sequence %d",
+                " and synced to disk" if data.fsync != "off" else "",
+                len(self.core.store),
+                self.core.sequence,
+            )
+        linger = int(STOP_LINGER * 1000)
+        self.publisher.close_socket(linger)
+        if self._relay_sock is not None:
+            self._relay_sock.close(linger)
+        log.info(
+            "closing the sockets (what was published is delivered for up to %g s)",
+            STOP_LINGER,
+        )
+        await sockets.aclose()
 
     def _start_pair(
         self, nursery: trio.Nursery, sockets: Sockets, pair: PairSettings, now: float
@@ -477,28 +564,47 @@ class CloneServer:
 
     # -- tasks for the server's whole life ----------------------------------
 
-    async def _collect(self, sock: Socket) -> NoReturn:
-        core, secured = self.core, self.zap is not None
-        while True:
-            users: list[str] | None = [] if secured else None
-            batch = await sock.receive_batch(BATCH, users)
-            now = trio.current_time()
-            updates = []
-            for index, frames in enumerate(batch):
-                if users is not None and not self._may_write(users[index], frames):
-                    continue
-                try:
-                    update = core.collect(frames, now)
-                except RemoteProtocolError as exc:
-                    self._reject("collector", exc)
-                    continue
-                if update is not None:
-                    updates.append(update)
-            self.publisher.publish_all(updates)
-            if core.serving:  # (a client write changes no role: no _after)
-                deadline = core.store.next_deadline()
-                if deadline is not None and deadline < self._expiry_at:
-                    self._expiry_wakeup.set()
+    async def _collect(self, sock: Socket) -> None:
+        """Take client writes until a stop; then take those queued already
+        (at most ``STOP_DRAIN``) and close the collector."""
+        secured = self.zap is not None
+        with self._collecting:
+            while True:
+                users: list[str] | None = [] if secured else None
+                self._take(await sock.receive_batch(BATCH, users), users)
+        taken = 0
+        while taken < STOP_DRAIN:
+            users = [] if secured else None
+            batch = sock.receive_nowait(min(BATCH, STOP_DRAIN - taken), users)
+            if not batch:
+                break
+            self._take(batch, users)
+            taken += len(batch)
+        sock.close()
+        log.info("the collector is closed (%d queued writes taken at the stop)", taken)
+        self._collected.set()
+
+    def _take(self, batch: list[list[bytes]], users: list[str] | None) -> None:
+        """Apply (active) or hold (passive) a batch of client writes; with
+        CURVE, ``users`` are their senders (each must be allowed to write)."""
+        core = self.core
+        now = trio.current_time()
+        updates = []
+        for index, frames in enumerate(batch):
+            if users is not None and not self._may_write(users[index], frames):
+                continue
+            try:
+                update = core.collect(frames, now)
+            except RemoteProtocolError as exc:
+                self._reject("collector", exc)
+                continue
+            if update is not None:
+                updates.append(update)
+        self.publisher.publish_all(updates)
+        if core.serving:  # (a client write changes no role: no _after)
+            deadline = core.store.next_deadline()
+            if deadline is not None and deadline < self._expiry_at:
+                self._expiry_wakeup.set()
 
     async def _timers(self) -> NoReturn:
         core = self.core

@@ -134,3 +134,9 @@ class Publisher:
         self._open = False
         if discard:
             self._held.clear()
+
+    def close_socket(self, linger: int) -> None:
+        """At a graceful stop: close the socket, letting libzmq deliver
+        what was published for up to ``linger`` milliseconds."""
+        self.close(discard=True)
+        self._sock.close(linger)
