@@ -21,8 +21,11 @@ The rules (see the design notes) and where each is kept:
 7. ``close`` calls ``notify_closing`` first (waiters get
    ``trio.ClosedResourceError``), unbinds its ``inproc://`` names (libzmq
    would free them later, in its reaper thread, so a server restarted in
-   the same process could not bind them at once), then closes with linger;
-   a ``Sockets`` group closes every socket before its context is terminated.
+   the same process could not bind them at once), then closes with linger
+   (0 unless the caller gives one: a server stopping gracefully lets its
+   publisher linger, bounded); a ``Sockets`` group closes every socket
+   before its context is terminated, and ``aclose`` waits for the lingering
+   ones in a thread that a cancel abandons.
 8. No protocol timing in zmq options: timeouts live on Trio's clock.
 """
 
@@ -134,7 +137,7 @@ class Socket:
         try:
             while len(batch) < max_messages:
                 frame = _recv(sock, _NOBLOCK, copy=False)
-                user = "" if users is None else str(frame.get("User-Id"))
+                user = "" if users is None else _user_id(frame)
                 message = [frame.bytes]
                 while frame.more:  # the rest of a message is always queued
                     frame = _recv(sock, _NOBLOCK, copy=False)
@@ -199,6 +202,16 @@ class Socket:
         self._sock.close(linger)
 
 
+def _user_id(frame: zmq.Frame) -> str:
+    """The User-Id libzmq attached to a message ("" if none: a message
+    libzmq made itself, such as an XPUB's unsubscription of a subscriber
+    that went away)."""
+    try:
+        return str(frame.get("User-Id"))
+    except zmq.ZMQError:
+        return ""
+
+
 class Sockets:
     """Makes sockets on one context and closes them all, context last.
 
@@ -217,6 +230,7 @@ class Sockets:
         self.context = context if context is not None else zmq.Context()
         self.curve = curve
         self._sockets: list[Socket] = []
+        self._terminated = False
 
     def open(
         self,
@@ -252,11 +266,26 @@ class Sockets:
         return sock
 
     def close(self) -> None:
+        self.close_sockets()
+        if self._own_context and not self._terminated:
+            self._terminated = True
+            self.context.term()
+
+    def close_sockets(self) -> None:
+        """Close every socket (with the linger each was closed with, if it
+        was closed already: a socket is closed once); not the context."""
         for sock in self._sockets:
             sock.close()
         self._sockets.clear()
-        if self._own_context:
-            self.context.term()
+
+    async def aclose(self) -> None:
+        """``close``, with the wait for lingering sockets in a thread: a
+        cancel abandons the wait (the context is then left to the process's
+        exit), so what lingers never holds up a Trio task."""
+        self.close_sockets()
+        if self._own_context and not self._terminated:
+            self._terminated = True
+            await trio.to_thread.run_sync(self.context.term, abandon_on_cancel=True)
 
     def __enter__(self) -> Sockets:
         return self

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -15,6 +16,7 @@ import trio
 import zmq
 
 from trioclone.cli_client import (
+    VARIABLES,
     add_client_commands,
     base_port,
     count,
@@ -23,9 +25,13 @@ from trioclone.cli_client import (
     port,
     seconds,
 )
+from trioclone.cli_status import add_status_command
+from trioclone.config import ENV_PREFIX, Effective, Setting, resolve, table
 from trioclone.errors import ConfigError
-from trioclone.server.clone import CloneServer
+from trioclone.logformat import LOG_FORMATS, configure
+from trioclone.server.clone import STOP_LIMIT, CloneServer
 from trioclone.server.datadir import DataDirError, default_folder
+from trioclone.server.metrics import require_prometheus
 from trioclone.server.settings import (
     FSYNC_MODES,
     ServerSettings,
@@ -93,6 +99,17 @@ SETTINGS_OPTIONS: dict[str, tuple[str, Callable[[str], object], str]] = {
         "updates queued per subscriber before the publisher drops, 0 for no "
         "limit (a client notices a drop and snapshots again)",
     ),
+    "--metrics-port": (
+        "metrics_port",
+        port,
+        "serve Prometheus metrics at http://BIND:PORT/metrics (needs "
+        "pip install 'trioclone[metrics]'; with --pair the backup's is PORT+1)",
+    ),
+    "--metrics-bind": (
+        "metrics_bind",
+        str,
+        "the address the metrics endpoint listens on",
+    ),
 }
 
 
@@ -104,19 +121,59 @@ def _dest(option: str) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    role = getattr(args, "role", None)
-    tag = f" [{role}]" if role else ""  # tells apart the two servers' lines
-    logging.basicConfig(
-        level=getattr(logging, args.log_level),
-        format=f"%(asctime)s{tag} %(name)s %(levelname)s %(message)s",
-    )
+    effective: Effective | None = None
+    server: str | None = None
+    if args.run is run_serve:  # its settings also come from env and file
+        try:
+            effective = resolve(
+                build_parser, setting_parsers, argv, args, os.environ, VARIABLES
+            )
+            server = serve_mode(args)
+        except ConfigError as exc:
+            parser.exit(2, f"trioclone: {exc}\n")
+        args.effective = effective
+    # the role tells apart the two servers' text lines
+    configure(args.log_level, args.log_format, server, getattr(args, "role", None))
     try:
         code: int = args.run(args)
     except ConfigError as exc:
-        parser.exit(2, f"trioclone: {exc}\n")
+        outside = [] if effective is None else effective.from_outside(str(exc))
+        said = f" (not from flags: {', '.join(outside)})" if outside else ""
+        parser.exit(2, f"trioclone: {exc}{said}\n")
     except KeyboardInterrupt:
         return 130
     return code
+
+
+def setting_parsers(
+    parser: argparse.ArgumentParser,
+) -> list[argparse.ArgumentParser]:
+    """The parsers whose options are ``serve``'s settings (see config.py):
+    the top-level one (the log options) and ``serve``'s own."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return [parser, action.choices["serve"]]
+    raise LookupError("no serve command")
+
+
+def serve_settings_table() -> list[Setting]:
+    """Every setting of ``serve``, in the order ``--help`` shows them."""
+    return table(setting_parsers(build_parser()))
+
+
+def serve_mode(args: argparse.Namespace) -> str:
+    """standalone, primary, backup or pair; ConfigError if none is set."""
+    if args.pair:
+        return "pair"
+    if args.standalone:
+        return "standalone"
+    if args.role is None:
+        raise ConfigError(
+            "serve needs a mode: --standalone, --role primary|backup or --pair "
+            "(or TRIOCLONE_STANDALONE, TRIOCLONE_ROLE, TRIOCLONE_PAIR, or the "
+            "keys standalone, role, pair of the --config file)"
+        )
+    return str(args.role)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -130,9 +187,17 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
         help="log level (default INFO; per-update logging is DEBUG only)",
     )
+    parser.add_argument(
+        "--log-format",
+        default="text",
+        choices=LOG_FORMATS,
+        help="text: one readable line per record; json: one JSON object per "
+        "line (default %(default)s)",
+    )
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
     add_serve(commands)
     add_client_commands(commands)
+    add_status_command(commands)
     return parser
 
 
@@ -144,10 +209,14 @@ def add_serve(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
             "Run a Clone server. Ports P (snapshots), P+1 (updates), P+2 (writes). "
             "Defaults as the ZeroMQ Guide: primary P=5556 with Binary Star port "
             "5003, backup P=5566 with 5004. With --pair, --port and --state-port "
-            "are the primary's, --peer-port and --peer-state-port the backup's."
+            "are the primary's, --peer-port and --peer-state-port the backup's. "
+            "Every option --NAME is also the variable TRIOCLONE_NAME and the key "
+            "NAME of the --config file (flag > environment > file > default; "
+            "see docs/configuration.md)."
         ),
     )
-    mode = serve.add_mutually_exclusive_group(required=True)
+    # one is required, from a flag, the environment or the config file
+    mode = serve.add_mutually_exclusive_group()
     mode.add_argument("--standalone", action="store_true", help="one server, no pair")
     mode.add_argument("--role", choices=["primary", "backup"], help="side of the pair")
     mode.add_argument(
@@ -227,13 +296,31 @@ def add_serve(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
             default=default(setting),
             help=f"{text} (default %(default)s)",
         )
+    serve.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help=f"a TOML file of settings: the flags' names without the dashes "
+        f"(default: ${ENV_PREFIX}CONFIG if set; flags and {ENV_PREFIX}* "
+        "variables beat it)",
+    )
+    serve.add_argument(
+        "--print-config",
+        nargs="?",
+        const="text",
+        choices=["text", "json"],
+        help="print the effective settings and where each came from (as TOML, "
+        "or json), and exit without starting",
+    )
     serve.set_defaults(run=run_serve)
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    if args.metrics_port is not None:
+        require_prometheus()  # a clear error now, not from inside the server
     if args.pair:
         return run_local_pair(args)
-    role = "standalone" if args.standalone else args.role
+    role = serve_mode(args)
     settings = server_settings(
         args,
         role,
@@ -243,6 +330,8 @@ def run_serve(args: argparse.Namespace) -> int:
         state_port=args.state_port,
         peer_state_port=args.peer_state_port,
     )
+    if print_config(args):
+        return 0
     failed = False
     try:
         trio.run(serve_until_signalled, CloneServer(settings))
@@ -253,6 +342,10 @@ def run_serve(args: argparse.Namespace) -> int:
     except* DataDirError as kept:  # its map on disk cannot be used
         for problem in leaves(kept):
             log.error("the %s server stops: %s", role, problem)
+        failed = True
+    except* OSError as listen:  # the metrics port: in use, bad address
+        for error in leaves(listen):
+            log.error("cannot start the %s server's metrics endpoint: %s", role, error)
         failed = True
     return 1 if failed else 0
 
@@ -319,13 +412,27 @@ def security_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 
 async def serve_until_signalled(server: CloneServer) -> None:
-    async with trio.open_nursery() as nursery:
-        await nursery.start(server.run)
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            async for signum in signals:
-                log.info("stopping on %s", signal.Signals(signum).name)
-                nursery.cancel_scope.cancel()
-                return
+    """Serve until SIGTERM or SIGINT, then stop gracefully (bounded: see
+    ``CloneServer.stop``); a second signal meanwhile stops at once."""
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_stop_on_signals, signals, server, nursery.cancel_scope)
+            await server.run()
+            nursery.cancel_scope.cancel()
+
+
+async def _stop_on_signals(
+    signals: AsyncIterator[int], server: CloneServer, scope: trio.CancelScope
+) -> None:
+    async for signum in signals:
+        name = signal.Signals(signum).name
+        if not server.stopping:
+            log.info("stopping on %s", name)
+            server.stop()
+        else:
+            log.warning("stopping at once on a second signal (%s)", name)
+            scope.cancel()
+            return
 
 
 # -- serve --pair: two servers on this host, kept running --------------------
@@ -342,7 +449,46 @@ class Side:
 def run_local_pair(args: argparse.Namespace) -> int:
     """Run ``serve --role primary`` and ``--role backup`` as supervised children."""
     commands = local_pair_commands(args)
-    return trio.run(Supervisor(commands).run)
+    if print_config(args):
+        return 0
+    return trio.run(Supervisor(commands, env=child_environment(os.environ)).run)
+
+
+def print_config(args: argparse.Namespace) -> bool:
+    """With ``--print-config``: print the settings (checked) and say so."""
+    effective: Effective | None = getattr(args, "effective", None)
+    if not args.print_config or effective is None:
+        return False
+    print(effective.render(args.print_config))
+    return True
+
+
+def child_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """``environ`` without the TRIOCLONE_ settings: a local pair's servers
+    get every setting as a flag."""
+    return {k: v for k, v in environ.items() if not k.startswith(ENV_PREFIX)}
+
+
+#: Settings ``local_pair_commands`` gives each server its own way; every
+#: other setting of ``serve`` is passed to both servers as it is.
+PER_SERVER = frozenset(
+    {
+        *("standalone", "role", "pair", "bind", "peer", "port", "peer_port"),
+        *("state_port", "peer_state_port", "data_dir", "in_memory"),
+        *("log_level", "log_format", "reset_data"),
+        *("curve_secret", "curve_clients", "permissions"),  # made absolute
+        "metrics_port",  # the backup's is the primary's + 1
+    }
+)
+
+
+def as_flag(row: Setting, value: object) -> list[str]:
+    """``value`` of ``row`` as command-line arguments ([] if it is unset)."""
+    if row.switch:
+        return [row.flag] if value else []
+    if value is None:
+        return []
+    return [row.flag, repr(value) if isinstance(value, float) else str(value)]
 
 
 def local_pair_commands(args: argparse.Namespace) -> dict[str, list[str]]:
@@ -372,10 +518,19 @@ def local_pair_commands(args: argparse.Namespace) -> dict[str, list[str]]:
     )
     # The servers reach each other at the address they bind, or at localhost.
     peer_host = "localhost" if args.bind in ("*", "0.0.0.0") else args.bind
-    shared: list[str] = ["--fsync", args.fsync]
-    for option in SETTINGS_OPTIONS:
-        shared += [option, repr(getattr(args, _dest(option)))]
-    if args.reset_data:
+    shared: list[str] = []
+    for row in serve_settings_table():
+        if row.dest not in PER_SERVER:
+            shared += as_flag(row, getattr(args, row.dest))
+    metrics: dict[str, list[str]] = {"primary": [], "backup": []}
+    if args.metrics_port is not None:  # one endpoint each, side by side
+        if args.metrics_port >= 65535:
+            raise ConfigError(
+                "--metrics-port with --pair needs PORT+1 free: at most 65534"
+            )
+        metrics["primary"] = ["--metrics-port", str(args.metrics_port)]
+        metrics["backup"] = ["--metrics-port", str(args.metrics_port + 1)]
+    if args.reset_data:  # the supervisor drops it from a restart
         shared.append("--reset-data")
     for name, value in security_settings(args).items():
         if value is not None:
@@ -398,6 +553,8 @@ def local_pair_commands(args: argparse.Namespace) -> dict[str, list[str]]:
             "trioclone",
             "--log-level",
             args.log_level,
+            "--log-format",
+            args.log_format,
             "serve",
             "--role",
             role,
@@ -419,6 +576,7 @@ def local_pair_commands(args: argparse.Namespace) -> dict[str, list[str]]:
                 else ["--data-dir", data_dir(args, role, own.port) or ""]
             ),
             *shared,
+            *metrics[role],
         ]
     return commands
 
@@ -450,9 +608,11 @@ class Supervisor:
         self,
         commands: Mapping[str, Sequence[str]],
         backoff: Backoff | None = None,
-        grace: float = 5.0,
+        grace: float = STOP_LIMIT + 2.0,
+        env: Mapping[str, str] | None = None,
     ) -> None:
         self.commands = dict(commands)
+        self.env = None if env is None else dict(env)  # None: ours
         self.backoff = backoff or Backoff()
         self.grace = grace
         self._failed_at_start: set[str] = set()
@@ -501,7 +661,7 @@ class Supervisor:
 
     async def _run_once(self, name: str, command: Sequence[str]) -> tuple[int, int]:
         """Run ``command`` until it exits: its PID and exit status."""
-        process = await trio.lowlevel.open_process(list(command))
+        process = await trio.lowlevel.open_process(list(command), env=self.env)
         supervisor_log.info("started the %s server: pid %d", name, process.pid)
         try:
             return process.pid, await process.wait()

@@ -37,6 +37,10 @@ EXIT_NOT_FOUND = 1
 EXIT_NO_SERVER = 3
 EXIT_NOT_CONFIRMED = 4
 EXIT_DENIED = 5  # a secured server refused: see docs/security.md
+#: The client commands' environment variables (``serve`` lets them be).
+SERVER_KEY_VARIABLE = "TRIOCLONE_SERVER_KEY"
+CLIENT_KEY_VARIABLE = "TRIOCLONE_CLIENT_KEY"
+VARIABLES = (SERVER_KEY_VARIABLE, CLIENT_KEY_VARIABLE)
 
 T = TypeVar("T")
 Command = Callable[[CloneClient, argparse.Namespace], Coroutine[Any, Any, int]]
@@ -58,7 +62,7 @@ def add_client_commands(
         "--server-key",
         type=Path,
         metavar="FILE",
-        default=_env_path("TRIOCLONE_SERVER_KEY"),
+        default=_env_path(SERVER_KEY_VARIABLE),
         help="the servers' public certificate, for secured servers "
         "(default: $TRIOCLONE_SERVER_KEY)",
     )
@@ -66,7 +70,7 @@ def add_client_commands(
         "--client-key",
         type=Path,
         metavar="FILE",
-        default=_env_path("TRIOCLONE_CLIENT_KEY"),
+        default=_env_path(CLIENT_KEY_VARIABLE),
         help="this client's secret certificate (NAME.key_secret) "
         "(default: $TRIOCLONE_CLIENT_KEY)",
     )

@@ -2,9 +2,9 @@
 
 Every row of the table in ``shared/spec/binary-star.md`` is one case of
 ``test_table_row``.  Time is always a literal ``now``: heartbeat 1.0 s, so
-the peer expires 2.0 s after the last peer message (or after the machine is
-made: trioclone's deliberate difference from the reference, which starts the
-expiry at 0).
+the peer expires 2.0 s after the last peer message (or 3.0 s after the
+machine is made: trioclone's deliberate difference from the reference, which
+starts the expiry at 0).
 """
 
 from __future__ import annotations
@@ -108,17 +108,17 @@ class Case:
 P, B, A, S = State.PRIMARY, State.BACKUP, State.ACTIVE, State.PASSIVE
 
 TABLE_CASES = [
-    # PRIMARY (peer expires at 2.0)
+    # PRIMARY (peer expires at 3.0: expiry + a heartbeat after the start)
     Case("primary", B, 1.0, A),  # -> ACTIVE (same)
     Case("primary", A, 1.0, S),  # -> PASSIVE (same)
-    Case("primary", VOTE, 2.0, A, accepted=True),  # peer expired (same)
-    Case("primary", VOTE, 1.999, P),  # peer not expired: rejected (same)
+    Case("primary", VOTE, 3.0, A, accepted=True),  # peer expired (same)
+    Case("primary", VOTE, 2.999, P),  # peer not expired: rejected (same)
     Case("primary", P, 1.0, P, fault=BOTH_PRIMARY),  # misconfiguration, loud
     Case("primary", S, 1.0, P),  # no change
-    # BACKUP (peer expires at 2.0)
+    # BACKUP (peer expires at 3.0)
     Case("backup", A, 1.0, S),  # -> PASSIVE (same)
-    Case("backup", VOTE, 2.0, B),  # always rejected, even expired
-    Case("backup", VOTE, 1.999, B),
+    Case("backup", VOTE, 3.0, B),  # always rejected, even expired
+    Case("backup", VOTE, 2.999, B),
     Case("backup", P, 1.0, B),  # other: no change
     Case("backup", B, 1.0, B, fault=BOTH_BACKUP),  # misconfiguration
     Case("backup", S, 1.0, B),
@@ -196,17 +196,18 @@ def test_table_covers_every_state_and_event() -> None:
 # --------------------------------------------------------------------------
 
 
-def test_fresh_primary_waits_one_expiry_before_accepting_a_vote() -> None:
+def test_fresh_primary_waits_one_expiry_and_a_heartbeat_before_a_vote() -> None:
     # Deliberate difference: the reference starts the expiry at 0 and would
-    # accept at once, possibly making a second active.
+    # accept at once, possibly making a second active.  The heartbeat more:
+    # the peer's first heartbeat after we subscribe may not reach us.
     star = BinaryStar(primary=True, now=0.0, heartbeat=1.0)
-    assert star.peer_expiry == 2.0
-    assert not star.peer_expired(1.999)
-    assert star.peer_expired(2.0)
+    assert star.peer_expiry == 3.0
+    assert not star.peer_expired(2.999)
+    assert star.peer_expired(3.0)
     assert star.on_vote(0.0).accepted is False
-    assert star.on_vote(1.999).accepted is False
+    assert star.on_vote(2.999).accepted is False
     assert star.state is State.PRIMARY
-    outcome = star.on_vote(2.0)
+    outcome = star.on_vote(3.0)
     assert outcome.accepted is True
     assert outcome.state is State.ACTIVE
 
@@ -237,11 +238,11 @@ def test_primary_expiry_counts_from_a_no_change_peer_message() -> None:
 
 def test_expiry_follows_the_heartbeat_setting() -> None:
     star = BinaryStar(primary=True, now=0.0, heartbeat=0.5)
-    assert star.on_vote(0.999).accepted is False
-    assert star.on_vote(1.0).accepted is True
+    assert star.on_vote(1.499).accepted is False
+    assert star.on_vote(1.5).accepted is True
     star = BinaryStar(primary=True, now=0.0, heartbeat=1.0, expiry_heartbeats=3)
-    assert star.on_vote(2.999).accepted is False
-    assert star.on_vote(3.0).accepted is True
+    assert star.on_vote(3.999).accepted is False
+    assert star.on_vote(4.0).accepted is True
 
 
 # --------------------------------------------------------------------------

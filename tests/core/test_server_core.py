@@ -1182,7 +1182,7 @@ def test_an_empty_restarted_server_never_wins_over_the_map() -> None:
     and a vote make it active too.  When the link heals, the backup stays."""
     _, backup = split_pair()
     backup.collect(kvset(b"/kept", b"k", _uuid(40)), 11.0)
-    restarted = ServerCore(bstar=BinaryStar(True, 30.0), new_lineage=lambda: "c" * 32)
+    restarted = ServerCore(bstar=BinaryStar(True, 29.0), new_lineage=lambda: "c" * 32)
     assert restarted.on_vote(32.0) is not None  # peer silent: it takes the vote
     run(restarted, 32.0)
     assert restarted.role is Role.ACTIVE and restarted.fresh
@@ -1458,7 +1458,7 @@ def test_the_passive_never_adopts_a_map_founded_over_the_one_it_holds() -> None:
     one, would throw it away by syncing: instead it takes over, so dual
     actives follow, which the held map wins."""
     backup = passive_core(5, (kvpub(b"/kept", 5, b"k", U1),))
-    restarted = ServerCore(bstar=BinaryStar(True, 10.0), new_lineage=lambda: "c" * 32)
+    restarted = ServerCore(bstar=BinaryStar(True, 9.0), new_lineage=lambda: "c" * 32)
     assert restarted.on_vote(12.0) is not None and restarted.role is Role.ACTIVE
     run(restarted, 12.0)
     backup.on_peer_hugz(restarted.hugz(), 12.5)

@@ -203,7 +203,10 @@ FOUNDED = "c" * 32  # the lineage a restarted primary founds
 def _restarted_primary(now: float) -> ServerCore:
     """The primary restarted empty and, cut off from the backup, took a
     client's vote: it serves a map it just founded (fresh)."""
-    restarted = ServerCore(bstar=BinaryStar(True, now), new_lineage=lambda: FOUNDED)
+    # made a heartbeat earlier: it takes the vote at once
+    restarted = ServerCore(
+        bstar=BinaryStar(True, now - 1.0), new_lineage=lambda: FOUNDED
+    )
     assert restarted.on_vote(now + 2.0) is not None
     assert restarted.role is Role.ACTIVE
     run(restarted, now + 2.0)

@@ -29,7 +29,7 @@ import subprocess
 import sys
 import time
 import uuid as uuidlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -180,14 +180,22 @@ class Processes:
         return self.run(name, [*prefix, *serve_command(*serve_args)], port=port)
 
     def run(
-        self, name: str, args: Sequence[str], *, port: int | None = None
+        self,
+        name: str,
+        args: Sequence[str],
+        *,
+        port: int | None = None,
+        extra_env: Mapping[str, str] | None = None,
     ) -> ServerProcess:
         """Any command, its output logged to a file, stopped like a server."""
         args = list(args)
         log_path = self.log_dir / f"{next(self._names):02d}-{name}.log"
-        # a server's default data folder is under the log folder, never the
-        # user's (the tests' own fixture does the same per test)
-        env = {**os.environ, "XDG_DATA_HOME": str(self.log_dir / "data")}
+        # A server's default data folder is under the log folder, never the
+        # user's (the tests' own fixture does the same per test), and no
+        # TRIOCLONE_ variable of the test runner's reaches it: serve would
+        # take it as a setting, or refuse one that names none.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TRIOCLONE_")}
+        env.update(extra_env or {}, XDG_DATA_HOME=str(self.log_dir / "data"))
         with log_path.open("wb") as log_file:
             popen = subprocess.Popen(
                 args,

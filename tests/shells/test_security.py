@@ -9,6 +9,7 @@ over (a few HUGZ intervals of 0.1 s).
 from __future__ import annotations
 
 import shutil
+from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -16,13 +17,18 @@ from pathlib import Path
 
 import pytest
 import trio
+import zmq
+from zmq.utils import z85
 
 from tests.integration.procs import free_base_ports, free_ports
-from trioclone import Curve, KeyPair, PermissionDeniedError, open_client
+from trioclone import Curve, KeyPair, PermissionDeniedError, connect, open_client
+from trioclone.core.chp import HISTORY, SEQUENCE
+from trioclone.core.permissions import PAIR
 from trioclone.curve import read_key_pair, read_public, write_key_pair
 from trioclone.errors import ConfigError
 from trioclone.server.clone import CloneServer
 from trioclone.server.settings import ServerSettings, pair_settings
+from trioclone.server.zap import ZapHandler
 
 GUARD = 20.0
 QUIET = 0.5  # real seconds in which a working server answers many times over
@@ -323,3 +329,161 @@ def test_a_server_with_a_bad_key_does_not_start(keys: Keys) -> None:
     (keys.clients / "broken.key").write_text('curve\n public-key = "x"\n')
     with pytest.raises(ConfigError, match=r"broken\.key"):
         CloneServer(settings)
+
+
+async def test_the_stream_carries_only_what_a_client_may_read(keys: Keys) -> None:
+    """A client that subscribes beyond its readable prefixes (here to the
+    whole map, with a bare SUB) gets none of those updates."""
+    settings = secured(
+        keys,
+        """
+        [clients.deploy]
+        write = [""]
+        [default]
+        read = ["public/"]
+        """,
+    )
+    deploy = keys.client("deploy")
+    guest = keys.client("guest")
+    assert guest.server is None
+    with trio.fail_after(GUARD):
+        async with (
+            serving(settings) as server,
+            open_client([address(settings)], curve=deploy) as writer,
+            open_client([address(settings)], "public/", curve=guest) as reader,
+        ):
+            context = zmq.Context()
+            sub = context.socket(zmq.SUB)
+            try:
+                for option, value in guest.options(binds=False):
+                    sub.setsockopt(option, value)
+                sub.setsockopt(zmq.SUBSCRIBE, b"")
+                sub.setsockopt(zmq.SUBSCRIBE, b"secret/")
+                sub.connect(settings.bind.publisher)
+                await reader.wait_synced()
+                await writer.wait_synced()
+                while server.core.stats["reads_denied"] < 2:  # both refused
+                    await trio.sleep(0.01)
+                await writer.set("secret/x", "hidden")
+                await writer.set("public/x", "shown")
+                while reader.get("public/x") is None:
+                    await trio.sleep(0.01)
+                await trio.sleep(0.1)  # what was published reached the SUB
+                seen = []
+                while sub.poll(0):
+                    seen.append(sub.recv_multipart()[0])
+                assert seen == []
+                assert server.core.stats["reads_denied"] >= 2
+                assert reader.get("secret/x") is None
+            finally:
+                sub.close(0)
+                context.term()
+
+
+async def test_only_the_pairs_key_may_hand_over_writes(keys: Keys) -> None:
+    """A client that may write everything still cannot pose as the peer:
+    a KVSET with a sequence and a lineage (a hand-over, or a window
+    hand-over under the reserved history key) is refused, not applied."""
+    settings = secured(keys)
+    alice = keys.client("alice")
+    with trio.fail_after(GUARD):
+        async with (
+            serving(settings) as server,
+            open_client([address(settings)], curve=alice) as clone,
+        ):
+            await clone.wait_synced()
+            lineage = server.core.lineage.encode()
+            forged = [
+                [
+                    b"k",
+                    SEQUENCE.pack(7),
+                    b"u" * 16,
+                    b"lineage=" + lineage + b"\n",
+                    b"v",
+                ],
+                [
+                    HISTORY,
+                    SEQUENCE.pack(7),
+                    b"",
+                    b"age=0\nlineage=" + lineage + b"\n",
+                    b"w" * 16,
+                ],
+            ]
+            context = zmq.Context()
+            pub = context.socket(zmq.PUB)
+            try:
+                for option, value in alice.options(binds=False):
+                    pub.setsockopt(option, value)
+                pub.connect(settings.bind.collector)
+                while server.core.stats["writes_denied"] < 2:
+                    for frames in forged:
+                        pub.send_multipart(frames)
+                    await trio.sleep(0.05)
+            finally:
+                pub.close(0)
+                context.term()
+            assert server.core.store.get(b"k") is None
+            assert server.core.stats["handoff_received"] == 0
+            assert b"w" * 16 not in server.core.applied
+            await clone.set("k", "still a working client")
+
+
+async def test_permissions_and_removed_keys_apply_while_serving(keys: Keys) -> None:
+    settings = secured(keys, '[clients.deploy]\nwrite = ["config/"]\n')
+    assert settings.permissions is not None
+    deploy = keys.client("deploy")
+    with trio.fail_after(GUARD):
+        async with (
+            serving(settings) as server,
+            open_client([address(settings)], curve=deploy) as clone,
+        ):
+            await clone.wait_synced()
+            with pytest.raises(PermissionDeniedError):
+                await clone.set("services/a", "1")
+            Path(settings.permissions).write_text(
+                '[clients.deploy]\nwrite = ["config/", "services/"]\n'
+            )
+            assert server.zap is not None  # (looked at once a second: below)
+            server.zap.reload(trio.current_time(), at_once=True)
+            await clone.set("services/a", "1")
+            (keys.clients / "deploy.key").unlink()
+            server.zap.reload(trio.current_time(), at_once=True)
+            with pytest.raises(PermissionDeniedError, match="may write no key"):
+                await clone.set("config/a", "1")
+
+
+async def test_the_blocking_client_takes_keys(keys: Keys) -> None:
+    settings = secured(keys)
+    alice = keys.client("alice")
+
+    def use() -> bytes | None:
+        with connect([address(settings)], curve=alice, sync_timeout=10) as clone:
+            clone.set("k", "v")
+            return clone.get("k")
+
+    with trio.fail_after(GUARD):
+        async with serving(settings):
+            assert await trio.to_thread.run_sync(use) == b"v"
+
+
+def test_the_zap_handler_looks_at_the_folder_once_a_second(keys: Keys) -> None:
+    alice = keys.client("alice")
+    zap = ZapHandler(read_key_pair(keys.server), keys.clients, None, Counter())
+    assert zap.grant("alice").may_write(b"k")
+    zap.reload(100.0)  # the first look
+    (keys.clients / "alice.key").unlink()
+    zap.reload(100.5)
+    assert zap.grant("alice").may_write(b"k")  # not looked at yet
+    zap.reload(101.0)
+    assert not zap.grant("alice").may_write(b"k")
+    assert not zap.grant("alice").may_read(b"")
+    assert zap.grant(PAIR).may_write(b"k")
+    (keys.clients / "bad.key").write_text("not a certificate")
+    zap.reload(102.0)  # refused: the previous keys stay
+    shutil.copy(keys.folder / "alice.key", keys.clients / "alice.key")
+    zap.reload(103.0)
+    assert not zap.grant("alice").may_write(b"k")
+    (keys.clients / "bad.key").unlink()
+    zap.reload(104.0)
+    assert zap.grant("alice").may_write(b"k")
+    assert alice.client.public in {z85.encode(k) for k in zap.allowed}

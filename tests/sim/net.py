@@ -400,7 +400,10 @@ class SimSocket:
     async def receive(self) -> Frames:
         return (await self.receive_batch(1))[0]
 
-    async def receive_batch(self, max_messages: int = 256) -> list[Frames]:
+    async def receive_batch(
+        self, max_messages: int = 256, users: list[str] | None = None
+    ) -> list[Frames]:
+        assert users is None, "the simulated network has no CURVE"
         await trio.lowlevel.checkpoint_if_cancelled()
         batch = self.receive_nowait(max_messages)
         waited = False
@@ -411,7 +414,10 @@ class SimSocket:
             await trio.lowlevel.cancel_shielded_checkpoint()
         return batch
 
-    def receive_nowait(self, max_messages: int = 256) -> list[Frames]:
+    def receive_nowait(
+        self, max_messages: int = 256, users: list[str] | None = None
+    ) -> list[Frames]:
+        assert users is None, "the simulated network has no CURVE"
         self._check_open()
         inbox = self.inbox
         return [inbox.popleft() for _ in range(min(max_messages, len(inbox)))]

@@ -10,9 +10,12 @@ trioclone adds SEIZE, the server core's word (see ``seize``).
 
 * Every peer state heard pushes the peer's expiry to ``now + expiry``
   (``expiry`` = 2 heartbeats by default).  The expiry also starts at
-  ``now + expiry`` when the machine is made, so a freshly started primary
-  waits to hear from a peer that may already be active before it accepts a
-  vote (the reference starts at 0 and can make a second active).
+  ``now + expiry + heartbeat`` when the machine is made, so a freshly
+  started primary waits to hear from a peer that may already be active
+  before it accepts a vote (the reference starts at 0 and can make a
+  second active); the heartbeat more is for the peer's first heartbeat
+  after we subscribe, which its PUB may send before it has taken in our
+  subscription.
 * A vote is accepted by ACTIVE, and by PRIMARY or PASSIVE only once the peer
   has expired (``now >= peer_expiry``): no peer *and* a client asking is the
   split-brain guard.  BACKUP never accepts a vote.
@@ -138,7 +141,9 @@ class BinaryStar:
         self.heartbeat = heartbeat
         self.expiry = heartbeat * expiry_heartbeats
         self.state = State.PRIMARY if primary else State.BACKUP
-        self.peer_expiry = now + self.expiry
+        # One heartbeat more at the start: the peer's first heartbeat after
+        # we subscribe can reach its PUB before our subscription does.
+        self.peer_expiry = now + self.expiry + heartbeat
         self.peer_state: State | None = None
         self.faults: Counter[str] = Counter()
         self._last_heard: float | None = None

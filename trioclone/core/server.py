@@ -127,6 +127,19 @@ class Role(enum.Enum):
     PASSIVE = "passive"
 
 
+_NO_SEQUENCE = bytes(8)
+
+
+def is_handover(frames: Sequence[bytes]) -> bool:
+    """True if ``collect`` would take the KVSET ``frames`` as a hand-over
+    from the peer (a sequence and a lineage): a secured server takes those
+    from the pair's key only."""
+    if len(frames) != 5 or frames[1] == _NO_SEQUENCE:
+        return False
+    props = frames[3]
+    return props.startswith(b"lineage=") or b"\nlineage=" in props
+
+
 def random_lineage() -> str:
     return uuidlib.uuid4().hex
 

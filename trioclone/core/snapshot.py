@@ -102,6 +102,7 @@ class Transfer:
         self.identity = identity
         self.sent = 0
         self.examined = 0
+        self.started = now
         self.idle_since = now
         self._store = store
         self._keys = keys

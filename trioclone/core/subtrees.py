@@ -43,6 +43,13 @@ MAX_PREFIX = 1024
 Frames = list[bytes]
 
 
+def parse_subscription(frames: Frames) -> tuple[bool, bytes]:
+    """(subscribe, prefix) of a message read from an XPUB."""
+    if len(frames) != 1 or not frames[0] or frames[0][0] > 1:
+        raise RemoteProtocolError(RULE_SUBSCRIPTION, f"{len(frames)} frames")
+    return frames[0][0] == 1, frames[0][1:]
+
+
 class Subtrees:
     """Subscribed prefixes and the last sequence published under each."""
 
@@ -67,13 +74,10 @@ class Subtrees:
 
     def on_subscription(self, frames: Frames) -> None:
         """A message read from the XPUB; ``RemoteProtocolError`` if not one."""
-        if len(frames) != 1 or not frames[0] or frames[0][0] > 1:
-            raise RemoteProtocolError(RULE_SUBSCRIPTION, f"{len(frames)} frames")
-        frame = frames[0]
-        prefix = frame[1:]
+        subscribe, prefix = parse_subscription(frames)
         if not prefix or HUGZ.startswith(prefix) or prefix.startswith(HUGZ):
             return  # whole-map clients see every sequence; HUGZ is for everyone
-        if frame[0] == 1:
+        if subscribe:
             self.track(prefix)
         else:
             self._forget(prefix)

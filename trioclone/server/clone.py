@@ -19,6 +19,15 @@ cancels and starts again on every role change:
 
 The supervisor re-reads the current role after every scope exit, so a
 quick ACTIVE -> PASSIVE -> ACTIVE flap still ends with the right scope.
+
+``stop`` asks for a graceful stop (the command line calls it on SIGTERM or
+SIGINT), bounded by ``STOP_LIMIT`` seconds: no more writes are taken (the
+collector stops reading, takes what is queued in it already, and is
+closed); every task is cancelled; the map is committed, and synced to disk
+with ``--fsync interval``; the publisher and the hand-over socket linger
+(at most ``STOP_LINGER`` seconds) so the passive and the clients get what
+was published; then ``run`` returns.  Cancelling ``run`` instead stops at
+once, as before.
 Role changes happen in the core, synchronously, in whichever task fed it
 the event, so the core never acts in the wrong role, even while an old
 role scope is still winding down.
@@ -33,7 +42,7 @@ import os
 from collections import Counter, deque
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import trio
 import zmq
@@ -43,18 +52,27 @@ from trioclone._follow import Follower, feed
 from trioclone._log import Limited
 from trioclone._zmq import ROUTER_RETRY_INTERVAL, Socket, Sockets, UnroutableError
 from trioclone.core.bstar import BinaryStar, Outcome, State, encode_state
-from trioclone.core.chp import HISTORY, decode_request, encode_denial
+from trioclone.core.chp import HISTORY, HUGZ, decode_request, encode_denial
 from trioclone.core.permissions import PAIR
 from trioclone.core.replica import Timings
-from trioclone.core.server import PEER_IDENTITY, Role, ServerCore
+from trioclone.core.server import PEER_IDENTITY, Role, ServerCore, is_handover
 from trioclone.core.snapshot import KeyIndex, Transfer
+from trioclone.core.status import (
+    check_status_request,
+    encode_status_reply,
+    is_status_request,
+)
 from trioclone.core.store import Store
 from trioclone.curve import Curve, read_key_pair
 from trioclone.errors import ConfigError, RemoteProtocolError
 from trioclone.server.datadir import SYNC_INTERVAL, DataDir, DataDirError, wall_clock
+from trioclone.server.durations import Durations
 from trioclone.server.publisher import Publisher
 from trioclone.server.settings import PairSettings, ServerSettings
 from trioclone.server.zap import ZAP_ENDPOINT, ZapHandler
+
+if TYPE_CHECKING:
+    from trioclone.server.metrics import MetricsEndpoint
 
 log = logging.getLogger("trioclone.server")
 
@@ -69,6 +87,16 @@ MAX_QUEUED = 10_000  # snapshot requests waiting for one
 #: work, a trie node per byte, in the server's event loop (about 0.2 s a
 #: megabyte); a subscriber that sends a larger one is disconnected.
 MAX_SUBSCRIPTION = 65_536
+#: A graceful stop takes at most this long (seconds), whatever the disk and
+#: the peers do; then ``run`` returns.  ``serve --pair``'s supervisor waits
+#: longer than this before it kills a child (``Supervisor.grace``).
+STOP_LIMIT = 3.0
+#: How long the publisher and the hand-over socket may linger at a graceful
+#: stop, delivering what was already sent (a subscriber that reads nothing
+#: cannot hold it up longer).
+STOP_LINGER = 1.0
+#: At most this many writes queued in the collector are taken at a stop.
+STOP_DRAIN = 100_000
 #: Refusals waiting to be sent to the clients they are for, and the routing
 #: ids of each client's snapshot sockets kept to send them to.
 MAX_DENIALS = 1024
@@ -127,6 +155,16 @@ class CloneServer:
         self._log = Limited(log)
         #: Messages rejected, by the socket they came in on.
         self.rejections: Counter[str] = Counter()
+        #: ... and by socket and the rule they broke.
+        self.rejected_rules: Counter[tuple[str, str]] = Counter()
+        #: How long snapshot replies took (from their first message to the
+        #: last), and commits of the map on disk.
+        self.snapshot_durations = Durations()
+        self.commit_durations = Durations()
+        #: Trio time when the sockets were bound (for the uptime).
+        self.started_at: float | None = None
+        #: The Prometheus endpoint, with ``settings.metrics_port``.
+        self.metrics: MetricsEndpoint | None = None
         self._role = Role.WAITING
         self._transfers: deque[Transfer] = deque()
         #: requests to answer once a transfer is free (or a takeover is done)
@@ -141,6 +179,12 @@ class CloneServer:
         self._expiry_wakeup = trio.Event()
         self._timer_wakeup = trio.Event()
         self._work_wakeup = trio.Event()
+        #: Set by ``stop``; the collector's scope, cancelled to stop it, and
+        #: set once it took what was queued and closed.
+        self._stop_requested = False
+        self._stop_wakeup: trio.Event | None = None
+        self._collecting = trio.CancelScope()
+        self._collected = trio.Event()
         #: The map on disk, when ``settings.data_dir`` is set.
         self.data: DataDir | None = None
         self._sockets: Sockets
@@ -169,20 +213,46 @@ class CloneServer:
         )
         return Curve.for_server(keys)
 
-    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> NoReturn:
-        """Serve until cancelled; ``nursery.start`` returns once bound.
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve until cancelled, or until ``stop`` is called and the
+        graceful stop is done; ``nursery.start`` returns once bound.
 
         With a data folder, the map it kept is loaded first; a folder that
         cannot be used raises ``DataDirError`` (naming the file) before any
         socket is bound."""
         s = self.settings
+        if s.metrics_port is not None:
+            from trioclone.server.metrics import require_prometheus
+
+            require_prometheus()  # before anything is bound or loaded
         if s.data_dir is None:
             await self._serve(task_status)
+            return
         self.data = self._open_data(s.data_dir, s.fsync, s.reset_data)
         try:
             await self._serve(task_status)
-        finally:  # (no last flush: each input's was whole, as at a SIGKILL)
+        finally:  # (no last flush here: each input's was whole, as at a SIGKILL)
             self.data.close()
+
+    def stop(self) -> None:
+        """Stop gracefully (see the module's docstring); ``run`` returns
+        once done.  Called before ``run`` binds, the server stops as soon
+        as it is serving; a second call changes nothing."""
+        if self._stop_requested:
+            return
+        self._stop_requested = True
+        log.info(
+            "stopping (%s, sequence %d): no more writes taken",
+            self.core.role.value,
+            self.core.sequence,
+        )
+        self._collecting.cancel()
+        if self._stop_wakeup is not None:
+            self._stop_wakeup.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop_requested
 
     def _open_data(self, folder: str, fsync: str, reset: bool) -> DataDir:
         data = DataDir(Path(folder), fsync, reset=reset)
@@ -214,10 +284,15 @@ class CloneServer:
         """Commit what changed in the map (before anything shows it)."""
         data = self.data
         if data is not None:
-            data.flush(self.core, trio.current_time(), self._wall())
+            now = trio.current_time()
+            if data.flush(self.core, now, self._wall()):
+                self.commit_durations.observe(trio.current_time() - now)
 
-    async def _serve(self, task_status: Any) -> NoReturn:
+    async def _serve(self, task_status: Any) -> None:
         s, core = self.settings, self.core
+        self._stop_wakeup = trio.Event()
+        if self._stop_requested:
+            self._stop_wakeup.set()
         with self._open_sockets() as sockets:
             self._sockets = sockets
             zap = None
@@ -240,6 +315,7 @@ class CloneServer:
                 core.subtrees,
                 self._reject,
                 before=None if self.data is None else self._persist,
+                vet=None if s.permissions is None else self._may_subscribe,
             )
             collector = sockets.open(
                 zmq.SUB,
@@ -264,9 +340,49 @@ class CloneServer:
                 nursery.start_soon(self._tend_publisher, s.hugz_interval)
                 if self.data is not None and self.data.fsync == "interval":
                     nursery.start_soon(self._sync_disk, self.data)
+                if s.metrics_port is not None:
+                    await nursery.start(self._serve_metrics, s)
+                self.started_at = trio.current_time()
                 log.info("%s listening: %s", s.name, s.bind)
                 task_status.started(self)
-        raise AssertionError("the server's tasks never return")
+                await self._stop_wakeup.wait()
+                with trio.move_on_after(STOP_LIMIT) as bound:
+                    await self._collected.wait()
+                nursery.cancel_scope.cancel()
+            # Every task has ended: nothing publishes or commits any more.
+            with trio.move_on_at(bound.deadline) as bound:
+                await self._finish(sockets)
+            if bound.cancelled_caught:
+                log.warning(
+                    "stopping took %g s: the last steps were cut short", STOP_LIMIT
+                )
+        log.info("%s stopped", s.name)
+
+    # -- a graceful stop ------------------------------------------------------
+
+    async def _finish(self, sockets: Sockets) -> None:
+        """The map committed and on disk, then the sockets closed, letting
+        the publisher and the hand-over socket deliver what they hold."""
+        data = self.data
+        if data is not None:
+            self._persist()
+            # (in the event loop, as every commit: nothing else runs now)
+            data.sync()
+            log.info(
+                "the map is committed%s: %d keys, sequence %d",
+                " and synced to disk" if data.fsync != "off" else "",
+                len(self.core.store),
+                self.core.sequence,
+            )
+        linger = int(STOP_LINGER * 1000)
+        self.publisher.close_socket(linger)
+        if self._relay_sock is not None:
+            self._relay_sock.close(linger)
+        log.info(
+            "closing the sockets (what was published is delivered for up to %g s)",
+            STOP_LINGER,
+        )
+        await sockets.aclose()
 
     def _start_pair(
         self, nursery: trio.Nursery, sockets: Sockets, pair: PairSettings, now: float
@@ -298,6 +414,57 @@ class CloneServer:
             **self.core.status(),
             "published": self.publisher.published,
             **({} if bstar is None else dict(bstar.faults)),
+        }
+
+    def status_report(self, now: float) -> dict[str, object]:
+        """The answer to a status request (docs/monitoring.md says what
+        each field means): cheap, whatever the map's size."""
+        from trioclone import __version__  # (the package imports its parts)
+
+        core, s, bstar = self.core, self.settings, self.core.bstar
+        heard = None
+        if bstar is not None and bstar.peer_state is not None:
+            heard = max(now - (bstar.peer_expiry - bstar.expiry), 0.0)
+        replica = core.replica
+        counters: dict[str, int] = {
+            **core.stats,
+            **(
+                {}
+                if replica is None
+                else {f"sync_{k}": v for k, v in replica.stats.items()}
+            ),
+            "published": self.publisher.published,
+            "pending_dropped": core.pending.dropped,
+            "window_evicted_early": core.applied.evicted_early,
+            "subtrees_untracked": core.subtrees.untracked,
+        }
+        return {
+            "name": s.name,
+            "version": __version__,
+            "pair": bstar is not None,
+            "state": State.ACTIVE.name if bstar is None else bstar.state.name,
+            "role": core.role.value,
+            "serving": core.serving,
+            "synced": core.synced,
+            "sequence": core.sequence,
+            "keys": len(core.store),
+            "lineage": core.lineage,
+            "pending": len(core.pending),
+            "window": len(core.applied),
+            "peer_state": None
+            if bstar is None or bstar.peer_state is None
+            else bstar.peer_state.name,
+            "peer_heartbeat_age": heard,
+            "peer_expired": None if bstar is None else bstar.peer_expired(now),
+            "snapshot_transfers": len(self._transfers),
+            "snapshot_queued": len(self._queued),
+            "subtrees_tracked": len(core.subtrees),
+            "uptime": 0.0 if self.started_at is None else now - self.started_at,
+            "data_dir": None if self.data is None else str(self.data.path),
+            "fsync": None if self.data is None else self.data.fsync,
+            "rejected": dict(self.rejections),
+            "faults": {} if bstar is None else dict(bstar.faults),
+            "counters": counters,
         }
 
     # -- after every input: carry out what the core asks ---------------------
@@ -348,6 +515,8 @@ class CloneServer:
         self.synced.value = synced
 
     def _role_changed(self, role: Role) -> None:
+        if role is Role.ACTIVE and self._role is Role.PASSIVE:
+            self.core.stats["takeovers"] += 1
         self._role = role
         if role is Role.PASSIVE:
             self.publisher.close(discard=True)
@@ -395,28 +564,47 @@ class CloneServer:
 
     # -- tasks for the server's whole life ----------------------------------
 
-    async def _collect(self, sock: Socket) -> NoReturn:
-        core, secured = self.core, self.zap is not None
-        while True:
-            users: list[str] | None = [] if secured else None
-            batch = await sock.receive_batch(BATCH, users)
-            now = trio.current_time()
-            updates = []
-            for index, frames in enumerate(batch):
-                if users is not None and not self._may_write(users[index], frames):
-                    continue
-                try:
-                    update = core.collect(frames, now)
-                except RemoteProtocolError as exc:
-                    self._reject("collector", exc)
-                    continue
-                if update is not None:
-                    updates.append(update)
-            self.publisher.publish_all(updates)
-            if core.serving:  # (a client write changes no role: no _after)
-                deadline = core.store.next_deadline()
-                if deadline is not None and deadline < self._expiry_at:
-                    self._expiry_wakeup.set()
+    async def _collect(self, sock: Socket) -> None:
+        """Take client writes until a stop; then take those queued already
+        (at most ``STOP_DRAIN``) and close the collector."""
+        secured = self.zap is not None
+        with self._collecting:
+            while True:
+                users: list[str] | None = [] if secured else None
+                self._take(await sock.receive_batch(BATCH, users), users)
+        taken = 0
+        while taken < STOP_DRAIN:
+            users = [] if secured else None
+            batch = sock.receive_nowait(min(BATCH, STOP_DRAIN - taken), users)
+            if not batch:
+                break
+            self._take(batch, users)
+            taken += len(batch)
+        sock.close()
+        log.info("the collector is closed (%d queued writes taken at the stop)", taken)
+        self._collected.set()
+
+    def _take(self, batch: list[list[bytes]], users: list[str] | None) -> None:
+        """Apply (active) or hold (passive) a batch of client writes; with
+        CURVE, ``users`` are their senders (each must be allowed to write)."""
+        core = self.core
+        now = trio.current_time()
+        updates = []
+        for index, frames in enumerate(batch):
+            if users is not None and not self._may_write(users[index], frames):
+                continue
+            try:
+                update = core.collect(frames, now)
+            except RemoteProtocolError as exc:
+                self._reject("collector", exc)
+                continue
+            if update is not None:
+                updates.append(update)
+        self.publisher.publish_all(updates)
+        if core.serving:  # (a client write changes no role: no _after)
+            deadline = core.store.next_deadline()
+            if deadline is not None and deadline < self._expiry_at:
+                self._expiry_wakeup.set()
 
     async def _timers(self) -> NoReturn:
         core = self.core
@@ -458,7 +646,11 @@ class CloneServer:
                 self._snapshot_wait = None
             now = trio.current_time()
             for index, frames in enumerate(requests):
-                self._on_request(frames, now, None if users is None else users[index])
+                if is_status_request(frames[1:]):
+                    self._on_status_request(router, frames, now)
+                else:
+                    user = None if users is None else users[index]
+                    self._on_request(frames, now, user)
             if requests:  # (votes may have changed the role)
                 self._after(now)
             if not transfers:
@@ -471,6 +663,27 @@ class CloneServer:
             elif transfers:  # every client's queue is full: poll, wake for requests
                 with trio.move_on_after(ROUTER_RETRY_INTERVAL):
                     await router.wait(zmq.POLLIN)
+
+    def _on_status_request(
+        self, router: Socket, frames: list[bytes], now: float
+    ) -> None:
+        """Answer at once, in every role and state: never a vote, never
+        queued behind snapshots."""
+        identity, request = frames[0], frames[1:]
+        try:
+            check_status_request(request)
+        except RemoteProtocolError as exc:
+            self._reject("snapshot", exc)
+            return
+        self.core.stats["status_requests"] += 1
+        try:
+            sent = router.try_send(
+                [identity, *encode_status_reply(self.status_report(now))]
+            )
+        except UnroutableError:
+            sent = False
+        if not sent:
+            log.debug("a status client went away or reads nothing: not answered")
 
     def _on_request(self, frames: list[bytes], now: float, user: str | None) -> None:
         identity, request = frames[0], frames[1:]
@@ -554,7 +767,12 @@ class CloneServer:
                         break
                     transfer.advance(now)
             except UnroutableError:
-                log.info("snapshot client went away after %d messages", transfer.sent)
+                self._log.log(  # one per client: a crowd must not flood the log
+                    logging.INFO,
+                    "snapshot client gone",
+                    "snapshot client went away after %d messages",
+                    transfer.sent,
+                )
                 continue
             finally:
                 work = max(transfer.examined - examined, transfer.sent - sent)
@@ -563,10 +781,14 @@ class CloneServer:
                     transfer.idle_since = now
                     moved = True
             if transfer.done:
+                self.core.stats["snapshots_served"] += 1
+                self.snapshot_durations.observe(now - transfer.started)
                 continue
             if now - transfer.idle_since >= stall:
                 self.core.stats["snapshots_stalled"] += 1
-                log.warning(
+                self._log.log(
+                    logging.WARNING,
+                    "snapshot client stalled",
                     "dropped a snapshot client that took nothing for %.0f s "
                     "(%d messages sent)",
                     stall,
@@ -637,15 +859,21 @@ class CloneServer:
         assert self.zap is not None
         grant = self.zap.grant(user)
         key = frames[0] if frames else b""
-        if grant.may_write(key):
+        if user != PAIR and is_handover(frames):
+            reason = f"client {user!r} sent a hand-over: only the pair's servers may"
+        elif grant.may_write(key):
             return True
+        else:
+            allowed = ", ".join(repr(p.decode(errors="replace")) for p in grant.write)
+            reason = (
+                f"client {user!r} may not write {key.decode(errors='replace')!r} "
+                + (
+                    f"(it may write keys under {allowed})"
+                    if allowed
+                    else "(it may write no key)"
+                )
+            )
         self.core.stats["writes_denied"] += 1
-        allowed = ", ".join(repr(p.decode(errors="replace")) for p in grant.write)
-        reason = f"client {user!r} may not write {key.decode(errors='replace')!r} " + (
-            f"(it may write keys under {allowed})"
-            if allowed
-            else "(it may write no key)"
-        )
         self._log.log(logging.WARNING, "write denied", "refused a write: %s", reason)
         uuid = frames[2] if len(frames) == 5 else b""
         for identity in self._routes.get(user, ()):
@@ -675,6 +903,22 @@ class CloneServer:
         self._deny(identity, b"", subtree, reason)
         return False
 
+    def _may_subscribe(self, user: str, prefix: bytes) -> bool:
+        """True if ``user`` may have the updates under ``prefix``."""
+        assert self.zap is not None
+        grant = self.zap.grant(user)
+        if prefix == HUGZ or grant.may_read(prefix):
+            return True
+        self.core.stats["reads_denied"] += 1
+        self._log.log(
+            logging.WARNING,
+            "subscription denied",
+            "refused a subscription: client %r may not read %r",
+            user,
+            prefix.decode(errors="replace"),
+        )
+        return False
+
     def _deny(self, identity: bytes, uuid: bytes, key: bytes, reason: str) -> None:
         self._denials.append([identity, *encode_denial(uuid, key, reason)])
         if self._snapshot_wait is not None:
@@ -690,9 +934,20 @@ class CloneServer:
     def _reject(self, where: str, exc: RemoteProtocolError) -> None:
         self.core.stats["rejected"] += 1
         self.rejections[where] += 1
+        self.rejected_rules[where, exc.rule] += 1
         self._log.log(
             logging.WARNING, where, "rejected on the %s socket: %s", where, exc
         )
+
+    async def _serve_metrics(
+        self, s: ServerSettings, *, task_status: Any = trio.TASK_STATUS_IGNORED
+    ) -> NoReturn:
+        from trioclone.server.metrics import MetricsEndpoint
+
+        assert s.metrics_port is not None
+        endpoint = MetricsEndpoint(self)
+        self.metrics = endpoint
+        await endpoint.serve(s.metrics_bind, s.metrics_port, task_status=task_status)
 
     # -- ACTIVE ------------------------------------------------------------
 

@@ -244,8 +244,9 @@ class DataDir:
 
     # -- writing --------------------------------------------------------------------
 
-    def flush(self, core: ServerCore, now: float, wall: float) -> None:
-        """Commit what changed in ``core``'s maps since the last call."""
+    def flush(self, core: ServerCore, now: float, wall: float) -> bool:
+        """Commit what changed in ``core``'s maps since the last call; False
+        if nothing had (no commit was made)."""
         smap, incoming = core.map, core.incoming
         meta = self._meta(core)
         if (
@@ -257,7 +258,7 @@ class DataDir:
             and not core.tombstones_changed
             and now < self._evict_at
         ):
-            return
+            return False
         db, other = self._db, 1 - self._current
         try:
             db.execute("BEGIN")
@@ -299,6 +300,7 @@ class DataDir:
             if db.in_transaction:
                 db.execute("ROLLBACK")
             raise self._error("cannot be written", exc) from exc
+        return True
 
     def sync(self) -> None:
         """``interval`` mode: put what was committed on the disk."""

@@ -13,6 +13,15 @@ core/subtrees.py).  Publishing never blocks (it drops at its high-water
 mark for a subscriber that does not keep up), so it is a plain synchronous
 call and no task ever waits on this socket.  With a durable map, ``before``
 commits it first: nothing is published that a crash could lose.
+
+With ``vet`` (a secured server with permissions), the XPUB applies no
+subscription by itself (``XPUB_MANUAL``): each one is handed up with its
+sender's User-Id, and applied only if ``vet(user, prefix)`` allows it, so a
+client reads on the stream only what it may read in a snapshot.  libzmq
+then hands up each subscriber's every (un)subscription, not a prefix's
+first and last, so they no longer tell when the last subscriber of a
+prefix went away: a prefix once tracked for subtree heartbeats stays
+tracked (within the ``Subtrees`` limit).
 """
 
 from __future__ import annotations
@@ -22,7 +31,7 @@ from collections.abc import Callable, Sequence
 import zmq
 
 from trioclone._zmq import Socket
-from trioclone.core.subtrees import Subtrees
+from trioclone.core.subtrees import Subtrees, parse_subscription
 from trioclone.errors import RemoteProtocolError
 
 Frames = list[bytes]
@@ -38,8 +47,12 @@ class Publisher:
         reject: Callable[[str, RemoteProtocolError], None],
         *,
         before: Callable[[], None] | None = None,
+        vet: Callable[[str, bytes], bool] | None = None,
     ) -> None:
         self._sock = sock
+        self._vet = vet
+        if vet is not None:
+            sock.raw.setsockopt(zmq.XPUB_MANUAL, 1)
         #: Called before anything is sent: the map is made durable first.
         self._before = before
         self._subtrees = subtrees
@@ -60,6 +73,9 @@ class Publisher:
         sock = self._sock
         if not sock.refresh() & POLLIN:
             return  # the usual case: nothing to read, and no exception raised
+        if self._vet is not None:
+            self._admit_vetted(self._vet)
+            return
         for _ in range(4):  # bounded: a flood of them waits for the next call
             messages = sock.receive_nowait(DRAIN)
             for frames in messages:
@@ -69,6 +85,27 @@ class Publisher:
                     self._reject("publisher", exc)
             if len(messages) < DRAIN:
                 return  # that was all of them
+
+    def _admit_vetted(self, vet: Callable[[str, bytes], bool]) -> None:
+        """One at a time: libzmq applies a SUBSCRIBE option to the
+        subscriber of the last subscription read."""
+        sock, raw = self._sock, self._sock.raw
+        for _ in range(4 * DRAIN):
+            users: list[str] = []
+            messages = sock.receive_nowait(1, users)
+            if not messages:
+                return
+            frames = messages[0]
+            try:
+                subscribe, prefix = parse_subscription(frames)
+            except RemoteProtocolError as exc:
+                self._reject("publisher", exc)
+                continue
+            if not subscribe:
+                raw.setsockopt(zmq.UNSUBSCRIBE, prefix)
+            elif vet(users[0], prefix):
+                raw.setsockopt(zmq.SUBSCRIBE, prefix)
+                self._subtrees.on_subscription(frames)
 
     def publish_all(self, messages: Sequence[Sequence[bytes]]) -> None:
         """Publish ``messages`` in order, subscribers that came meanwhile
@@ -97,3 +134,9 @@ class Publisher:
         self._open = False
         if discard:
             self._held.clear()
+
+    def close_socket(self, linger: int) -> None:
+        """At a graceful stop: close the socket, letting libzmq deliver
+        what was published for up to ``linger`` milliseconds."""
+        self.close(discard=True)
+        self._sock.close(linger)

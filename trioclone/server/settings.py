@@ -102,6 +102,10 @@ class ServerSettings:
     data_dir: str | None = None
     fsync: str = "always"
     reset_data: bool = False
+    #: The Prometheus endpoint (server/metrics.py): its TCP port (0: any
+    #: free one; None: no endpoint) and the address it listens on.
+    metrics_port: int | None = None
+    metrics_bind: str = "127.0.0.1"
     #: CURVE (docs/security.md): the pair's secret certificate, the folder
     #: of allowed clients' public certificates, and what each may read and
     #: write (core/permissions.py).  None: plain CHP, open to anyone.
@@ -124,6 +128,13 @@ class ServerSettings:
             COUNT.check(name, getattr(self, name))
         for name in ("publisher_hwm", "collector_hwm"):
             HWM.check(name, getattr(self, name))
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ConfigError(
+                f"metrics_port must be a TCP port 1-65535 (0: any free one), "
+                f"not {self.metrics_port!r}"
+            )
+        if not self.metrics_bind:
+            raise ConfigError("metrics_bind must be an address to listen on")
         if (self.curve_secret is None) != (self.curve_clients is None):
             raise ConfigError(
                 "curve_secret and curve_clients go together: the server's "
