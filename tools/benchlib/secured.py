@@ -269,7 +269,8 @@ def summarize(
 def ratio(result: dict[str, Any], setup: str, *path: str) -> float | None:
     plain = dig(result, setup, "plain", *path)
     secured = dig(result, setup, "secured", *path)
-    if not isinstance(plain, int | float) or not isinstance(secured, int | float):
+    numbers = [v for v in (plain, secured) if isinstance(v, int | float)]
+    if len(numbers) < 2 or any(isinstance(v, bool) for v in numbers):
         return None
     return secured / plain if plain else None
 
