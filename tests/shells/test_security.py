@@ -28,7 +28,7 @@ from trioclone.curve import read_key_pair, read_public, write_key_pair
 from trioclone.errors import ConfigError
 from trioclone.server.clone import CloneServer
 from trioclone.server.settings import ServerSettings, pair_settings
-from trioclone.server.zap import ZapHandler
+from trioclone.server.zap import ZapHandler, user_id
 
 GUARD = 20.0
 QUIET = 0.5  # real seconds in which a working server answers many times over
@@ -52,14 +52,17 @@ class Keys:
         )
 
 
+def make_keys(folder: Path) -> Keys:
+    """The pair's key pair, and an empty clients folder, in ``folder``."""
+    clients = folder / "clients"
+    clients.mkdir()
+    write_key_pair(folder, "server")
+    return Keys(folder, clients, folder / "server.key_secret", folder / "server.key")
+
+
 @pytest.fixture
 def keys(tmp_path: Path) -> Keys:
-    clients = tmp_path / "clients"
-    clients.mkdir()
-    write_key_pair(tmp_path, "server")
-    return Keys(
-        tmp_path, clients, tmp_path / "server.key_secret", tmp_path / "server.key"
-    )
+    return make_keys(tmp_path)
 
 
 def secured(
@@ -70,11 +73,11 @@ def secured(
         path.write_text(permissions)
         options["permissions"] = str(path)
     (port,) = free_base_ports()
+    options.setdefault("hugz_interval", 0.1)
     return pair_settings(
         "standalone",
         port=port,
         bind_host="127.0.0.1",
-        hugz_interval=0.1,
         data_dir=None,
         curve_secret=str(keys.server),
         curve_clients=str(keys.clients),
@@ -469,21 +472,23 @@ async def test_the_blocking_client_takes_keys(keys: Keys) -> None:
 def test_the_zap_handler_looks_at_the_folder_once_a_second(keys: Keys) -> None:
     alice = keys.client("alice")
     zap = ZapHandler(read_key_pair(keys.server), keys.clients, None, Counter())
-    assert zap.grant("alice").may_write(b"k")
+    user = user_id("alice", z85.decode(alice.client.public))
+    assert zap.grant(user).may_write(b"k")
+    assert not zap.grant("alice").may_write(b"k")  # a User-Id names the key too
     zap.reload(100.0)  # the first look
     (keys.clients / "alice.key").unlink()
     zap.reload(100.5)
-    assert zap.grant("alice").may_write(b"k")  # not looked at yet
+    assert zap.grant(user).may_write(b"k")  # not looked at yet
     zap.reload(101.0)
-    assert not zap.grant("alice").may_write(b"k")
-    assert not zap.grant("alice").may_read(b"")
+    assert not zap.grant(user).may_write(b"k")
+    assert not zap.grant(user).may_read(b"")
     assert zap.grant(PAIR).may_write(b"k")
     (keys.clients / "bad.key").write_text("not a certificate")
     zap.reload(102.0)  # refused: the previous keys stay
     shutil.copy(keys.folder / "alice.key", keys.clients / "alice.key")
     zap.reload(103.0)
-    assert not zap.grant("alice").may_write(b"k")
+    assert not zap.grant(user).may_write(b"k")
     (keys.clients / "bad.key").unlink()
     zap.reload(104.0)
-    assert zap.grant("alice").may_write(b"k")
+    assert zap.grant(user).may_write(b"k")
     assert alice.client.public in {z85.encode(k) for k in zap.allowed}
