@@ -11,13 +11,14 @@ import pytest
 import trio
 import zmq
 
-from tests.integration.procs import free_base_ports, free_ports
 from tests.shells.test_security import (
     GUARD,
     Keys,
     address,
     make_keys,
+    refused_then_failed_over,
     secured,
+    secured_pair,
     serving,
 )
 from trioclone import Curve, PermissionDeniedError, open_client
@@ -27,7 +28,6 @@ from trioclone.curve import write_key_pair
 from trioclone.endpoints import Endpoints
 from trioclone.errors import ConfigError
 from trioclone.server.clone import CloneServer
-from trioclone.server.settings import pair_settings
 
 
 @pytest.fixture
@@ -180,57 +180,20 @@ async def test_a_write_the_active_refused_is_not_replayed_by_a_passive_that_relo
     narrowed.write_text('[clients.deploy]\nwrite = ["config/"]\n')
     old = keys.folder / "old.toml"
     old.write_text('[clients.deploy]\nwrite = [""]\n')
-    primary_port, backup_port = free_base_ports(2)
-    primary_state, backup_state = free_ports(2)
 
-    def side(role: str):
-        mine = role == "primary"
-        return pair_settings(
-            role,
-            port=primary_port if mine else backup_port,
-            peer_port=backup_port if mine else primary_port,
-            state_port=primary_state if mine else backup_state,
-            peer_state_port=backup_state if mine else primary_state,
-            bind_host="127.0.0.1",
-            peer_host="127.0.0.1",
-            heartbeat=0.1,
-            hugz_interval=0.1,
-            data_dir=None,
-            curve_secret=str(keys.server),
-            curve_clients=str(keys.clients),
-            permissions=str(narrowed if mine else old),
-        )
+    def catch_up(passive: CloneServer) -> None:  # the passive's file too
+        old.write_text(narrowed.read_text())
+        assert passive.zap is not None
+        passive.zap.reload(trio.current_time(), at_once=True)
 
-    primary, backup = side("primary"), side("backup")
-    deploy = keys.client("deploy")
-    servers = [address(primary), address(backup)]
     with trio.fail_after(GUARD):
-        async with serving(backup) as passive, trio.open_nursery() as nursery:
-            active = CloneServer(primary)
-            scope = trio.CancelScope()
-
-            async def run_primary() -> None:
-                with scope:
-                    await active.run()
-
-            nursery.start_soon(run_primary)
-            async with open_client(servers, curve=deploy) as clone:
-                await clone.wait_synced()
-                await clone.set("config/a", "1")
-                with pytest.raises(PermissionDeniedError):
-                    await clone.set("secret/b", "2")
-                await passive.synced.wait_value(True)
-                while passive.core.store.get(b"config/a") is None:
-                    await trio.sleep(0.01)
-                old.write_text(narrowed.read_text())  # the passive catches up
-                assert passive.zap is not None
-                passive.zap.reload(trio.current_time(), at_once=True)
-                scope.cancel()  # the active dies: the passive takes over
-                await clone.set("config/c", "3", timeout=10)
-                assert clone.server == servers[1]
-                assert passive.core.store.get(b"secret/b") is None, (
-                    "a write the client was told was refused was applied"
-                )
+        passive = await refused_then_failed_over(
+            keys, secured_pair(keys, narrowed, old), catch_up
+        )
+    assert passive.core.store.get(b"secret/b") is None, (
+        "a write the client was told was refused was applied"
+    )
+    assert passive.core.stats["pending_refused"] == 1
 
 
 async def test_an_anonymous_denied_write_is_not_taken_as_a_refused_snapshot(
