@@ -330,11 +330,12 @@ def run_serve(args: argparse.Namespace) -> int:
         state_port=args.state_port,
         peer_state_port=args.peer_state_port,
     )
+    server = CloneServer(settings)  # reads the keys: a bad one is refused now
     if print_config(args):
         return 0
     failed = False
     try:
-        trio.run(serve_until_signalled, CloneServer(settings))
+        trio.run(serve_until_signalled, server)
     except* zmq.ZMQError as group:  # a bind failed: port in use, bad address
         for exc in leaves(group):
             log.error("cannot start the %s server: %s", role, exc)
@@ -661,7 +662,12 @@ class Supervisor:
 
     async def _run_once(self, name: str, command: Sequence[str]) -> tuple[int, int]:
         """Run ``command`` until it exits: its PID and exit status."""
-        process = await trio.lowlevel.open_process(list(command), env=self.env)
+        # A session of its own: a Ctrl-C at the terminal reaches the
+        # supervisor alone, which stops each child with one SIGTERM (a
+        # child that got both would take the second as "stop at once").
+        process = await trio.lowlevel.open_process(
+            list(command), env=self.env, start_new_session=True
+        )
         supervisor_log.info("started the %s server: pid %d", name, process.pid)
         try:
             return process.pid, await process.wait()

@@ -240,6 +240,14 @@ def _assignment(key: str, value: object) -> str:
 # -- resolving ---------------------------------------------------------------------
 
 
+#: Settings refused as true from the environment or a file, and why.
+FLAG_ONLY = {
+    "reset_data": "it deletes the map kept in the data folder, at every start "
+    "that reads it; give --reset-data as a flag, for the one start that "
+    "should begin empty",
+}
+
+
 def resolve(
     build: Callable[[], argparse.ArgumentParser],
     parsers: Callable[[argparse.ArgumentParser], Sequence[argparse.ArgumentParser]],
@@ -285,6 +293,10 @@ def resolve(
             sources[row.dest] = Source("default")
     for group in groups(probing[-1]):
         _one_of(group, {row.dest: row for row in rows}, values, sources, real)
+    for dest, why in FLAG_ONLY.items():
+        source = sources.get(dest)
+        if values.get(dest) and source is not None and source.kind != "flag":
+            raise ConfigError(f"{said(real[dest], source)}: refused: {why}")
     for dest, value in values.items():
         setattr(args, dest, value)
     return Effective(

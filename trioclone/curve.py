@@ -101,8 +101,7 @@ def write_key_pair(folder: Path, name: str, pair: KeyPair | None = None) -> KeyP
 
     Refuses (``ConfigError``) a name that is not a plain file name and
     files that exist: a key is never overwritten."""
-    if not name or name.startswith(".") or Path(name).name != name:
-        raise ConfigError(f"a key's name must be a plain file name, not {name!r}")
+    check_name(name)
     pair = pair or KeyPair.new()
     public_path = folder / f"{name}{PUBLIC_SUFFIX}"
     secret_path = folder / f"{name}{SECRET_SUFFIX}"
@@ -124,6 +123,16 @@ def write_key_pair(folder: Path, name: str, pair: KeyPair | None = None) -> KeyP
     except OSError as exc:
         raise ConfigError(f"cannot write the key pair {name!r}: {exc}") from exc
     return pair
+
+
+def check_name(name: str) -> None:
+    """A key pair's NAME: a plain file name that does not start with "."
+    or "@" (the pair's own User-Id is ``@pair``)."""
+    if not name or name[0] in ".@" or Path(name).name != name or "/" in name:
+        raise ConfigError(
+            f"a key's name must be a plain file name, not starting with . or @: "
+            f"{name!r}"
+        )
 
 
 def _certificate(kind: str, advice: str, public: bytes, secret: bytes | None) -> str:
@@ -183,6 +192,10 @@ def read_public_folder(folder: Path) -> dict[bytes, str]:
     for path in paths:
         public = read_public(path)
         name = path.name.removesuffix(PUBLIC_SUFFIX)
+        try:
+            check_name(name)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
         if public in allowed:
             raise ConfigError(
                 f"{path}: the same key as {allowed[public]}{PUBLIC_SUFFIX}"
@@ -215,7 +228,7 @@ def _read(path: Path) -> tuple[bytes, bytes | None]:
 def _check_key(path: Path, name: str, key: bytes) -> None:
     try:
         ok = len(key) == KEY_TEXT and len(z85.decode(key)) == 32
-    except (ValueError, KeyError, IndexError):
+    except Exception:  # z85 raises struct.error, ValueError, KeyError...
         ok = False
     if not ok:
         raise ConfigError(

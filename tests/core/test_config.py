@@ -12,8 +12,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import sys
+import tempfile
 import tomllib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,13 +30,27 @@ from trioclone.cli import (
     serve_settings_table,
     setting_parsers,
 )
-from trioclone.config import resolve
+from trioclone.config import FLAG_ONLY, resolve
 from trioclone.curve import write_key_pair
 from trioclone.logformat import JsonLines
 
 #: A good value of every setting other than its default, as the file writes
 #: it (TOML).  A new serve option needs a row here: the tests below show it
 #: works from a flag, the environment and the file.
+#: Where the security settings' samples are: real files, as a server (and
+#: --print-config) reads the keys before anything else.
+KEYS = Path(tempfile.gettempdir()) / f"trioclone-config-keys-{os.getpid()}"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _keys() -> Iterator[None]:
+    (KEYS / "clients").mkdir(parents=True)
+    write_key_pair(KEYS, "pair")
+    (KEYS / "permissions.toml").write_text("[default]\nwrite = []\n")
+    yield
+    shutil.rmtree(KEYS)
+
+
 SAMPLES: dict[str, Any] = {
     "log-level": "DEBUG",
     "log-format": "json",
@@ -50,9 +67,9 @@ SAMPLES: dict[str, Any] = {
     "in-memory": True,
     "fsync": "interval",
     "reset-data": True,
-    "curve-secret": "/etc/trioclone/pair.key_secret",
-    "curve-clients": "/etc/trioclone/clients",
-    "permissions": "/etc/trioclone/permissions.toml",
+    "curve-secret": f"{KEYS}/pair.key_secret",
+    "curve-clients": f"{KEYS}/clients",
+    "permissions": f"{KEYS}/permissions.toml",
     "heartbeat": 0.5,
     "peer-expiry": 3,
     "hugz": 0.25,
@@ -69,6 +86,8 @@ SAMPLES: dict[str, Any] = {
     "metrics-bind": "0.0.0.0",
 }
 MODES = {"standalone", "role", "pair"}
+#: Refused as true from env or file (config.FLAG_ONLY), by file key.
+FLAG_ONLY_KEYS = {dest.replace("_", "-") for dest in FLAG_ONLY}
 
 
 class Started(Exception):
@@ -129,11 +148,11 @@ def rejected(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
 
 #: Settings that need others: the flags given with them in these tests.
 COMPANIONS = {
-    "curve-secret": ["--curve-clients", "/etc/trioclone/clients"],
-    "curve-clients": ["--curve-secret", "/etc/trioclone/pair.key_secret"],
+    "curve-secret": ["--curve-clients", f"{KEYS}/clients"],
+    "curve-clients": ["--curve-secret", f"{KEYS}/pair.key_secret"],
     "permissions": [
-        *("--curve-clients", "/etc/trioclone/clients"),
-        *("--curve-secret", "/etc/trioclone/pair.key_secret"),
+        *("--curve-clients", f"{KEYS}/clients"),
+        *("--curve-secret", f"{KEYS}/pair.key_secret"),
     ],
 }
 
@@ -194,6 +213,11 @@ def test_a_setting_from_the_environment(
     key: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setenv(variable(key), as_text(SAMPLES[key]))
+    if key in FLAG_ONLY_KEYS:
+        assert f"{variable(key)}: refused" in rejected(
+            ["serve", *base_mode(key)], capsys
+        )
+        return
     got = effective(base_mode(key), capsys)[key]
     assert got == {
         "value": written(SAMPLES[key]),
@@ -208,6 +232,11 @@ def test_a_setting_from_the_file(
 ) -> None:
     config = tmp_path / "serve.toml"
     config.write_text(as_toml({key: SAMPLES[key]}))
+    if key in FLAG_ONLY_KEYS:
+        assert f"{key} in {config}: refused" in rejected(
+            ["serve", *base_mode(key), "--config", str(config)], capsys
+        )
+        return
     got = effective([*base_mode(key), "--config", str(config)], capsys)[key]
     assert got == {
         "value": written(SAMPLES[key]),
@@ -600,12 +629,12 @@ def test_a_local_pair_passes_settings_from_env_and_file_as_flags(
     config = tmp_path / "serve.toml"
     config.write_text(
         f'pair = true\nheartbeat = 0.5\nfsync = "off"\ndata-dir = "{tmp_path}"\n'
-        'log-format = "json"\nreset-data = true\n'
+        'log-format = "json"\n'
     )
     monkeypatch.setenv("TRIOCLONE_PUBLISHER_HWM", "0")
     monkeypatch.setenv("TRIOCLONE_PORT", "7000")
     monkeypatch.setenv("TRIOCLONE_LOG_LEVEL", "WARNING")
-    argv = ["serve", "--config", str(config), "--hugz", "0.25"]
+    argv = ["serve", "--config", str(config), "--hugz", "0.25", "--reset-data"]
     args = build_parser().parse_args(argv)
     resolve(build_parser, setting_parsers, argv, args, os.environ)
     commands = local_pair_commands(args)

@@ -174,10 +174,16 @@ class Processes:
         *serve_args: str,
         port: int | None = None,
         prefix: Sequence[str] = (),
+        new_session: bool = False,
     ) -> ServerProcess:
         """``trioclone serve`` with ``serve_args``, run under ``prefix`` (e.g.
         ``ip netns exec NS``, which execs it: the PID is the server's)."""
-        return self.run(name, [*prefix, *serve_command(*serve_args)], port=port)
+        return self.run(
+            name,
+            [*prefix, *serve_command(*serve_args)],
+            port=port,
+            new_session=new_session,
+        )
 
     def run(
         self,
@@ -186,8 +192,10 @@ class Processes:
         *,
         port: int | None = None,
         extra_env: Mapping[str, str] | None = None,
+        new_session: bool = False,
     ) -> ServerProcess:
-        """Any command, its output logged to a file, stopped like a server."""
+        """Any command, its output logged to a file, stopped like a server;
+        ``new_session``: in a session (and process group) of its own."""
         args = list(args)
         log_path = self.log_dir / f"{next(self._names):02d}-{name}.log"
         # A server's default data folder is under the log folder, never the
@@ -203,6 +211,7 @@ class Processes:
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 env=env,
+                start_new_session=new_session,
             )
         proc = ServerProcess(name, args, log_path, popen, port)
         self.started.append(proc)

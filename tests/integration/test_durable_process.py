@@ -46,6 +46,7 @@ def test_both_servers_killed_come_back_with_map_sequence_and_lineage(
     with Pair(procs, (*FAST_TIMING, "--status-interval", "0.3")) as pair:
         primary, backup = pair.start()
         watcher = ChpClient(pair.ctx, pair.p1)
+        pair.probe(watcher.sub)  # subscribed before the writes (slow joiner)
         keys = [pair.write(b"/kept") for _ in range(200)]
         watcher.wait_for(keys[-1], timeout=10)
         pair.writer.send_multipart(

@@ -502,6 +502,31 @@ def test_serve_pair_stops_on_sigint_and_exits_0(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_a_ctrl_c_at_the_terminal_stops_each_server_gracefully(tmp_path: Path) -> None:
+    """SIGINT to the whole process group (what a terminal sends): each child
+    gets one SIGTERM from the supervisor, not the SIGINT too, which it
+    would take as a second signal ("stop at once")."""
+    p1, p2 = free_base_ports(2)
+    with Processes(tmp_path) as procs:
+        supervisor = procs.start(
+            "pair", *pair_options(p1, p2), *FAST_TIMING, new_session=True
+        )
+        children = Children(supervisor)
+        try:
+            with time_limit(60):
+                children.wait_line("[backup]", "synced from the active", after=-1)
+                os.killpg(supervisor.pid, signal.SIGINT)
+                assert supervisor.popen.wait(30) == 0, children.tail()
+        finally:
+            children.stop(procs)
+            children.check_none_left()
+        log = supervisor.log()
+        assert log.count("stopping on SIGTERM") == 2, children.tail()
+        assert "at once" not in log
+        assert log.count(" stopped") >= 2  # each child's last line
+
+
+@pytest.mark.slow
 def test_serve_pair_gives_up_when_both_ports_are_taken(tmp_path: Path) -> None:
     p1, p2 = free_base_ports(2)
     with Processes(tmp_path) as procs:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import shutil
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +28,7 @@ from trioclone.curve import read_key_pair, read_public, write_key_pair
 from trioclone.errors import ConfigError
 from trioclone.server.clone import CloneServer
 from trioclone.server.settings import ServerSettings, pair_settings
-from trioclone.server.zap import ZapHandler
+from trioclone.server.zap import ZapHandler, user_id
 
 GUARD = 20.0
 QUIET = 0.5  # real seconds in which a working server answers many times over
@@ -52,14 +52,17 @@ class Keys:
         )
 
 
+def make_keys(folder: Path) -> Keys:
+    """The pair's key pair, and an empty clients folder, in ``folder``."""
+    clients = folder / "clients"
+    clients.mkdir()
+    write_key_pair(folder, "server")
+    return Keys(folder, clients, folder / "server.key_secret", folder / "server.key")
+
+
 @pytest.fixture
 def keys(tmp_path: Path) -> Keys:
-    clients = tmp_path / "clients"
-    clients.mkdir()
-    write_key_pair(tmp_path, "server")
-    return Keys(
-        tmp_path, clients, tmp_path / "server.key_secret", tmp_path / "server.key"
-    )
+    return make_keys(tmp_path)
 
 
 def secured(
@@ -70,11 +73,11 @@ def secured(
         path.write_text(permissions)
         options["permissions"] = str(path)
     (port,) = free_base_ports()
+    options.setdefault("hugz_interval", 0.1)
     return pair_settings(
         "standalone",
         port=port,
         bind_host="127.0.0.1",
-        hugz_interval=0.1,
         data_dir=None,
         curve_secret=str(keys.server),
         curve_clients=str(keys.clients),
@@ -227,13 +230,11 @@ async def test_a_key_added_to_the_folder_is_allowed_without_a_restart(
                 await clone.set("k", "v")
 
 
-async def test_a_secured_pair_syncs_and_fails_over_with_its_shared_key(
-    keys: Keys,
-) -> None:
-    """The pair's heartbeat, sync and relay links use the pair's key; a
-    write the passive saw refused never comes back at a takeover."""
-    permissions = keys.folder / "permissions.toml"
-    permissions.write_text('[clients.deploy]\nwrite = ["config/"]\n')
+def secured_pair(
+    keys: Keys, primary_permissions: Path, backup_permissions: Path
+) -> tuple[ServerSettings, ServerSettings]:
+    """A secured pair on 127.0.0.1 with fast heartbeats, each server with
+    its own permissions file."""
     primary_port, backup_port = free_base_ports(2)
     primary_state, backup_state = free_ports(2)
 
@@ -252,36 +253,62 @@ async def test_a_secured_pair_syncs_and_fails_over_with_its_shared_key(
             data_dir=None,
             curve_secret=str(keys.server),
             curve_clients=str(keys.clients),
-            permissions=str(permissions),
+            permissions=str(primary_permissions if mine else backup_permissions),
         )
 
-    primary, backup = side("primary"), side("backup")
+    return side("primary"), side("backup")
+
+
+async def refused_then_failed_over(
+    keys: Keys,
+    pair: tuple[ServerSettings, ServerSettings],
+    before_takeover: Callable[[CloneServer], None] = lambda passive: None,
+) -> CloneServer:
+    """Client "deploy" writes config/a, is refused secret/b, and once the
+    passive holds config/a (``before_takeover(passive)`` then) the active
+    dies and the passive takes over; the passive, once it applied a write
+    of the client's since."""
+    primary, backup = pair
     deploy = keys.client("deploy")
     servers = [address(primary), address(backup)]
+    async with serving(backup) as passive, trio.open_nursery() as nursery:
+        scope = trio.CancelScope()
+
+        async def run_primary() -> None:
+            with scope:
+                await CloneServer(primary).run()
+
+        nursery.start_soon(run_primary)
+        async with open_client(servers, curve=deploy) as clone:
+            await clone.wait_synced()
+            await clone.set("config/a", "1")
+            with pytest.raises(PermissionDeniedError):
+                await clone.set("secret/b", "2")
+            await passive.synced.wait_value(True)
+            while passive.core.store.get(b"config/a") is None:
+                await trio.sleep(0.01)
+            before_takeover(passive)
+            scope.cancel()  # the active dies: the passive takes over
+            await clone.set("config/c", "3", timeout=10)
+            assert clone.server == servers[1]
+        nursery.cancel_scope.cancel()
+    return passive
+
+
+async def test_a_secured_pair_syncs_and_fails_over_with_its_shared_key(
+    keys: Keys,
+) -> None:
+    """The pair's heartbeat, sync and relay links use the pair's key; a
+    write the passive saw refused never comes back at a takeover."""
+    permissions = keys.folder / "permissions.toml"
+    permissions.write_text('[clients.deploy]\nwrite = ["config/"]\n')
     with trio.fail_after(GUARD):
-        async with serving(backup) as passive, trio.open_nursery() as nursery:
-            active = CloneServer(primary)
-            scope = trio.CancelScope()
-
-            async def run_primary() -> None:
-                with scope:
-                    await active.run()
-
-            nursery.start_soon(run_primary)
-            async with open_client(servers, curve=deploy) as clone:
-                await clone.wait_synced()
-                await clone.set("config/a", "1")
-                with pytest.raises(PermissionDeniedError):
-                    await clone.set("secret/b", "2")
-                await passive.synced.wait_value(True)
-                while passive.core.store.get(b"config/a") is None:
-                    await trio.sleep(0.01)
-                assert passive.core.stats["writes_denied"] == 1
-                scope.cancel()  # the active dies: the passive takes over
-                await clone.set("config/c", "3", timeout=10)
-                assert clone.server == servers[1]
-                assert passive.core.store.get(b"secret/b") is None
-                assert passive.core.store.get(b"config/a") is not None
+        passive = await refused_then_failed_over(
+            keys, secured_pair(keys, permissions, permissions)
+        )
+    assert passive.core.stats["writes_denied"] == 1
+    assert passive.core.store.get(b"secret/b") is None
+    assert passive.core.store.get(b"config/a") is not None
 
 
 def test_key_files_round_trip_and_the_secret_is_private(tmp_path: Path) -> None:
@@ -469,21 +496,23 @@ async def test_the_blocking_client_takes_keys(keys: Keys) -> None:
 def test_the_zap_handler_looks_at_the_folder_once_a_second(keys: Keys) -> None:
     alice = keys.client("alice")
     zap = ZapHandler(read_key_pair(keys.server), keys.clients, None, Counter())
-    assert zap.grant("alice").may_write(b"k")
+    user = user_id("alice", z85.decode(alice.client.public))
+    assert zap.grant(user).may_write(b"k")
+    assert not zap.grant("alice").may_write(b"k")  # a User-Id names the key too
     zap.reload(100.0)  # the first look
     (keys.clients / "alice.key").unlink()
     zap.reload(100.5)
-    assert zap.grant("alice").may_write(b"k")  # not looked at yet
+    assert zap.grant(user).may_write(b"k")  # not looked at yet
     zap.reload(101.0)
-    assert not zap.grant("alice").may_write(b"k")
-    assert not zap.grant("alice").may_read(b"")
+    assert not zap.grant(user).may_write(b"k")
+    assert not zap.grant(user).may_read(b"")
     assert zap.grant(PAIR).may_write(b"k")
     (keys.clients / "bad.key").write_text("not a certificate")
     zap.reload(102.0)  # refused: the previous keys stay
     shutil.copy(keys.folder / "alice.key", keys.clients / "alice.key")
     zap.reload(103.0)
-    assert not zap.grant("alice").may_write(b"k")
+    assert not zap.grant(user).may_write(b"k")
     (keys.clients / "bad.key").unlink()
     zap.reload(104.0)
-    assert zap.grant("alice").may_write(b"k")
+    assert zap.grant(user).may_write(b"k")
     assert alice.client.public in {z85.encode(k) for k in zap.allowed}

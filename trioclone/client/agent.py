@@ -329,6 +329,8 @@ class CloneClient:
             else:
                 self._deliver(event)
         self._synced.value = core.phase is Phase.ACTIVE
+        if self._synced.value and self._refused.value is not None:
+            self._refused.value = None  # allowed now (permissions change)
         self._wakeup.set()
 
     def _settle_write(self, uuid: bytes, sequence: int | str | None) -> None:

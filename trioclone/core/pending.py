@@ -44,6 +44,9 @@ class Held(NamedTuple):
     since: float  # when it arrived
     frames: Sequence[bytes]
     sequence: int  # the active's sequence known when it arrived
+    #: Its sender's User-Id on a secured server (checked again at a
+    #: takeover: permissions may have changed); None: not checked again.
+    user: str | None = None
 
 
 class Pending:
@@ -72,6 +75,7 @@ class Pending:
         sequence: int = 0,
         *,
         relay: Sequence[bytes] | None = None,
+        user: str | None = None,
     ) -> bool:
         """Keep a client update until the active's copy arrives.
 
@@ -91,7 +95,9 @@ class Pending:
             return True
         entries = self._entries
         if uuid not in entries and uuid not in self._relays:
-            entries[uuid] = Held(now, frames, sequence)  # a resend keeps its place
+            entries[uuid] = Held(
+                now, frames, sequence, user
+            )  # a resend keeps its place
             if len(entries) > self.max_size:
                 entries.popitem(last=False)
                 self.dropped += 1

@@ -246,6 +246,9 @@ class ServerCore:
         #: (level, message) for the shell to log: things an operator must know.
         self.notices: list[tuple[int, str]] = []
         self.stats: Counter[str] = Counter()
+        #: On a secured server: may this User-Id write these KVSET frames
+        #: now?  Asked again of each held write a takeover replays.
+        self.vet: Callable[[str, Sequence[bytes]], bool] | None = None
         self._new_lineage = new_lineage
         self._takeover: Takeover | None = None
         self._handoff: Iterator[tuple[Frames, Frames] | None] | None = None
@@ -476,10 +479,15 @@ class ServerCore:
 
     # -- client updates (every role) -----------------------------------------
 
-    def collect(self, frames: Sequence[bytes], now: float) -> Frames | None:
+    def collect(
+        self, frames: Sequence[bytes], now: float, user: str | None = None
+    ) -> Frames | None:
         """A client's KVSET: the KVPUB to publish, or None (held or dropped).
 
-        Raises ``RemoteProtocolError`` for a malformed update; nothing changes.
+        ``user``: its sender on a secured server; a passive holds it with
+        the write, so ``vet`` checks it again if the write is replayed at a
+        takeover.  Raises ``RemoteProtocolError`` for a malformed update;
+        nothing changes.
         """
         msg = decode_kvmsg(frames)
         key = msg.key
@@ -503,7 +511,9 @@ class ServerCore:
                 return self._apply(msg, frames, now, current)
             self._takeover.arrivals.append(list(frames))
             return None
-        if not self.pending.hold(msg.uuid, frames, now, self._heard_sequence()):
+        if not self.pending.hold(
+            msg.uuid, frames, now, self._heard_sequence(), user=user
+        ):
             self.stats["anonymous_not_held"] += 1
         return None
 
@@ -895,6 +905,14 @@ class ServerCore:
                 continue
             if self.pending.arrived_after(held):
                 self.stats["pending_superseded"] += 1
+                continue
+            vet = self.vet
+            if (
+                held.user is not None
+                and vet is not None
+                and not vet(held.user, held.frames)
+            ):
+                self.stats["pending_refused"] += 1  # permissions changed since
                 continue
             published.append(self._apply(msg, held.frames, now, current))
         self.stats["takeover_applied"] += len(published)

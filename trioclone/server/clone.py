@@ -40,7 +40,7 @@ import logging
 import math
 import os
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -69,7 +69,7 @@ from trioclone.server.datadir import SYNC_INTERVAL, DataDir, DataDirError, wall_
 from trioclone.server.durations import Durations
 from trioclone.server.publisher import Publisher
 from trioclone.server.settings import PairSettings, ServerSettings
-from trioclone.server.zap import ZAP_ENDPOINT, ZapHandler
+from trioclone.server.zap import ZAP_ENDPOINT, ZapHandler, client_name
 
 if TYPE_CHECKING:
     from trioclone.server.metrics import MetricsEndpoint
@@ -211,6 +211,7 @@ class CloneServer:
             None if s.permissions is None else Path(s.permissions),
             self.core.stats,
         )
+        self.core.vet = self._may_write  # a takeover's replay asks again
         return Curve.for_server(keys)
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -316,6 +317,7 @@ class CloneServer:
                 self._reject,
                 before=None if self.data is None else self._persist,
                 vet=None if s.permissions is None else self._may_subscribe,
+                stats=core.stats,
             )
             collector = sockets.open(
                 zmq.SUB,
@@ -580,6 +582,7 @@ class CloneServer:
                 break
             self._take(batch, users)
             taken += len(batch)
+            await trio.lowlevel.checkpoint()  # heartbeats go on; the bound holds
         sock.close()
         log.info("the collector is closed (%d queued writes taken at the stop)", taken)
         self._collected.set()
@@ -594,7 +597,9 @@ class CloneServer:
             if users is not None and not self._may_write(users[index], frames):
                 continue
             try:
-                update = core.collect(frames, now)
+                update = core.collect(
+                    frames, now, None if users is None else users[index]
+                )
             except RemoteProtocolError as exc:
                 self._reject("collector", exc)
                 continue
@@ -646,10 +651,10 @@ class CloneServer:
                 self._snapshot_wait = None
             now = trio.current_time()
             for index, frames in enumerate(requests):
+                user = None if users is None else users[index]
                 if is_status_request(frames[1:]):
-                    self._on_status_request(router, frames, now)
+                    self._on_status_request(router, frames, now, user)
                 else:
-                    user = None if users is None else users[index]
                     self._on_request(frames, now, user)
             if requests:  # (votes may have changed the role)
                 self._after(now)
@@ -665,16 +670,22 @@ class CloneServer:
                     await router.wait(zmq.POLLIN)
 
     def _on_status_request(
-        self, router: Socket, frames: list[bytes], now: float
+        self, router: Socket, frames: list[bytes], now: float, user: str | None
     ) -> None:
         """Answer at once, in every role and state: never a vote, never
-        queued behind snapshots."""
+        queued behind snapshots.  A secured server answers a key it allows
+        now (not one removed or replaced since it connected)."""
         identity, request = frames[0], frames[1:]
         try:
             check_status_request(request)
         except RemoteProtocolError as exc:
             self._reject("snapshot", exc)
             return
+        if user is not None and self.zap is not None:
+            grant = self.zap.grant(user)
+            if not (grant.read or grant.write):
+                self.core.stats["reads_denied"] += 1
+                return
         self.core.stats["status_requests"] += 1
         try:
             sent = router.try_send(
@@ -853,20 +864,20 @@ class CloneServer:
 
     # -- permissions (a secured server) ------------------------------------
 
-    def _may_write(self, user: str, frames: list[bytes]) -> bool:
+    def _may_write(self, user: str, frames: Sequence[bytes]) -> bool:
         """True if ``user`` may write the key of the KVSET ``frames``;
         otherwise the write is counted, logged and refused to its client."""
         assert self.zap is not None
         grant = self.zap.grant(user)
         key = frames[0] if frames else b""
         if user != PAIR and is_handover(frames):
-            reason = f"client {user!r} sent a hand-over: only the pair's servers may"
+            reason = f"client {client_name(user)!r} sent a hand-over: only the pair's servers may"
         elif grant.may_write(key):
             return True
         else:
             allowed = ", ".join(repr(p.decode(errors="replace")) for p in grant.write)
             reason = (
-                f"client {user!r} may not write {key.decode(errors='replace')!r} "
+                f"client {client_name(user)!r} may not write {key.decode(errors='replace')!r} "
                 + (
                     f"(it may write keys under {allowed})"
                     if allowed
@@ -876,8 +887,9 @@ class CloneServer:
         self.core.stats["writes_denied"] += 1
         self._log.log(logging.WARNING, "write denied", "refused a write: %s", reason)
         uuid = frames[2] if len(frames) == 5 else b""
-        for identity in self._routes.get(user, ()):
-            self._deny(identity, uuid, key, reason)
+        if uuid:  # (one without a UUID cannot be told: an empty one means a snapshot)
+            for identity in self._routes.get(user, ()):
+                self._deny(identity, uuid, key, reason)
         return False
 
     def _may_read(self, user: str, identity: bytes, subtree: bytes) -> bool:
@@ -896,7 +908,7 @@ class CloneServer:
         shown = (
             "the whole map" if not subtree else repr(subtree.decode(errors="replace"))
         )
-        reason = f"client {user!r} may not read {shown} " + (
+        reason = f"client {client_name(user)!r} may not read {shown} " + (
             f"(it may read keys under {allowed})" if allowed else "(it may read no key)"
         )
         self._log.log(logging.WARNING, "read denied", "refused a snapshot: %s", reason)
@@ -914,7 +926,7 @@ class CloneServer:
             logging.WARNING,
             "subscription denied",
             "refused a subscription: client %r may not read %r",
-            user,
+            client_name(user),
             prefix.decode(errors="replace"),
         )
         return False

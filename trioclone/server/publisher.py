@@ -22,11 +22,22 @@ then hands up each subscriber's every (un)subscription, not a prefix's
 first and last, so they no longer tell when the last subscriber of a
 prefix went away: a prefix once tracked for subtree heartbeats stays
 tracked (within the ``Subtrees`` limit).
+
+libzmq applies a SUBSCRIBE option to the subscriber of the last message
+read, and keeps that subscriber in a queue beside the messages; but for a
+message that is not a subscription (an XSUB may send anything) it queues
+the message and no subscriber, so the two queues fall out of step until
+both are empty, and a SUBSCRIBE would go to another subscriber than the
+one whose subscription was vetted.  So once such a message is read, the
+subscriptions read with it are dropped, not applied, until a read finds
+the queue empty (counted in ``subscriptions_dropped``; the sender named
+in the log).  Their clients hear nothing on the stream and, after their
+silence timeout, connect and subscribe again.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, MutableMapping, Sequence
 
 import zmq
 
@@ -48,9 +59,14 @@ class Publisher:
         *,
         before: Callable[[], None] | None = None,
         vet: Callable[[str, bytes], bool] | None = None,
+        stats: MutableMapping[str, int] | None = None,
     ) -> None:
         self._sock = sock
         self._vet = vet
+        self._stats = stats if stats is not None else {}
+        #: libzmq's queues are out of step (see above) until a read finds
+        #: the queue empty.
+        self._astray = False
         if vet is not None:
             sock.raw.setsockopt(zmq.XPUB_MANUAL, 1)
         #: Called before anything is sent: the map is made durable first.
@@ -94,12 +110,22 @@ class Publisher:
             users: list[str] = []
             messages = sock.receive_nowait(1, users)
             if not messages:
+                self._astray = False  # both queues are empty: in step again
                 return
             frames = messages[0]
             try:
                 subscribe, prefix = parse_subscription(frames)
             except RemoteProtocolError as exc:
-                self._reject("publisher", exc)
+                self._astray = True
+                sender = users[0] or "unknown"
+                self._reject(
+                    "publisher", RemoteProtocolError(exc.rule, f"from {sender}")
+                )
+                continue
+            if self._astray:
+                self._stats["subscriptions_dropped"] = (
+                    self._stats.get("subscriptions_dropped", 0) + 1
+                )
                 continue
             if not subscribe:
                 raw.setsockopt(zmq.UNSUBSCRIBE, prefix)

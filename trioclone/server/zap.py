@@ -4,15 +4,17 @@ libzmq asks the handler bound at ``ZAP_ENDPOINT`` in the socket's context
 about every CURVE handshake (the ZeroMQ Authentication Protocol, RFC 27)
 and waits for its answer, so it is bound before any of the server's
 sockets.  It allows the pair's own key (as ``PAIR``) and the public key of
-each certificate in the clients folder (as its NAME, which libzmq then
-attaches to every message of that connection as its User-Id); it denies
-every other key, counting and logging each denial (rate-limited).
+each certificate in the clients folder (as ``NAME/KEY``: the file's NAME
+and the key in Z85, which libzmq then attaches to every message of that
+connection as its User-Id); it denies every other key, counting and
+logging each denial (rate-limited).
 
 The folder and the permissions file are read again when they change
 (looked at once a second): a key added is allowed from its next
-connection; a key removed may no longer write or take snapshots at once
-(its connections already open are not cut).  A change that cannot be used
-is logged and the previous keys and permissions are kept.
+connection; a key removed, or replaced by another under the same NAME,
+may no longer write or take snapshots from then on (its connections
+already open are not cut).  A change that cannot be used is logged and the
+previous keys and permissions are kept.
 """
 
 from __future__ import annotations
@@ -70,7 +72,7 @@ class ZapHandler:
         self._checked = -float("inf")
         self.allowed: Mapping[bytes, str] = {}
         self.permissions = OPEN
-        self._names: frozenset[str] = frozenset()
+        self._grants: dict[str, Grant] = {}
         self._use(*self._load())
         if not self.allowed:
             log.warning(
@@ -80,10 +82,9 @@ class ZapHandler:
             )
 
     def grant(self, user: str) -> Grant:
-        """What ``user`` (a message's User-Id) may read and write now."""
-        if user != PAIR and user not in self._names:
-            return NOTHING  # its key was removed since it connected
-        return self.permissions.grant(user)
+        """What ``user`` (a message's User-Id) may read and write now:
+        nothing if its key was removed or replaced since it connected."""
+        return self._grants.get(user, NOTHING)
 
     @property
     def writes_unchecked(self) -> bool:
@@ -134,7 +135,8 @@ class ZapHandler:
             return PAIR
         if key not in self.allowed:
             self.reload(now, at_once=True)
-        return self.allowed.get(key)
+        name = self.allowed.get(key)
+        return None if name is None else user_id(name, key)
 
     async def run(self, sock: Socket) -> NoReturn:
         while True:
@@ -160,7 +162,7 @@ class ZapHandler:
         self._stamp = stamp
         try:
             allowed, permissions = self._load()
-        except ConfigError as exc:
+        except Exception as exc:  # never stops the server: the keys stay
             log.error("kept the previous client keys and permissions: %s", exc)
             return
         log.info(
@@ -172,7 +174,10 @@ class ZapHandler:
 
     def _use(self, allowed: Mapping[bytes, str], permissions: Permissions) -> None:
         self.allowed, self.permissions = allowed, permissions
-        self._names = frozenset(allowed.values())
+        self._grants = {
+            user_id(name, key): permissions.grant(name) for key, name in allowed.items()
+        }
+        self._grants[PAIR] = permissions.grant(PAIR)
 
     def _load(self) -> tuple[Mapping[bytes, str], Permissions]:
         allowed = {
@@ -198,6 +203,16 @@ class ZapHandler:
         if self._permissions_path is not None:
             paths.append(self._permissions_path)
         return tuple(_stamp(path) for path in paths)
+
+
+def user_id(name: str, key: bytes) -> str:
+    """The User-Id of a client's connections: its NAME and its key."""
+    return f"{name}/{z85.encode(key).decode()}"
+
+
+def client_name(user: str) -> str:
+    """The NAME in a User-Id (what logs and refusals show)."""
+    return user.partition("/")[0]
 
 
 def _stamp(path: Path) -> object:
