@@ -412,10 +412,16 @@ def security_settings(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+#: Each stops a server gracefully (SIGHUP: its terminal hung up; with
+#: ``--pair`` the children have sessions of their own, so only the
+#: supervisor gets it, and stops them).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
 async def serve_until_signalled(server: CloneServer) -> None:
-    """Serve until SIGTERM or SIGINT, then stop gracefully (bounded: see
+    """Serve until SIGTERM, SIGINT or SIGHUP, then stop gracefully (bounded: see
     ``CloneServer.stop``); a second signal meanwhile stops at once."""
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_stop_on_signals, signals, server, nursery.cancel_scope)
             await server.run()
@@ -597,7 +603,7 @@ class Backoff:
 
 
 class Supervisor:
-    """Keeps child processes running until SIGINT or SIGTERM.
+    """Keeps child processes running until SIGINT, SIGTERM or SIGHUP.
 
     A child that exits is restarted after a back-off; the others keep
     running.  A signal stops every child (SIGTERM, SIGKILL after ``grace``
@@ -620,7 +626,7 @@ class Supervisor:
         self._scope: trio.CancelScope | None = None
 
     async def run(self) -> int:
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
             async with trio.open_nursery() as nursery:
                 self._scope = nursery.cancel_scope
                 for name, command in self.commands.items():

@@ -28,6 +28,7 @@ log = logging.getLogger("trioclone.curve")
 PUBLIC_SUFFIX = ".key"
 SECRET_SUFFIX = ".key_secret"
 KEY_TEXT = 40  # Z85 characters of a 32-byte key
+MAX_CERTIFICATE = 65_536  # bytes: a certificate is a few hundred
 
 _BANNER = """\
 #   trioclone CURVE {kind} certificate (ZeroMQ zcert format)
@@ -128,11 +129,25 @@ def write_key_pair(folder: Path, name: str, pair: KeyPair | None = None) -> KeyP
 def check_name(name: str) -> None:
     """A key pair's NAME: a plain file name that does not start with "."
     or "@" (the pair's own User-Id is ``@pair``)."""
-    if not name or name[0] in ".@" or Path(name).name != name or "/" in name:
+    if (
+        not name
+        or name[0] in ".@"
+        or Path(name).name != name
+        or not name.isprintable()
+        or not _utf8(name)
+    ):
         raise ConfigError(
-            f"a key's name must be a plain file name, not starting with . or @: "
-            f"{name!r}"
+            "a key's name must be a plain, printable UTF-8 file name, not "
+            f"starting with . or @: {name!r}"
         )
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:  # a file name's undecodable bytes
+        return False
+    return True
 
 
 def _certificate(kind: str, advice: str, public: bytes, secret: bytes | None) -> str:
@@ -177,38 +192,54 @@ def read_key_pair(path: Path) -> KeyPair:
     return KeyPair(public, secret)
 
 
-def read_public_folder(folder: Path) -> dict[bytes, str]:
+def read_public_folder(
+    folder: Path, problems: list[ConfigError] | None = None
+) -> dict[bytes, str]:
     """Public key -> NAME for every ``NAME.key`` in ``folder``.
 
-    ``ConfigError`` naming the file for one that cannot be used: the whole
-    folder is refused rather than a client silently left out."""
+    A file that cannot be used raises ``ConfigError`` naming it (the whole
+    folder is refused rather than a client silently left out); with
+    ``problems``, it is left out (never allowed) and its error appended."""
     try:
+        if not folder.is_dir():
+            raise ConfigError(f"{folder} is not a folder of client certificates")
         paths = sorted(folder.glob(f"*{PUBLIC_SUFFIX}"))
     except OSError as exc:
         raise ConfigError(f"cannot read the folder {folder}: {exc}") from exc
-    if not folder.is_dir():
-        raise ConfigError(f"{folder} is not a folder of client certificates")
     allowed: dict[bytes, str] = {}
     for path in paths:
-        public = read_public(path)
-        name = path.name.removesuffix(PUBLIC_SUFFIX)
         try:
-            check_name(name)
-        except ConfigError as exc:
-            raise ConfigError(f"{path}: {exc}") from None
-        if public in allowed:
-            raise ConfigError(
-                f"{path}: the same key as {allowed[public]}{PUBLIC_SUFFIX}"
-            )
+            name = path.name.removesuffix(PUBLIC_SUFFIX)
+            try:
+                check_name(name)
+            except ConfigError as exc:
+                raise ConfigError(f"{path}: {exc}") from None
+            public = read_public(path)
+            if public in allowed:
+                raise ConfigError(
+                    f"{path}: the same key as {allowed[public]}{PUBLIC_SUFFIX}"
+                )
+        except ConfigError as problem:
+            if problems is None:
+                raise
+            problems.append(problem)
+            continue
         allowed[public] = name
     return allowed
 
 
 def _read(path: Path) -> tuple[bytes, bytes | None]:
     try:
-        text = path.read_bytes()
+        if not stat.S_ISREG(path.stat().st_mode):  # a FIFO would block
+            raise ConfigError(f"the key file {path} is not a regular file")
+        with path.open("rb") as file:
+            text = file.read(MAX_CERTIFICATE + 1)
     except OSError as exc:
         raise ConfigError(f"cannot read the key file {path}: {exc}") from exc
+    if len(text) > MAX_CERTIFICATE:
+        raise ConfigError(
+            f"{path} is over {MAX_CERTIFICATE} bytes: not a CURVE certificate"
+        )
     keys: dict[bytes, bytes] = {}
     for line in text.splitlines():
         line = line.strip()

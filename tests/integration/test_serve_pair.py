@@ -502,10 +502,12 @@ def test_serve_pair_stops_on_sigint_and_exits_0(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_a_ctrl_c_at_the_terminal_stops_each_server_gracefully(tmp_path: Path) -> None:
-    """SIGINT to the whole process group (what a terminal sends): each child
-    gets one SIGTERM from the supervisor, not the SIGINT too, which it
-    would take as a second signal ("stop at once")."""
+@pytest.mark.parametrize("hang_up", [False, True], ids=["ctrl-c", "hang-up"])
+def test_a_terminal_stops_each_server_gracefully(tmp_path: Path, hang_up: bool) -> None:
+    """SIGINT to the whole process group (a Ctrl-C), or SIGHUP to the
+    supervisor (the terminal hung up: the children have sessions of their
+    own): each child gets one SIGTERM from the supervisor, not the SIGINT
+    too, which it would take as a second signal ("stop at once")."""
     p1, p2 = free_base_ports(2)
     with Processes(tmp_path) as procs:
         supervisor = procs.start(
@@ -515,7 +517,10 @@ def test_a_ctrl_c_at_the_terminal_stops_each_server_gracefully(tmp_path: Path) -
         try:
             with time_limit(60):
                 children.wait_line("[backup]", "synced from the active", after=-1)
-                os.killpg(supervisor.pid, signal.SIGINT)
+                if hang_up:
+                    os.kill(supervisor.pid, signal.SIGHUP)
+                else:
+                    os.killpg(supervisor.pid, signal.SIGINT)
                 assert supervisor.popen.wait(30) == 0, children.tail()
         finally:
             children.stop(procs)

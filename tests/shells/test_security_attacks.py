@@ -4,7 +4,9 @@ as in test_security.py; every wait is bounded."""
 
 from __future__ import annotations
 
+import os
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -24,10 +26,11 @@ from tests.shells.test_security import (
 from trioclone import Curve, PermissionDeniedError, open_client
 from trioclone.client.status import ask_all
 from trioclone.core.chp import SEQUENCE
-from trioclone.curve import write_key_pair
+from trioclone.curve import read_key_pair, write_key_pair
 from trioclone.endpoints import Endpoints
 from trioclone.errors import ConfigError
 from trioclone.server.clone import CloneServer
+from trioclone.server.zap import ZapHandler
 
 
 @pytest.fixture
@@ -225,3 +228,47 @@ async def test_an_anonymous_denied_write_is_not_taken_as_a_refused_snapshot(
     finally:
         pub.close(0)
         context.term()
+
+
+def _zap(keys: Keys) -> ZapHandler:
+    return ZapHandler(read_key_pair(keys.server), keys.clients, None, Counter())
+
+
+def test_a_file_name_that_is_not_utf8_is_refused_and_never_answered(
+    keys: Keys,
+) -> None:
+    keys.client("alice")
+    odd = keys.clients / os.fsdecode(b"jos\xe9.key")
+    shutil.copy(keys.clients / "alice.key", odd)
+    with pytest.raises(ConfigError, match="printable UTF-8"):
+        _zap(keys)  # at the start: refused, the file named
+    odd.unlink()
+    zap = _zap(keys)
+    zap.reload(100.0)
+    write_key_pair(keys.folder, "jose")
+    shutil.copy(keys.folder / "jose.key", odd)
+    zap.reload(101.0)  # while serving: left out, never a User-Id
+    assert sorted(zap.allowed.values()) == ["alice"]
+
+
+def test_a_bad_file_in_the_folder_does_not_hold_up_a_revocation(keys: Keys) -> None:
+    keys.client("alice")
+    keys.client("mallory")
+    zap = _zap(keys)
+    zap.reload(100.0)
+    (keys.clients / "mallory.key").unlink()
+    (keys.clients / "bob.key").write_text("half a certificate")
+    os.mkfifo(keys.clients / "fifo.key")  # reading it would block for ever
+    zap.reload(101.0)
+    assert sorted(zap.allowed.values()) == ["alice"]
+
+
+def test_a_broken_permissions_file_keeps_the_previous_permissions(keys: Keys) -> None:
+    keys.client("alice")
+    path = keys.folder / "permissions.toml"
+    path.write_text('[clients.alice]\nwrite = ["config/"]\n')
+    zap = ZapHandler(read_key_pair(keys.server), keys.clients, path, Counter())
+    zap.reload(100.0)
+    path.write_text("[clients.alice\n")
+    zap.reload(101.0)
+    assert zap.permissions.grant("alice").write == (b"config/",)

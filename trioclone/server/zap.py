@@ -13,8 +13,9 @@ The folder and the permissions file are read again when they change
 (looked at once a second): a key added is allowed from its next
 connection; a key removed, or replaced by another under the same NAME,
 may no longer write or take snapshots from then on (its connections
-already open are not cut).  A change that cannot be used is logged and the
-previous keys and permissions are kept.
+already open are not cut).  A certificate that cannot be used is logged
+and left out (its key not allowed); a permissions file that cannot be
+used is logged and the previous permissions are kept.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import stat
 from collections.abc import Mapping, MutableMapping
 from pathlib import Path
 from typing import NoReturn
@@ -146,7 +148,11 @@ class ZapHandler:
             now = trio.current_time()
             self.reload(now)
             for frames in batch:
-                reply = self.answer(frames, now)
+                try:
+                    reply = self.answer(frames, now)
+                except Exception:  # a bug here must not stop the server
+                    log.exception("the ZAP handler failed; the connection is refused")
+                    reply = [*frames[:4], b"500", b"internal error", b"", b""]
                 if reply is not None:
                     await sock.send(reply)
 
@@ -160,11 +166,14 @@ class ZapHandler:
         if stamp == self._stamp:
             return
         self._stamp = stamp
+        problems: list[ConfigError] = []
         try:
-            allowed, permissions = self._load()
-        except Exception as exc:  # never stops the server: the keys stay
+            allowed, permissions = self._load(problems)
+        except Exception as exc:  # the folder itself: the keys stay
             log.error("kept the previous client keys and permissions: %s", exc)
             return
+        for problem in problems:  # (that file's key is not allowed meanwhile)
+            log.error("left out until it is fixed: %s", problem)
         log.info(
             "read the client keys again: %d allowed (%s)",
             len(allowed),
@@ -179,21 +188,27 @@ class ZapHandler:
         }
         self._grants[PAIR] = permissions.grant(PAIR)
 
-    def _load(self) -> tuple[Mapping[bytes, str], Permissions]:
+    def _load(
+        self, problems: list[ConfigError] | None = None
+    ) -> tuple[Mapping[bytes, str], Permissions]:
+        """The keys and permissions; ``ConfigError`` for any file at fault,
+        or, with ``problems`` (a reload), that file's error appended: a bad
+        certificate is left out (its key is not allowed), a bad permissions
+        file leaves the permissions as they were."""
         allowed = {
             z85.decode(public): name
-            for public, name in read_public_folder(self._clients).items()
+            for public, name in read_public_folder(self._clients, problems).items()
         }
         path = self._permissions_path
         if path is None:
             return allowed, OPEN
         try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(
-                f"cannot read the permissions file {path}: {exc}"
-            ) from exc
-        return allowed, parse(text, str(path))
+            return allowed, parse(_text(path), str(path))
+        except ConfigError as problem:
+            if problems is None:
+                raise
+            problems.append(problem)
+            return allowed, self.permissions
 
     def _stamps(self) -> tuple[object, ...]:
         """What changes when a key or the permissions change."""
@@ -203,6 +218,15 @@ class ZapHandler:
         if self._permissions_path is not None:
             paths.append(self._permissions_path)
         return tuple(_stamp(path) for path in paths)
+
+
+def _text(path: Path) -> str:
+    try:
+        if not stat.S_ISREG(path.stat().st_mode):
+            raise ConfigError(f"the permissions file {path} is not a regular file")
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read the permissions file {path}: {exc}") from exc
 
 
 def user_id(name: str, key: bytes) -> str:
