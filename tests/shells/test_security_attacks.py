@@ -15,6 +15,7 @@ import zmq
 
 from tests.shells.test_security import (
     GUARD,
+    QUIET,
     Keys,
     address,
     make_keys,
@@ -97,6 +98,15 @@ async def test_a_stray_message_on_the_publisher_does_not_shift_subscriptions(
                 assert b"secret/x" not in stolen
                 assert server.core.stats["subscriptions_dropped"] >= 1
                 assert server.rejections["publisher"] >= 1
+                # the sender is banned: its key may not connect again
+                async with open_client(
+                    [address(settings)], "public/", curve=guest
+                ) as again:
+                    with trio.move_on_after(QUIET):
+                        await again.wait_synced()
+                    assert not again.synced
+                assert server.core.stats["auth_denied"] >= 1
+                await writer.set("public/z", "the others go on")
     finally:
         for sock in (a1, a2, *victims):
             sock.close(0)

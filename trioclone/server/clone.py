@@ -318,6 +318,7 @@ class CloneServer:
                 before=None if self.data is None else self._persist,
                 vet=None if s.permissions is None else self._may_subscribe,
                 stats=core.stats,
+                stray=None if self.zap is None else self.zap.ban,
             )
             collector = sockets.open(
                 zmq.SUB,

@@ -31,8 +31,8 @@ both are empty, and a SUBSCRIBE would go to another subscriber than the
 one whose subscription was vetted.  So once such a message is read, the
 subscriptions read with it are dropped, not applied, until a read finds
 the queue empty (counted in ``subscriptions_dropped``; the sender named
-in the log).  Their clients hear nothing on the stream and, after their
-silence timeout, connect and subscribe again.
+in the log, and banned by the server).  Their clients hear nothing on the
+stream and, after their silence timeout, connect and subscribe again.
 """
 
 from __future__ import annotations
@@ -60,10 +60,13 @@ class Publisher:
         before: Callable[[], None] | None = None,
         vet: Callable[[str, bytes], bool] | None = None,
         stats: MutableMapping[str, int] | None = None,
+        stray: Callable[[str], None] | None = None,
     ) -> None:
         self._sock = sock
         self._vet = vet
         self._stats = stats if stats is not None else {}
+        #: Called with the sender of a message that is not a subscription.
+        self._stray = stray
         #: libzmq's queues are out of step (see above) until a read finds
         #: the queue empty.
         self._astray = False
@@ -117,6 +120,8 @@ class Publisher:
                 subscribe, prefix = parse_subscription(frames)
             except RemoteProtocolError as exc:
                 self._astray = True
+                if users[0] and self._stray is not None:
+                    self._stray(users[0])
                 sender = users[0] or "unknown"
                 self._reject(
                     "publisher", RemoteProtocolError(exc.rule, f"from {sender}")

@@ -75,6 +75,8 @@ class ZapHandler:
         self.allowed: Mapping[bytes, str] = {}
         self.permissions = OPEN
         self._grants: dict[str, Grant] = {}
+        #: User-Ids refused for the rest of this process (``ban``).
+        self._banned: set[str] = set()
         self._use(*self._load())
         if not self.allowed:
             log.warning(
@@ -138,7 +140,25 @@ class ZapHandler:
         if key not in self.allowed:
             self.reload(now, at_once=True)
         name = self.allowed.get(key)
-        return None if name is None else user_id(name, key)
+        if name is None or user_id(name, key) in self._banned:
+            return None
+        return user_id(name, key)
+
+    def ban(self, user: str) -> None:
+        """Refuse ``user`` from now on, for the rest of this process: its
+        new connections, and its writes, snapshots and status requests on
+        the ones open (which libzmq cannot cut)."""
+        if user == PAIR or user in self._banned:
+            return
+        self._banned.add(user)
+        self._grants.pop(user, None)
+        log.error(
+            "banned client %r until this server restarts: it sent the update "
+            "socket messages that are not subscriptions (remove its key from "
+            "%s so it stays out)",
+            client_name(user),
+            self._clients,
+        )
 
     async def run(self, sock: Socket) -> NoReturn:
         while True:
@@ -187,6 +207,8 @@ class ZapHandler:
             user_id(name, key): permissions.grant(name) for key, name in allowed.items()
         }
         self._grants[PAIR] = permissions.grant(PAIR)
+        for user in self._banned:
+            self._grants.pop(user, None)
 
     def _load(
         self, problems: list[ConfigError] | None = None
