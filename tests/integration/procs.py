@@ -21,6 +21,7 @@ import contextlib
 import itertools
 import math
 import os
+import random
 import re
 import signal
 import socket
@@ -60,10 +61,27 @@ def _is_free(port: int) -> bool:
     return True
 
 
-def _kernel_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
+def _outside_ephemeral() -> range:
+    """Ports the kernel never picks for an outgoing connection: a port
+    handed out here stays free until its server binds it (one in the
+    ephemeral range could be taken meanwhile by any client's connect)."""
+    try:
+        low, high = map(
+            int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        )
+    except (OSError, ValueError):
+        low, high = 32768, 60999  # Linux's default
+    if low - 10_000 >= 2_000:
+        return range(10_000, low - 16)
+    return range(high + 1, 65_536 - 16)
+
+
+_CANDIDATES = _outside_ephemeral()
+_random = random.Random()
+
+
+def _candidate_port() -> int:
+    return _random.choice(_CANDIDATES)
 
 
 def free_base_ports(count: int = 1, span: int = 3) -> list[int]:
@@ -72,7 +90,7 @@ def free_base_ports(count: int = 1, span: int = 3) -> list[int]:
     for _ in range(500):
         if len(bases) == count:
             return bases
-        base = _kernel_port()
+        base = _candidate_port()
         block = range(base, base + span)
         if all(_is_free(p) for p in block):
             _handed_out.update(block)
