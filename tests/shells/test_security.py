@@ -22,7 +22,7 @@ from zmq.utils import z85
 
 from tests.integration.procs import free_base_ports, free_ports
 from trioclone import Curve, KeyPair, PermissionDeniedError, connect, open_client
-from trioclone.core.chp import HISTORY, SEQUENCE
+from trioclone.core.chp import HISTORY, HUGZ, SEQUENCE
 from trioclone.core.permissions import PAIR
 from trioclone.curve import read_key_pair, read_public, write_key_pair
 from trioclone.errors import ConfigError
@@ -386,20 +386,30 @@ async def test_the_stream_carries_only_what_a_client_may_read(keys: Keys) -> Non
                     sub.setsockopt(option, value)
                 sub.setsockopt(zmq.SUBSCRIBE, b"")
                 sub.setsockopt(zmq.SUBSCRIBE, b"secret/")
+                sub.setsockopt(zmq.SUBSCRIBE, HUGZ)  # every client may: a clock
                 sub.connect(settings.bind.publisher)
                 await reader.wait_synced()
                 await writer.wait_synced()
                 while server.core.stats["reads_denied"] < 2:  # both refused
                     await trio.sleep(0.01)
-                await writer.set("secret/x", "hidden")
-                await writer.set("public/x", "shown")
-                while reader.get("public/x") is None:
+                while not sub.poll(0):  # its HUGZ subscription is in
                     await trio.sleep(0.01)
-                await trio.sleep(0.1)  # what was published reached the SUB
-                seen = []
                 while sub.poll(0):
-                    seen.append(sub.recv_multipart()[0])
-                assert seen == []
+                    sub.recv_multipart()
+                await writer.set("secret/x", "hidden")
+                last = await writer.set("public/x", "shown")
+                # A HUGZ carries the sequence when it was sent: one at or
+                # past the writes' comes after them on the SUB's one
+                # connection, so all it got of them is in by then.
+                seen: list[bytes] = []
+                while True:
+                    while not sub.poll(0):
+                        await trio.sleep(0.01)
+                    frames = sub.recv_multipart()
+                    seen.append(frames[0])
+                    if frames[0] == HUGZ and SEQUENCE.unpack(frames[1])[0] >= last:
+                        break
+                assert set(seen) == {HUGZ}
                 assert server.core.stats["reads_denied"] >= 2
                 assert reader.get("secret/x") is None
             finally:

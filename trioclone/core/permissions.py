@@ -26,7 +26,7 @@ client may write.
 from __future__ import annotations
 
 import tomllib
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from trioclone.errors import ConfigError
@@ -42,10 +42,6 @@ class Grant:
 
     read: tuple[bytes, ...]
     write: tuple[bytes, ...]
-
-    @property
-    def writes_all(self) -> bool:
-        return b"" in self.write
 
     def may_write(self, key: bytes) -> bool:
         return key.startswith(self.write)
@@ -68,14 +64,6 @@ class Permissions:
         if user == PAIR:
             return EVERYTHING
         return self.clients.get(user, self.default)
-
-    @property
-    def everyone_writes_all(self) -> bool:
-        """True if no write needs checking (no file, or a file that lets
-        every client write everything)."""
-        return self.default.writes_all and all(
-            grant.writes_all for grant in self.clients.values()
-        )
 
 
 OPEN = Permissions({}, EVERYTHING)
@@ -126,8 +114,4 @@ def _grant(entry: object, where: str) -> Grant:
 def _prefixes(value: object, where: str) -> tuple[bytes, ...]:
     if not isinstance(value, list) or not all(isinstance(p, str) for p in value):
         raise ConfigError(f"{where}: must be a list of key prefixes (strings)")
-    return _plain(p.encode() for p in value)
-
-
-def _plain(prefixes: Iterable[bytes]) -> tuple[bytes, ...]:
-    return tuple(dict.fromkeys(prefixes))
+    return tuple(dict.fromkeys(p.encode() for p in value))  # each once, in order

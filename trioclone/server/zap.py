@@ -90,11 +90,6 @@ class ZapHandler:
         nothing if its key was removed or replaced since it connected."""
         return self._grants.get(user, NOTHING)
 
-    @property
-    def writes_unchecked(self) -> bool:
-        """True while every allowed client may write every key."""
-        return self.permissions.everyone_writes_all
-
     def answer(self, frames: Frames, now: float) -> Frames | None:
         """The reply to one ZAP request (with its ROUTER envelope)."""
         self.reload(now)
