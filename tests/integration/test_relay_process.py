@@ -8,8 +8,10 @@ every wait is bounded and every process is stopped by PID.
 
 from __future__ import annotations
 
+import json
 import signal
 import struct
+import subprocess
 import sys
 import time
 import uuid as uuidlib
@@ -138,6 +140,9 @@ def test_relay_clients_keep_every_confirmed_write_through_a_failover_and_a_dead_
         for relay in relays:
             ready(ctx, relay)
         servers = [f"tcp://{HOST}:{relay.port}" for relay in relays]
+        status = relay_status(servers[0])
+        assert (status["state"], status["synced"]) == ("RELAY", True)
+        assert status["upstream"] == f"tcp://{HOST}:{pair.p1}"
         confirmed: dict[str, bytes] = {}
         with BlockingClient(servers, timings=QUICK) as client:
             assert client.server == servers[0]
@@ -166,6 +171,23 @@ def test_relay_clients_keep_every_confirmed_write_through_a_failover_and_a_dead_
         held = {key.decode(): value for key, value in snapshot.values().items()}
         assert {k: v for k, v in held.items() if k in confirmed} == confirmed
         assert relays[1].alive
+        status = relay_status(servers[1])
+        assert status["upstream"] == f"tcp://{HOST}:{pair.p2}"
+        assert status["sequence"] == snapshot.sequence
+
+
+def relay_status(server: str) -> dict[str, object]:
+    """``trioclone status --json`` of one relay."""
+    done = subprocess.run(
+        [sys.executable, "-m", "trioclone", "status", "--json", "--server", server],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    (status,) = json.loads(done.stdout)["servers"]
+    assert isinstance(status, dict)
+    return status
 
 
 def test_the_guide_client_reads_and_writes_through_a_relay_and_moves_on_when_it_dies(
