@@ -33,7 +33,7 @@ from typing import Any
 import zmq
 
 from benchlib.children import Children
-from benchlib.servers import process_cpu_seconds
+from benchlib.servers import CLOCK_TICKS, process_cpu_seconds
 from benchlib.wire import (
     DATA_PREFIXES,
     PROBE,
@@ -93,6 +93,7 @@ def subscriber(conn: Connection, ports: Sequence[int], stats: Any) -> None:
     hist = [0] * (BUCKETS + 1)
     total = 0
     cpu0, wall0 = time.process_time(), time.perf_counter()
+    main0 = time.thread_time()
     clock, unpack = time.perf_counter_ns, STAMP.unpack_from
     try:
         for _ in range(MAX_COMMANDS * 100):
@@ -104,6 +105,7 @@ def subscriber(conn: Connection, ports: Sequence[int], stats: Any) -> None:
                     total = 0
                     stats[0] = 0
                     cpu0, wall0 = time.process_time(), time.perf_counter()
+                    main0 = time.thread_time()
                     conn.send("reset")
                 elif command == "report":
                     conn.send(
@@ -111,6 +113,7 @@ def subscriber(conn: Connection, ports: Sequence[int], stats: Any) -> None:
                             "counts": counts,
                             "hist": {b: n for b, n in enumerate(hist) if n},
                             "cpu": time.process_time() - cpu0,
+                            "main_cpu": time.thread_time() - main0,
                             "wall": time.perf_counter() - wall0,
                         }
                     )
@@ -197,6 +200,30 @@ def pace(send: Any, rate: float, seconds: float, first: int) -> dict[str, float]
 
 
 # -- the parent ----------------------------------------------------------------
+
+
+def host_jiffies() -> tuple[int, int]:
+    """(busy, total) CPU ticks of the whole machine so far (``/proc/stat``):
+    every process, ours and whatever else shares the machine."""
+    with open("/proc/stat") as stat:
+        fields = [int(f) for f in stat.readline().split()[1:]]
+    idle = fields[3] + fields[4]  # idle, iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def host_busy(before: tuple[int, int], after: tuple[int, int]) -> float | None:
+    """The machine's busy share (all cores) between two ``host_jiffies``."""
+    total = after[1] - before[1]
+    return round((after[0] - before[0]) / total, 2) if total else None
+
+
+def main_thread_cpu(pid: int) -> float:
+    """CPU seconds of ``pid``'s main thread (a Python server's interpreter;
+    the rest of its CPU is libzmq's I/O thread)."""
+    with open(f"/proc/{pid}/task/{pid}/stat") as stat:
+        text = stat.read()
+    fields = text[text.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
 @dataclass
@@ -305,6 +332,9 @@ def run_step(
         if not conn.poll(30) or conn.recv() != "reset":
             raise RuntimeError("a subscriber process did not reset")
     watched0 = {name: process_cpu_seconds(pid) for name, pid in target.watched.items()}
+    main0 = {name: main_thread_cpu(pid) for name, pid in target.watched.items()}
+    host0 = host_jiffies()
+    began = time.perf_counter()
     wconn.send(("pace", rate, seconds, first))
     if not wconn.poll(seconds * 3 + 30):
         raise TimeoutError("the stamped writer did not report")
@@ -315,6 +345,11 @@ def run_step(
         name: process_cpu_seconds(pid) - watched0[name]
         for name, pid in target.watched.items()
     }
+    main = {
+        name: main_thread_cpu(pid) - main0[name] for name, pid in target.watched.items()
+    }
+    host = host_busy(host0, host_jiffies())
+    span = time.perf_counter() - began  # the step: sending and draining
     reports = []
     for conn, _ in subs:
         conn.send(("report",))
@@ -353,10 +388,17 @@ def run_step(
         ),
         "harness_saturated": busiest > BUSY or sum(shares) > HARNESS * CORES,
         "machine_share": round(
-            (sum(shares) + sum(watched.values()) / wall + sent["cpu"] / wall) / CORES,
+            (sum(shares) + sum(watched.values()) / span + sent["cpu"] / wall) / CORES,
             2,
         ),
-        "cpu_share": {name: round(cpu / wall, 3) for name, cpu in watched.items()},
+        "cpu_share": {name: round(cpu / span, 3) for name, cpu in watched.items()},
+        "main_thread_share": {name: round(cpu / span, 3) for name, cpu in main.items()},
+        "host_busy": host,
+        "subscriber_main_thread_share": round(
+            sum(r["main_cpu"] for r in reports) / sum(r["cpu"] for r in reports), 2
+        )
+        if sum(r["cpu"] for r in reports)
+        else None,
         "cpu_us_per_update": {
             name: round(cpu / max(sent["sent"], 1) * 1e6, 1)
             for name, cpu in watched.items()

@@ -1,0 +1,322 @@
+"""Scale sections of the bench: j-m, their settings (quick, full) and report.
+
+j. failover as a client sees it (``benchlib.clientfailover``);
+k. 1,000 subscribers following one standalone server, rates stepped up
+   until the harness runs out (``benchlib.fanout``);
+l. a snapshot storm with the active's HUGZ timed (``benchlib.storm``), and
+   the 1M-key snapshot and memory figures of section f, quoted;
+m. relay fan-out: the same 1,000 subscribers spread over two relays of
+   that server, side by side with section k's one server, and how many
+   subscribers one relay carries at 100 updates/s.
+
+``trioclone relay`` is started as ``trioclone relay --upstream tcp://HOST:P
+--port R --bind 127.0.0.1``.  Without it (a tree before the relay), two
+plain standalone servers stand in for the relays, the writer writing to
+all three collectors: the result then says ``stand_in``.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from dataclasses import dataclass
+from multiprocessing.context import ForkServerContext
+from typing import Any
+
+from benchlib import clientfailover, fanout, storm
+from benchlib.fanout import Target
+from benchlib.report import dig
+from benchlib.servers import HOST, Fleet, Server, free_ports
+from benchlib.wire import Context
+
+
+@dataclass(frozen=True)
+class Scale:
+    failover_runs: int
+    sockets: int  # subscribers of sections k and m ...
+    processes: int  # ... over this many processes
+    rates: list[int]  # section k's steps (updates/s)
+    seconds: float  # per step
+    storm_keys: int
+    storm_clients: int
+    storm_processes: int
+    relay_rates: list[int]  # section m's steps
+    capacity: list[int]  # subscribers on one relay at 100/s, stepped
+
+
+QUICK = Scale(
+    failover_runs=3,
+    sockets=1000,
+    processes=10,
+    rates=[100, 500],
+    seconds=2.0,
+    storm_keys=10_000,
+    storm_clients=100,
+    storm_processes=4,
+    relay_rates=[100],
+    capacity=[500, 1000],
+)
+FULL = Scale(
+    failover_runs=5,
+    sockets=1000,
+    processes=10,
+    rates=[100, 200, 500, 1000, 2000],
+    seconds=4.0,
+    storm_keys=100_000,
+    storm_clients=100,
+    storm_processes=4,
+    relay_rates=[100, 200, 500, 1000],
+    capacity=[500, 1000, 1500, 2000, 3000],
+)
+
+
+def settings(mode: str) -> Scale:
+    return QUICK if mode == "quick" else FULL
+
+
+# -- sections ------------------------------------------------------------------
+
+
+def client_failover(mp: ForkServerContext, fleet: Fleet, s: Scale) -> dict[str, Any]:
+    return clientfailover.run(mp, fleet, runs=s.failover_runs)
+
+
+def subscribers(
+    mp: ForkServerContext, ctx: Context, fleet: Fleet, s: Scale
+) -> dict[str, Any]:
+    """The subscribers on a trioclone server, then on the ceiling (the same
+    fan-out in libzmq, nothing else): whose cost is the server's own."""
+    out: dict[str, Any] = {}
+    for kind in ("trioclone", "ceiling"):
+        server = fleet.start(kind, f"fanout-{kind}")
+        try:
+            target = Target(
+                f"one {kind} server", [server.port], [server.port], {kind: server.pid}
+            )
+            out[kind] = fanout.follow(
+                mp,
+                ctx,
+                target,
+                sockets=s.sockets,
+                processes=s.processes,
+                rates=s.rates,
+                seconds=s.seconds,
+            )
+        finally:
+            fleet.stop(server)
+    return out
+
+
+def snapshot_storm(
+    mp: ForkServerContext, ctx: Context, fleet: Fleet, s: Scale
+) -> dict[str, Any]:
+    return storm.run(
+        mp,
+        ctx,
+        fleet,
+        keys=s.storm_keys,
+        clients_count=s.storm_clients,
+        processes=s.storm_processes,
+    )
+
+
+def relay_available() -> bool:
+    """True if this trioclone has ``trioclone relay``."""
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "trioclone", "relay", "--help"],
+            capture_output=True,
+            timeout=30,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return done.returncode == 0
+
+
+def start_relay(fleet: Fleet, upstream: list[Server], name: str) -> Server:
+    port = free_ports()
+    args = [sys.executable, "-m", "trioclone", "--log-level", "INFO", "relay"]
+    for server in upstream:
+        args += ["--upstream", f"tcp://{HOST}:{server.port}"]
+    args += ["--port", str(port), "--bind", HOST]
+    relay = fleet._spawn(name, "relay", port, args)
+    fleet.wait_ready(relay, 30.0)
+    return relay
+
+
+def relays(
+    mp: ForkServerContext, ctx: Context, fleet: Fleet, s: Scale
+) -> dict[str, Any]:
+    """The same subscribers spread over two relays of one server; then one
+    relay's capacity at 100 updates/s."""
+    real = relay_available()
+    server = fleet.start("trioclone", "relay-upstream")
+    if real:
+        tier = [start_relay(fleet, [server], f"relay-{i}") for i in (1, 2)]
+        collectors = [server.port]
+    else:  # stand-in: plain servers fed the same writes
+        tier = [fleet.start("trioclone", f"stand-in-{i}") for i in (1, 2)]
+        collectors = [server.port] + [r.port for r in tier]
+    watched = {"server": server.pid} | {
+        f"relay{i}": r.pid for i, r in enumerate(tier, 1)
+    }
+    out: dict[str, Any] = {"stand_in": not real}
+    try:
+        out["two"] = fanout.follow(
+            mp,
+            ctx,
+            Target("two relays", [r.port for r in tier], collectors, watched),
+            sockets=s.sockets,
+            processes=s.processes,
+            rates=s.relay_rates,
+            seconds=s.seconds,
+        )
+        capacity = []
+        one = Target("one relay", [tier[0].port], collectors, watched)
+        for sockets in s.capacity:
+            result = fanout.follow(
+                mp,
+                ctx,
+                one,
+                sockets=sockets,
+                processes=max(s.processes, sockets // 100),
+                rates=[100],
+                seconds=s.seconds,
+            )
+            capacity.append(result)
+            if result["highest_measurable"] is None:
+                break
+        out["capacity"] = capacity
+        out["one_relay_carries"] = max(
+            (c["sockets"] for c in capacity if c["highest_measurable"]), default=None
+        )
+    finally:
+        fleet.stop(*tier, server)
+    return out
+
+
+# -- report --------------------------------------------------------------------
+
+
+def render(results: dict[str, Any]) -> list[str]:
+    lines = clientfailover.render(results.get("client_failover"))
+    lines += render_subscribers(results.get("subscribers"))
+    lines += storm.render(results.get("storm"))
+    lines += render_million(results)
+    lines += render_relays(
+        results.get("relays"), dig(results, "subscribers", "trioclone")
+    )
+    return lines
+
+
+HEAD = (
+    f"  {'rate/s':>7} {'every?':>6} {'short':>5} {'p50 ms':>8} {'p99 ms':>8} "
+    f"{'deliv/s':>9} {'subs CPU':>8} {'host':>5}  server CPU share (main thread)"
+)
+
+
+def step_line(step: dict[str, Any]) -> str:
+    shares = ", ".join(
+        f"{n} {v:.2f} ({step['main_thread_share'][n]:.2f})"
+        for n, v in step["cpu_share"].items()
+    )
+    flag = "  <- harness" if step["harness_saturated"] else ""
+    host = step["host_busy"]
+    return (
+        f"  {step['rate']:>7,} {'yes' if step['every_update'] else 'NO':>6} "
+        f"{step['sockets_short']:>5} {fmt(step['p50_ms'])} {fmt(step['p99_ms'])} "
+        f"{step['deliveries_per_s']:>9,.0f} {step['subscriber_cpu_share_sum']:>8.2f} "
+        f"{'-' if host is None else f'{host:.0%}':>5}  {shares}{flag}"
+    )
+
+
+def fmt(value: float | None) -> str:
+    return f"{'-' if value is None else f'{value:.1f}':>8}"
+
+
+def render_subscribers(result: dict[str, Any] | None) -> list[str]:
+    if not result:
+        return []
+    first = next(iter(result.values()))
+    lines = [
+        "",
+        f"k. {first['sockets']:,} subscribers ({first['processes']} processes, "
+        f"fast frame path) on one server, {first['seconds']:g} s per rate",
+        HEAD,
+    ]
+    for kind, block in result.items():
+        lines.append(f"  {kind}:")
+        lines += [step_line(step) for step in block["steps"]]
+        lines.append(
+            f"    highest rate measured whole (every socket every update, p99 "
+            f"< 1 s): {block['highest_measurable']}/s"
+        )
+    lines.append(
+        "  'subs CPU': the subscriber processes' cores (all threads); 'host': the"
+        " whole machine busy, every process (others' too); '<- harness': the "
+        "subscriber processes took over half the machine or one a whole core"
+    )
+    return lines
+
+
+def render_million(results: dict[str, Any]) -> list[str]:
+    """1M keys: quoted from section f (large store), not measured again."""
+    snap = dig(results, "snapshots", "1000000", "trioclone", "full")
+    memory = dig(results, "memory", "trioclone", "1000000")
+    if not snap and not memory:
+        return []
+    parts = []
+    if snap:
+        parts.append(
+            f"snapshot {snap['seconds']:.2f} s ({snap['us_per_key']:.2f} us per key,"
+            f" complete: {snap['complete']})"
+        )
+    if memory:
+        parts.append(
+            f"{memory['bytes_per_key']:,.0f} bytes per key over key and value "
+            f"(RSS {memory['rss'] / 2**20:,.0f} MiB)"
+        )
+    return ["  1M keys (from section f): " + "; ".join(parts)]
+
+
+def render_relays(
+    result: dict[str, Any] | None, one: dict[str, Any] | None
+) -> list[str]:
+    """Section m, with section k's trioclone server as the one-server side."""
+    if not result:
+        return []
+    two = result["two"]
+    what = (
+        "two plain servers standing in for relays (no `trioclone relay` here)"
+        if result["stand_in"]
+        else "two relays (`trioclone relay`) of that server"
+    )
+    lines = [
+        "",
+        f"m. Relay fan-out: {two['sockets']:,} subscribers on one server (section k) "
+        f"against {what}",
+        HEAD,
+        "  one server:" if one else "",
+        *([step_line(s) for s in one["steps"]] if one else []),
+        "  two relays:",
+        *[step_line(s) for s in two["steps"]],
+        "  one relay, more subscribers at 100 updates/s:",
+    ]
+    for c in result["capacity"]:
+        step = c["steps"][0]
+        lines.append(f"  {c['sockets']:>5,} subscribers:" + step_line(step)[9:])
+    failed = [c for c in result["capacity"] if c["highest_measurable"] is None]
+    if not failed:
+        why = "every step was measured whole"
+    elif failed[0]["steps"] and failed[0]["steps"][0]["harness_saturated"]:
+        why = (
+            f"at {failed[0]['sockets']:,} the subscriber processes (the harness) "
+            "had run out of this machine's cores"
+        )
+    else:
+        why = f"at {failed[0]['sockets']:,} it was not measured whole"
+    lines.append(
+        f"  one relay carried {result['one_relay_carries']} subscribers at 100/s "
+        f"measured whole; {why}"
+    )
+    return [line for line in lines if line]
