@@ -9,15 +9,12 @@ m. relay fan-out: the same 1,000 subscribers spread over two relays of
    that server, side by side with section k's one server, and how many
    subscribers one relay carries at 100 updates/s.
 
-``trioclone relay`` is started as ``trioclone relay --upstream tcp://HOST:P
---port R --bind 127.0.0.1``.  Without it (a tree before the relay), two
-plain standalone servers stand in for the relays, the writer writing to
-all three collectors: the result then says ``stand_in``.
+Relays are started as ``trioclone relay --upstream tcp://127.0.0.1:P
+--port R --bind 127.0.0.1``; the writer writes to the server itself.
 """
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from dataclasses import dataclass
 from multiprocessing.context import ForkServerContext
@@ -120,19 +117,6 @@ def snapshot_storm(
     )
 
 
-def relay_available() -> bool:
-    """True if this trioclone has ``trioclone relay``."""
-    try:
-        done = subprocess.run(
-            [sys.executable, "-m", "trioclone", "relay", "--help"],
-            capture_output=True,
-            timeout=30,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return False
-    return done.returncode == 0
-
-
 def start_relay(fleet: Fleet, upstream: list[Server], name: str) -> Server:
     port = free_ports()
     args = [sys.executable, "-m", "trioclone", "--log-level", "INFO", "relay"]
@@ -149,19 +133,15 @@ def relays(
 ) -> dict[str, Any]:
     """The same subscribers spread over two relays of one server; then one
     relay's capacity at 100 updates/s."""
-    real = relay_available()
     server = fleet.start("trioclone", "relay-upstream")
-    if real:
-        tier = [start_relay(fleet, [server], f"relay-{i}") for i in (1, 2)]
-        collectors = [server.port]
-    else:  # stand-in: plain servers fed the same writes
-        tier = [fleet.start("trioclone", f"stand-in-{i}") for i in (1, 2)]
-        collectors = [server.port] + [r.port for r in tier]
-    watched = {"server": server.pid} | {
-        f"relay{i}": r.pid for i, r in enumerate(tier, 1)
-    }
-    out: dict[str, Any] = {"stand_in": not real}
+    tier: list[Server] = []
+    out: dict[str, Any] = {}
     try:
+        tier = [start_relay(fleet, [server], f"relay-{i}") for i in (1, 2)]
+        collectors = [server.port]  # the writer writes to the server itself
+        watched = {"server": server.pid} | {
+            f"relay{i}": r.pid for i, r in enumerate(tier, 1)
+        }
         out["two"] = fanout.follow(
             mp,
             ctx,
@@ -286,11 +266,7 @@ def render_relays(
     if not result:
         return []
     two = result["two"]
-    what = (
-        "two plain servers standing in for relays (no `trioclone relay` here)"
-        if result["stand_in"]
-        else "two relays (`trioclone relay`) of that server"
-    )
+    what = "two relays (`trioclone relay`) of a standalone server"
     lines = [
         "",
         f"m. Relay fan-out: {two['sockets']:,} subscribers on one server (section k) "
