@@ -22,7 +22,7 @@ from typing import Any
 
 from benchlib import clientfailover, fanout, storm
 from benchlib.fanout import Target
-from benchlib.report import dig
+from benchlib.report import dig, status
 from benchlib.servers import HOST, Fleet, Server, free_ports
 from benchlib.wire import Context
 
@@ -176,6 +176,53 @@ def relays(
 
 
 # -- report --------------------------------------------------------------------
+
+
+def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """The issue's yes/no targets for sections j-m (no time limits are set)."""
+    out: list[dict[str, Any]] = []
+
+    def add(name: str, value: Any, limit: str, ok: bool | None) -> None:
+        out.append(
+            {"target": name, "value": value, "limit": limit, "status": status(ok)}
+        )
+
+    for settings in ("default", "fast"):
+        block = dig(results, "client_failover", settings)
+        if block:
+            add(
+                f"client failover, {settings}: updates missed",
+                block["missed_total"],
+                "= 0",
+                block["missed_total"] == 0 and block["all_followed"],
+            )
+    first = dig(results, "subscribers", "trioclone", "steps")
+    if first:
+        add(
+            f"one server, {dig(results, 'subscribers', 'trioclone', 'sockets'):,} "
+            f"subs, {first[0]['rate']}/s: short",
+            first[0]["sockets_short"],
+            "= 0",
+            first[0]["every_update"],
+        )
+    storm_result = results.get("storm")
+    if storm_result:
+        add(
+            f"{storm_result['clients']} snapshots at once: clients exact",
+            storm_result["exact"],
+            f"= {storm_result['clients']}",
+            storm_result["all_exact"],
+        )
+    two = dig(results, "relays", "two", "steps")
+    if two:
+        add(
+            f"two relays, {dig(results, 'relays', 'two', 'sockets'):,} subs, "
+            f"{two[0]['rate']}/s: short",
+            two[0]["sockets_short"],
+            "= 0",
+            two[0]["every_update"],
+        )
+    return out
 
 
 def render(results: dict[str, Any]) -> list[str]:
