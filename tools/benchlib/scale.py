@@ -23,8 +23,8 @@ from typing import Any
 from benchlib import clientfailover, fanout, storm
 from benchlib.fanout import Target
 from benchlib.report import dig, status
-from benchlib.servers import HOST, Fleet, Server, free_ports
-from benchlib.wire import Context
+from benchlib.servers import Fleet, Server, free_ports
+from benchlib.wire import HOST, Context
 
 
 @dataclass(frozen=True)
