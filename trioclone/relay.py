@@ -38,6 +38,7 @@ import trio
 import zmq
 from trio_util import AsyncValue
 
+from trioclone import __version__
 from trioclone._follow import BATCH, BatchHandler, Connection, Follower, feed
 from trioclone._log import Limited
 from trioclone._proxy import run_proxy
@@ -150,6 +151,7 @@ class CloneRelay:
         self._wakeup = trio.Event()
         self._snapshot_wait: trio.CancelScope | None = None
         self._stop = trio.Event()
+        self._started: float | None = None
 
     def stop(self) -> None:
         self._stop.set()
@@ -209,17 +211,28 @@ class CloneRelay:
                     bind,
                     ", ".join(map(str, upstreams)),
                 )
+                self._started = trio.current_time()
                 task_status.started(self)
                 await self._stop.wait()
                 nursery.cancel_scope.cancel()
         log.info("relay stopped")
 
     def status(self) -> dict[str, object]:
+        """The reply to ``STATUS?``, in a server's terms where they apply."""
+        now = trio.current_time()
         return {
+            "name": "relay",
+            "version": __version__,
+            "pair": False,
             **self.mirror.status([str(u) for u in self.upstreams]),
             "snapshot_transfers": len(self.snapshots.transfers),
             "snapshot_queued": len(self.snapshots.queued),
-            **dict(sorted(self.stats.items())),
+            "uptime": 0.0 if self._started is None else now - self._started,
+            "rejected": dict(self.rejections),
+            "counters": {
+                **self.stats,
+                **{f"mirror_{k}": v for k, v in self.mirror.stats.items()},
+            },
         }
 
     # -- the mirror ------------------------------------------------------------

@@ -18,7 +18,7 @@ import zmq
 
 from tests.chp import RawClient
 from tests.integration.procs import free_base_ports
-from tests.shells.pair import Running, start
+from tests.shells.pair import Running, _run as run_until_killed, start
 from trioclone import ClientTimings, open_client
 from trioclone._zmq import Sockets
 from trioclone.core.bstar import State
@@ -27,6 +27,7 @@ from trioclone.core.replica import Timings
 from trioclone.core.status import decode_status_reply, encode_status_request
 from trioclone.endpoints import Endpoints
 from trioclone.relay import CloneRelay
+from trioclone.server.clone import CloneServer
 from trioclone.server.settings import PairSettings, ServerSettings
 
 GUARD = 30.0  # real seconds
@@ -55,6 +56,25 @@ async def standalone(
 ) -> Running:
     settings = ServerSettings(bind=bind or tcp(), hugz_interval=0.1)
     return await start(nursery, settings, ctx)
+
+
+async def restart(
+    nursery: trio.Nursery, ctx: zmq.Context[Any], bind: Endpoints
+) -> Running:
+    """A new server where one was: libzmq frees a closed TCP listener in
+    its I/O thread, a moment later, so the bind is tried again (bounded)."""
+    for _ in range(200):
+        settings = ServerSettings(bind=bind, hugz_interval=0.1)
+        running = Running(CloneServer(settings, context=ctx))
+        failed = False
+        try:
+            await nursery.start(run_until_killed, running)
+        except* zmq.ZMQError:
+            failed = True
+        if not failed:
+            return running
+        await trio.sleep(0.02)
+    raise TimeoutError(f"{bind} stayed in use")
 
 
 async def relay_of(
@@ -105,6 +125,7 @@ async def test_a_client_on_a_relay_reads_the_map_and_writes_through_it(
                         await trio.sleep(0.01)
                 assert client.failovers == 0
             assert relay.status()["sequence"] == 52
+            assert relay.status()["synced"] is True
             nursery.cancel_scope.cancel()
 
 
@@ -248,7 +269,7 @@ async def test_a_relay_drops_a_restarted_servers_old_map(
                 assert client.get("/old") == b"gone"
                 server.kill()
                 await server.stopped.wait()
-                server = await standalone(nursery, ctx, up)
+                server = await restart(nursery, ctx, up)
                 await write(up, {"/new": b"here"})
                 with trio.fail_after(5):
                     while client.get("/new") is None or client.get("/old"):
@@ -299,3 +320,59 @@ async def test_a_relay_follows_its_pair_through_a_failover(
             store = backup.server.core.store
             assert {k for k in confirmed if store.get(k.encode()) is None} == set()
             nursery.cancel_scope.cancel()
+
+
+async def test_clients_joining_a_relay_under_load_all_end_with_the_servers_map(
+    ctx: zmq.Context[Any],
+) -> None:
+    """Snapshots from the relay while updates stream through it: each client
+    that joins mid-stream ends with exactly the server's map."""
+    with trio.fail_after(GUARD):
+        async with trio.open_nursery() as nursery:
+            server = await standalone(nursery, ctx)
+            up = server.server.settings.bind
+            relay = await relay_of(nursery, ctx, up)
+            await relay.serving.wait_value(True)
+            done = trio.Event()
+
+            async def writer() -> None:
+                async with open_client([up], timings=FAST_CLIENT) as client:
+                    await client.wait_synced()
+                    for n in range(3000):
+                        client.set_nowait(f"/k/{n % 700}", b"%d" % n)
+                        if n % 50 == 0:
+                            await trio.sleep(0.005)
+                    await client.set("/k/last", b"end")
+                done.set()
+
+            async with trio.open_nursery() as clients:
+                clients.start_soon(writer)
+                mirrors = []
+                for _ in range(6):
+                    await trio.sleep(0.05)
+                    mirror = await clients.start(follow, relay.bind, done)
+                    mirrors.append(mirror)
+            expected = {
+                key.decode(): msg.body
+                for key in server.server.core.store.keys(b"")
+                if (msg := server.server.core.store.get(key)) is not None
+            }
+            for mirror in mirrors:
+                assert mirror == expected
+            nursery.cancel_scope.cancel()
+
+
+async def follow(
+    at: Endpoints, done: trio.Event, *, task_status: Any = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Join, report the map to fill in, and fill it once the writer is done
+    and the last write has arrived."""
+    found: dict[str, bytes] = {}
+    async with open_client([at], timings=FAST_CLIENT) as client:
+        task_status.started(found)
+        await client.wait_synced()
+        await done.wait()
+        with trio.fail_after(5):
+            while client.get("/k/last") != b"end":
+                await trio.sleep(0.01)
+        found.update(client.items())

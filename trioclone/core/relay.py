@@ -60,14 +60,15 @@ class RelayMirror(Replica[Store]):
         return kthxbai(self.sequence, subtree, {LINEAGE: self.lineage or ""})
 
     def status(self, upstreams: Sequence[str]) -> dict[str, object]:
-        """Figures for ``trioclone status`` and the logs."""
+        """The mirror's part of the relay's status reply."""
         return {
+            "state": "RELAY",
             "role": "relay",
-            "phase": self.phase.value,
             "serving": self.serving,
+            "synced": self.serving,
             "upstream": upstreams[self.server] if self.server >= 0 else None,
+            "phase": self.phase.value,
             "sequence": self.sequence,
             "keys": len(self.live),
             "lineage": self.lineage,
-            **{f"mirror_{name}": count for name, count in sorted(self.stats.items())},
         }
