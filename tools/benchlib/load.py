@@ -26,6 +26,7 @@ socket uses the CURVE options of ``server.security`` (none: plain CHP).
 
 from __future__ import annotations
 
+import os
 import time
 from multiprocessing.context import ForkServerContext
 from typing import Any
@@ -40,6 +41,7 @@ LAG_SHARE = 0.1  # ... or this share of the step's duration, if longer
 GENERATOR_SLACK = 0.97  # a paced step below this share of its rate: generator limit
 SERVER_BOUND = 1.2  # writers this much faster than the server: server-bound
 SUBSCRIBER_BUSY = 0.9  # a subscriber process this busy (CPU / wall) is the bound
+MACHINE_BUSY = 0.9  # server and harness together this busy (share of all CPUs)
 
 
 def wait_live(
@@ -178,6 +180,11 @@ def flood(
     result["harness_saturated"] = (
         result["generator_saturated"] or result["subscriber_saturated"]
     )
+    # every CPU busy (server and harness together): the processes compete
+    # for the cores, and the harness's share bounds the server's
+    busy = (cpu + load_cpu) / wall / (os.cpu_count() or 1)
+    result["machine_busy"] = busy
+    result["machine_saturated"] = busy > MACHINE_BUSY
     if backup_cpu is not None:
         result["backup_cpu_us"] = backup_cpu / total * 1e6
         result["backup_main_cpu_us"] = backup_main / total * 1e6

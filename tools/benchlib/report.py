@@ -274,6 +274,12 @@ def flood_rows(table: Table, pair: dict[str, Any], *, target: bool = True) -> No
         lambda p: p.get("harness_saturated"),
         show_ratio=False,
     )
+    table.compare(
+        "  every CPU busy? (server + harness > 90%)",
+        pair,
+        lambda p: p.get("machine_saturated"),
+        show_ratio=False,
+    )
 
 
 def lossfree(table: Table, results: Results) -> None:
