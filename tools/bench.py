@@ -22,7 +22,11 @@ f. RSS per key;
 g. how (a), (d) and (f) grow with the number of keys and subscribers;
 h. a durable server against an in-memory one (``--durable-only``);
 i. a secured pair (CURVE, ZAP, permissions) against a plain one, and the
-   ceiling with and without CURVE (``--secured-only``).
+   ceiling with and without CURVE (``--secured-only``);
+j-m. scale (``--scale-only``, ``benchlib.scale``): failover as a real client
+   sees it; 1,000 subscribers at rising rates; 100 clients snapshotting at
+   once; 1,000 subscribers on one server against two relays (about 2.5
+   minutes quick, 5 full).
 
 (a)-(d) run in rounds (2 in quick mode, 3 in full; snapshots 3 and 5),
 the contenders alternating within each round; the medians are reported
@@ -59,7 +63,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchlib import children, durable, load, pair, report, secured, snapshots
+from benchlib import children, durable, load, pair, report, scale, secured, snapshots
 from benchlib.servers import Fleet, Server, new_context
 from benchlib.wire import HOT
 
@@ -134,10 +138,13 @@ class Bench:
         *,
         durable_only: bool = False,
         secured_only: bool = False,
+        scale_only: bool = False,
     ) -> None:
         self.mode = mode
         self.durable_only = durable_only
         self.secured_only = secured_only
+        self.scale_only = scale_only
+        self.scale = scale.settings(mode.name)
         self.mp = children.context()
         self.ctx = new_context()
         self.fleet = Fleet(self.ctx, log_dir)
@@ -163,11 +170,13 @@ class Bench:
             trioclone_commit=git_commit(),
         )
         with self.fleet:
-            if self.durable_only or self.secured_only:
+            if self.durable_only or self.secured_only or self.scale_only:
                 if self.durable_only:
                     self.section("durable vs in memory", self.durable)
                 if self.secured_only:
                     self.section("secured vs plain", self.secured)
+                if self.scale_only:
+                    self.scale_sections()
             else:
                 self.all_sections()
         self.results.update(
@@ -175,8 +184,10 @@ class Bench:
             elapsed=time.monotonic() - started,
             growth=growth(self.results),
         )
-        self.results["targets"] = report.targets(self.results) + secured.targets(
-            self.results.get("secured")
+        self.results["targets"] = (
+            report.targets(self.results)
+            + secured.targets(self.results.get("secured"))
+            + scale.targets(self.results)
         )
         return self.results
 
@@ -197,6 +208,26 @@ class Bench:
         self.section("failover", self.failover)
         if self.mode.idle_seconds:
             self.section("idle pair", self.idle)
+        self.scale_sections()
+
+    def scale_sections(self) -> None:
+        """Sections j-m (``benchlib.scale``); also ``--scale-only``."""
+        s, mp, ctx, fleet, out = self.scale, self.mp, self.ctx, self.fleet, self.results
+        self.section(
+            "client failover",
+            lambda: out.update(client_failover=scale.client_failover(mp, fleet, s)),
+        )
+        self.section(
+            "subscribers",
+            lambda: out.update(subscribers=scale.subscribers(mp, ctx, fleet, s)),
+        )
+        self.section(
+            "snapshot storm",
+            lambda: out.update(storm=scale.snapshot_storm(mp, ctx, fleet, s)),
+        )
+        self.section(
+            "relay fan-out", lambda: out.update(relays=scale.relays(mp, ctx, fleet, s))
+        )
 
     # -- sections ------------------------------------------------------------
 
@@ -520,6 +551,12 @@ def main() -> int:
         action="store_true",
         help="only the secured vs plain section (i)",
     )
+    parser.add_argument(
+        "--scale-only",
+        action="store_true",
+        help="only the scale sections (j-m: client failover, subscribers, "
+        "snapshot storm, relay fan-out)",
+    )
     args = parser.parse_args()
     # SIGTERM unwinds like Ctrl-C, so every server is still stopped by PID
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
@@ -530,12 +567,14 @@ def main() -> int:
         args.out.parent / "logs",
         durable_only=args.durable_only,
         secured_only=args.secured_only,
+        scale_only=args.scale_only,
     ).run()
     text = "\n".join(
         [
             report.render(results),
             *durable.render(results.get("durable")),
             *secured.render(results.get("secured")),
+            *scale.render(results),
         ]
     )
     print(text)

@@ -7,10 +7,10 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import trio
 import zmq
@@ -25,9 +25,10 @@ from trioclone.cli_client import (
     port,
     seconds,
 )
+from trioclone.cli_relay import add_relay_command
 from trioclone.cli_status import add_status_command
 from trioclone.config import ENV_PREFIX, Effective, Setting, resolve, table
-from trioclone.errors import ConfigError
+from trioclone.errors import ConfigError, leaves
 from trioclone.logformat import LOG_FORMATS, configure
 from trioclone.server.clone import STOP_LIMIT, CloneServer
 from trioclone.server.datadir import DataDirError, default_folder
@@ -40,9 +41,9 @@ from trioclone.server.settings import (
     default_ports,
     pair_settings,
 )
+from trioclone.signals import STOP_SIGNALS, run_until_signalled
 
 log = logging.getLogger("trioclone")
-E = TypeVar("E", bound=BaseException)
 supervisor_log = logging.getLogger("trioclone.pair")
 
 #: ``serve`` options that set a setting, passed unchanged to both servers of
@@ -198,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve(commands)
     add_client_commands(commands)
     add_status_command(commands)
+    add_relay_command(commands)
     return parser
 
 
@@ -351,15 +353,6 @@ def run_serve(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def leaves(group: BaseExceptionGroup[E]) -> list[E]:
-    """The exceptions in ``group`` and the groups nested in it (a task's
-    error reaches here inside its nursery's group)."""
-    found: list[E] = []
-    for exc in group.exceptions:
-        found.extend(leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
-    return found
-
-
 def data_dir(args: argparse.Namespace, role: str, port: int) -> str | None:
     """Where ``role``'s map is kept: None with ``--in-memory``; with
     ``--pair``, a folder per server inside ``--data-dir``."""
@@ -412,34 +405,8 @@ def security_settings(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-#: Each stops a server gracefully (SIGHUP: its terminal hung up; with
-#: ``--pair`` the children have sessions of their own, so only the
-#: supervisor gets it, and stops them).
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-
-
 async def serve_until_signalled(server: CloneServer) -> None:
-    """Serve until SIGTERM, SIGINT or SIGHUP, then stop gracefully (bounded: see
-    ``CloneServer.stop``); a second signal meanwhile stops at once."""
-    with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_stop_on_signals, signals, server, nursery.cancel_scope)
-            await server.run()
-            nursery.cancel_scope.cancel()
-
-
-async def _stop_on_signals(
-    signals: AsyncIterator[int], server: CloneServer, scope: trio.CancelScope
-) -> None:
-    async for signum in signals:
-        name = signal.Signals(signum).name
-        if not server.stopping:
-            log.info("stopping on %s", name)
-            server.stop()
-        else:
-            log.warning("stopping at once on a second signal (%s)", name)
-            scope.cancel()
-            return
+    await run_until_signalled(server)
 
 
 # -- serve --pair: two servers on this host, kept running --------------------

@@ -158,7 +158,9 @@ def _row(status: dict[str, object]) -> list[str]:
         str(status.get("keys")),
         str(status.get("lineage") or "-"),
         str(status.get("pending")),
-        _age(status.get("peer_heartbeat_age"), bool(status.get("pair"))),
+        "-"
+        if status.get("role") == "relay"
+        else _age(status.get("peer_heartbeat_age"), bool(status.get("pair"))),
         str(status.get("snapshot_transfers")),
         _duration(status.get("uptime")),
         str(status.get("version")),

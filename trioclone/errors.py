@@ -8,6 +8,8 @@ log line says *why* a message was rejected.
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 
 class CloneError(Exception):
     """Base class of every error trioclone raises on purpose."""
@@ -57,3 +59,15 @@ class ClientClosedError(CloneError):
 class PermissionDeniedError(CloneError):
     """A secured server refused a write or a snapshot: the client's key may
     not write that key, or read that subtree (see core/permissions.py)."""
+
+
+E = TypeVar("E", bound=BaseException)
+
+
+def leaves(group: BaseExceptionGroup[E]) -> list[E]:
+    """The exceptions in ``group`` and the groups nested in it (a task's
+    error reaches here inside its nursery's group)."""
+    found: list[E] = []
+    for exc in group.exceptions:
+        found.extend(leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return found

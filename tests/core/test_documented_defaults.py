@@ -9,7 +9,7 @@ from trioclone.client.agent import CloneClient
 from trioclone.client.blocking import BlockingClient
 from trioclone.core.client import ClientTimings
 from trioclone.core.subtrees import Subtrees
-from trioclone.server import clone
+from trioclone.server import snapshots
 
 
 def test_server_defaults_are_the_documented_ones() -> None:
@@ -18,7 +18,7 @@ def test_server_defaults_are_the_documented_ones() -> None:
     assert options.applied_horizon == 120.0
     assert options.applied_limit == 1_000_000
     assert options.snapshot_stall == 30.0
-    assert (clone.MAX_TRANSFERS, clone.MAX_QUEUED) == (256, 10_000)
+    assert (snapshots.MAX_TRANSFERS, snapshots.MAX_QUEUED) == (256, 10_000)
     assert Subtrees().limit == 10_000
 
 

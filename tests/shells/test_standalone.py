@@ -1021,8 +1021,8 @@ async def test_snapshot_requests_beyond_the_limits_wait_or_are_refused(
     """At most MAX_TRANSFERS replies are in progress (each holds a key list);
     the next requests wait their turn, up to MAX_QUEUED; beyond that one is
     not answered (logged and counted), and the client asks again."""
-    monkeypatch.setattr("trioclone.server.clone.MAX_TRANSFERS", 2)
-    monkeypatch.setattr("trioclone.server.clone.MAX_QUEUED", 3)
+    monkeypatch.setattr("trioclone.server.snapshots.MAX_TRANSFERS", 2)
+    monkeypatch.setattr("trioclone.server.snapshots.MAX_QUEUED", 3)
     async with standalone(context) as s:
         await _fill(s, 20_000)  # more than a client's queue holds: they wait
         clients = [s.client() for _ in range(6)]

@@ -56,19 +56,19 @@ from trioclone.core.chp import HISTORY, HUGZ, decode_request, encode_denial
 from trioclone.core.permissions import PAIR
 from trioclone.core.replica import Timings
 from trioclone.core.server import PEER_IDENTITY, Role, ServerCore, is_handover
-from trioclone.core.snapshot import KeyIndex, Transfer
+from trioclone.core.snapshot import Transfer
 from trioclone.core.status import (
     check_status_request,
     encode_status_reply,
     is_status_request,
 )
-from trioclone.core.store import Store
 from trioclone.curve import Curve, read_key_pair
 from trioclone.errors import ConfigError, RemoteProtocolError
 from trioclone.server.datadir import SYNC_INTERVAL, DataDir, DataDirError, wall_clock
 from trioclone.server.durations import Durations
 from trioclone.server.publisher import Publisher
 from trioclone.server.settings import PairSettings, ServerSettings
+from trioclone.server.snapshots import Snapshots
 from trioclone.server.zap import ZAP_ENDPOINT, ZapHandler, client_name
 
 if TYPE_CHECKING:
@@ -77,11 +77,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("trioclone.server")
 
 BATCH = 512  # messages drained per schedule point on the busy sockets
-CHUNK = 256  # snapshot messages sent to one client before the next one's turn
-PUMP = 1024  # snapshot messages sent, over all clients, per schedule point
 SNAPSHOT_HWM = 10_000
-MAX_TRANSFERS = 256  # snapshot replies in progress at once
-MAX_QUEUED = 10_000  # snapshot requests waiting for one
 #: The largest message a subscriber may send the publisher or the Binary
 #: Star heartbeat PUB (a subscription is one): libzmq does a subscription's
 #: work, a trie node per byte, in the server's event loop (about 0.2 s a
@@ -157,19 +153,19 @@ class CloneServer:
         self.rejections: Counter[str] = Counter()
         #: ... and by socket and the rule they broke.
         self.rejected_rules: Counter[tuple[str, str]] = Counter()
+        #: Snapshot replies owed and in progress.
+        self.snapshots = Snapshots(settings.snapshot_stall, self.core.stats, self._log)
         #: How long snapshot replies took (from their first message to the
         #: last), and commits of the map on disk.
-        self.snapshot_durations = Durations()
+        self.snapshot_durations = self.snapshots.durations
         self.commit_durations = Durations()
         #: Trio time when the sockets were bound (for the uptime).
         self.started_at: float | None = None
         #: The Prometheus endpoint, with ``settings.metrics_port``.
         self.metrics: MetricsEndpoint | None = None
         self._role = Role.WAITING
-        self._transfers: deque[Transfer] = deque()
-        #: requests to answer once a transfer is free (or a takeover is done)
-        self._queued: deque[tuple[bytes, bytes]] = deque()
-        self._key_index: tuple[Store, int, KeyIndex] | None = None
+        self._transfers = self.snapshots.transfers
+        self._queued = self.snapshots.queued
         self._role_scope: trio.CancelScope | None = None
         self._snapshot_wait: trio.CancelScope | None = None
         self._state_sock: Socket | None = None
@@ -523,9 +519,7 @@ class CloneServer:
         self._role = role
         if role is Role.PASSIVE:
             self.publisher.close(discard=True)
-            self._transfers.clear()
-            self._queued.clear()
-            self._key_index = None
+            self.snapshots.clear()
         bstar = self.core.bstar
         self.state.value = State.ACTIVE if bstar is None else bstar.state
         if self._state_sock is not None and bstar is not None:
@@ -645,8 +639,7 @@ class CloneServer:
             if transfers:
                 requests = router.receive_nowait(64, users)
             else:
-                if not self._queued:
-                    self._key_index = None  # no transfer holds it: let it go
+                self.snapshots.release_index()
                 with trio.CancelScope() as self._snapshot_wait:
                     requests = await router.receive_batch(64, users)
                 self._snapshot_wait = None
@@ -661,7 +654,8 @@ class CloneServer:
                 self._after(now)
             if not transfers:
                 continue
-            moved = self._pump(router, now)
+            self._persist()  # a transfer shows the map: what it shows is kept
+            moved = self.snapshots.pump(router, now)
             if self._queued:
                 self._start_queued(now)
             if moved:
@@ -716,95 +710,27 @@ class CloneServer:
         if not answer:
             log.debug("request not answered in role %s", self.core.role.value)
             return
-        if len(self._queued) >= MAX_QUEUED:
-            self.core.stats["snapshots_refused"] += 1
-            self._log.log(
-                logging.WARNING,
-                "snapshot queue",
-                "%d snapshot requests wait already: one more is not answered",
-                MAX_QUEUED,
-            )
-            return
-        self._queued.append((identity, subtree))  # answered in turn
-        self._start_queued(now)
+        if self.snapshots.queue(identity, subtree):  # answered in turn
+            self._start_queued(now)
 
     def _start_queued(self, now: float) -> None:
-        """Start waiting transfers, at most ``MAX_TRANSFERS`` at a time, once
-        a takeover is done (each holds a key list until it ends)."""
-        core, queued, transfers = self.core, self._queued, self._transfers
-        if queued and core.serving:
-            self.publisher.admit()  # a subtree tracked now has a count to send
-        while queued and core.serving and len(transfers) < MAX_TRANSFERS:
-            identity, subtree = queued.popleft()
-            end = core.kthxbai(subtree)
-            if subtree == HISTORY:
-                history = core.history(now)
-                transfer = Transfer(identity, core.store, [], end, now, history)
-            else:
-                keys, scan = self._index().source(subtree)
-                transfer = Transfer(identity, core.store, keys, end, now, None, scan)
-            transfers.append(transfer)
-            if self._snapshot_wait is not None:
-                self._snapshot_wait.cancel()
+        """Start waiting transfers (at most ``MAX_TRANSFERS`` at a time, each
+        holds a key list until it ends) once a takeover is done."""
+        core = self.core
+        if not (self._queued and core.serving):
+            return
+        self.publisher.admit()  # a subtree tracked now has a count to send
+        started = self.snapshots.start_queued(now, self._begin)
+        if started and self._snapshot_wait is not None:
+            self._snapshot_wait.cancel()
 
-    def _index(self) -> KeyIndex:
-        """Every key, shared by the transfers that start while nothing changed
-        (a subtree's are picked from it as the transfers go)."""
-        store, cached = self.core.store, self._key_index
-        if cached is not None and cached[:2] == (store, store.sequence):
-            return cached[2]
-        index = KeyIndex(store.keys(b""))
-        self._key_index = (store, store.sequence, index)
-        return index
-
-    def _pump(self, router: Socket, now: float) -> bool:
-        """Send the next chunk of each snapshot in turn; True if any moved.
-
-        At most ``PUMP`` messages in all, so other tasks run in between; a
-        client that took nothing for ``snapshot_stall`` seconds is dropped.
-        """
-        transfers, stall = self._transfers, self.settings.snapshot_stall
-        self._persist()  # a transfer shows the map: what it shows is kept
-        budget = PUMP  # keys looked at, sent or found deleted
-        moved = False
-        for _ in range(len(transfers)):
-            if budget <= 0:
-                break
-            transfer = transfers.popleft()
-            examined, sent = transfer.examined, transfer.sent
-            try:
-                transfer.pump(router.try_send, min(CHUNK, budget), now)
-            except UnroutableError:
-                self._log.log(  # one per client: a crowd must not flood the log
-                    logging.INFO,
-                    "snapshot client gone",
-                    "snapshot client went away after %d messages",
-                    transfer.sent,
-                )
-                continue
-            finally:
-                work = max(transfer.examined - examined, transfer.sent - sent)
-                budget -= max(work, 1)
-                if work:  # progress for the client, even if nothing was sent
-                    transfer.idle_since = now
-                    moved = True
-            if transfer.done:
-                self.core.stats["snapshots_served"] += 1
-                self.snapshot_durations.observe(now - transfer.started)
-                continue
-            if now - transfer.idle_since >= stall:
-                self.core.stats["snapshots_stalled"] += 1
-                self._log.log(
-                    logging.WARNING,
-                    "snapshot client stalled",
-                    "dropped a snapshot client that took nothing for %.0f s "
-                    "(%d messages sent)",
-                    stall,
-                    transfer.sent,
-                )
-                continue
-            transfers.append(transfer)
-        return moved
+    def _begin(self, identity: bytes, subtree: bytes, now: float) -> Transfer:
+        core = self.core
+        end = core.kthxbai(subtree)
+        if subtree == HISTORY:
+            return Transfer(identity, core.store, [], end, now, core.history(now))
+        keys, scan = self.snapshots.index(core.store).source(subtree)
+        return Transfer(identity, core.store, keys, end, now, None, scan)
 
     async def _send_state(self, heartbeat: float) -> NoReturn:
         bstar, sock = self.core.bstar, self._state_sock
