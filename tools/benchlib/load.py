@@ -26,6 +26,7 @@ socket uses the CURVE options of ``server.security`` (none: plain CHP).
 
 from __future__ import annotations
 
+import os
 import time
 from multiprocessing.context import ForkServerContext
 from typing import Any
@@ -39,6 +40,8 @@ LAG_LIMIT = 0.25  # s: the last update of a step may arrive this late ...
 LAG_SHARE = 0.1  # ... or this share of the step's duration, if longer
 GENERATOR_SLACK = 0.97  # a paced step below this share of its rate: generator limit
 SERVER_BOUND = 1.2  # writers this much faster than the server: server-bound
+SUBSCRIBER_BUSY = 0.9  # a subscriber process this busy (CPU / wall) is the bound
+MACHINE_BUSY = 0.9  # server and harness together this busy (share of all CPUs)
 
 
 def wait_live(
@@ -172,8 +175,16 @@ def flood(
         "writer_busy": writer_busy,
         "subscriber_busy": sub_busy,
         "generator_saturated": writer_rate < SERVER_BOUND * rate,
-        "subscriber_saturated": sub_busy > 0.9,
+        "subscriber_saturated": sub_busy > SUBSCRIBER_BUSY,
     }
+    result["harness_saturated"] = (
+        result["generator_saturated"] or result["subscriber_saturated"]
+    )
+    # every CPU busy (server and harness together): the processes compete
+    # for the cores, and the harness's share bounds the server's
+    busy = (cpu + load_cpu) / wall / (os.cpu_count() or 1)
+    result["machine_busy"] = busy
+    result["machine_saturated"] = busy > MACHINE_BUSY
     if backup_cpu is not None:
         result["backup_cpu_us"] = backup_cpu / total * 1e6
         result["backup_main_cpu_us"] = backup_main / total * 1e6
@@ -189,14 +200,22 @@ def ladder(
     duration: float,
     bisect: bool,
     key_space: int,
-    writers: int = 2,
+    writers: int = 3,
     backup: Server | None = None,
 ) -> dict[str, Any]:
     """The highest offered rate of ``rates`` that one subscriber gets whole.
 
     Linear: rates in order until the first failure.  Bisect: a binary search
     over ``rates`` (fewer steps; assumes a failure at r means failure above).
-    With a ``backup``, the writers send to both servers of the pair.
+    The offered rate is split over ``writers`` processes.  With a
+    ``backup``, the writers send to both servers of the pair.
+
+    Each step records the server's CPU per update (``cpu_us``, from /proc
+    over the whole step: sending and the tail until the last arrival) and
+    whether the harness was the bound (``harness_saturated``: the writers
+    fell short of the offered rate, or the subscriber process was busy for
+    more than ``SUBSCRIBER_BUSY`` of the step).  ``cpu_us`` of the result
+    is that of the step at the highest loss-free rate.
     """
     steps: list[dict[str, Any]] = []
     collectors = [server.port] + ([backup.port] if backup else [])
@@ -210,7 +229,7 @@ def ladder(
 
         def step(rate: int) -> dict[str, Any]:
             result = attempt(rate)
-            if not result["ok"] and not result["generator_saturated"]:
+            if not result["ok"] and not result["harness_saturated"]:
                 result = attempt(rate)
             return result
 
@@ -220,15 +239,21 @@ def ladder(
             for i, writer in enumerate(senders):
                 writer.call("build", share, first + i, key_space, writers)
             base = sub.counts()[0]
+            cpu0, sub_cpu0 = server.cpu_seconds(), sub.cpu()
             for writer in senders:
                 writer.send("pace", rate / writers)
             sent = collect(senders, duration * 3 + 30)
             total = sum(int(s["sent"]) for s in sent)
             wait_counts(subs, base + total, idle=1.0, timeout=duration * 4 + 30)
+            cpu = server.cpu_seconds() - cpu0
             received = sub.counts()[0] - base
+            start = min(s["start"] for s in sent)
             end = max(s["end"] for s in sent)
-            achieved = total / (end - min(s["start"] for s in sent))
-            lag = sub.lasts()[0] - end
+            achieved = total / (end - start)
+            last = sub.lasts()[0]
+            lag = last - end
+            sub_busy = (sub.cpu() - sub_cpu0) / max(last - start, end - start)
+            generator = achieved < GENERATOR_SLACK * rate
             result = {
                 "offered": rate,
                 "achieved": achieved,
@@ -236,34 +261,42 @@ def ladder(
                 "lost": total - received,
                 "lag": lag,
                 "ok": received == total and lag <= max(LAG_LIMIT, LAG_SHARE * duration),
-                "generator_saturated": achieved < GENERATOR_SLACK * rate,
+                "cpu_us": cpu / max(total, 1) * 1e6,
+                "subscriber_busy": sub_busy,
+                "generator_saturated": generator,
+                "harness_saturated": generator or sub_busy > SUBSCRIBER_BUSY,
             }
             steps.append(result)
             return result
 
         best, saturated = search(rates, step, bisect)
+    passed = [s for s in steps if s["ok"] and s["offered"] == best]
     return {
         "rate": best,
+        "cpu_us": passed[-1]["cpu_us"] if passed else None,
         "capped": best == rates[-1],
         "generator_saturated": saturated,
+        "harness_saturated": saturated,
+        "writers": writers,
         "steps": steps,
         "duration": duration,
     }
 
 
 def search(rates: list[int], step: Any, bisect: bool) -> tuple[int | None, bool]:
-    """The highest passing rate, and whether the generator fell short of one.
+    """The highest passing rate, and whether the harness fell short of one.
 
-    A step where the writers could not reach the offered rate tested nothing
-    above what they reached: it counts as a failure, flagged as saturation.
+    A step where the writers could not reach the offered rate, or the
+    subscriber was saturated, tested nothing about the server: it counts as
+    a failure, flagged as the harness's.
     """
     saturated = False
     if not bisect:
         best = None
         for rate in rates:
             result = step(rate)
-            if result["generator_saturated"] or not result["ok"]:
-                return best, result["generator_saturated"]
+            if result["harness_saturated"] or not result["ok"]:
+                return best, result["harness_saturated"]
             best = rate
         return best, False
     low, high = -1, len(rates)  # rates[low] passed, rates[high] failed
@@ -272,11 +305,11 @@ def search(rates: list[int], step: Any, bisect: bool) -> tuple[int | None, bool]
             break
         middle = (low + high) // 2
         result = step(rates[middle])
-        if result["ok"] and not result["generator_saturated"]:
+        if result["ok"] and not result["harness_saturated"]:
             low = middle
         else:
             high = middle
-            saturated = saturated or result["generator_saturated"]
+            saturated = saturated or result["harness_saturated"]
     return (rates[low] if low >= 0 else None), saturated
 
 
@@ -313,6 +346,8 @@ def latency_run(
 
 
 def summarize(rate: float, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """p50 and p99: the median of the runs' own; max: over every run.  Each
+    run's figures are kept (``runs``), and the pooled percentiles too."""
     samples = sorted(ns for r in runs for ns in r["latencies_ns"])
     sent = sum(r["sent"] for r in runs)
     result = {
@@ -324,16 +359,42 @@ def summarize(rate: float, runs: list[dict[str, Any]]) -> dict[str, Any]:
     }
     if not samples:
         return result
+    each = [percentiles(sorted(r["latencies_ns"])) for r in runs]
+    each = [dict(e, sent=r["sent"]) for e, r in zip(each, runs, strict=True) if e]
+    pooled = percentiles(samples)
+    return dict(
+        result,
+        p50_ms=median([e["p50_ms"] for e in each]),
+        p99_ms=median([e["p99_ms"] for e in each]),
+        max_ms=pooled["max_ms"],
+        pooled_p50_ms=pooled["p50_ms"],
+        pooled_p99_ms=pooled["p99_ms"],
+        runs=each,
+    )
+
+
+def percentiles(samples: list[int]) -> dict[str, float]:
+    """p50, p99 and max (ms) of sorted nanosecond ``samples``."""
+    if not samples:
+        return {}
 
     def quantile(q: float) -> float:
         return samples[min(int(q * len(samples)), len(samples) - 1)] / 1e6
 
-    return dict(
-        result,
-        p50_ms=quantile(0.50),
-        p99_ms=quantile(0.99),
-        max_ms=samples[-1] / 1e6,
-    )
+    return {
+        "p50_ms": quantile(0.5),
+        "p99_ms": quantile(0.99),
+        "max_ms": samples[-1] / 1e6,
+    }
+
+
+def median(values: list[float]) -> float:
+    """The median (the mean of the middle two of an even count)."""
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    if len(ordered) % 2:
+        return ordered[middle]
+    return (ordered[middle - 1] + ordered[middle]) / 2
 
 
 def timer_lateness(samples: int = 1000, interval: float = 0.001) -> dict[str, float]:

@@ -16,6 +16,7 @@ import struct
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import zmq
 
@@ -84,20 +85,25 @@ def build_updates(
     ]
 
 
+# pyzmq's Cython methods with plain int flags: the ``zmq.Socket`` wrappers
+# (and ``send_multipart``/``recv_multipart`` most of all) cost more per frame
+# than moving it, and the load generator must stay cheap.
+_send = zmq.backend.Socket.send
+_recv = zmq.backend.Socket.recv
+_MORE = int(zmq.SNDMORE)
+
+
 def frame_sender(sock: zmq.Socket[bytes]) -> Callable[[Frames], None]:
-    """Send a five-frame message frame by frame.
+    """Send a five-frame message frame by frame (blocking: a writer's PUB
+    has SNDHWM 0, so it never blocks there)."""
+    more = _MORE
 
-    ``send_multipart`` costs about four times as much in pyzmq (its Python
-    checks per part); the load generator must stay cheap.
-    """
-    send, more = sock.send, zmq.SNDMORE
-
-    def send_frames(frames: Frames) -> None:
-        send(frames[0], more)
-        send(frames[1], more)
-        send(frames[2], more)
-        send(frames[3], more)
-        send(frames[4])
+    def send_frames(frames: Frames, send: Callable[..., Any] = _send) -> None:
+        send(sock, frames[0], more)
+        send(sock, frames[1], more)
+        send(sock, frames[2], more)
+        send(sock, frames[3], more)
+        send(sock, frames[4], 0)
 
     return send_frames
 
@@ -105,13 +111,18 @@ def frame_sender(sock: zmq.Socket[bytes]) -> Callable[[Frames], None]:
 def frame_receiver(sock: zmq.Socket[bytes]) -> Callable[[int], Frames]:
     """Receive a five-frame message (every CHP message from a server has five).
 
-    Much cheaper than ``recv_multipart``; raises ``zmq.Again`` (with
-    ``zmq.NOBLOCK``) only before the first frame: the rest are already there.
+    Raises ``zmq.Again`` (with ``zmq.NOBLOCK``) only before the first frame:
+    the rest of a message is always queued with it.
     """
-    recv = sock.recv
 
-    def receive_frames(flags: int = 0) -> Frames:
-        return [recv(flags), recv(), recv(), recv(), recv()]
+    def receive_frames(flags: int = 0, recv: Callable[..., Any] = _recv) -> Frames:
+        return [
+            recv(sock, int(flags)),
+            recv(sock, 0),
+            recv(sock, 0),
+            recv(sock, 0),
+            recv(sock, 0),
+        ]
 
     return receive_frames
 

@@ -41,6 +41,8 @@ MAX_COMMANDS = 10_000
 DRAIN = 1000  # messages taken off a socket per poll
 MIN_SLEEP = 0.0005  # a paced writer sleeps at least this long between bursts
 STAMP = struct.Struct("!q")
+RECV = zmq.backend.Socket.recv  # Cython, int flags: see wire.frame_receiver
+NOBLOCK = int(zmq.NOBLOCK)
 
 # -- writer --------------------------------------------------------------------
 
@@ -154,14 +156,14 @@ def subscriber(
 
 
 def count_batch(sub: zmq.Socket[bytes], stats: Any, base: int) -> None:
-    recv = sub.recv
+    recv, noblock = RECV, NOBLOCK
     data = probes = 0
     for _ in range(DRAIN):
         try:
-            key = recv(zmq.NOBLOCK)
+            key = recv(sub, noblock)
         except zmq.Again:
             break
-        recv(), recv(), recv(), recv()  # every KVPUB has five frames
+        recv(sub, 0), recv(sub, 0), recv(sub, 0), recv(sub, 0)  # five frames each
         if key.startswith(PROBE):
             probes += 1
         elif not key.endswith(SUBTREE_HUGZ):

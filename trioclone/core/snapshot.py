@@ -24,7 +24,7 @@ reading is dropped after a while instead of holding its transfer for ever.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from trioclone.core.store import Store
 
@@ -131,6 +131,23 @@ class Transfer:
         self._head = None
         self.sent += 1
         self.idle_since = now
+
+    def pump(self, send: Callable[[Frames], bool], limit: int, now: float) -> None:
+        """``peek``, ``send`` and ``advance`` up to ``limit`` times: until
+        ``send`` finds no room (False: the message stays next), the
+        transfer is done, or ``peek`` has nothing yet.  What ``send``
+        raises propagates, its message still next."""
+        head = self._head
+        for _ in range(limit):
+            if head is None:
+                head = self._head = self._next(now)
+                if head is None:
+                    return
+            if not send(head):
+                return
+            head = self._head = None
+            self.sent += 1
+            self.idle_since = now
 
     def _next(self, now: float) -> Frames | None:
         keys, store, scan = self._keys, self._store, self._scan

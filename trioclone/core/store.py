@@ -223,11 +223,16 @@ class Store:
             properties = encode_properties(
                 with_ttl(decode_properties(properties), remaining)
             )
-        frames = [key, record[:8], record[start:uuid_end], properties]
-        frames.append(record[props_end:])
         if identity is not None:
-            frames.insert(0, identity)
-        return frames
+            return [
+                identity,
+                key,
+                record[:8],
+                record[start:uuid_end],
+                properties,
+                record[props_end:],
+            ]
+        return [key, record[:8], record[start:uuid_end], properties, record[props_end:]]
 
     def drain(
         self, offset: float

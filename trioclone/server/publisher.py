@@ -149,10 +149,10 @@ class Publisher:
         if self._before is not None:
             self._before()
         self.admit()
-        sock, observer = self._sock, self.observer
-        for frames in messages:
-            sock.try_send(frames)
-            if observer is not None:
+        self._sock.try_send_each(messages)  # at its high-water mark, a PUB drops
+        observer = self.observer
+        if observer is not None:
+            for frames in messages:
                 observer(frames)
         self.published += len(messages)
 

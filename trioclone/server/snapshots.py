@@ -101,11 +101,7 @@ class Snapshots:
             transfer = transfers.popleft()
             examined, sent = transfer.examined, transfer.sent
             try:
-                for _ in range(min(CHUNK, budget)):
-                    frames = transfer.peek(now)
-                    if frames is None or not router.try_send(frames):
-                        break
-                    transfer.advance(now)
+                transfer.pump(router.try_send, min(CHUNK, budget), now)
             except UnroutableError:
                 self.log.log(  # one per client: a crowd must not flood the log
                     logging.INFO,
