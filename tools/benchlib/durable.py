@@ -19,7 +19,7 @@ from benchlib.wire import Context, server_sequence
 
 KINDS = ("trioclone", "durable")
 LABELS = {"trioclone": "in memory", "durable": "durable"}
-RATES = list(range(10_000, 100_001, 10_000))  # bisected
+RATES = list(range(10_000, 300_001, 10_000))  # bisected
 
 
 def run(

@@ -58,7 +58,7 @@ LABELS = {
 #: The prefixes the bench's client may write: its data keys and its probes.
 WRITABLE = (*DATA_PREFIXES, PROBE)
 DENIED_KEY = b"/denied/bench"
-RATES = list(range(2_500, 80_001, 2_500))  # bisected: 5-6 steps
+RATES = list(range(5_000, 300_001, 5_000))  # bisected: 6 steps
 TARGET = 0.9  # the issue's: secured loss-free rate >= 0.9x plain
 
 
