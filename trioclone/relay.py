@@ -7,17 +7,21 @@ the pair (or another relay: relays chain):
   message (an XSUB connected to the server in use) to an XPUB here, in C,
   with the pair's own sequence numbers, lineage and HUGZ.  Subscriptions go
   the other way, so the upstream's subtree heartbeats follow what the
-  relay's clients subscribe to.  It also copies each message to the mirror.
+  relay's clients subscribe to (the proxy's capture socket hands them to
+  the relay too, which subscribes a new XSUB to them after a failover).
 * P+2, writes: a second proxy forwards every client KVSET (an XSUB here) to
   every upstream collector (an XPUB connected to each), as a client sends
   them; a write's confirmation is its update on the stream, as always.
 * P, snapshots: answered from the mirror (``core/relay.py``), a replica of
   the whole map that follows the pair as a client does, failover included:
-  a DEALER to the server in use, and the stream proxy's copy as its stream.
+  a DEALER to the server in use, and as its stream a SUB of the relay's own
+  publisher (over inproc): what the relay's clients are sent, and nothing
+  they send.
 
 A snapshot is answered only while the mirror is in sync, and after it has
-taken in every update the proxy forwarded before (``_drain``), so it never
-says a sequence older than what the relay's clients were already sent.
+taken in every update the publisher sent before (``_drain``: the one
+reader of the mirror's stream), so it never says a sequence older than
+what the relay's clients were already sent.
 Out of sync (the upstream lost, a gap, a reset), a request gets no answer,
 as from a passive server, and the client tries its next server.  When the
 mirror moves to another upstream, the stream proxy stops and starts again
@@ -27,11 +31,10 @@ relay cut off from the pair falls silent, which moves its clients on.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import logging
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 import trio
@@ -69,59 +72,85 @@ _names = itertools.count()
 
 
 class StreamFollower(Follower):
-    """A ``Follower`` whose stream is the stream proxy's copy: each
-    connection points the proxy's upstream side at the server in use and
-    runs the proxy for as long as the connection lasts."""
+    """A ``Follower`` whose stream comes through the stream proxy: each
+    connection opens an XSUB to the server in use and runs the proxy from
+    it to the relay's publisher for as long as the connection lasts.  The
+    mirror reads the publisher's output like any subscriber (``mirror``,
+    over inproc), so it sees exactly what the relay's clients are sent and
+    nothing that they send."""
 
     def __init__(
         self,
         sockets: Sockets,
         endpoints: Sequence[Endpoints],
-        upstream: Socket,
         downstream: Socket,
+        mirror: Socket,
         capture: Socket,
-        copies: Socket,
+        subscriptions: Socket,
+        take: Callable[[], bool],
     ) -> None:
         super().__init__(sockets, endpoints, ())
-        self._upstream, self._downstream = upstream, downstream
-        self._capture, self.copies = capture, copies
-        self._publisher: str | None = None
-        #: The proxy runs for the connection in use: ``copies`` is its stream.
+        self._downstream, self.mirror = downstream, mirror
+        self._capture, self._handed_up = capture, subscriptions
+        self._take = take
+        self._upstream: Socket | None = None
+        #: What the publisher has handed up (its subscribers' prefixes, one
+        #: subscription per prefix): a new XSUB must subscribe to them again.
+        self.topics: set[bytes] = set()
+        #: The proxy runs for the connection in use: ``mirror`` is its stream.
         self.forwarding = False
+
+    def _track(self) -> None:
+        """Take in the (un)subscriptions the proxy handed up meanwhile (the
+        capture's copies of them: its SUB takes nothing else)."""
+        for _ in range(1_000):
+            batch = self._handed_up.receive_nowait(BATCH)
+            if not batch:
+                return
+            for frames in batch:
+                if len(frames) == 1 and frames[0][:1] == b"\x01":
+                    self.topics.add(frames[0][1:])
+                elif len(frames) == 1 and frames[0][:1] == b"\x00":
+                    self.topics.discard(frames[0][1:])
 
     async def _serve(self, connection: Connection, handle: BatchHandler) -> None:
         server = self._endpoints[connection.server]
-        raw = self._upstream.raw
-        if self._publisher is not None:
-            with contextlib.suppress(zmq.ZMQError):
-                raw.disconnect(self._publisher)
-        raw.connect(server.publisher)
-        self._publisher = server.publisher
-        while self.copies.receive_nowait(BATCH):
+        # A fresh XSUB for each upstream: libzmq aborts the process if a
+        # socket's pipe is disconnected with a message part still queued
+        # (fq.cpp's ``!_more``), so the last one is closed, not reused.
+        self._track()
+        if self._upstream is not None:
+            self._upstream.close()
+        upstream = self._upstream = self._sockets.open(
+            zmq.XSUB, connect=[server.publisher], options=[(zmq.RCVHWM, HWM)]
+        )
+        upstream.raw.send(b"\x01")  # the whole stream, for the mirror
+        for topic in self.topics:  # and every prefix a client follows
+            upstream.raw.send(b"\x01" + topic)
+        while self.mirror.receive_nowait(BATCH):
             pass  # the last connection's: never handed on
-        self._capture.refresh()  # it takes in the mirror's subscription now
         dealer = self._sockets.open(zmq.DEALER, connect=[server.snapshot])
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(
-                    run_proxy,
-                    self._sockets,
-                    self._upstream,
-                    self._downstream,
-                    self._capture,
+                    run_proxy, self._sockets, upstream, self._downstream, self._capture
                 )
                 self.forwarding = True
                 nursery.start_soon(self._replies, dealer, connection, handle)
-                nursery.start_soon(self._updates, self.copies, connection, handle)
+                nursery.start_soon(self._stream)
         finally:
             self.forwarding = False
             dealer.close()
 
-
-def updates_only(batch: list[list[bytes]]) -> list[list[bytes]]:
-    """The capture holds the subscriptions forwarded upstream too (one
-    frame each): only the stream's messages are the mirror's."""
-    return [frames for frames in batch if len(frames) > 1]
+    async def _stream(self) -> NoReturn:
+        """Wake when the stream has messages, and let ``take`` have them all
+        at once: no batch is ever held across a schedule point, where a
+        snapshot's drain could take later ones first."""
+        while True:
+            await self.mirror.wait(zmq.POLLIN)
+            self._take()
+            self._track()
+            await trio.lowlevel.checkpoint()
 
 
 class CloneRelay:
@@ -162,7 +191,9 @@ class CloneRelay:
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         bind, upstreams = self.bind, self.upstreams
-        name = f"inproc://trioclone-relay-capture-{next(_names)}"
+        serial = next(_names)
+        mirrored = f"inproc://trioclone-relay-{serial}-stream"
+        captured = f"inproc://trioclone-relay-{serial}-capture"
         with Sockets(self._context) as sockets:
             router = sockets.open(
                 zmq.ROUTER,
@@ -182,24 +213,34 @@ class CloneRelay:
                 connect=[u.collector for u in upstreams],
                 options=[(zmq.SNDHWM, HWM)],
             )
-            upstream = sockets.open(zmq.XSUB, options=[(zmq.RCVHWM, HWM)])
-            capture = sockets.open(
-                zmq.PUB, bind=[name], options=[(zmq.SNDHWM, HWM)], secure=False
-            )
-            copies = sockets.open(
+            downstream.raw.bind(mirrored)
+            mirror = sockets.open(
                 zmq.SUB,
-                connect=[name],
+                connect=[mirrored],
                 subscribe=[b""],
                 options=[(zmq.RCVHWM, HWM)],
                 secure=False,
             )
-            # Subscribed to everything ourselves: the whole stream for the
-            # mirror, and every client's writes whether or not an upstream
-            # collector is connected yet (its own subscription comes later).
-            upstream.raw.send(b"\x01")
+            # The proxy copies what it forwards, both ways, to ``capture``;
+            # ``subscriptions`` takes in only the (un)subscriptions.
+            capture = sockets.open(zmq.PUB, bind=[captured], secure=False)
+            subscriptions = sockets.open(
+                zmq.SUB,
+                connect=[captured],
+                subscribe=[b"\x00", b"\x01"],
+                secure=False,
+            )
+            # Every client's writes, whether or not an upstream collector is
+            # connected yet (its own subscription comes later).
             writes_in.raw.send(b"\x01")
             self._follower = StreamFollower(
-                sockets, upstreams, upstream, downstream, capture, copies
+                sockets,
+                upstreams,
+                downstream,
+                mirror,
+                capture,
+                subscriptions,
+                self._drain,
             )
             async with trio.open_nursery() as nursery:
                 await nursery.start(run_proxy, sockets, writes_in, writes_out)
@@ -238,8 +279,6 @@ class CloneRelay:
     # -- the mirror ------------------------------------------------------------
 
     async def _handle(self, is_reply: bool, batch: list[list[bytes]]) -> None:
-        if not is_reply:
-            batch = updates_only(batch)
         feed(self.mirror, is_reply, batch, trio.current_time(), self._reject)
         self._dispatch()
 
@@ -287,20 +326,24 @@ class CloneRelay:
                 await self._wakeup.wait()
 
     def _drain(self) -> bool:
-        """Take in what the stream proxy forwarded so far; False if more is
-        still queued (a flood) or the mirror has no stream now."""
+        """Take in what the relay has published so far (the one reader of
+        the mirror's stream, from its stream task and before a snapshot);
+        False if more is still queued (a flood) or there is no stream now."""
         follower = self._follower
         if follower is None or not follower.forwarding:
             return False
         now = trio.current_time()
-        taken = 0
+        taken, drained = 0, False
         while taken < DRAIN_LIMIT:
-            batch = follower.copies.receive_nowait(BATCH)
+            batch = follower.mirror.receive_nowait(BATCH)
             if not batch:
-                return True
+                drained = True
+                break
             taken += len(batch)
-            feed(self.mirror, False, updates_only(batch), now, self._reject)
-        return False
+            feed(self.mirror, False, batch, now, self._reject)
+        if taken:
+            self._dispatch()
+        return drained
 
     # -- snapshots ---------------------------------------------------------------
 

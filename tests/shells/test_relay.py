@@ -9,10 +9,8 @@ that restarted, which libzmq does over TCP only.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
-import pytest
 import trio
 import zmq
 
@@ -38,13 +36,6 @@ FAST_MIRROR = Timings(
 FAST_CLIENT = ClientTimings(
     request_timeout=0.5, silence_timeout=0.6, backoff=0.1, max_backoff=0.5
 )
-
-
-@pytest.fixture
-def ctx() -> Iterator[zmq.Context[Any]]:
-    context: zmq.Context[Any] = zmq.Context()
-    yield context
-    context.destroy(linger=0)
 
 
 def tcp() -> Endpoints:
