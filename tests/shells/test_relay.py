@@ -20,7 +20,7 @@ from tests.shells.pair import Running, _run as run_until_killed, start
 from trioclone import ClientTimings, open_client
 from trioclone._zmq import Sockets
 from trioclone.core.bstar import State
-from trioclone.core.chp import HUGZ, LINEAGE, KVMsg, decode_kvmsg
+from trioclone.core.chp import HUGZ, LINEAGE, SUBTREE_HUGZ, KVMsg, decode_kvmsg
 from trioclone.core.replica import Timings
 from trioclone.core.status import decode_status_reply, encode_status_request
 from trioclone.endpoints import Endpoints
@@ -367,3 +367,36 @@ async def follow(
             while client.get("/k/last") != b"end":
                 await trio.sleep(0.01)
         found.update(client.items())
+
+
+async def test_subtree_heartbeats_still_reach_a_relays_clients_after_it_reconnects(
+    ctx: zmq.Context[Any],
+) -> None:
+    """A new upstream connection subscribes to the prefixes the relay's
+    clients follow, so the server keeps sending their subtree heartbeats."""
+    with trio.fail_after(GUARD):
+        async with trio.open_nursery() as nursery:
+            server = await standalone(nursery, ctx)
+            up = server.server.settings.bind
+            await write(up, {"/a/x": b"1"})  # (a prefix at 0 gets none)
+            relay = await relay_of(nursery, ctx, up, up)  # one server, twice
+            await relay.serving.wait_value(True)
+            with Sockets(ctx) as sockets:
+                raw = RawClient(sockets, relay.bind, b"/a/")
+                follower = relay._follower
+                assert follower is not None
+                for _ in range(3):
+                    before = follower.current
+                    relay.mirror.poll(trio.current_time() + 1e9)  # "silence"
+                    relay._dispatch()
+                    assert follower.current is not before
+                    await relay.serving.wait_value(True)
+                    while raw.sub.receive_nowait(1000):
+                        pass  # heard before the reconnect
+                    with trio.fail_after(2):
+                        while True:
+                            msg = decode_kvmsg(await raw.sub.receive())
+                            if msg.key == b"/a/" + SUBTREE_HUGZ:
+                                break
+                assert b"/a/" in follower.topics
+            nursery.cancel_scope.cancel()
