@@ -260,8 +260,8 @@ class Bench:
         for label, (processes, sockets, updates) in self.mode.floods.items():
             tries: dict[str, list[dict[str, Any]]] = {kind: [] for kind in servers}
             repeated = label == "1" or self.mode.all_floods_repeated
-            for _ in range(self.mode.repeats if repeated else 1):
-                for kind, server in servers.items():
+            for turn in range(self.mode.repeats if repeated else 1):
+                for kind, server in in_turn(servers, turn):
                     result = load.flood(
                         self.mp,
                         self.ctx,
@@ -278,8 +278,8 @@ class Bench:
     def ladder(self, servers: dict[str, Server]) -> None:
         """Ladders in rounds, the kinds alternating; median rate and CPU."""
         tries: dict[str, list[dict[str, Any]]] = {kind: [] for kind in servers}
-        for _ in range(self.mode.repeats):
-            for kind, server in servers.items():
+        for turn in range(self.mode.repeats):
+            for kind, server in in_turn(servers, turn):
                 tries[kind].append(
                     load.ladder(
                         self.mp,
@@ -396,6 +396,13 @@ class Bench:
         self.results.setdefault("failover", {})["idle"] = pair.idle(
             self.fleet, self.mode.idle_seconds
         )
+
+
+def in_turn(servers: dict[str, Server], turn: int) -> list[tuple[str, Server]]:
+    """The contenders in the order of round ``turn``: reversed every other
+    round, so neither always runs first (after the other's load)."""
+    order = list(servers.items())
+    return order if turn % 2 == 0 else order[::-1]
 
 
 def median_flood(tries: list[dict[str, Any]], keys: int) -> dict[str, Any]:

@@ -86,3 +86,10 @@ def test_the_ceiling_publishes_and_snapshots_what_a_trioclone_server_does(
         assert all(key.startswith(subtree) for key in records["trioclone"])
         ends = {name: snap.sequence - offset[name] for name, snap in taken.items()}
         assert ends["ceiling"] == ends["trioclone"] == len(writes)
+    # a message that is not five frames is dropped whole by both: it never
+    # shifts the next one
+    for client in clients.values():
+        client.send([b"/short", b"x", b"y"])
+        client.set(b"/after-short", b"ok")
+        kv = client.next_update(5.0)
+        assert kv is not None and (kv.key, kv.body) == (b"/after-short", b"ok")

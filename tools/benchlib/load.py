@@ -325,8 +325,9 @@ def latency(
     """Per server: latency percentiles at ``rate``, over ``rounds`` runs of
     ``duration / rounds`` seconds with the servers taking turns."""
     runs: dict[str, list[dict[str, Any]]] = {kind: [] for kind in servers}
-    for _ in range(rounds):
-        for kind, server in servers.items():
+    for turn in range(rounds):
+        order = list(servers.items())
+        for kind, server in order if turn % 2 == 0 else order[::-1]:
             runs[kind].append(
                 latency_run(mp, server, rate, duration / rounds, key_space)
             )

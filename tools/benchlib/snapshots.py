@@ -12,7 +12,9 @@
 
 from __future__ import annotations
 
+import functools
 import time
+import zlib
 from multiprocessing.context import ForkServerContext
 from typing import Any
 
@@ -20,10 +22,12 @@ from benchlib import workers
 from benchlib.children import Children
 from benchlib.servers import Server
 from benchlib.wire import (
+    DIGEST_MASK,
     HOT,
     Context,
     Feeder,
     build_updates,
+    data_key,
     request_snapshot,
     server_sequence,
     wait_sequence,
@@ -67,6 +71,12 @@ def fill(
     return {"keys": stop, "seconds": seconds, "rate": (stop - start) / seconds}
 
 
+@functools.cache
+def key_digest(keys: int) -> int:
+    """The sum of the CRC-32s of data keys ``0 .. keys-1`` (``fill``'s)."""
+    return sum(zlib.crc32(data_key(i)) for i in range(keys)) & DIGEST_MASK
+
+
 def snapshot_once(
     ctx: Context,
     server: Server,
@@ -82,8 +92,13 @@ def snapshot_once(
     )
     if reply is None:
         return {"complete": False, "expected": expected, "seconds": None}
+    # a full snapshot must hold exactly keys 0 .. expected-1 (a count alone
+    # would pass one key twice and another missing)
+    exact = reply.data == expected and (
+        subtree != b"" or reply.digest == key_digest(expected)
+    )
     return {
-        "complete": reply.data == expected,
+        "complete": exact,
         "expected": expected,
         "received": reply.data,
         "kvsync": reply.kvsync,
@@ -155,8 +170,9 @@ def snapshot_suite(
     runs: dict[str, dict[str, list[dict[str, Any]]]] = {
         kind: {"full": [], "subtree": []} for kind in servers
     }
-    for _ in range(max(repeats, 1)):
-        for kind, server in servers.items():
+    for turn in range(max(repeats, 1)):
+        order = list(servers.items())
+        for kind, server in order if turn % 2 == 0 else order[::-1]:
             runs[kind]["full"].append(snapshot_once(ctx, server, b"", keys))
             runs[kind]["subtree"].append(
                 snapshot_once(ctx, server, HOT, hot_keys(keys))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import struct
 import time
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -54,6 +55,9 @@ PLAIN: Security = ()
 
 def tcp(port: int) -> str:
     return f"tcp://{HOST}:{port}"
+
+
+DIGEST_MASK = (1 << 64) - 1
 
 
 def data_key(index: int) -> bytes:
@@ -205,6 +209,9 @@ class SnapshotReply:
     sequence: int  # the KTHXBAI's
     seconds: float  # ICANHAZ sent -> KTHXBAI received
     keys: set[bytes] | None = None
+    #: The sum of the data keys' CRC-32s (mod 2**64): a key twice, or one
+    #: missing, changes it.
+    digest: int = 0
 
 
 def request_snapshot(
@@ -232,7 +239,8 @@ def request_snapshot(
         dealer.send_multipart([ICANHAZ, subtree])
         deadline = time.monotonic() + timeout
         recv, poll = frame_receiver(dealer), dealer.poll
-        kvsync = data = 0
+        kvsync = data = digest = 0
+        crc = zlib.crc32
         for _ in range(max_messages):
             try:
                 frames = recv(zmq.NOBLOCK)
@@ -245,11 +253,17 @@ def request_snapshot(
             if key == KTHXBAI:
                 seconds = time.perf_counter() - start
                 return SnapshotReply(
-                    kvsync, data, SEQUENCE.unpack(frames[1])[0], seconds, keys
+                    kvsync,
+                    data,
+                    SEQUENCE.unpack(frames[1])[0],
+                    seconds,
+                    keys,
+                    digest & DIGEST_MASK,
                 )
             kvsync += 1
             if key[:5] in DATA_PREFIXES:
                 data += 1
+                digest += crc(key)
             if keys is not None:
                 keys.add(key)
             if pause_every and kvsync % pause_every == 0:
