@@ -248,7 +248,8 @@ def _reap(server: Server, deadline: float) -> None:
     except subprocess.TimeoutExpired:
         with contextlib.suppress(ProcessLookupError):
             os.kill(server.pid, signal.SIGKILL)
-        server.popen.wait(timeout=STOP_GRACE)
+        with contextlib.suppress(subprocess.TimeoutExpired):  # stop the others
+            server.popen.wait(timeout=STOP_GRACE)
 
 
 def trioclone_command(*serve_args: str) -> list[str]:
