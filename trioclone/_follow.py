@@ -15,14 +15,14 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import NoReturn, Protocol
+from typing import Any, NoReturn, Protocol
 
 import trio
 import zmq
 
 from trioclone._zmq import Socket, Sockets
 from trioclone.core.chp import encode_request
-from trioclone.core.replica import Action, Connect, Request
+from trioclone.core.replica import Action, Connect, Replica, Request
 from trioclone.endpoints import Endpoints
 from trioclone.errors import RemoteProtocolError
 
@@ -179,3 +179,35 @@ class Follower:
             batch = await sub.receive_batch(BATCH)
             if not connection.scope.cancel_called:
                 await handle(False, batch)
+
+
+class Timers:
+    """A replica's timers, and its long work (catching up a backlog,
+    confirming what a fresh map holds) in bounded steps with a schedule
+    point after each.  In a task of its own, not in a reader: replacing
+    the connection cancels the readers, never this.  ``dispatch`` carries
+    out what the replica asks after each step; ``wake`` after any input
+    (its deadline may have moved)."""
+
+    def __init__(self, replica: Replica[Any], dispatch: Callable[[], None]) -> None:
+        self._replica = replica
+        self._dispatch = dispatch
+        self._wakeup = trio.Event()
+
+    def wake(self) -> None:
+        self._wakeup.set()
+
+    async def run(self) -> NoReturn:
+        replica = self._replica
+        while True:
+            now = trio.current_time()
+            replica.poll(now)
+            if replica.busy:
+                replica.catch_up(now)
+            self._dispatch()
+            if replica.busy:
+                await trio.lowlevel.checkpoint()
+                continue
+            self._wakeup = trio.Event()
+            with trio.move_on_at(replica.next_deadline()):
+                await self._wakeup.wait()

@@ -42,7 +42,14 @@ import zmq
 from trio_util import AsyncValue
 
 from trioclone import __version__
-from trioclone._follow import BATCH, BatchHandler, Connection, Follower, feed
+from trioclone._follow import (
+    BATCH,
+    BatchHandler,
+    Connection,
+    Follower,
+    Timers,
+    feed,
+)
 from trioclone._log import Limited
 from trioclone._proxy import run_proxy
 from trioclone._zmq import ROUTER_RETRY_INTERVAL, Socket, Sockets, UnroutableError
@@ -177,7 +184,7 @@ class CloneRelay:
         self.rejections: Counter[str] = Counter()
         self._context = context
         self._follower: StreamFollower | None = None
-        self._wakeup = trio.Event()
+        self._timers = Timers(self.mirror, self._dispatch)
         self._snapshot_wait: trio.CancelScope | None = None
         self._stop = trio.Event()
         self._started: float | None = None
@@ -245,7 +252,7 @@ class CloneRelay:
             async with trio.open_nursery() as nursery:
                 await nursery.start(run_proxy, sockets, writes_in, writes_out)
                 nursery.start_soon(self._follower.run, self._handle)
-                nursery.start_soon(self._timers)
+                nursery.start_soon(self._timers.run)
                 nursery.start_soon(self._serve_snapshots, router)
                 log.info(
                     "relay listening: %s, following %s",
@@ -306,24 +313,7 @@ class CloneRelay:
             self.serving.value = serving
         if serving and self.snapshots.queued and self._snapshot_wait is not None:
             self._snapshot_wait.cancel()
-        self._wakeup.set()
-
-    async def _timers(self) -> NoReturn:
-        """The mirror's timers and its long work (catching up), in bounded
-        steps with a schedule point after each."""
-        mirror = self.mirror
-        while True:
-            now = trio.current_time()
-            mirror.poll(now)
-            if mirror.busy:
-                mirror.catch_up(now)
-            self._dispatch()
-            if mirror.busy:
-                await trio.lowlevel.checkpoint()
-                continue
-            self._wakeup = trio.Event()
-            with trio.move_on_at(mirror.next_deadline()):
-                await self._wakeup.wait()
+        self._timers.wake()
 
     def _drain(self) -> bool:
         """Take in what the relay has published so far (the one reader of

@@ -21,7 +21,7 @@ import trio
 import zmq
 from trio_util import AsyncValue, wait_any
 
-from trioclone._follow import Follower, feed
+from trioclone._follow import Follower, Timers, feed
 from trioclone._log import Limited
 from trioclone._zmq import Socket, Sockets
 from trioclone.client.events import (
@@ -116,7 +116,7 @@ class CloneClient:
         #: the reason a server refused it])
         self._waiters: dict[bytes, tuple[trio.Event, list[int | str | None]]] = {}
         self._watchers: weakref.WeakSet[Watch] = weakref.WeakSet()
-        self._wakeup = trio.Event()
+        self._timers = Timers(self._core, self._dispatch)
         self._pub: Socket
         self._follower: Follower
         #: The agent's nursery: tasks started here end with the client.
@@ -260,35 +260,16 @@ class CloneClient:
             )
             async with trio.open_nursery() as nursery:
                 self.nursery = nursery
-                nursery.start_soon(self._timers)
+                nursery.start_soon(self._timers.run)
                 nursery.start_soon(self._follower.run, self._handle)
                 task_status.started()
         raise AssertionError("the agent's tasks never return")
-
-    async def _timers(self) -> NoReturn:
-        """The core's timers, and its long work (catching up a backlog,
-        confirming what a fresh map holds) in bounded steps, a schedule point
-        after each.  Here, not in a reader: replacing the connection cancels
-        its readers, never this."""
-        core = self._core
-        while True:
-            now = trio.current_time()
-            core.poll(now)
-            if core.busy:
-                core.catch_up(now)
-            self._dispatch()
-            if core.busy:
-                await trio.lowlevel.checkpoint()
-                continue
-            self._wakeup = trio.Event()
-            with trio.move_on_at(core.next_deadline()):
-                await self._wakeup.wait()
 
     async def _handle(self, is_reply: bool, batch: list[list[bytes]]) -> None:
         if is_reply:
             batch = [frames for frames in batch if not self._refusal(frames)]
         feed(self._core, is_reply, batch, trio.current_time(), self._reject)
-        self._dispatch()  # wakes _timers: the rest of a catch-up is its work
+        self._dispatch()  # wakes the timers: the rest of a catch-up is their work
 
     def _refusal(self, frames: list[bytes]) -> bool:
         """True if ``frames`` is a secured server's refusal, which settles
@@ -331,7 +312,7 @@ class CloneClient:
         self._synced.value = core.phase is Phase.ACTIVE
         if self._synced.value and self._refused.value is not None:
             self._refused.value = None  # allowed now (permissions change)
-        self._wakeup.set()
+        self._timers.wake()
 
     def _settle_write(self, uuid: bytes, sequence: int | str | None) -> None:
         waiter = self._waiters.pop(uuid, None)
