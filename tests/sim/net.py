@@ -444,6 +444,10 @@ class SimSocket:
 
     # -- sending ----------------------------------------------------------------
 
+    def try_send_each(self, messages: Iterable[Sequence[bytes]]) -> int:
+        """As ``trioclone._zmq.Socket.try_send_each``: each in turn."""
+        return sum(self.try_send(frames) for frames in messages)
+
     def try_send(self, frames: Sequence[bytes]) -> bool:
         self._check_open()
         message = list(frames)
