@@ -337,6 +337,7 @@ def test_a_pair_restores_from_an_online_backup_of_its_passive(
     copy = tmp_path / "copy.sqlite3"
     with Pair(procs, TIMING) as pair, zmq_context() as ctx:
         primary, backup = pair.start()
+        pair.probe(pair.sub_primary)  # the writer's and the subscriber's links are up
         before = pair.write_until_seen(b"/before", 300, pair.sub_primary)
         sequence = request_snapshot(ctx, pair.p1, timeout=5.0)
         assert sequence is not None
