@@ -76,6 +76,21 @@ async def relay_of(
     return relay
 
 
+async def relayed(
+    nursery: trio.Nursery,
+    ctx: zmq.Context[Any],
+    items: dict[str, bytes] | None = None,
+) -> tuple[Running, Endpoints, CloneRelay]:
+    """A standalone server holding ``items``, and a relay of it in sync."""
+    server = await standalone(nursery, ctx)
+    up = server.server.settings.bind
+    if items:
+        await write(up, items)
+    relay = await relay_of(nursery, ctx, up)
+    await relay.serving.wait_value(True)
+    return server, up, relay
+
+
 async def write(server: Endpoints, items: dict[str, bytes]) -> None:
     async with open_client([server], timings=FAST_CLIENT) as client:
         await client.wait_synced()
@@ -95,11 +110,9 @@ async def test_a_client_on_a_relay_reads_the_map_and_writes_through_it(
 ) -> None:
     with trio.fail_after(GUARD):
         async with trio.open_nursery() as nursery:
-            server = await standalone(nursery, ctx)
-            up = server.server.settings.bind
-            await write(up, {f"/a/{n}": b"v%d" % n for n in range(50)})
-            relay = await relay_of(nursery, ctx, up)
-            await relay.serving.wait_value(True)
+            server, up, relay = await relayed(
+                nursery, ctx, {f"/a/{n}": b"v%d" % n for n in range(50)}
+            )
             async with open_client([relay.bind], timings=FAST_CLIENT) as client:
                 await client.wait_synced()
                 assert dict(client.items()) == {
@@ -127,11 +140,9 @@ async def test_a_guide_style_client_reads_and_writes_through_a_relay(
     on the stream newer than it; writes to the collector at P+2."""
     with trio.fail_after(GUARD):
         async with trio.open_nursery() as nursery:
-            server = await standalone(nursery, ctx)
-            up = server.server.settings.bind
-            await write(up, {"/a/1": b"one", "/b/1": b"two"})
-            relay = await relay_of(nursery, ctx, up)
-            await relay.serving.wait_value(True)
+            _server, up, relay = await relayed(
+                nursery, ctx, {"/a/1": b"one", "/b/1": b"two"}
+            )
             with Sockets(ctx) as sockets:
                 direct = RawClient(sockets, up)
                 raw = RawClient(sockets, relay.bind)
@@ -187,11 +198,7 @@ async def test_a_malformed_request_is_rejected_and_the_relay_serves_on(
 ) -> None:
     with trio.fail_after(GUARD):
         async with trio.open_nursery() as nursery:
-            server = await standalone(nursery, ctx)
-            up = server.server.settings.bind
-            await write(up, {"/k": b"v"})
-            relay = await relay_of(nursery, ctx, up)
-            await relay.serving.wait_value(True)
+            _server, _up, relay = await relayed(nursery, ctx, {"/k": b"v"})
             with Sockets(ctx) as sockets:
                 raw = RawClient(sockets, relay.bind)
                 await raw.dealer.send([b"ICANHAZ?"])  # no subtree frame
@@ -224,10 +231,7 @@ async def test_ttl_counts_down_on_a_relay_and_its_expiry_is_forwarded(
 ) -> None:
     with trio.fail_after(GUARD):
         async with trio.open_nursery() as nursery:
-            server = await standalone(nursery, ctx)
-            up = server.server.settings.bind
-            relay = await relay_of(nursery, ctx, up)
-            await relay.serving.wait_value(True)
+            _server, _up, relay = await relayed(nursery, ctx)
             async with open_client([relay.bind], timings=FAST_CLIENT) as client:
                 await client.wait_synced()
                 await client.set("/ttl", b"short", ttl=1.0)
@@ -320,10 +324,7 @@ async def test_clients_joining_a_relay_under_load_all_end_with_the_servers_map(
     that joins mid-stream ends with exactly the server's map."""
     with trio.fail_after(GUARD):
         async with trio.open_nursery() as nursery:
-            server = await standalone(nursery, ctx)
-            up = server.server.settings.bind
-            relay = await relay_of(nursery, ctx, up)
-            await relay.serving.wait_value(True)
+            server, up, relay = await relayed(nursery, ctx)
             done = trio.Event()
 
             async def writer() -> None:

@@ -22,8 +22,8 @@ from tests.shells.test_relay import (
     FAST_CLIENT,
     GUARD,
     relay_of,
+    relayed,
     standalone,
-    write,
 )
 from trioclone import open_client
 from trioclone._zmq import Sockets
@@ -32,26 +32,25 @@ ASKERS = 3
 ROOT = Path(__file__).resolve().parents[2]
 
 
-async def test_a_subscriber_on_p1_can_knock_the_relay_out_of_sync(
+async def test_updates_forged_by_a_reader_on_the_stream_port_never_reach_the_mirror(
     ctx: zmq.Context[Any],
 ) -> None:
-    """The stream proxy copies *both* directions to the mirror's capture,
-    and ``updates_only`` keeps any message of more than one frame.  A
-    subscriber that connects an XSUB (it may send anything) to P+1 and
-    sends a five-frame message gets it into the mirror as a stream update:
-    a forged sequence (one whose first byte is not 0 or 1, so the XPUB does
-    not take the frame for an (un)subscription) is a gap or a reset, and the
-    relay stops answering snapshots.  Repeated, the relay never serves."""
+    """A reader of P+1 may connect an XSUB and send anything upstream, five
+    frames that look like an update included.  The proxy forwards it up
+    (the server rejects it); the mirror reads only what the relay publishes,
+    so it never sees it: no gap, no reset, never out of sync.  (When the
+    mirror read the proxy's copy of both directions, each forged message
+    knocked it out of sync.)"""
     with trio.fail_after(GUARD):
         async with trio.open_nursery() as nursery:
-            server = await standalone(nursery, ctx)
-            up = server.server.settings.bind
-            await write(up, {"/k": b"v"})
-            relay = await relay_of(nursery, ctx, up)
-            await relay.serving.wait_value(True)
+            _server, _up, relay = await relayed(nursery, ctx, {"/k": b"v"})
             with Sockets(ctx) as sockets:
                 evil = sockets.open(zmq.XSUB, connect=[relay.bind.publisher])
-                await trio.sleep(0.3)  # connected
+                evil.raw.send(b"\x01/evil/")  # connected once the relay has it
+                follower = relay._follower
+                assert follower is not None
+                while b"/evil/" not in follower.topics:
+                    await trio.sleep(0.01)
                 flips = 0
 
                 async def watch() -> None:
@@ -85,18 +84,14 @@ async def test_a_subscriber_on_p1_can_knock_the_relay_out_of_sync(
 async def test_snapshot_requests_during_a_flood_do_not_make_the_mirror_resync(
     ctx: zmq.Context[Any],
 ) -> None:
-    """``_updates`` takes a batch off ``copies`` and then passes a schedule
-    point (``receive_batch``'s fairness checkpoint) before handing it on;
-    ``_drain`` (the snapshot task) may run in between and feed the mirror
-    the messages *after* that batch: the mirror sees a gap (then the held
-    batch as a sequence going back: a reset) and resyncs from upstream,
-    refusing snapshots meanwhile.  Nothing was lost on the wire."""
+    """The mirror's stream has one reader: the stream task and a snapshot's
+    drain take messages with the same call, and neither holds a batch over
+    a schedule point.  (When the stream task held one while a drain fed the
+    mirror the messages after it, the mirror saw a gap, then a sequence
+    going back, and resynced from upstream, refusing snapshots meanwhile.)"""
     with trio.fail_after(GUARD):
         async with trio.open_nursery() as nursery:
-            server = await standalone(nursery, ctx)
-            up = server.server.settings.bind
-            relay = await relay_of(nursery, ctx, up)
-            await relay.serving.wait_value(True)
+            _server, up, relay = await relayed(nursery, ctx)
             done = trio.Event()
 
             async def writer() -> None:
@@ -124,7 +119,6 @@ async def test_snapshot_requests_during_a_flood_do_not_make_the_mirror_resync(
                 for _ in range(ASKERS):
                     inner.start_soon(asker)
             stats = relay.mirror.stats
-            print(dict(stats), dict(relay.stats))
             assert (stats["gaps"], stats["resets"]) == (0, 0), dict(stats)
             nursery.cancel_scope.cancel()
 
@@ -132,26 +126,20 @@ async def test_snapshot_requests_during_a_flood_do_not_make_the_mirror_resync(
 async def test_a_relay_snapshot_is_never_older_than_the_stream_a_client_got(
     ctx: zmq.Context[Any],
 ) -> None:
-    """The docstring's promise: a snapshot never says a sequence older than
-    what the relay's clients were already sent.  A client reads a burst's
-    last update on the relay's stream, then asks for a snapshot: its
-    KTHXBAI must say that sequence at least.  When the mirror lags (a burst
-    of more than one batch), ``_updates`` holds the burst's last batch over
-    ``receive_batch``'s fairness checkpoint; ``_drain`` then finds ``copies``
-    empty and the snapshot starts from the mirror without that batch.  A
-    Guide client (no gap check) would never get those updates."""
+    """A snapshot never says a sequence older than what the relay's clients
+    were already sent (a Guide client, with no gap check, would never get
+    the updates in between): a client reads a burst's last update on the
+    relay's stream, then asks for a snapshot, while other clients' snapshots
+    keep the relay busy; its KTHXBAI must say that sequence at least."""
     with trio.fail_after(GUARD * 2):
         async with trio.open_nursery() as nursery:
-            server = await standalone(nursery, ctx)
-            up = server.server.settings.bind
-            relay = await relay_of(nursery, ctx, up)
-            await relay.serving.wait_value(True)
+            _server, up, relay = await relayed(nursery, ctx)
             stale: list[tuple[int, int]] = []
             timeouts = 0
             with Sockets(ctx) as sockets:
                 writer = RawClient(sockets, up)
                 raw = RawClient(sockets, relay.bind)
-                await trio.sleep(0.3)  # both connected
+                sequence = await probe(writer, raw)
 
                 async def busy() -> None:  # other clients' snapshots load it
                     other = RawClient(sockets, relay.bind)
@@ -159,35 +147,39 @@ async def test_a_relay_snapshot_is_never_older_than_the_stream_a_client_got(
                         with trio.move_on_after(1.0):
                             await other.snapshot()
 
-                busy_scope = trio.CancelScope()
-
-                async def busy_until_done() -> None:
-                    with busy_scope:
-                        await busy()
-
-                nursery.start_soon(busy_until_done)
-                sequence = 0
-                for burst in range(25):
-                    for n in range(700):
-                        writer.set(b"/b/%d" % n, b"%d.%d" % (burst, n))
-                    sequence += 700
-                    with trio.move_on_after(5):
-                        while (msg := await raw.next_update()).sequence < sequence:
-                            pass
-                    sequence = msg.sequence  # (a write lost on the way: go on)
-                    await relay.serving.wait_value(True)
-                    with trio.move_on_after(2) as slow:
-                        _, end = await raw.snapshot()
-                    if slow.cancelled_caught:
-                        timeouts += 1
-                        continue
-                    if end.sequence < sequence:
-                        stale.append((end.sequence, sequence))
-                busy_scope.cancel()
-                await trio.sleep(0.05)  # (its socket is closed after it ends)
-            print(stale, timeouts, dict(relay.mirror.stats))
+                async with trio.open_nursery() as others:
+                    others.start_soon(busy)
+                    for burst in range(25):
+                        for n in range(700):
+                            writer.set(b"/b/%d" % n, b"%d.%d" % (burst, n))
+                        sequence += 700
+                        with trio.move_on_after(5):
+                            while (msg := await raw.next_update()).sequence < sequence:
+                                pass
+                        sequence = msg.sequence  # (a write lost on the way: go on)
+                        await relay.serving.wait_value(True)
+                        with trio.move_on_after(2) as slow:
+                            _, end = await raw.snapshot()
+                        if slow.cancelled_caught:
+                            timeouts += 1
+                            continue
+                        if end.sequence < sequence:
+                            stale.append((end.sequence, sequence))
+                    others.cancel_scope.cancel()
             assert not stale, f"snapshots older than the stream sent: {stale}"
+            assert timeouts <= 5, f"{timeouts} of 25 snapshots never came"
             nursery.cancel_scope.cancel()
+
+
+async def probe(writer: RawClient, reader: RawClient) -> int:
+    """Write a probe until ``reader`` sees it on its stream (the writer's
+    and the reader's links are up); its sequence."""
+    while True:
+        writer.set(b"/probe", b"p")
+        with trio.move_on_after(0.2):
+            while (msg := await reader.next_update()).key != b"/probe":
+                pass
+            return msg.sequence
 
 
 def _child(
@@ -232,15 +224,21 @@ async def test_two_relays_per_group_double_the_writes_the_active_reads(
             two = await relay_of(nursery, ctx, up)
             await one.serving.wait_value(True)
             await two.serving.wait_value(True)
+            stats = server.server.core.stats
             async with open_client([one.bind, two.bind], timings=FAST_CLIENT) as client:
                 await client.wait_synced()
-                await trio.sleep(0.5)  # both relays' collectors took us in
+                while not stats["duplicates"]:  # both relays' collectors took us in
+                    await client.set("/probe", b"p")
+                    await trio.sleep(0.05)  # (the second copy may come later)
+                written, read_twice = (
+                    server.server.core.store.sequence,
+                    stats["duplicates"],
+                )
                 for n in range(20):
                     await client.set(f"/d/{n}", b"%d" % n)
-                stats = server.server.core.stats
                 with trio.fail_after(5):
-                    while stats["duplicates"] < 20:
+                    while stats["duplicates"] < read_twice + 20:
                         await trio.sleep(0.02)
-            assert server.server.core.store.sequence == 20
-            assert stats["duplicates"] == 20
+            assert server.server.core.store.sequence == written + 20
+            assert stats["duplicates"] == read_twice + 20
             nursery.cancel_scope.cancel()
