@@ -30,11 +30,11 @@ from benchlib.heartbeats import Observer, Stream, lateness
 from benchlib.servers import Fleet
 from benchlib.wire import (
     DATA_PREFIXES,
+    DIGEST_MASK,
     ICANHAZ,
     KTHXBAI,
     VALUE,
     Context,
-    data_key,
     frame_receiver,
     socket,
     tcp,
@@ -42,14 +42,6 @@ from benchlib.wire import (
 
 HUGZ_INTERVAL = 0.2  # the pair's --hugz (fast settings)
 DRAIN = 1000
-MASK = (1 << 64) - 1
-
-
-def digest(keys: int) -> int:
-    """The key-set digest of keys ``0 .. keys-1``."""
-    return sum(zlib.crc32(data_key(i)) for i in range(keys)) & MASK
-
-
 # -- child process -------------------------------------------------------------
 
 
@@ -86,7 +78,7 @@ def clients(conn: Connection, port: int, count: int, go: Any, timeout: float) ->
                 "start": start,
                 "data": data,
                 "wrong": wrong,
-                "sums": [s & MASK for s in sums],
+                "sums": [s & DIGEST_MASK for s in sums],
                 "done": done,
                 "cpu": time.process_time() - cpu0,
             }
@@ -143,7 +135,7 @@ def run(
     primary, backup = fleet.start_pair(fast=True, tag="storm")
     try:
         fill = snapshots.fill(ctx, primary, 0, keys)
-        expected = digest(keys)
+        expected = snapshots.key_digest(keys)
         with Children(mp) as children:
             observer = Observer(
                 children,
