@@ -25,6 +25,7 @@ from trioclone.cli_client import (
     port,
     seconds,
 )
+from trioclone.cli_console import add_console_command
 from trioclone.cli_relay import add_relay_command
 from trioclone.cli_status import add_status_command
 from trioclone.config import ENV_PREFIX, Effective, Setting, resolve, table
@@ -200,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_client_commands(commands)
     add_status_command(commands)
     add_relay_command(commands)
+    add_console_command(commands)
     return parser
 
 

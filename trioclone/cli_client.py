@@ -49,38 +49,7 @@ Command = Callable[[CloneClient, argparse.Namespace], Coroutine[Any, Any, int]]
 def add_client_commands(
     commands: argparse._SubParsersAction[argparse.ArgumentParser],
 ) -> None:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
-        "--server",
-        action="append",
-        type=server_address,
-        metavar="ADDRESS",
-        help="tcp://HOST:PORT of a server; repeat for a pair "
-        f"(default: {' and '.join(DEFAULT_SERVERS)})",
-    )
-    common.add_argument(
-        "--server-key",
-        type=Path,
-        metavar="FILE",
-        default=_env_path(SERVER_KEY_VARIABLE),
-        help="the servers' public certificate, for secured servers "
-        "(default: $TRIOCLONE_SERVER_KEY)",
-    )
-    common.add_argument(
-        "--client-key",
-        type=Path,
-        metavar="FILE",
-        default=_env_path(CLIENT_KEY_VARIABLE),
-        help="this client's secret certificate (NAME.key_secret) "
-        "(default: $TRIOCLONE_CLIENT_KEY)",
-    )
-    common.add_argument(
-        "--timeout",
-        type=seconds,
-        default=5.0,
-        help="seconds to wait for a server, and for a write to be confirmed (at "
-        f"most the write horizon, {ClientTimings.write_horizon:g} s; default 5)",
-    )
+    common = client_options()
     get = commands.add_parser("get", parents=[common], help="print one value")
     get.add_argument("key")
     get.set_defaults(run=client_command(do_get, subtree="key"))
@@ -134,6 +103,43 @@ def add_client_commands(
         help="the folder to write them in (default: the current one)",
     )
     keygen.set_defaults(run=run_keygen)
+
+
+def client_options() -> argparse.ArgumentParser:
+    """The options every client command takes: servers, keys, timeout."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--server",
+        action="append",
+        type=server_address,
+        metavar="ADDRESS",
+        help="tcp://HOST:PORT of a server; repeat for a pair "
+        f"(default: {' and '.join(DEFAULT_SERVERS)})",
+    )
+    common.add_argument(
+        "--server-key",
+        type=Path,
+        metavar="FILE",
+        default=_env_path(SERVER_KEY_VARIABLE),
+        help="the servers' public certificate, for secured servers "
+        "(default: $TRIOCLONE_SERVER_KEY)",
+    )
+    common.add_argument(
+        "--client-key",
+        type=Path,
+        metavar="FILE",
+        default=_env_path(CLIENT_KEY_VARIABLE),
+        help="this client's secret certificate (NAME.key_secret) "
+        "(default: $TRIOCLONE_CLIENT_KEY)",
+    )
+    common.add_argument(
+        "--timeout",
+        type=seconds,
+        default=5.0,
+        help="seconds to wait for a server, and for a write to be confirmed (at "
+        f"most the write horizon, {ClientTimings.write_horizon:g} s; default 5)",
+    )
+    return common
 
 
 def run_keygen(args: argparse.Namespace) -> int:

@@ -38,6 +38,7 @@ from trioclone.core.client import (
     ClientTimings,
     Confirmed,
     Deleted,
+    Entry,
     Phase,
     Resynced,
     Send,
@@ -130,6 +131,15 @@ class CloneClient:
     def get(self, key: str | bytes, default: bytes | None = None) -> bytes | None:
         entry = self._core.entries.get(key_bytes(key))
         return default if entry is None else entry.value
+
+    def entry(self, key: str | bytes) -> Entry | None:
+        """``key``'s value with its sequence, UUID and properties, or None.
+
+        Its ``ttl`` property, if any, is the seconds it had left when this
+        client received it (snapshots carry the time remaining; updates,
+        the writer's TTL).
+        """
+        return self._core.entries.get(key_bytes(key))
 
     def view(self, prefix: str = "") -> MapView:
         """A read-only, live mapping of the keys under ``prefix``."""
