@@ -26,6 +26,7 @@ class Listing:
     folders: list[tuple[str, int]]  # (folder, keys under it)
     keys: list[str]  # sorted, at most the limit
     total: int  # keys under the prefix (matching the filter)
+    leaves: int  # of them, keys directly under it (all, with a filter)
 
 
 def list_prefix(
@@ -52,7 +53,7 @@ def list_prefix(
         else:
             folders[folder] = folders.get(folder, 0) + 1
     leaves.sort()
-    return Listing(sorted(folders.items()), leaves[:limit], total)
+    return Listing(sorted(folders.items()), leaves[:limit], total, len(leaves))
 
 
 def folder_of(key: str, prefix: str) -> str | None:
