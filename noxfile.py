@@ -1,5 +1,5 @@
-"""Sessions: lint, typecheck, tests, bench, lateness, subtrees, sim, fuzz and
-chaos (``nox -s bench -- --quick``)."""
+"""Sessions: lint, typecheck, tests, bench, lateness, subtrees, sim, fuzz,
+chaos and console (``nox -s bench -- --quick``)."""
 
 import os
 
@@ -73,3 +73,11 @@ def chaos(session: nox.Session) -> None:
     ``nox -s chaos -- --cycles 50 --seed 7``."""
     session.install("-e", ".")
     session.run("python", "tools/chaos.py", *session.posargs)
+
+
+@nox.session
+def console(session: nox.Session) -> None:
+    """The web console under load in a real Chromium (Debian's chromium and
+    chromium-driver): ``nox -s console -- --out tools/results/console-X.json``."""
+    session.install("-e", ".[test]")
+    session.run("python", "tools/console_load.py", *session.posargs)

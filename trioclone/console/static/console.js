@@ -5,6 +5,8 @@ const $ = (id) => document.getElementById(id);
 const view = {
   prefix: "", filter: "", rows: new Map(), baseSeq: -1, generation: 0, truncated: false,
   keys: -1, // the map's size when listed: when it changes, keys came or went
+  loading: 0, // listings on their way
+  held: [], // batches that came meanwhile, applied on top of the listing
   readOnly: true, state: null, servers: [], lost: false,
 };
 let reloadTimer = null;
@@ -27,13 +29,17 @@ async function load() {
   const generation = ++view.generation;
   const query = new URLSearchParams({ prefix: view.prefix, filter: view.filter, limit: "500" });
   let data;
+  view.loading++;
   try {
     const response = await fetch("/api/tree?" + query);
     data = await response.json();
     if (!response.ok) throw new Error(data.error || response.statusText);
   } catch (error) {
     $("more").textContent = "could not load the keys: " + error.message;
+    if (generation === view.generation) { view.held = []; scheduleLoad(2000); }
     return;
+  } finally {
+    view.loading--;
   }
   if (generation !== view.generation) return; // a newer load is on its way
   view.baseSeq = data.state.sequence;
@@ -50,6 +56,11 @@ async function load() {
     ? `showing ${shown} of ${data.leaves} keys: narrow the prefix or the filter` : "";
   showState(data.state);
   markSeq(data.state.sequence);
+  // Batches that came while the listing was on its way: those taken after
+  // it (a higher sequence) hold changes it does not.
+  const held = view.held;
+  view.held = [];
+  for (const batch of held) onBatch(batch);
 }
 
 function scheduleLoad(delay) {
@@ -214,6 +225,7 @@ function applyRow(row) {
 function onBatch(batch) {
   showState(batch.state);
   if (batch.reload) { scheduleLoad(0); return; }
+  if (view.loading) { view.held.push(batch); return; }
   if (batch.state.sequence <= view.baseSeq && batch.rows.length) {
     markSeq(batch.state.sequence);
     return; // the listing already holds these values
