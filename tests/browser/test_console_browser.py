@@ -112,6 +112,22 @@ def test_a_key_written_from_the_cli_shows_in_the_tree_within_a_second(
     assert shown_after < 1.0
     assert "flash" in row(browser, "/app/config/size").get_attribute("class")
 
+    # the filter box lists every key under the prefix that holds its text
+    browser.find_element("link text", "all keys").click()
+    by_id(browser, "filter").send_keys("SIZ")
+    wait(
+        browser,
+        lambda d: (
+            [
+                tr.get_attribute("data-key")
+                for tr in d.find_elements("css selector", "tbody tr")
+            ]
+            == ["/app/config/size"]
+        ),
+        5,
+        "the filter did not list the one key holding its text",
+    )
+
 
 def test_editing_a_value_in_the_page_is_confirmed_and_seen_by_trioclone_get(
     browser: Any, procs: Processes, pair_servers: Any
