@@ -96,7 +96,7 @@ def build_app(console: Console, *, loopback: bool) -> ASGI:
         prefix, text = params.get("prefix", ""), params.get("filter", "")
         limit = _limit(params.get("limit", "500"))
         clone, now = console.clone, trio.current_time()
-        listing = list_prefix(clone.view(), prefix, text, limit)
+        listing = list_prefix(clone.view(prefix), prefix, text, limit)
         rows = []
         for key in listing.keys:
             entry = clone.entry(key)
