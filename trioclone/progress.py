@@ -22,6 +22,9 @@ INTERVAL = 0.2
 WINDOW = 5.0
 #: Seconds of work before anything is drawn.
 DELAY = 0.5
+#: Times this close count as equal (a ticker every ``interval`` seconds adds
+#: them up in floating point).
+EPSILON = 1e-6
 
 
 class Meter:
@@ -118,8 +121,8 @@ class Meter:
         """May the line be drawn at ``now``?  Not before ``delay`` seconds
         of work, then not within ``interval`` of the last draw."""
         if self._drawn_at is None:
-            return now - self.start >= self.delay
-        return now - self._drawn_at >= self.interval
+            return now - self.start >= self.delay - EPSILON
+        return now - self._drawn_at >= self.interval - EPSILON
 
     def drawn(self, now: float) -> None:
         """The line was drawn at ``now``."""
@@ -132,9 +135,9 @@ class Meter:
 
 
 def duration(seconds: float) -> str:
-    """``5 s``, ``2 min 05 s``, ``1 h 03 min``: whole seconds, rounded up
-    (an ETA of 0.2 s is ``1 s``; exactly 0 is ``0 s``)."""
-    whole = math.ceil(max(seconds, 0.0))
+    """``5 s``, ``2 min 05 s``, ``1 h 03 min``: to the nearest second, and
+    at least ``1 s`` above 0 (an ETA of 0.2 s is ``1 s``)."""
+    whole = round(seconds) if seconds >= 0.5 else math.ceil(max(seconds, 0.0))
     if whole < 60:
         return f"{whole} s"
     minutes, secs = divmod(whole, 60)

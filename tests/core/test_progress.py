@@ -13,7 +13,7 @@ def test_the_line_shows_count_total_rate_and_eta() -> None:
     meter.record(41_200, 13.0)
     assert meter.rate() == pytest.approx(41_200 / 3)
     assert meter.eta() == pytest.approx(58_800 / (41_200 / 3))
-    assert meter.line() == "load: 41,200/100,000 keys  13,733 keys/s  ETA 5 s"
+    assert meter.line() == "load: 41,200/100,000 keys  13,733 keys/s  ETA 4 s"
 
 
 def test_without_a_total_there_is_no_eta() -> None:
@@ -40,7 +40,8 @@ def test_no_eta_while_nothing_moves() -> None:
 
 
 def test_the_rate_is_over_the_recent_window_not_since_the_start() -> None:
-    meter = Meter("load", 1_000_000, start=0.0, window=5.0, interval=0.2)
+    """The last 5 s by default (README)."""
+    meter = Meter("load", 1_000_000, start=0.0)
     now, done = 0.0, 0
     for _ in range(50):  # 10 s at 1,000 keys/s
         now, done = now + 0.2, done + 200
@@ -105,6 +106,7 @@ def test_a_redraw_waits_for_the_delay_then_the_interval() -> None:
     assert meter.shown
     assert not meter.due(100.6)
     assert meter.due(100.7)
+    assert meter.due(100.5 + 0.1 + 0.1)  # (a sum of floats)
 
 
 @pytest.mark.parametrize(
@@ -113,6 +115,8 @@ def test_a_redraw_waits_for_the_delay_then_the_interval() -> None:
         (0, "0 s"),
         (0.2, "1 s"),
         (5, "5 s"),
+        (5.4, "5 s"),
+        (5.6, "6 s"),
         (59.5, "1 min 00 s"),
         (60, "1 min 00 s"),
         (125, "2 min 05 s"),
@@ -120,5 +124,7 @@ def test_a_redraw_waits_for_the_delay_then_the_interval() -> None:
         (-1, "0 s"),
     ],
 )
-def test_durations_are_whole_seconds_rounded_up(seconds: float, text: str) -> None:
+def test_durations_are_to_the_nearest_second_and_never_0_above_0(
+    seconds: float, text: str
+) -> None:
     assert duration(seconds) == text
