@@ -82,8 +82,9 @@ def add_client_commands(
         "--timeout",
         type=seconds,
         default=5.0,
-        help="seconds to wait for a server, and for a write to be confirmed (at "
-        f"most the write horizon, {ClientTimings.write_horizon:g} s; default 5)",
+        help="seconds to wait for a server (and more while its snapshot "
+        "keeps arriving), and for a write to be confirmed (at most the write "
+        f"horizon, {ClientTimings.write_horizon:g} s; default 5)",
     )
     get = commands.add_parser("get", parents=[common], help="print one value")
     get.add_argument("key")
@@ -272,13 +273,12 @@ async def connected(
     subtree: str,
 ) -> int:
     async with open_client(servers, subtree, curve=args.curve) as clone:
-        with trio.move_on_after(args.timeout):
-            try:
-                with snapshot_shown(args, clone, servers, subtree):
-                    await clone.wait_synced()
-            except PermissionDeniedError as exc:
-                print(f"trioclone: refused: {exc}", file=sys.stderr)
-                return EXIT_DENIED
+        try:
+            with snapshot_shown(args, clone, servers, subtree):
+                await synced_in_time(clone, args.timeout)
+        except PermissionDeniedError as exc:
+            print(f"trioclone: refused: {exc}", file=sys.stderr)
+            return EXIT_DENIED
         if not clone.synced:
             print(
                 f"trioclone: no server answered within {args.timeout:g} s "
@@ -287,6 +287,22 @@ async def connected(
             )
             return EXIT_NO_SERVER
         return await handler(clone, args)
+
+
+async def synced_in_time(clone: CloneClient, timeout: float) -> bool:
+    """Wait ``timeout`` seconds for a complete snapshot, and then again as
+    long as each wait saw more of it arrive (a large map takes longer than
+    ``--timeout`` to send; a server that stops sending is the client's to
+    leave, after its request timeout)."""
+    received = 0
+    while True:
+        with trio.move_on_after(timeout):
+            await clone.wait_synced()
+            return True
+        now = clone.snapshot_progress
+        if now is None or now <= received:
+            return False
+        received = now
 
 
 async def do_get(clone: CloneClient, args: argparse.Namespace) -> int:

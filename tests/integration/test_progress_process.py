@@ -182,4 +182,16 @@ def test_dump_shows_the_snapshot_received_and_the_total_on_a_terminal(
     lines = drawn(shown.stderr)
     received = rf"dump \(snapshot\): [\d,]+/{total} keys  [\d,]+ keys/s  ETA \d+ s"
     assert any(re.fullmatch(received, line) for line in lines), lines
-    assert lines[-1].startswith(f"dump (snapshot): {total} keys in ")
+    assert f"dump (snapshot): {total} keys in " in "\n".join(lines)
+    # then, if printing took over half a second, the lines written
+    printed = [line for line in lines if line.startswith("dump: ")]
+    assert all(re.match(rf"dump: [\d,]+(/{total})? lines", line) for line in printed)
+
+    # --timeout is for a server to answer: a snapshot still arriving after
+    # it is waited for (200,000 keys take more than 0.5 s to arrive)
+    patient = on_terminal(
+        ["dump", "--timeout", "0.5", "--quiet", "--server", tcp(server)],
+        tmp_path / "patient",
+    )
+    assert patient.returncode == 0, patient.stderr
+    assert patient.stdout == shown.stdout
