@@ -195,3 +195,4 @@ def test_dump_shows_the_snapshot_received_and_the_total_on_a_terminal(
     )
     assert patient.returncode == 0, patient.stderr
     assert patient.stdout == shown.stdout
+    assert patient.stderr == ""  # --quiet: nothing on the terminal
