@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 
 import trio
 
+from trioclone.cli_progress import lines_shown, shown, snapshot_shown
 from trioclone.client.agent import DEFAULT_SERVERS, CloneClient, open_client
 from trioclone.client.events import (
     CloneEvent,
@@ -31,6 +32,7 @@ from trioclone.errors import (
     PermissionDeniedError,
     WriteTimeoutError,
 )
+from trioclone.progress import Meter
 from trioclone.server.settings import COUNT, HEARTBEATS, HWM, SECONDS, Rule
 
 EXIT_NOT_FOUND = 1
@@ -41,6 +43,8 @@ EXIT_DENIED = 5  # a secured server refused: see docs/security.md
 SERVER_KEY_VARIABLE = "TRIOCLONE_SERVER_KEY"
 CLIENT_KEY_VARIABLE = "TRIOCLONE_CLIENT_KEY"
 VARIABLES = (SERVER_KEY_VARIABLE, CLIENT_KEY_VARIABLE)
+
+QUIET_HELP = "no progress on stderr (shown only when it is a terminal)"
 
 T = TypeVar("T")
 Command = Callable[[CloneClient, argparse.Namespace], Coroutine[Any, Any, int]]
@@ -68,7 +72,8 @@ def add_client_commands(
         description="Write every key of FILE (the output of 'trioclone dump "
         '--json\': an object of key -> text, or {"base64": ...}) through the '
         "servers' normal path, each write confirmed. The whole file is checked "
-        "before anything is written.",
+        "before anything is written. On a terminal, stderr shows progress "
+        "(keys confirmed, rate, ETA) unless --quiet.",
     )
     load.add_argument("file", type=Path, help="the JSON file ('-' for stdin)")
     load.add_argument(
@@ -77,7 +82,8 @@ def add_client_commands(
         default=1000,
         help="writes awaiting confirmation at once (default %(default)s)",
     )
-    load.set_defaults(run=run_load)
+    load.add_argument("--quiet", action="store_true", help=QUIET_HELP)
+    load.set_defaults(run=run_load, progress="load")
     for name, handler, text in (
         ("watch", do_watch, "print changes as they happen (Ctrl-C stops)"),
         ("dump", do_dump, "print every key and value"),
@@ -86,6 +92,15 @@ def add_client_commands(
         cmd.add_argument("prefix", nargs="?", default="", help="key prefix")
         cmd.add_argument("--json", action="store_true", help="JSON output")
         cmd.set_defaults(run=client_command(handler, subtree="prefix"))
+        if name == "dump":
+            cmd.description = (
+                "Print every key and value under the prefix. On a terminal, "
+                "stderr shows the snapshot's progress (keys received, rate, and "
+                "an ETA for the whole map) and, when stdout is not a terminal, "
+                "lines written, unless --quiet."
+            )
+            cmd.add_argument("--quiet", action="store_true", help=QUIET_HELP)
+            cmd.set_defaults(progress="dump")
 
     keygen = commands.add_parser(
         "keygen",
@@ -136,8 +151,9 @@ def client_options() -> argparse.ArgumentParser:
         "--timeout",
         type=seconds,
         default=5.0,
-        help="seconds to wait for a server, and for a write to be confirmed (at "
-        f"most the write horizon, {ClientTimings.write_horizon:g} s; default 5)",
+        help="seconds to wait for a server (and more while its snapshot "
+        "keeps arriving), and for a write to be confirmed (at most the write "
+        f"horizon, {ClientTimings.write_horizon:g} s; default 5)",
     )
     return common
 
@@ -263,12 +279,12 @@ async def connected(
     subtree: str,
 ) -> int:
     async with open_client(servers, subtree, curve=args.curve) as clone:
-        with trio.move_on_after(args.timeout):
-            try:
-                await clone.wait_synced()
-            except PermissionDeniedError as exc:
-                print(f"trioclone: refused: {exc}", file=sys.stderr)
-                return EXIT_DENIED
+        try:
+            with snapshot_shown(args, clone, servers, subtree):
+                await synced_in_time(clone, args.timeout)
+        except PermissionDeniedError as exc:
+            print(f"trioclone: refused: {exc}", file=sys.stderr)
+            return EXIT_DENIED
         if not clone.synced:
             print(
                 f"trioclone: no server answered within {args.timeout:g} s "
@@ -277,6 +293,22 @@ async def connected(
             )
             return EXIT_NO_SERVER
         return await handler(clone, args)
+
+
+async def synced_in_time(clone: CloneClient, timeout: float) -> bool:
+    """Wait ``timeout`` seconds for a complete snapshot, and then again as
+    long as each wait saw more of it arrive (a large map takes longer than
+    ``--timeout`` to send; a server that stops sending is the client's to
+    leave, after its request timeout)."""
+    received = 0
+    while True:
+        with trio.move_on_after(timeout):
+            await clone.wait_synced()
+            return True
+        now = clone.snapshot_progress
+        if now is None or now <= received:
+            return False
+        received = now
 
 
 async def do_get(clone: CloneClient, args: argparse.Namespace) -> int:
@@ -321,8 +353,10 @@ async def do_dump(clone: CloneClient, args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({key: as_json(value) for key, value in items}, indent=1))
     else:
-        for key, value in items:
-            print(f"{key}={show(value)}")
+        with lines_shown(args, "dump", len(items)) as written:
+            for number, (key, value) in enumerate(items, 1):
+                print(f"{key}={show(value)}")
+                written(number)
     return 0
 
 
@@ -370,15 +404,19 @@ def run_load(args: argparse.Namespace) -> int:
 
 
 async def do_load(clone: CloneClient, args: argparse.Namespace) -> int:
-    """Every entry, ``args.window`` writes in flight at a time."""
+    """Every entry, ``args.window`` writes in flight at a time; on a terminal,
+    the writes confirmed so far (and failed) are shown on stderr."""
     entries: dict[str, bytes] = args.entries
     window = trio.Semaphore(args.window)
+    confirmed = 0
     failed: list[str] = []
     refused: list[str] = []
 
     async def write(key: str, body: bytes) -> None:
+        nonlocal confirmed
         try:
             await clone.set(key, body, timeout=args.timeout)
+            confirmed += 1
         except WriteTimeoutError:
             failed.append(key)
         except PermissionDeniedError as exc:
@@ -386,10 +424,14 @@ async def do_load(clone: CloneClient, args: argparse.Namespace) -> int:
         finally:
             window.release()
 
-    async with trio.open_nursery() as nursery:
-        for key, body in entries.items():
-            await window.acquire()
-            nursery.start_soon(write, key, body)
+    meter = Meter("load", len(entries), trio.current_time())
+    with shown(
+        args, clone.nursery, meter, lambda: (confirmed, len(failed) + len(refused))
+    ):
+        async with trio.open_nursery() as nursery:
+            for key, body in entries.items():
+                await window.acquire()
+                nursery.start_soon(write, key, body)
     if refused:
         print(
             f"trioclone: refused: {len(refused)} of {len(entries)} writes, "

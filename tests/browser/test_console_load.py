@@ -69,7 +69,7 @@ def test_the_page_keeps_up_with_10000_keys_and_500_updates_a_second(
         servers = [f"tcp://{HOST}:{pair.p1}", f"tcp://{HOST}:{pair.p2}"]
         dump = tmp_path / "map.json"
         dump.write_text(json.dumps({f"/load/k{n:05d}": f"v{n}" for n in range(KEYS)}))
-        loaded = cli("load", str(dump), servers=servers)
+        loaded = cli("load", str(dump), "--quiet", servers=servers)
         assert loaded.returncode == 0, loaded.stderr
         _console, url = start_console(procs, servers)
 

@@ -171,6 +171,15 @@ class CloneClient:
         return self._core.failovers
 
     @property
+    def snapshot_progress(self) -> int | None:
+        """Keys received so far of the snapshot being synced, or None when
+        no snapshot is in progress.  It counts the map the snapshot builds:
+        it starts again from 0 when the client asks again (another server,
+        a gap, a reset), and a key received twice counts once."""
+        incoming = self._core.incoming
+        return None if incoming is None else len(incoming)
+
+    @property
     def synced(self) -> bool:
         """True while the client holds a complete snapshot from a live server."""
         return bool(self._synced.value)
