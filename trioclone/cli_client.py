@@ -120,7 +120,9 @@ def add_client_commands(
     keygen.set_defaults(run=run_keygen)
 
 
-def client_options() -> argparse.ArgumentParser:
+def client_options(
+    timeout: float = 5.0, timeout_help: str | None = None
+) -> argparse.ArgumentParser:
     """The options every client command takes: servers, keys, timeout."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
@@ -150,8 +152,9 @@ def client_options() -> argparse.ArgumentParser:
     common.add_argument(
         "--timeout",
         type=seconds,
-        default=5.0,
-        help="seconds to wait for a server (and more while its snapshot "
+        default=timeout,
+        help=timeout_help
+        or "seconds to wait for a server (and more while its snapshot "
         "keeps arriving), and for a write to be confirmed (at most the write "
         f"horizon, {ClientTimings.write_horizon:g} s; default 5)",
     )

@@ -9,18 +9,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from collections.abc import Sequence
-from pathlib import Path
 
 import trio
 
-from trioclone.cli_client import (
-    EXIT_NO_SERVER,
-    client_curve,
-    seconds,
-    server_address,
-)
+from trioclone.cli_client import EXIT_NO_SERVER, client_curve, client_options
 from trioclone.client.agent import DEFAULT_SERVERS
 from trioclone.client.status import ServerStatus, ask_all
 from trioclone.endpoints import Endpoints
@@ -47,42 +40,15 @@ COLUMNS = (
 def add_status_command(
     commands: argparse._SubParsersAction[argparse.ArgumentParser],
 ) -> None:
+    options = client_options(2.0, "seconds to wait for each server (default 2.0)")
     status = commands.add_parser(
         "status",
+        parents=[options],
         help="show each server's role, sequence and health",
         description="Ask each server for its status on its snapshot socket "
         "(never a Binary Star vote). Exit 0 when a server answered (with "
         "--check: when exactly one server is active), 1 with --check when "
         "none or two are active, 3 when no server answered.",
-    )
-    status.add_argument(
-        "--server",
-        action="append",
-        type=server_address,
-        metavar="ADDRESS",
-        help="tcp://HOST:PORT of a server; repeat for a pair "
-        f"(default: {' and '.join(DEFAULT_SERVERS)})",
-    )
-    status.add_argument(
-        "--timeout",
-        type=seconds,
-        default=2.0,
-        help="seconds to wait for each server (default %(default)s)",
-    )
-    status.add_argument(
-        "--server-key",
-        type=Path,
-        metavar="FILE",
-        default=_env_path("TRIOCLONE_SERVER_KEY"),
-        help="the servers' public certificate, for secured servers "
-        "(default: $TRIOCLONE_SERVER_KEY)",
-    )
-    status.add_argument(
-        "--client-key",
-        type=Path,
-        metavar="FILE",
-        default=_env_path("TRIOCLONE_CLIENT_KEY"),
-        help="this client's secret certificate (default: $TRIOCLONE_CLIENT_KEY)",
     )
     status.add_argument("--json", action="store_true", help="JSON output")
     status.add_argument(
@@ -91,11 +57,6 @@ def add_status_command(
         help="exit 1 unless exactly one server is active (a health probe)",
     )
     status.set_defaults(run=run_status)
-
-
-def _env_path(name: str) -> Path | None:
-    value = os.environ.get(name)
-    return Path(value) if value else None
 
 
 def run_status(args: argparse.Namespace) -> int:
