@@ -26,6 +26,7 @@ import json
 import logging
 import math
 from collections.abc import Awaitable, Callable, MutableMapping
+from contextlib import aclosing
 from pathlib import Path
 from typing import Any
 
@@ -210,11 +211,12 @@ async def _write_request(request: Request, console: Console) -> dict[str, Any]:
         raise BadRequest(f"a write from another site ({origin}) is refused", 403)
     size = 0
     chunks = []
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_BODY:
-            raise BadRequest(f"a write request is at most {MAX_BODY} bytes", 413)
-        chunks.append(chunk)
+    async with aclosing(request.stream()) as stream:  # closed when cut short
+        async for chunk in stream:
+            size += len(chunk)
+            if size > MAX_BODY:
+                raise BadRequest(f"a write request is at most {MAX_BODY} bytes", 413)
+            chunks.append(chunk)
     try:
         body = json.loads(b"".join(chunks))
     except (UnicodeDecodeError, ValueError) as exc:
