@@ -116,12 +116,9 @@ def build_app(console: Console, *, loopback: bool) -> ASGI:
         entry = console.clone.entry(name)
         if entry is None:
             raise BadRequest(f"{name!r}: no such key", 404)
-        row = entry_row(name, entry, console.ttl_left(name, entry, trio.current_time()))
-        row.pop("cut", None)
-        if row["e"] == "text":
-            row["v"] = entry.value.decode()
-        else:
-            row["v"] = base64.b64encode(entry.value).decode()
+        # the whole value: text or not is said of all of it, not of a row's part
+        ttl = console.ttl_left(name, entry, trio.current_time())
+        row = entry_row(name, entry, ttl, shown_bytes=len(entry.value))
         return JSONResponse(row)
 
     async def events(request: Request) -> Response:
