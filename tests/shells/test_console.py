@@ -721,7 +721,7 @@ async def test_a_resync_tells_pages_to_reload_with_the_news(
         assert listing["state"]["news"] is not None
 
 
-async def test_a_page_that_leaves_is_forgotten(site: Site) -> None:
+async def test_a_page_opened_after_another_left_gets_the_batches(site: Site) -> None:
     async with events(site):
         pass
     async with events(site) as stream:
