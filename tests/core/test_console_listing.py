@@ -36,8 +36,8 @@ def test_the_root_groups_keys_into_their_first_folders() -> None:
     # a leading "/" does not make a folder "/" of its own
     assert listing.folders == [("/app/", 5), ("top/", 1)]
     assert listing.keys == ["/other", "top"]
-    # the rows there are: the folders count their own keys
-    assert listing.total == 2
+    assert listing.total == len(KEYS)
+    assert listing.leaves == 2  # the folders count their own keys
 
 
 def test_a_folder_lists_its_leaves_and_subfolders_with_their_key_counts() -> None:
@@ -45,14 +45,14 @@ def test_a_folder_lists_its_leaves_and_subfolders_with_their_key_counts() -> Non
     assert listing.folders == [("/app/db/", 2), ("/app/web/", 1)]
     # a key ending in "/" is a leaf where its last "/" ends it
     assert listing.keys == ["/app/name", "/app/web/"]
-    assert listing.total == 2
+    assert (listing.total, listing.leaves) == (5, 2)
 
 
 def test_a_prefix_lists_only_the_keys_it_starts() -> None:
     listing = list_prefix(KEYS, "/app/db/")
     assert listing.folders == []
     assert listing.keys == ["/app/db/host", "/app/db/port"]
-    assert listing.total == 2
+    assert (listing.total, listing.leaves) == (2, 2)
     assert list_prefix(KEYS, "/nothing/") == list_prefix([], "/nothing/")
     assert list_prefix([], "").total == 0
 
@@ -67,7 +67,7 @@ def test_a_filter_lists_matching_keys_flat_and_case_insensitively() -> None:
     listing = list_prefix(KEYS, "", "PORT")
     assert listing.folders == []
     assert listing.keys == ["/app/db/port", "/app/web/port"]
-    assert listing.total == 2
+    assert (listing.total, listing.leaves) == (2, 2)  # flat: all are leaves
 
 
 def test_a_filter_looks_only_under_the_prefix() -> None:
@@ -81,10 +81,10 @@ def test_the_limit_cuts_the_leaves_but_not_the_total() -> None:
     keys = [f"k{i:03}" for i in range(10)]
     listing = list_prefix(keys, "", limit=3)
     assert listing.keys == ["k000", "k001", "k002"]
-    assert listing.total == 10
+    assert (listing.total, listing.leaves) == (10, 10)
     filtered = list_prefix(keys, "", "k00", limit=2)
     assert filtered.keys == ["k000", "k001"]
-    assert filtered.total == 10
+    assert (filtered.total, filtered.leaves) == (10, 10)
 
 
 def test_the_limit_leaves_the_folders_whole() -> None:
@@ -92,7 +92,7 @@ def test_the_limit_leaves_the_folders_whole() -> None:
     listing = list_prefix(keys, "", limit=1)
     assert [folder for folder, _ in listing.folders] == [f"f{i}/" for i in range(5)]
     assert listing.keys == ["a"]
-    assert listing.total == 2  # "a" and "b": the leaves, before the limit
+    assert (listing.total, listing.leaves) == (7, 2)
 
 
 @pytest.mark.parametrize(

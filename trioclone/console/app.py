@@ -2,7 +2,9 @@
 
 * ``GET /``, ``/static/...``: the page (HTML, CSS, JavaScript; no CDN).
 * ``GET /api/config``: whether writes are allowed, the servers, the subtree.
-* ``GET /api/tree?prefix=&filter=&limit=``: folders and rows under a prefix.
+* ``GET /api/tree?prefix=&filter=&limit=``: folders and rows under a prefix
+  (``total`` keys under it, ``leaves`` of them directly, ``rows`` at most
+  ``limit`` of those).
 * ``GET /api/key?key=``: one key's whole value.
 * ``GET /api/events``: Server-Sent Events: ``batch`` (changed rows, the
   client's state) every tick with news, ``status`` (each server's status,
@@ -32,6 +34,7 @@ from typing import Any
 
 import trio
 from starlette.applications import Starlette
+from starlette.background import BackgroundTask
 from starlette.middleware import Middleware
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
@@ -117,6 +120,7 @@ def build_app(console: Console, *, loopback: bool) -> ASGI:
                 "folders": listing.folders,
                 "rows": rows,
                 "total": listing.total,
+                "leaves": listing.leaves,
                 "state": console.state(),
             }
         )
@@ -132,10 +136,12 @@ def build_app(console: Console, *, loopback: bool) -> ASGI:
         return Json(row)
 
     async def events(request: Request) -> Response:
+        page = console.open_page()
         return StreamingResponse(
-            console.page_stream(),
+            page,
             media_type="text/event-stream",
             headers={"X-Accel-Buffering": "no"},
+            background=BackgroundTask(page.close),
         )
 
     async def set_key(request: Request) -> Response:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 
 import trio
 import zmq
@@ -55,7 +55,8 @@ class Console:
         self.timeout = timeout
         self._curve = curve
         self._context = context
-        self.feed = Feed(trio.current_time())
+        self.started = trio.current_time()
+        self.feed = Feed(self.started)
         self._pages: set[trio.MemorySendChannel[str]] = set()
         self._statuses: list[ServerStatus] = []
         self._synced_on: str | None = None  # the server of the last sync
@@ -105,17 +106,13 @@ class Console:
 
     # -- the pages -----------------------------------------------------------
 
-    async def page_stream(self) -> AsyncIterator[str]:
-        """One page's events, from a first ``status`` on (Server-Sent Events)."""
+    def open_page(self) -> PageStream:
+        """A new page's events, from a first ``status`` on (its ``close``
+        ends them: the HTTP response calls it when the page goes away)."""
         send, receive = trio.open_memory_channel[str](PAGE_QUEUE)
         self._pages.add(send)
-        try:
-            yield self._status_message()
-            async with receive:
-                async for message in receive:
-                    yield message
-        finally:
-            self._pages.discard(send)
+        send.send_nowait(self._status_message())
+        return PageStream(receive)
 
     def _broadcast(self, message: str) -> None:
         for page in list(self._pages):
@@ -125,6 +122,8 @@ class Console:
                 log.warning("a page fell behind and was dropped; it reconnects")
                 self._pages.discard(page)
                 page.close()
+            except trio.BrokenResourceError:  # the page went away
+                self._pages.discard(page)
 
     def _status_message(self) -> str:
         now = trio.current_time()
@@ -133,6 +132,7 @@ class Console:
             {
                 "servers": self.statuses(),
                 "rates": self.feed.rates(now),
+                "running": round(now - self.started, 1),  # seconds of rates
                 "state": self.state(),
             },
         )
@@ -190,6 +190,27 @@ class Console:
             )
             self._broadcast(self._status_message())
             await trio.sleep(STATUS_EVERY)
+
+
+class PageStream:
+    """The messages for one page, as an async iterator (not a generator:
+    a response cut short by its client leaves nothing to finalize)."""
+
+    def __init__(self, receive: trio.MemoryReceiveChannel[str]) -> None:
+        self._receive = receive
+
+    def __aiter__(self) -> PageStream:
+        return self
+
+    async def __anext__(self) -> str:
+        try:
+            return await self._receive.receive()
+        except (trio.EndOfChannel, trio.ClosedResourceError):
+            raise StopAsyncIteration from None
+
+    async def close(self) -> None:
+        """The page is gone: the next broadcast forgets it."""
+        await self._receive.aclose()
 
 
 def _event(name: str, data: object) -> str:

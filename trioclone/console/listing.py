@@ -25,10 +25,8 @@ class Listing:
 
     folders: list[tuple[str, int]]  # (folder, keys under it)
     keys: list[str]  # sorted, at most the limit
-    #: The rows there are before the limit: the leaves directly under the
-    #: prefix (the folders count their own keys), or the keys matching the
-    #: filter; a page shows that it was cut when this is more than it got.
-    total: int
+    total: int  # keys under the prefix (matching the filter)
+    leaves: int  # of them, keys directly under it (all, with a filter)
 
 
 def list_prefix(
@@ -38,21 +36,24 @@ def list_prefix(
     with ``text``, the first ``limit`` keys holding it, in key order."""
     folders: dict[str, int] = {}
     leaves: list[str] = []
+    total = 0
     needle = text.casefold()
     for key in keys:
         if not key.startswith(prefix):
             continue
         if needle:
             if needle in key.casefold():
+                total += 1
                 leaves.append(key)
             continue
+        total += 1
         folder = folder_of(key, prefix)
         if folder is None:
             leaves.append(key)
         else:
             folders[folder] = folders.get(folder, 0) + 1
     leaves.sort()
-    return Listing(sorted(folders.items()), leaves[:limit], len(leaves))
+    return Listing(sorted(folders.items()), leaves[:limit], total, len(leaves))
 
 
 def folder_of(key: str, prefix: str) -> str | None:

@@ -4,6 +4,7 @@
 const $ = (id) => document.getElementById(id);
 const view = {
   prefix: "", filter: "", rows: new Map(), baseSeq: -1, generation: 0, truncated: false,
+  keys: -1, // the map's size when listed: when it changes, keys came or went
   readOnly: true, state: null, servers: [], lost: false,
 };
 let reloadTimer = null;
@@ -36,6 +37,7 @@ async function load() {
   }
   if (generation !== view.generation) return; // a newer load is on its way
   view.baseSeq = data.state.sequence;
+  view.keys = data.state.keys;
   renderCrumbs();
   renderFolders(data.folders);
   const body = document.querySelector("#keys tbody");
@@ -43,9 +45,9 @@ async function load() {
   view.rows.clear();
   for (const row of data.rows) body.appendChild(makeRow(row));
   const shown = data.rows.length;
-  view.truncated = data.total > shown;
-  $("more").textContent = data.total > shown
-    ? `showing ${shown} of ${data.total} keys: narrow the prefix or the filter` : "";
+  view.truncated = data.leaves > shown;
+  $("more").textContent = view.truncated
+    ? `showing ${shown} of ${data.leaves} keys: narrow the prefix or the filter` : "";
   showState(data.state);
   markSeq(data.state.sequence);
 }
@@ -179,6 +181,7 @@ function applyRow(row) {
   if (tr && Number(tr.dataset.seq) > row.s) return; // older than what is shown
   if (row.d) {
     if (tr) { tr.remove(); view.rows.delete(row.k); }
+    if (tr && view.truncated) scheduleLoad(2000); // the next key moves up
     return;
   }
   if (tr) {
@@ -186,8 +189,12 @@ function applyRow(row) {
     flash(tr);
     return;
   }
-  if (view.truncated) { scheduleLoad(2000); return; } // where it goes is not shown
   const body = document.querySelector("#keys tbody");
+  // The rows shown are the first keys in order: a key not shown that sorts
+  // before the last of them is new, and takes its place; one after it is
+  // not shown.
+  const lastShown = body.rows.length ? body.rows[body.rows.length - 1].dataset.key : "";
+  if (view.truncated && row.k > lastShown) return;
   const fresh = makeRow(row);
   let after = null;
   for (const other of body.rows) {
@@ -195,6 +202,11 @@ function applyRow(row) {
   }
   body.insertBefore(fresh, after);
   flash(fresh);
+  if (view.truncated) { // still the first keys only
+    const dropped = body.rows[body.rows.length - 1];
+    view.rows.delete(dropped.dataset.key);
+    dropped.remove();
+  }
 }
 
 // -- the event stream ------------------------------------------------------------
@@ -206,14 +218,16 @@ function onBatch(batch) {
     markSeq(batch.state.sequence);
     return; // the listing already holds these values
   }
-  let foldersChanged = false;
+  // Folders' counts change only when keys come or go: a delete says so,
+  // and a set of a new key changes the map's size.
+  let countsChanged = batch.state.keys !== view.keys;
   for (const row of batch.rows) {
     if (inView(row.k)) applyRow(row);
-    else if (row.k.startsWith(view.prefix)) foldersChanged = true;
+    else if (row.d && row.k.startsWith(view.prefix)) countsChanged = true;
   }
   applied += batch.rows.length;
   document.body.dataset.applied = applied;
-  if (foldersChanged && !view.filter) scheduleLoad(2000);
+  if (countsChanged) scheduleLoad(2000);
   markSeq(batch.state.sequence);
 }
 
@@ -225,7 +239,7 @@ function onStatus(status) {
   view.servers = status.servers;
   showState(status.state);
   renderServers(status.servers);
-  renderRates(status.rates);
+  renderRates(status.rates.slice(-Math.max(2, Math.floor(status.running))));
 }
 
 function showState(state) {
@@ -259,6 +273,7 @@ function renderBanner() {
 }
 
 function renderRates(rates) {
+  // the seconds the console has run, up to the last 60, across the width
   const top = Math.max(1, ...rates);
   const step = 180 / Math.max(1, rates.length - 1);
   const points = rates.map((r, i) => `${(i * step).toFixed(1)},${(26 - (r / top) * 24).toFixed(1)}`);
