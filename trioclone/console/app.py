@@ -28,6 +28,7 @@ import json
 import logging
 import math
 from collections.abc import Awaitable, Callable, MutableMapping
+from contextlib import aclosing
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,7 @@ from starlette.responses import FileResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from trioclone.client.events import key_bytes
 from trioclone.console.hub import Console
 from trioclone.console.listing import entry_row, list_prefix
 from trioclone.errors import (
@@ -74,6 +76,15 @@ ASGI = Callable[
 ]
 
 
+class Json(JSONResponse):
+    """JSON in ASCII: a key that is not UTF-8 is text with lone surrogates
+    (``key_text``), which JSON escapes (``\\udcff``) and UTF-8 cannot hold;
+    the page sends the same escapes back to write or delete it."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, allow_nan=False, separators=(",", ":")).encode()
+
+
 class BadRequest(Exception):
     """A request the console refuses; ``status`` is its HTTP status."""
 
@@ -89,7 +100,7 @@ def build_app(console: Console, *, loopback: bool) -> ASGI:
         return FileResponse(STATIC / "index.html")
 
     async def config(request: Request) -> Response:
-        return JSONResponse(console.config())
+        return Json(console.config())
 
     async def tree(request: Request) -> Response:
         params = request.query_params
@@ -102,7 +113,7 @@ def build_app(console: Console, *, loopback: bool) -> ASGI:
             entry = clone.entry(key)
             if entry is not None:
                 rows.append(entry_row(key, entry, console.ttl_left(key, entry, now)))
-        return JSONResponse(
+        return Json(
             {
                 "prefix": prefix,
                 "filter": text,
@@ -119,13 +130,10 @@ def build_app(console: Console, *, loopback: bool) -> ASGI:
         entry = console.clone.entry(name)
         if entry is None:
             raise BadRequest(f"{name!r}: no such key", 404)
-        row = entry_row(name, entry, console.ttl_left(name, entry, trio.current_time()))
-        row.pop("cut", None)
-        if row["e"] == "text":
-            row["v"] = entry.value.decode()
-        else:
-            row["v"] = base64.b64encode(entry.value).decode()
-        return JSONResponse(row)
+        # the whole value: text or not is said of all of it, not of a row's part
+        ttl = console.ttl_left(name, entry, trio.current_time())
+        row = entry_row(name, entry, ttl, shown_bytes=len(entry.value))
+        return Json(row)
 
     async def events(request: Request) -> Response:
         page = console.open_page()
@@ -149,7 +157,7 @@ def build_app(console: Console, *, loopback: bool) -> ASGI:
 
     async def bad_request(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, BadRequest)
-        return JSONResponse({"error": str(exc)}, status_code=exc.status)
+        return Json({"error": str(exc)}, status_code=exc.status)
 
     app = Starlette(
         routes=[
@@ -216,11 +224,12 @@ async def _write_request(request: Request, console: Console) -> dict[str, Any]:
         raise BadRequest(f"a write from another site ({origin}) is refused", 403)
     size = 0
     chunks = []
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_BODY:
-            raise BadRequest(f"a write request is at most {MAX_BODY} bytes", 413)
-        chunks.append(chunk)
+    async with aclosing(request.stream()) as stream:  # closed when cut short
+        async for chunk in stream:
+            size += len(chunk)
+            if size > MAX_BODY:
+                raise BadRequest(f"a write request is at most {MAX_BODY} bytes", 413)
+            chunks.append(chunk)
     try:
         body = json.loads(b"".join(chunks))
     except (UnicodeDecodeError, ValueError) as exc:
@@ -234,6 +243,10 @@ def _key(body: dict[str, Any]) -> str:
     key = body.get("key")
     if not isinstance(key, str) or not key:
         raise BadRequest("key: a non-empty string is needed")
+    try:
+        key_bytes(key)
+    except UnicodeEncodeError:  # a lone surrogate that no key's bytes make
+        raise BadRequest(f"key: not a valid key ({key!r})") from None
     return key
 
 
@@ -298,4 +311,4 @@ async def _confirmed(
         peer,
         sequence,
     )
-    return JSONResponse({"key": key, "sequence": sequence})
+    return Json({"key": key, "sequence": sequence})

@@ -64,10 +64,11 @@ def folder_of(key: str, prefix: str) -> str | None:
     return key[: slash + 1]
 
 
-def show_value(value: bytes) -> dict[str, object]:
+def show_value(value: bytes, shown_bytes: int = SHOWN_BYTES) -> dict[str, object]:
     """A value for the page: ``v`` as text if it is printable UTF-8, else
-    base64 (``e`` says which); ``n`` its size; ``cut`` if ``v`` is partial."""
-    shown = value[:SHOWN_BYTES]
+    base64 (``e`` says which); ``n`` its size; ``cut`` if ``v`` is partial
+    (its first ``shown_bytes``: text or not is said of those alone)."""
+    shown = value[:shown_bytes]
     row: dict[str, object] = {"n": len(value)}
     text = _text(shown, cut=len(value) > len(shown))
     if text is not None and _printable(text):
@@ -93,10 +94,16 @@ def _printable(text: str) -> bool:
     return all(c.isprintable() or c in "\n\t" for c in text)
 
 
-def entry_row(key: str, entry: Entry, ttl_left: float | None) -> dict[str, object]:
+def entry_row(
+    key: str, entry: Entry, ttl_left: float | None, shown_bytes: int = SHOWN_BYTES
+) -> dict[str, object]:
     """A key's row: ``k`` key, ``s`` sequence, ``t`` seconds left (or
     absent), and its value as ``show_value`` gives it."""
-    row: dict[str, object] = {"k": key, "s": entry.sequence, **show_value(entry.value)}
+    row: dict[str, object] = {
+        "k": key,
+        "s": entry.sequence,
+        **show_value(entry.value, shown_bytes),
+    }
     if ttl_left is not None:
         row["t"] = round(ttl_left, 1)
     return row
