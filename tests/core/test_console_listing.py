@@ -48,6 +48,13 @@ def test_a_folder_lists_its_leaves_and_subfolders_with_their_key_counts() -> Non
     assert (listing.total, listing.leaves) == (5, 2)
 
 
+def test_a_key_ending_in_a_slash_is_listed_once_beside_its_folder() -> None:
+    inside = list_prefix(KEYS, "/app/web/")
+    assert inside.keys == ["/app/web/port"]  # not "/app/web/" itself again
+    assert (inside.total, inside.leaves) == (1, 1)  # as its folder's count says
+    assert list_prefix(KEYS, "/app/web/", "web").keys == ["/app/web/", "/app/web/port"]
+
+
 def test_a_prefix_lists_only_the_keys_it_starts() -> None:
     listing = list_prefix(KEYS, "/app/db/")
     assert listing.folders == []

@@ -41,6 +41,8 @@ def list_prefix(
     for key in keys:
         if not key.startswith(prefix):
             continue
+        if key == prefix and prefix and not needle:
+            continue  # a leaf one level up, where its folder's count leaves it out
         if needle:
             if needle in key.casefold():
                 total += 1

@@ -22,7 +22,8 @@ function folderOf(key, prefix) {
 function inView(key) {
   if (!key.startsWith(view.prefix)) return false;
   if (view.filter) return key.toLowerCase().includes(view.filter.toLowerCase());
-  return folderOf(key, view.prefix) === null;
+  // (a key equal to the prefix is a leaf one level up, as the listing has it)
+  return key !== view.prefix && folderOf(key, view.prefix) === null;
 }
 
 async function load() {
