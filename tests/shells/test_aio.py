@@ -10,9 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import math
+import queue
+import re
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Coroutine, Iterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
@@ -450,3 +455,76 @@ def test_a_starlette_app_reads_and_writes_the_map_through_the_client(
     with trioclone.connect(standalone.servers) as other:
         assert other.get("/app/colour") == b"blue"
         assert other.sequence >= sequence
+
+
+# -- the README's example ------------------------------------------------------
+
+README = Path(__file__).parents[2] / "README.md"
+README_SERVERS = 'SERVERS = ["tcp://localhost:5556", "tcp://localhost:5566"]'
+
+
+def readme_asyncio_example() -> str:
+    """The README's code block that uses ``trioclone.aio``."""
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.DOTALL)
+    (example,) = [b for b in blocks if "trioclone.aio.connect" in b]
+    return example
+
+
+@pytest.mark.slow
+def test_the_readme_asyncio_example_runs(standalone: ServerThread) -> None:
+    """Run as a program against a server: it writes, prints, then prints
+    what changes under /config/ until it is stopped."""
+    example = readme_asyncio_example()
+    assert example.count(README_SERVERS) == 1
+    code = example.replace(README_SERVERS, f"SERVERS = {standalone.servers!r}")
+    program = subprocess.Popen(
+        [sys.executable, "-u", "-c", code],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    lines: queue.Queue[str] = queue.Queue()
+
+    def read() -> None:
+        for line in program.stdout or []:
+            lines.put(line)
+        lines.put("")  # the program ended
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        written = lines.get(timeout=GUARD)
+        assert written, program.communicate(timeout=GUARD)[1]  # its traceback
+        sequence, rest = written.split(" ", 1)
+        assert rest == "b'db1.internal' [('/config/db-host', b'db1.internal')]\n"
+        with trioclone.connect(standalone.servers) as other:
+            assert other.get("/config/db-host") == b"db1.internal"
+            assert other.sequence >= int(sequence)
+            event = None
+            for attempt in range(50):  # until the program's watch is running
+                other.set("/config/probe", f"{attempt}")
+                try:
+                    event = lines.get(timeout=0.2)
+                    break
+                except queue.Empty:
+                    continue
+            assert event is not None, "the program printed no change"
+            shown = r"SetEvent\(key='/config/probe', value=b'\d+', sequence=\d+\)\n"
+            assert re.fullmatch(shown, event), event
+            last = other.set("/config/last", "x")
+            while (event := lines.get(timeout=GUARD)).startswith(
+                "SetEvent(key='/config/probe'"
+            ):
+                continue  # (probes still in flight)
+            assert event == f"{SetEvent('/config/last', b'x', last)!r}\n"
+    finally:
+        program.terminate()
+        try:
+            program.wait(10)
+        except subprocess.TimeoutExpired:
+            program.kill()
+            program.wait()
+        reader.join(10)
+        for stream in (program.stdout, program.stderr):
+            if stream is not None:
+                stream.close()
