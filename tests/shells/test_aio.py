@@ -20,7 +20,12 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
+import httpx
 import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
 
 import trioclone
 import trioclone.aio
@@ -172,6 +177,33 @@ def test_a_watch_yields_the_changes_under_its_prefix_in_order(
             assert await anext(with_state) == ResyncEvent(
                 standalone.servers[0], {"/w/b": b"2", "/w/c": b"3"}
             )
+
+    run(main)
+
+
+def test_a_watcher_that_falls_behind_gets_a_resync_instead(
+    standalone: ServerThread, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The events wait in the agent, whose bound (WATCH_BUFFER) holds: a
+    watch nobody iterates does not grow without end in the event loop."""
+    monkeypatch.setattr("trioclone.client.agent.WATCH_BUFFER", 5)
+
+    async def main() -> None:
+        async with trioclone.aio.connect(standalone.servers) as clone:
+            watch = clone.watch("/w/")  # nobody iterates it for a while
+            sequences = [await clone.set(f"/w/{n % 3}", f"{n}") for n in range(8)]
+            await clone.set("/other", "x")  # not under the prefix
+            events = [await anext(watch) for _ in range(4)]
+            # five sets were queued; the sixth overflowed the buffer: what
+            # was queued is replaced by the state then (the sixth applied),
+            # and the events from the sixth on follow
+            state = {"/w/0": b"3", "/w/1": b"4", "/w/2": b"5"}
+            assert events == [
+                ResyncEvent(standalone.servers[0], state),
+                SetEvent("/w/2", b"5", sequences[5]),
+                SetEvent("/w/0", b"6", sequences[6]),
+                SetEvent("/w/1", b"7", sequences[7]),
+            ]
 
     run(main)
 
@@ -397,14 +429,6 @@ def test_a_starlette_app_reads_and_writes_the_map_through_the_client(
 ) -> None:
     """A FastAPI-style app: the client is opened in the app's lifespan; a
     GET handler reads a key and a PUT handler awaits a write."""
-    httpx = pytest.importorskip("httpx")
-    starlette = pytest.importorskip("starlette")
-    from starlette.applications import Starlette
-    from starlette.requests import Request
-    from starlette.responses import JSONResponse, PlainTextResponse, Response
-    from starlette.routing import Route
-
-    assert starlette  # (imported for the skip)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> Any:
