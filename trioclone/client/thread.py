@@ -5,7 +5,7 @@ The blocking client (``trioclone.connect``) and the asyncio client
 (``trioclone.aio``) are both this thread plus a way of crossing over to it,
 so the protocol logic exists once, in ``CloneClient``.  Only the agent
 thread touches the client's state, except for reads that are atomic under
-the GIL (a dict lookup, an attribute).
+the GIL (a dict lookup or copy, an attribute).
 
 Crossing over: ``run`` and ``run_sync`` block the calling thread until the
 agent has done the work; ``run_soon`` only schedules a call and returns at
