@@ -1,7 +1,8 @@
 """trioclone: the ZeroMQ Clone pattern (Model Six) on Trio.
 
-``open_client`` (Trio) and ``connect`` (blocking) mirror a key-value map kept
-by a standalone server or a Binary Star pair (``trioclone serve``).
+``open_client`` (Trio), ``connect`` (blocking) and ``trioclone.aio.connect``
+(asyncio; imported on its own) mirror a key-value map kept by a standalone
+server or a Binary Star pair (``trioclone serve``).
 """
 
 from trioclone.client.agent import (

@@ -6,6 +6,7 @@ import inspect
 
 from trioclone.cli import build_parser
 from trioclone.client.agent import CloneClient
+from trioclone.client.aio import AsyncioClient, connect
 from trioclone.client.blocking import BlockingClient
 from trioclone.core.client import ClientTimings
 from trioclone.core.subtrees import Subtrees
@@ -27,9 +28,14 @@ def test_client_defaults_are_the_documented_ones() -> None:
     assert timings.write_horizon == 30.0
     assert timings.silence_timeout == 2.0
     assert (timings.request_timeout, timings.backoff) == (1.0, 0.5)
-    for method in (CloneClient.set, CloneClient.delete):
+    for method in (
+        CloneClient.set,
+        CloneClient.delete,
+        AsyncioClient.set,
+        AsyncioClient.delete,
+    ):
         assert inspect.signature(method).parameters["timeout"].default == 5.0
-    connect = inspect.signature(BlockingClient.__init__).parameters
-    assert connect["sync_timeout"].default == 10.0
+    for opening in (BlockingClient.__init__, AsyncioClient.__init__, connect):
+        assert inspect.signature(opening).parameters["sync_timeout"].default == 10.0
     for command in (["get", "/k"], ["set", "/k", "v"], ["del", "/k"]):
         assert build_parser().parse_args(command).timeout == 5.0

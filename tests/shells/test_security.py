@@ -8,7 +8,9 @@ over (a few HUGZ intervals of 0.1 s).
 
 from __future__ import annotations
 
+import asyncio
 import shutil
+import threading
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -20,6 +22,7 @@ import trio
 import zmq
 from zmq.utils import z85
 
+import trioclone.aio
 from tests.integration.procs import free_base_ports, free_ports
 from trioclone import Curve, KeyPair, PermissionDeniedError, connect, open_client
 from trioclone.core.chp import HISTORY, HUGZ, SEQUENCE
@@ -501,6 +504,43 @@ async def test_the_blocking_client_takes_keys(keys: Keys) -> None:
     with trio.fail_after(GUARD):
         async with serving(settings):
             assert await trio.to_thread.run_sync(use) == b"v"
+
+
+async def test_the_asyncio_client_takes_keys_and_gets_refusals_as_raised(
+    keys: Keys,
+) -> None:
+    """A refused write and a refused snapshot reach the asyncio program as
+    ``PermissionDeniedError``; a refused ``connect`` leaves no agent running."""
+    settings = secured(
+        keys,
+        """
+        [default]
+        read = ["public/"]
+        write = ["public/mine/"]
+        """,
+    )
+    guest = keys.client("guest")
+    servers = [address(settings)]
+
+    async def use() -> bytes | None:
+        with pytest.raises(PermissionDeniedError, match="the whole map"):
+            async with trioclone.aio.connect(servers, curve=guest):
+                raise AssertionError("not reached")
+        async with trioclone.aio.connect(servers, "public/", curve=guest) as clone:
+            with pytest.raises(PermissionDeniedError, match="may not write"):
+                await clone.set("public/theirs", "1")
+            await clone.set("public/mine/a", "1")
+            return clone.get("public/mine/a")
+
+    def agents() -> int:
+        return sum(t.name == "trioclone-agent" for t in threading.enumerate())
+
+    with trio.fail_after(GUARD):
+        async with serving(settings):
+            before = agents()
+            got = await trio.to_thread.run_sync(asyncio.run, use())
+            assert got == b"1"
+            assert agents() == before
 
 
 def test_the_zap_handler_looks_at_the_folder_once_a_second(keys: Keys) -> None:

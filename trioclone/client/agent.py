@@ -382,12 +382,29 @@ class Watch:
         return self
 
     async def __anext__(self) -> CloneEvent:
+        if not await self._wait():
+            raise StopAsyncIteration
+        return self._events.popleft()
+
+    async def next_batch(self) -> list[CloneEvent]:
+        """Wait for an event, then take every event queued; [] once closed
+        and empty.  (For a consumer in another thread: one crossing per
+        batch, and what it has not taken stays here, under WATCH_BUFFER.)"""
+        if not await self._wait():
+            return []
+        batch = list(self._events)
+        self._events.clear()
+        return batch
+
+    async def _wait(self) -> bool:
+        """Wait until an event is queued (True) or the watch is closed and
+        empty (False)."""
         while not self._events:
             if self._closed:
-                raise StopAsyncIteration
+                return False
             self._ready = trio.Event()
             await self._ready.wait()
-        return self._events.popleft()
+        return True
 
     def close(self) -> None:
         """End the iteration once the events already queued are taken."""

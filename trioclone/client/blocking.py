@@ -2,26 +2,28 @@
 
 The Guide's own design: the application holds a plain object; a background
 agent keeps the map.  Here the agent is ``open_client`` running in its own
-thread under ``trio.run``; calls cross over with ``trio.from_thread``.
-Reads (``get``, ``items``) look at the map directly: a dict lookup is
-atomic under the GIL, so they cost no thread hop.
+thread (``AgentThread``); calls cross over with ``trio.from_thread`` and
+block until the agent has done them.  ``get`` and the state properties look
+at the client directly (a dict lookup is atomic under the GIL, so they cost
+no thread hop); ``items`` runs in the agent, as iterating the map while the
+agent changes it could fail.
 """
 
 from __future__ import annotations
 
 import queue
-import threading
 from collections.abc import Iterator, Sequence
 from types import TracebackType
 from typing import Any
 
 import trio
 
-from trioclone.client.agent import DEFAULT_SERVERS, CloneClient, open_client
+from trioclone.client.agent import DEFAULT_SERVERS, CloneClient
 from trioclone.client.events import CloneEvent
+from trioclone.client.thread import AgentThread
 from trioclone.core.client import ClientTimings
 from trioclone.curve import Curve
-from trioclone.errors import ClientClosedError, LocalProtocolError, NoServerError
+from trioclone.errors import LocalProtocolError, NoServerError
 from trioclone.server.settings import SECONDS
 
 _CLOSED = object()
@@ -41,21 +43,9 @@ class BlockingClient:
     ) -> None:
         if sync_timeout is not None:
             SECONDS.check("sync_timeout", sync_timeout, LocalProtocolError)
-        self._started = threading.Event()
-        self._failure: BaseException | None = None
-        self._client: CloneClient | None = None
-        self._stop: trio.Event | None = None
-        self._token: trio.lowlevel.TrioToken | None = None
-        self._thread = threading.Thread(
-            target=self._thread_main,
-            args=(servers, subtree, timings, curve),
-            name="trioclone-agent",
-            daemon=True,
-        )
-        self._thread.start()
-        self._started.wait()
-        if self._failure is not None:
-            raise self._failure
+        self._agent = AgentThread(servers, subtree, timings=timings, curve=curve)
+        self._agent.start()
+        self._agent.wait_started()
         if sync_timeout is None:
             return
         try:
@@ -67,33 +57,8 @@ class BlockingClient:
             self.close()
             raise NoServerError(f"no server answered within {sync_timeout} s")
 
-    def _thread_main(self, *args: Any) -> None:
-        try:
-            trio.run(self._agent, *args)
-        except BaseException as exc:  # reported to the constructor
-            self._failure = exc
-            self._started.set()
-
-    async def _agent(
-        self,
-        servers: Sequence[str],
-        subtree: str | Sequence[str],
-        timings: ClientTimings | None,
-        curve: Curve | None,
-    ) -> None:
-        async with open_client(
-            servers, subtree, timings=timings, curve=curve
-        ) as client:
-            self._client = client
-            self._stop = trio.Event()
-            self._token = trio.lowlevel.current_trio_token()
-            self._started.set()
-            await self._stop.wait()
-
     def _live(self) -> CloneClient:
-        if self._client is None or self._stop is None or self._stop.is_set():
-            raise ClientClosedError("the client is closed")
-        return self._client
+        return self._agent.client
 
     def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         self._live()
@@ -101,7 +66,7 @@ class BlockingClient:
         async def call() -> Any:
             return await fn(*args, **kwargs)
 
-        return trio.from_thread.run(call, trio_token=self._token)
+        return self._agent.run(call)
 
     def wait_synced(self, timeout: float | None = None) -> bool:
         """Wait until the client holds a snapshot; False on timeout."""
@@ -115,7 +80,7 @@ class BlockingClient:
                 return True
             return False
 
-        result: bool = trio.from_thread.run(wait, trio_token=self._token)
+        result: bool = self._agent.run(wait)
         return result
 
     def get(self, key: str | bytes, default: bytes | None = None) -> bytes | None:
@@ -148,7 +113,7 @@ class BlockingClient:
 
     def items(self, prefix: str = "") -> list[tuple[str, bytes]]:
         client = self._live()
-        return trio.from_thread.run_sync(client.items, prefix, trio_token=self._token)
+        return self._agent.run_sync(lambda: client.items(prefix))
 
     def set(
         self,
@@ -170,9 +135,7 @@ class BlockingClient:
     ) -> None:
         """Send a write and return at once: no confirmation, no resend."""
         client = self._live()
-        trio.from_thread.run_sync(
-            lambda: client.set_nowait(key, value, ttl=ttl), trio_token=self._token
-        )
+        self._agent.run_sync(lambda: client.set_nowait(key, value, ttl=ttl))
 
     def watch(self, prefix: str = "") -> Iterator[CloneEvent]:
         """Changes under ``prefix``, as a blocking iterator (ends on close)."""
@@ -188,22 +151,16 @@ class BlockingClient:
             finally:
                 events.put(_CLOSED)
 
-        trio.from_thread.run_sync(lambda: self._spawn(forward), trio_token=self._token)
+        self._agent.run_sync(lambda: self._agent.spawn(forward))
         try:
             while (event := events.get()) is not _CLOSED:
                 yield event  # type: ignore[misc]
         finally:  # the caller stopped early: stop forwarding
-            if self._stop is not None and not self._stop.is_set():
-                trio.from_thread.run_sync(scope.cancel, trio_token=self._token)
-
-    def _spawn(self, fn: Any) -> None:
-        assert self._client is not None
-        self._client.nursery.start_soon(fn)
+            self._agent.run_soon_if_running(scope.cancel)
 
     def close(self) -> None:
-        if self._stop is not None and not self._stop.is_set():
-            trio.from_thread.run_sync(self._stop.set, trio_token=self._token)
-        self._thread.join()
+        self._agent.stop()
+        self._agent.join()
 
     def __enter__(self) -> BlockingClient:
         return self
