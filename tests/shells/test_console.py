@@ -358,11 +358,22 @@ async def test_a_host_that_is_not_loopback_is_refused_on_a_loopback_bind(
     assert site.stored == before
 
 
-@pytest.mark.parametrize("host", ["localhost", "127.0.0.1"])
+@pytest.mark.parametrize("host", ["localhost", "127.0.0.1", "[::1]"])
 async def test_loopback_hosts_are_served(site: Site, host: str) -> None:
     port = httpx.URL(site.url).port
     reply = await site.http.get("api/tree", headers={"Host": f"{host}:{port}"})
     assert reply.status_code == 200
+
+
+async def test_a_console_bound_to_another_loopback_address_serves_it(
+    ctx: zmq.Context[Any],
+) -> None:
+    """Any 127.x.y.z may be bound writable: the page names it as its host."""
+    async with console_site(ctx, host="127.5.6.7") as site:
+        assert httpx.URL(site.url).host == "127.5.6.7"
+        assert (await site.http.get("api/config")).status_code == 200
+        reply = await site.http.get("api/tree", headers={"Host": "127.5.6.8"})
+        assert reply.status_code == 400
 
 
 # --------------------------------------------------------------------------

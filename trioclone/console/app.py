@@ -93,8 +93,8 @@ class BadRequest(Exception):
         self.status = status
 
 
-def build_app(console: Console, *, loopback: bool) -> ASGI:
-    """The console's ASGI app, serving ``console``."""
+def build_app(console: Console, *, loopback: bool, host: str = "127.0.0.1") -> ASGI:
+    """The console's ASGI app, serving ``console`` bound to ``host``."""
 
     async def page(request: Request) -> Response:
         return FileResponse(STATIC / "index.html")
@@ -171,13 +171,20 @@ def build_app(console: Console, *, loopback: bool) -> ASGI:
             Mount("/static", StaticFiles(directory=STATIC)),
         ],
         middleware=(
-            [Middleware(TrustedHostMiddleware, allowed_hosts=LOOPBACK_HOSTS)]
+            [Middleware(TrustedHostMiddleware, allowed_hosts=loopback_names(host))]
             if loopback
             else []
         ),
         exception_handlers={BadRequest: bad_request},
     )
     return _with_headers(app)
+
+
+def loopback_names(host: str) -> list[str]:
+    """The hosts a request to a console bound to loopback ``host`` may name:
+    the loopback names, and the address it is bound to (``127.5.6.7``)."""
+    bound = host.lower()
+    return sorted({*LOOPBACK_HOSTS, bound, bound.strip("[]")})
 
 
 def _with_headers(app: ASGI) -> ASGI:
