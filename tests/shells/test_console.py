@@ -592,6 +592,11 @@ async def test_a_write_whose_body_is_not_a_json_object_is_refused(
         ({"key": "k", "value": "v", "ttl": "5"}, "ttl: a number of seconds, got '5'"),
         ({"key": "k", "value": "v", "ttl": True}, "ttl: a number of seconds, got True"),
         ({"key": "k", "value": "v", "ttl": [5]}, "ttl: a number of seconds, got [5]"),
+        # sent as ttl=0.000000, which servers read as "never expires"
+        (
+            {"key": "k", "value": "v", "ttl": 1e-7},
+            "ttl: at least 0.001 seconds, got 1e-07",
+        ),
         ({"key": "HUGZ", "value": "v"}, "b'HUGZ' is a reserved key"),
         ({"key": "KTHXBAI", "value": "v"}, "b'KTHXBAI' is a reserved key"),
     ],

@@ -59,6 +59,9 @@ STATIC = Path(__file__).parent / "static"
 MAX_LIMIT = 5000
 #: The largest write request accepted (its value is base64 or hex at worst).
 MAX_BODY = 8 * 1024 * 1024
+#: The shortest TTL a write may ask for: the protocol's text of a TTL has six
+#: decimals, and a shorter one would read as 0, "never expires".
+MIN_TTL = 0.001
 LOOPBACK_HOSTS = ["127.0.0.1", "localhost", "::1", "[::1]"]
 HEADERS = {
     "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; "
@@ -285,6 +288,8 @@ def _ttl(body: dict[str, Any]) -> float | None:
         raise BadRequest(f"ttl: a number of seconds, got {ttl!r}")
     if not 0 < ttl < math.inf:
         raise BadRequest(f"ttl: more than 0 seconds, got {ttl}")
+    if ttl < MIN_TTL:  # it would go out as ttl=0.000000: "never expires"
+        raise BadRequest(f"ttl: at least {MIN_TTL} seconds, got {ttl}")
     return float(ttl)
 
 
