@@ -315,6 +315,25 @@ async def test_a_key_that_is_not_utf8_is_listed_and_deleted(site: Site) -> None:
     assert await read_back(site, "raw/\udcff") is None
 
 
+async def test_a_key_that_is_not_utf8_is_named_in_a_query_by_its_bytes(
+    site: Site,
+) -> None:
+    """A query names such a key (or a prefix, or a filter) by its bytes
+    percent-encoded (``%FF``), as the page sends them: not as U+FFFD."""
+    await write(site, {b"raw/\xff/k\xfe": b"v", b"raw/\xef\xbf\xbd/k": b"w"})
+    await site.until(lambda listing: listing["state"]["keys"] == 2)
+    reply = await site.http.get("api/key?key=raw%2F%FF%2Fk%FE")
+    assert reply.status_code == 200, reply.text
+    assert (reply.json()["k"], reply.json()["v"]) == ("raw/\udcff/k\udcfe", "v")
+    reply = await site.http.get("api/tree?prefix=raw%2F%FF%2F")
+    assert [r["k"] for r in reply.json()["rows"]] == ["raw/\udcff/k\udcfe"]
+    reply = await site.http.get("api/tree?prefix=raw%2F&filter=%FE")
+    assert [r["k"] for r in reply.json()["rows"]] == ["raw/\udcff/k\udcfe"]
+    # and UTF-8 is read as UTF-8 (U+FFFD here is a real key)
+    reply = await site.http.get("api/tree", params={"prefix": "raw/\ufffd/"})
+    assert [r["k"] for r in reply.json()["rows"]] == ["raw/\ufffd/k"]
+
+
 async def test_the_config_says_what_the_page_may_do(ctx: zmq.Context[Any]) -> None:
     async with console_site(ctx, read_only=True, subtree="/app/") as site:
         reply = await site.http.get("api/config")

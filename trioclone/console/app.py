@@ -31,6 +31,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from contextlib import aclosing
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl
 
 import trio
 from starlette.applications import Starlette
@@ -106,7 +107,7 @@ def build_app(console: Console, *, loopback: bool, host: str = "127.0.0.1") -> A
         return Json(console.config())
 
     async def tree(request: Request) -> Response:
-        params = request.query_params
+        params = _query(request)
         prefix, text = params.get("prefix", ""), params.get("filter", "")
         limit = _limit(params.get("limit", "500"))
         clone, now = console.clone, trio.current_time()
@@ -129,7 +130,7 @@ def build_app(console: Console, *, loopback: bool, host: str = "127.0.0.1") -> A
         )
 
     async def key(request: Request) -> Response:
-        name = request.query_params.get("key", "")
+        name = _query(request).get("key", "")
         entry = console.clone.entry(name)
         if entry is None:
             raise BadRequest(f"{name!r}: no such key", 404)
@@ -209,6 +210,18 @@ def _with_headers(app: ASGI) -> ASGI:
         )
 
     return wrapped
+
+
+def _query(request: Request) -> dict[str, str]:
+    """The query's parameters, their bytes read as keys are (``key_text``):
+    a key that is not UTF-8 is named by its bytes (``%FF``), where
+    Starlette's ``query_params`` would make them U+FFFD, another key."""
+    raw: bytes = request.scope["query_string"]
+    text = "".join(chr(b) if b < 0x80 else f"%{b:02X}" for b in raw)  # ASCII
+    pairs = parse_qsl(
+        text, keep_blank_values=True, encoding="utf-8", errors="surrogateescape"
+    )
+    return dict(pairs)
 
 
 def _limit(text: str) -> int:
