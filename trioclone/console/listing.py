@@ -3,7 +3,8 @@
 Keys form a tree on ``/``: under a prefix, a key with no further ``/`` is a
 leaf, any other groups into a folder (the text up to and including its
 next ``/``).  A filter instead lists every key under the prefix that holds
-the filter text (case-insensitive: both lowered, as the page lowers them), flat.  Pure functions over the keys.
+the filter text, flat (case-insensitive: both lowered, as the page lowers
+them).  Pure functions over the keys.
 """
 
 from __future__ import annotations
