@@ -315,6 +315,25 @@ async def test_a_key_that_is_not_utf8_is_listed_and_deleted(site: Site) -> None:
     assert await read_back(site, "raw/\udcff") is None
 
 
+async def test_a_key_that_is_not_utf8_is_named_in_a_query_by_its_bytes(
+    site: Site,
+) -> None:
+    """A query names such a key (or a prefix, or a filter) by its bytes
+    percent-encoded (``%FF``), as the page sends them: not as U+FFFD."""
+    await write(site, {b"raw/\xff/k\xfe": b"v", b"raw/\xef\xbf\xbd/k": b"w"})
+    await site.until(lambda listing: listing["state"]["keys"] == 2)
+    reply = await site.http.get("api/key?key=raw%2F%FF%2Fk%FE")
+    assert reply.status_code == 200, reply.text
+    assert (reply.json()["k"], reply.json()["v"]) == ("raw/\udcff/k\udcfe", "v")
+    reply = await site.http.get("api/tree?prefix=raw%2F%FF%2F")
+    assert [r["k"] for r in reply.json()["rows"]] == ["raw/\udcff/k\udcfe"]
+    reply = await site.http.get("api/tree?prefix=raw%2F&filter=%FE")
+    assert [r["k"] for r in reply.json()["rows"]] == ["raw/\udcff/k\udcfe"]
+    # and UTF-8 is read as UTF-8 (U+FFFD here is a real key)
+    reply = await site.http.get("api/tree", params={"prefix": "raw/\ufffd/"})
+    assert [r["k"] for r in reply.json()["rows"]] == ["raw/\ufffd/k"]
+
+
 async def test_the_config_says_what_the_page_may_do(ctx: zmq.Context[Any]) -> None:
     async with console_site(ctx, read_only=True, subtree="/app/") as site:
         reply = await site.http.get("api/config")
@@ -358,11 +377,22 @@ async def test_a_host_that_is_not_loopback_is_refused_on_a_loopback_bind(
     assert site.stored == before
 
 
-@pytest.mark.parametrize("host", ["localhost", "127.0.0.1"])
+@pytest.mark.parametrize("host", ["localhost", "127.0.0.1", "[::1]"])
 async def test_loopback_hosts_are_served(site: Site, host: str) -> None:
     port = httpx.URL(site.url).port
     reply = await site.http.get("api/tree", headers={"Host": f"{host}:{port}"})
     assert reply.status_code == 200
+
+
+async def test_a_console_bound_to_another_loopback_address_serves_it(
+    ctx: zmq.Context[Any],
+) -> None:
+    """Any 127.x.y.z may be bound writable: the page names it as its host."""
+    async with console_site(ctx, host="127.5.6.7") as site:
+        assert httpx.URL(site.url).host == "127.5.6.7"
+        assert (await site.http.get("api/config")).status_code == 200
+        reply = await site.http.get("api/tree", headers={"Host": "127.5.6.8"})
+        assert reply.status_code == 400
 
 
 # --------------------------------------------------------------------------
@@ -581,6 +611,11 @@ async def test_a_write_whose_body_is_not_a_json_object_is_refused(
         ({"key": "k", "value": "v", "ttl": "5"}, "ttl: a number of seconds, got '5'"),
         ({"key": "k", "value": "v", "ttl": True}, "ttl: a number of seconds, got True"),
         ({"key": "k", "value": "v", "ttl": [5]}, "ttl: a number of seconds, got [5]"),
+        # sent as ttl=0.000000, which servers read as "never expires"
+        (
+            {"key": "k", "value": "v", "ttl": 1e-7},
+            "ttl: at least 0.001 seconds, got 1e-07",
+        ),
         ({"key": "HUGZ", "value": "v"}, "b'HUGZ' is a reserved key"),
         ({"key": "KTHXBAI", "value": "v"}, "b'KTHXBAI' is a reserved key"),
     ],

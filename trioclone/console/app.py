@@ -31,6 +31,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from contextlib import aclosing
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl
 
 import trio
 from starlette.applications import Starlette
@@ -59,6 +60,9 @@ STATIC = Path(__file__).parent / "static"
 MAX_LIMIT = 5000
 #: The largest write request accepted (its value is base64 or hex at worst).
 MAX_BODY = 8 * 1024 * 1024
+#: The shortest TTL a write may ask for: the protocol's text of a TTL has six
+#: decimals, and a shorter one would read as 0, "never expires".
+MIN_TTL = 0.001
 LOOPBACK_HOSTS = ["127.0.0.1", "localhost", "::1", "[::1]"]
 HEADERS = {
     "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; "
@@ -93,8 +97,8 @@ class BadRequest(Exception):
         self.status = status
 
 
-def build_app(console: Console, *, loopback: bool) -> ASGI:
-    """The console's ASGI app, serving ``console``."""
+def build_app(console: Console, *, loopback: bool, host: str = "127.0.0.1") -> ASGI:
+    """The console's ASGI app, serving ``console`` bound to ``host``."""
 
     async def page(request: Request) -> Response:
         return FileResponse(STATIC / "index.html")
@@ -103,7 +107,7 @@ def build_app(console: Console, *, loopback: bool) -> ASGI:
         return Json(console.config())
 
     async def tree(request: Request) -> Response:
-        params = request.query_params
+        params = _query(request)
         prefix, text = params.get("prefix", ""), params.get("filter", "")
         limit = _limit(params.get("limit", "500"))
         clone, now = console.clone, trio.current_time()
@@ -126,7 +130,7 @@ def build_app(console: Console, *, loopback: bool) -> ASGI:
         )
 
     async def key(request: Request) -> Response:
-        name = request.query_params.get("key", "")
+        name = _query(request).get("key", "")
         entry = console.clone.entry(name)
         if entry is None:
             raise BadRequest(f"{name!r}: no such key", 404)
@@ -171,13 +175,20 @@ def build_app(console: Console, *, loopback: bool) -> ASGI:
             Mount("/static", StaticFiles(directory=STATIC)),
         ],
         middleware=(
-            [Middleware(TrustedHostMiddleware, allowed_hosts=LOOPBACK_HOSTS)]
+            [Middleware(TrustedHostMiddleware, allowed_hosts=loopback_names(host))]
             if loopback
             else []
         ),
         exception_handlers={BadRequest: bad_request},
     )
     return _with_headers(app)
+
+
+def loopback_names(host: str) -> list[str]:
+    """The hosts a request to a console bound to loopback ``host`` may name:
+    the loopback names, and the address it is bound to (``127.5.6.7``)."""
+    bound = host.lower()
+    return sorted({*LOOPBACK_HOSTS, bound, bound.strip("[]")})
 
 
 def _with_headers(app: ASGI) -> ASGI:
@@ -199,6 +210,18 @@ def _with_headers(app: ASGI) -> ASGI:
         )
 
     return wrapped
+
+
+def _query(request: Request) -> dict[str, str]:
+    """The query's parameters, their bytes read as keys are (``key_text``):
+    a key that is not UTF-8 is named by its bytes (``%FF``), where
+    Starlette's ``query_params`` would make them U+FFFD, another key."""
+    raw: bytes = request.scope["query_string"]
+    text = "".join(chr(b) if b < 0x80 else f"%{b:02X}" for b in raw)  # ASCII
+    pairs = parse_qsl(
+        text, keep_blank_values=True, encoding="utf-8", errors="surrogateescape"
+    )
+    return dict(pairs)
 
 
 def _limit(text: str) -> int:
@@ -278,6 +301,8 @@ def _ttl(body: dict[str, Any]) -> float | None:
         raise BadRequest(f"ttl: a number of seconds, got {ttl!r}")
     if not 0 < ttl < math.inf:
         raise BadRequest(f"ttl: more than 0 seconds, got {ttl}")
+    if ttl < MIN_TTL:  # it would go out as ttl=0.000000: "never expires"
+        raise BadRequest(f"ttl: at least {MIN_TTL} seconds, got {ttl}")
     return float(ttl)
 
 

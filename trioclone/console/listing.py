@@ -3,7 +3,8 @@
 Keys form a tree on ``/``: under a prefix, a key with no further ``/`` is a
 leaf, any other groups into a folder (the text up to and including its
 next ``/``).  A filter instead lists every key under the prefix that holds
-the filter text (case-insensitive), flat.  Pure functions over the keys.
+the filter text, flat (case-insensitive: both lowered, as the page lowers
+them).  Pure functions over the keys.
 """
 
 from __future__ import annotations
@@ -37,14 +38,14 @@ def list_prefix(
     folders: dict[str, int] = {}
     leaves: list[str] = []
     total = 0
-    needle = text.casefold()
+    needle = text.lower()  # as the page's toLowerCase(): both Unicode's mapping
     for key in keys:
         if not key.startswith(prefix):
             continue
         if key == prefix and prefix and not needle:
             continue  # a leaf one level up, where its folder's count leaves it out
         if needle:
-            if needle in key.casefold():
+            if needle in key.lower():
                 total += 1
                 leaves.append(key)
             continue

@@ -74,7 +74,7 @@ async def serve_console(
             config.accesslog = None
             config.errorlog = logging.getLogger("trioclone.console.http")
             config.graceful_timeout = 1.0
-            app = build_app(console, loopback=is_loopback(host))
+            app = build_app(console, loopback=is_loopback(host), host=host)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(console.run)
                 binds = await nursery.start(serve, app, config)

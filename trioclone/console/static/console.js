@@ -12,6 +12,65 @@ const view = {
 let reloadTimer = null;
 let applied = 0;
 
+// -- keys as text ------------------------------------------------------------
+// A key that is not UTF-8 comes as text with a lone surrogate U+DC80..U+DCFF
+// for each byte that is not (Python's surrogateescape); in a URL it is that
+// byte again (%FF), where encodeURIComponent would throw and URLSearchParams
+// would send U+FFFD, another key.
+
+function escapeText(text) {
+  let out = "";
+  for (const char of text) { // by code point: a lone surrogate stays alone
+    const code = char.codePointAt(0);
+    if (code >= 0xdc80 && code <= 0xdcff) out += "%" + (code - 0xdc00).toString(16).toUpperCase();
+    else if (code >= 0xd800 && code <= 0xdfff) out += "%EF%BF%BD"; // no key's bytes make it
+    else out += encodeURIComponent(char);
+  }
+  return out;
+}
+
+function unescapeText(text) {
+  const bytes = [];
+  for (let i = 0; i < text.length;) {
+    const hex = text.slice(i + 1, i + 3);
+    if (text[i] === "%" && /^[0-9a-fA-F]{2}$/.test(hex)) { bytes.push(parseInt(hex, 16)); i += 3; continue; }
+    const char = String.fromCodePoint(text.codePointAt(i));
+    bytes.push(...new TextEncoder().encode(char));
+    i += char.length;
+  }
+  const strict = new TextDecoder("utf-8", { fatal: true });
+  let out = "";
+  for (let i = 0; i < bytes.length;) {
+    const b = bytes[i];
+    const size = b < 0x80 ? 1 : b >= 0xc2 && b <= 0xdf ? 2 : b >= 0xe0 && b <= 0xef ? 3
+      : b >= 0xf0 && b <= 0xf4 ? 4 : 0;
+    if (size) {
+      try { out += strict.decode(new Uint8Array(bytes.slice(i, i + size))); i += size; continue; }
+      catch (error) { /* not UTF-8: this byte as its surrogate */ }
+    }
+    out += String.fromCharCode(0xdc00 + b);
+    i++;
+  }
+  return out;
+}
+
+function query(params) {
+  return Object.entries(params).map(([k, v]) => `${k}=${escapeText(v)}`).join("&");
+}
+
+// Keys in the order the console sorts them: by code point, as Python does
+// (JavaScript's < compares UTF-16 units, which puts U+10000 and above
+// before U+E000..U+FFFF).
+function keyBefore(a, b) {
+  const n = Math.min(a.length, b.length);
+  for (let i = 0; i < n; i++) {
+    if (a.charCodeAt(i) === b.charCodeAt(i)) continue;
+    const x = a.codePointAt(i), y = b.codePointAt(i);
+    return x < y;
+  }
+  return a.length < b.length;
+}
+
 // -- the listing -------------------------------------------------------------
 
 function folderOf(key, prefix) {
@@ -21,6 +80,7 @@ function folderOf(key, prefix) {
 
 function inView(key) {
   if (!key.startsWith(view.prefix)) return false;
+  // (the console lists with Python's str.lower(), the same Unicode mapping)
   if (view.filter) return key.toLowerCase().includes(view.filter.toLowerCase());
   // (a key equal to the prefix is a leaf one level up, as the listing has it)
   return key !== view.prefix && folderOf(key, view.prefix) === null;
@@ -28,11 +88,11 @@ function inView(key) {
 
 async function load() {
   const generation = ++view.generation;
-  const query = new URLSearchParams({ prefix: view.prefix, filter: view.filter, limit: "500" });
+  const params = { prefix: view.prefix, filter: view.filter, limit: "500" };
   let data;
   view.loading++;
   try {
-    const response = await fetch("/api/tree?" + query);
+    const response = await fetch("/api/tree?" + query(params));
     data = await response.json();
     if (!response.ok) throw new Error(data.error || response.statusText);
   } catch (error) {
@@ -71,7 +131,7 @@ function scheduleLoad(delay) {
 
 function go(prefix) {
   view.prefix = prefix;
-  history.replaceState(null, "", "#" + encodeURIComponent(prefix));
+  history.replaceState(null, "", "#" + escapeText(prefix));
   scheduleNow();
 }
 
@@ -206,11 +266,11 @@ function applyRow(row) {
   // before the last of them is new, and takes its place; one after it is
   // not shown.
   const lastShown = body.rows.length ? body.rows[body.rows.length - 1].dataset.key : "";
-  if (view.truncated && row.k > lastShown) return;
+  if (view.truncated && keyBefore(lastShown, row.k)) return;
   const fresh = makeRow(row);
   let after = null;
   for (const other of body.rows) {
-    if (other.dataset.key > row.k) { after = other; break; }
+    if (keyBefore(row.k, other.dataset.key)) { after = other; break; }
   }
   body.insertBefore(fresh, after);
   flash(fresh);
@@ -232,11 +292,14 @@ function onBatch(batch) {
     return; // the listing already holds these values
   }
   // Folders' counts change only when keys come or go: a delete says so,
-  // and a set of a new key changes the map's size.
+  // and a set of a new key changes the map's size, unless a delete in the
+  // same batch made up for it; then a set of a key not shown may be new.
   let countsChanged = batch.state.keys !== view.keys;
+  const deletes = batch.rows.some((row) => row.d);
   for (const row of batch.rows) {
-    if (inView(row.k)) applyRow(row);
-    else if (row.d && row.k.startsWith(view.prefix)) countsChanged = true;
+    // a row shown is kept up to date even if this page would not list it
+    if (view.rows.has(row.k) || inView(row.k)) applyRow(row);
+    else if (row.k.startsWith(view.prefix) && (row.d || deletes)) countsChanged = true;
   }
   applied += batch.rows.length;
   document.body.dataset.applied = applied;
@@ -380,7 +443,7 @@ async function write(path, body) {
 }
 
 async function edit(key) {
-  const response = await fetch("/api/key?" + new URLSearchParams({ key }));
+  const response = await fetch("/api/key?" + query({ key }));
   const row = await response.json();
   if (!response.ok) { $("write-result").textContent = "error: " + row.error; return; }
   $("set-key").value = row.k;
@@ -421,7 +484,7 @@ function setUp(config) {
 async function main() {
   const config = await (await fetch("/api/config")).json();
   setUp(config);
-  view.prefix = decodeURIComponent(location.hash.slice(1));
+  view.prefix = unescapeText(location.hash.slice(1));
   renderCrumbs();
   connect();
 }
