@@ -722,12 +722,19 @@ def test_reserved_keys_cannot_be_written(key):
     assert core.writes == {}
 
 
-@pytest.mark.parametrize("ttl", [0, -1.0])
-def test_a_ttl_must_be_positive(ttl):
+@pytest.mark.parametrize("ttl", [0, -1.0, 1e-7, 0.0009])
+def test_a_ttl_must_be_positive_and_not_so_short_it_would_read_as_never(ttl):
     core = synced()
     with pytest.raises(LocalProtocolError, match="ttl"):
         core.write(b"/k", b"v", 0.0, ttl=ttl)
     assert core.actions == []
+
+
+def test_the_shortest_ttl_goes_out_as_a_number_above_0():
+    core = synced()
+    core.write(b"/k", b"v", 0.0, ttl=0.001)
+    (send,) = [a for a in core.actions if isinstance(a, Send)]
+    assert send.frames[3] == b"ttl=0.001000\n"
 
 
 # --------------------------------------------------------------------------

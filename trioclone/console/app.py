@@ -46,6 +46,7 @@ from starlette.staticfiles import StaticFiles
 from trioclone.client.events import key_bytes
 from trioclone.console.hub import Console
 from trioclone.console.listing import entry_row, list_prefix
+from trioclone.core.chp import MIN_TTL
 from trioclone.errors import (
     ClientClosedError,
     LocalProtocolError,
@@ -62,7 +63,6 @@ MAX_LIMIT = 5000
 MAX_BODY = 8 * 1024 * 1024
 #: The shortest TTL a write may ask for: the protocol's text of a TTL has six
 #: decimals, and a shorter one would read as 0, "never expires".
-MIN_TTL = 0.001
 LOOPBACK_HOSTS = ["127.0.0.1", "localhost", "::1", "[::1]"]
 HEADERS = {
     "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; "

@@ -173,6 +173,11 @@ def with_ttl(props: Mapping[str, str], ttl: float | None) -> dict[str, str]:
     return updated
 
 
+#: The shortest TTL a writer may ask for: ``format_ttl`` writes six decimals,
+#: so a shorter one would go out as ``ttl=0.000000``, read as "never".
+MIN_TTL = 0.001
+
+
 def format_ttl(ttl: float) -> str:
     """Seconds as the shortest text that both reference parsers accept."""
     return str(int(ttl)) if ttl == int(ttl) else f"{ttl:.6f}"

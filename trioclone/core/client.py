@@ -28,7 +28,13 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from operator import attrgetter
 
-from trioclone.core.chp import KVMsg, encode_kvmsg, format_ttl, is_reserved
+from trioclone.core.chp import (
+    MIN_TTL,
+    KVMsg,
+    encode_kvmsg,
+    format_ttl,
+    is_reserved,
+)
 from trioclone.core.replica import (
     Action as Action,
     Connect as Connect,
@@ -202,9 +208,10 @@ class ClientCore(Replica[Entries]):
                 "cannot be confirmed; write it without confirmation"
             )
         props = dict(properties or {})
-        if ttl is not None and not 0 < ttl < math.inf:
+        if ttl is not None and not MIN_TTL <= ttl < math.inf:
             raise LocalProtocolError(
-                f"ttl must be a positive, finite number of seconds, got {ttl}"
+                f"ttl must be a finite number of seconds, at least {MIN_TTL:g} "
+                f"(shorter goes out as 0, which means never), got {ttl}"
             )
         props["ttl"] = "0" if ttl is None else format_ttl(ttl)
         uuid = self._new_uuid()
