@@ -94,11 +94,12 @@ def test_the_limit_cuts_the_leaves_but_not_the_total() -> None:
     assert (filtered.total, filtered.leaves) == (10, 10)
 
 
-def test_the_limit_leaves_the_folders_whole() -> None:
+def test_the_limit_cuts_the_folders_too_and_says_how_many_there_are() -> None:
     keys = [f"f{i}/x" for i in range(5)] + ["a", "b"]
-    listing = list_prefix(keys, "", limit=1)
-    assert [folder for folder, _ in listing.folders] == [f"f{i}/" for i in range(5)]
-    assert listing.keys == ["a"]
+    listing = list_prefix(keys, "", limit=2)
+    assert listing.folders == [("f0/", 1), ("f1/", 1)]
+    assert listing.subfolders == 5
+    assert listing.keys == ["a", "b"]
     assert (listing.total, listing.leaves) == (7, 2)
 
 

@@ -4,7 +4,7 @@
 * ``GET /api/config``: whether writes are allowed, the servers, the subtree.
 * ``GET /api/tree?prefix=&filter=&limit=``: folders and rows under a prefix
   (``total`` keys under it, ``leaves`` of them directly, ``rows`` at most
-  ``limit`` of those).
+  ``limit`` of those; ``subfolders`` folders, ``folders`` at most ``limit``).
 * ``GET /api/key?key=``: one key's whole value.
 * ``GET /api/events``: Server-Sent Events: ``batch`` (changed rows, the
   client's state) every tick with news, ``status`` (each server's status,
@@ -122,6 +122,7 @@ def build_app(console: Console, *, loopback: bool, host: str = "127.0.0.1") -> A
                 "prefix": prefix,
                 "filter": text,
                 "folders": listing.folders,
+                "subfolders": listing.subfolders,
                 "rows": rows,
                 "total": listing.total,
                 "leaves": listing.leaves,

@@ -28,8 +28,10 @@ log = logging.getLogger("trioclone.console")
 
 TICK = 0.1  # seconds between batches
 STATUS_EVERY = 1.0  # seconds between status requests
-#: Messages a page may have queued before it is dropped (about 20 s).
+#: Messages a page may have queued before it is dropped (about 20 s), and
+#: characters (a batch of big values is big: 2,000 rows of 4 KiB each).
 PAGE_QUEUE = 256
+PAGE_CHARS = 16 * 1024 * 1024
 #: How long a page shows that the console's client failed over or resynced.
 NEWS_FOR = 60.0
 
@@ -57,7 +59,7 @@ class Console:
         self._context = context
         self.started = trio.current_time()
         self.feed = Feed(self.started)
-        self._pages: set[trio.MemorySendChannel[str]] = set()
+        self._pages: set[PageStream] = set()
         self._statuses: list[ServerStatus] = []
         self._synced_on: str | None = None  # the server of the last sync
         #: (when, what happened) of the last failover or resync, for pages
@@ -109,21 +111,18 @@ class Console:
     def open_page(self) -> PageStream:
         """A new page's events, from a first ``status`` on (its ``close``
         ends them: the HTTP response calls it when the page goes away)."""
-        send, receive = trio.open_memory_channel[str](PAGE_QUEUE)
-        self._pages.add(send)
-        send.send_nowait(self._status_message())
-        return PageStream(receive)
+        page = PageStream()
+        page.offer(self._status_message())
+        self._pages.add(page)
+        return page
 
     def _broadcast(self, message: str) -> None:
         for page in list(self._pages):
-            try:
-                page.send_nowait(message)
-            except trio.WouldBlock:
-                log.warning("a page fell behind and was dropped; it reconnects")
+            if not page.offer(message):
+                if not page.gone:
+                    log.warning("a page fell behind and was dropped; it reconnects")
                 self._pages.discard(page)
-                page.close()
-            except trio.BrokenResourceError:  # the page went away
-                self._pages.discard(page)
+                page.drop()
 
     def _status_message(self) -> str:
         now = trio.current_time()
@@ -154,14 +153,15 @@ class Console:
 
     def _resynced(self, event: ResyncEvent) -> None:
         """Keep, for the pages' banner, what a sync after the first meant."""
-        before, self._synced_on = self._synced_on, event.server
-        if before is None:
+        server = event.server or self.clone.server
+        before, self._synced_on = self._synced_on, server
+        if before is None or server is None:
             return
-        if event.server != before:
-            text = f"failed over from {before} to {event.server}"
+        if server != before:
+            text = f"failed over from {before} to {server}"
         else:
             text = (
-                f"resynced with {event.server} ({len(event.changes)} keys "
+                f"resynced with {server} ({len(event.changes)} keys "
                 "changed): it restarted, or this console missed updates"
             )
         log.warning("console: the client %s", text)
@@ -193,23 +193,44 @@ class Console:
 
 
 class PageStream:
-    """The messages for one page, as an async iterator (not a generator:
-    a response cut short by its client leaves nothing to finalize)."""
+    """The messages queued for one page, as an async iterator (not a
+    generator: a response cut short by its client leaves nothing to
+    finalize), at most ``PAGE_QUEUE`` of them and ``PAGE_CHARS`` in all."""
 
-    def __init__(self, receive: trio.MemoryReceiveChannel[str]) -> None:
-        self._receive = receive
+    def __init__(self) -> None:
+        self._send, self._receive = trio.open_memory_channel[str](PAGE_QUEUE)
+        self._chars = 0
+        self.gone = False
+
+    def offer(self, message: str) -> bool:
+        """Queue ``message``; False if the page is gone or too far behind."""
+        if self.gone or self._chars + len(message) > PAGE_CHARS:
+            return False
+        try:
+            self._send.send_nowait(message)
+        except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+            return False
+        self._chars += len(message)
+        return True
+
+    def drop(self) -> None:
+        """End the page's stream once it has what is queued."""
+        self._send.close()
 
     def __aiter__(self) -> PageStream:
         return self
 
     async def __anext__(self) -> str:
         try:
-            return await self._receive.receive()
+            message = await self._receive.receive()
         except (trio.EndOfChannel, trio.ClosedResourceError):
             raise StopAsyncIteration from None
+        self._chars -= len(message)
+        return message
 
     async def close(self) -> None:
-        """The page is gone: the next broadcast forgets it."""
+        """The page went away: the next broadcast forgets it."""
+        self.gone = True
         await self._receive.aclose()
 
 

@@ -24,7 +24,8 @@ SHOWN_BYTES = 4096
 class Listing:
     """The folders and keys directly under a prefix (or matching a filter)."""
 
-    folders: list[tuple[str, int]]  # (folder, keys under it)
+    folders: list[tuple[str, int]]  # (folder, keys under it), at most the limit
+    subfolders: int  # folders in all
     keys: list[str]  # sorted, at most the limit
     total: int  # keys under the prefix (matching the filter)
     leaves: int  # of them, keys directly under it (all, with a filter)
@@ -33,7 +34,7 @@ class Listing:
 def list_prefix(
     keys: Iterable[str], prefix: str, text: str = "", limit: int = 500
 ) -> Listing:
-    """``keys`` under ``prefix``: its folders and first ``limit`` leaves, or
+    """``keys`` under ``prefix``: its first ``limit`` folders and leaves, or
     with ``text``, the first ``limit`` keys holding it, in key order."""
     folders: dict[str, int] = {}
     leaves: list[str] = []
@@ -56,7 +57,8 @@ def list_prefix(
         else:
             folders[folder] = folders.get(folder, 0) + 1
     leaves.sort()
-    return Listing(sorted(folders.items()), leaves[:limit], total, len(leaves))
+    named = sorted(folders.items())
+    return Listing(named[:limit], len(named), leaves[:limit], total, len(leaves))
 
 
 def folder_of(key: str, prefix: str) -> str | None:

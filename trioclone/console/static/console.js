@@ -113,8 +113,12 @@ async function load() {
   for (const row of data.rows) body.appendChild(makeRow(row));
   const shown = data.rows.length;
   view.truncated = data.leaves > shown;
-  $("more").textContent = view.truncated
-    ? `showing ${shown} of ${data.leaves} keys: narrow the prefix or the filter` : "";
+  const notes = [];
+  if (data.subfolders > data.folders.length) {
+    notes.push(`showing ${data.folders.length} of ${data.subfolders} folders`);
+  }
+  if (view.truncated) notes.push(`showing ${shown} of ${data.leaves} keys`);
+  $("more").textContent = notes.length ? notes.join("; ") + ": narrow the prefix or the filter" : "";
   showState(data.state);
   markSeq(data.state.sequence);
   // Batches that came while the listing was on its way: those taken after
@@ -124,9 +128,17 @@ async function load() {
   for (const batch of held) onBatch(batch);
 }
 
+let reloadDue = Infinity;
+
 function scheduleLoad(delay) {
-  if (reloadTimer !== null) return;
-  reloadTimer = setTimeout(() => { reloadTimer = null; load(); }, delay);
+  // one reload at a time, at the soonest time asked for
+  const due = performance.now() + delay;
+  if (reloadTimer !== null) {
+    if (due >= reloadDue) return;
+    clearTimeout(reloadTimer);
+  }
+  reloadDue = due;
+  reloadTimer = setTimeout(() => { reloadTimer = null; reloadDue = Infinity; load(); }, delay);
 }
 
 function go(prefix) {
@@ -136,7 +148,7 @@ function go(prefix) {
 }
 
 function scheduleNow() {
-  if (reloadTimer !== null) { clearTimeout(reloadTimer); reloadTimer = null; }
+  if (reloadTimer !== null) { clearTimeout(reloadTimer); reloadTimer = null; reloadDue = Infinity; }
   load();
 }
 
