@@ -82,7 +82,7 @@ def render(report: dict[str, object]) -> str:
         f"load {report['load_before']} before, {report['load_after']} after; "
         f"the test's checks {'passed' if report['tests_passed'] else 'FAILED'}",
         "10,000 keys; updates to random keys; a page shows 500 of them; lag = "
-        "updates the page trails the active server by (sampled every 50 ms)",
+        "updates the page trails the writes by (sampled every 50 ms)",
         "  ".join(f"{title:>15}" for _, title in COLUMNS),
     ]
     for run in runs:
