@@ -15,6 +15,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -58,6 +59,7 @@ def main() -> int:
         env=env,
     )
     runs = json.loads(scratch.read_text()) if scratch.exists() else []
+    listing = listing_cost()
     scratch.unlink(missing_ok=True)
     report = {
         "commit": commit,
@@ -66,12 +68,32 @@ def main() -> int:
         "load_after": [round(x, 2) for x in os.getloadavg()],
         "tests_passed": done.returncode == 0,
         "runs": runs,
+        "listing_ms": listing,
     }
     args.out.write_text(json.dumps(report, indent=1) + "\n")
     table = render(report)
     args.out.with_suffix(".txt").write_text(table + "\n")
     print(table)
     return done.returncode
+
+
+def listing_cost() -> dict[str, float]:
+    """Milliseconds to list the root of a map of N keys (in 100 folders), as
+    ``/api/tree`` does on the console's loop (the client's ``view`` decodes
+    the keys, ``list_prefix`` groups them): the best of three."""
+    from trioclone.client.events import key_text
+    from trioclone.console.listing import list_prefix
+
+    cost = {}
+    for size in (10_000, 100_000, 1_000_000):
+        keys = [b"/svc/%d/k%07d" % (n % 100, n) for n in range(size)]
+        best = float("inf")
+        for _ in range(3):
+            began = time.perf_counter()
+            list_prefix([key_text(k) for k in keys if k.startswith(b"")], "")
+            best = min(best, time.perf_counter() - began)
+        cost[str(size)] = round(best * 1000, 1)
+    return cost
 
 
 def render(report: dict[str, object]) -> str:
@@ -87,6 +109,12 @@ def render(report: dict[str, object]) -> str:
     ]
     for run in runs:
         lines.append("  ".join(f"{run[key]!s:>15}" for key, _ in COLUMNS))
+    listing = report["listing_ms"]
+    assert isinstance(listing, dict)
+    lines.append(
+        "listing the root of a map (ms, on the console's loop): "
+        + ", ".join(f"{int(n):,} keys {ms}" for n, ms in listing.items())
+    )
     return "\n".join(lines)
 
 
