@@ -61,8 +61,6 @@ STATIC = Path(__file__).parent / "static"
 MAX_LIMIT = 5000
 #: The largest write request accepted (its value is base64 or hex at worst).
 MAX_BODY = 8 * 1024 * 1024
-#: The shortest TTL a write may ask for: the protocol's text of a TTL has six
-#: decimals, and a shorter one would read as 0, "never expires".
 LOOPBACK_HOSTS = ["127.0.0.1", "localhost", "::1", "[::1]"]
 HEADERS = {
     "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; "
