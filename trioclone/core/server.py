@@ -988,13 +988,23 @@ class ServerCore:
         )
 
     def _handoff_step(self, now: float, limit: int) -> None:
+        """Hand over up to ``limit`` records: each is sent, and held until
+        the peer's copy is in our map.  Once a sync has replaced the map we
+        hand over by a complete copy of the peer's, a write that copy holds
+        or replaced is a repeat there: the peer never applies it, so never
+        publishes it, and the sync's sweep saw only what was held before.
+        It is sent, but not held."""
         handoff = self._handoff
         assert handoff is not None
+        smap = self.map
+        peers = smap if smap is not self._handed_map else None
         for count, forms in enumerate(handoff, 1):  # records looked at
             if forms is not None:
                 client, peer = forms
-                held_at = self._handoff_held_at
-                self.pending.hold(client[2], client, now, held_at, relay=peer)
+                key, uuid = client[0], client[2]
+                if peers is None or not peers.is_repeat(uuid, peers.store.uuid_of(key)):
+                    held_at = self._handoff_held_at
+                    self.pending.hold(uuid, client, now, held_at, relay=peer)
                 self.relays.append(peer)
                 self.stats["handoff_sent"] += 1
             if count >= limit:
