@@ -421,6 +421,109 @@ def test_the_client_carries_on_when_the_active_server_dies() -> None:
         run(main)
 
 
+# -- races: the agent held in a callback, so the order is fixed ------------
+
+
+async def hold_agent(clone: AsyncioClient) -> threading.Event:
+    """Block the agent thread until the returned event is set."""
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        held.set()
+        release.wait(GUARD)
+
+    clone._agent.run_soon(hold)
+    await until(held.is_set, "the agent held")
+    return release
+
+
+@pytest.mark.parametrize("cancels", [1, 2])
+def test_a_batch_taken_as_the_step_is_cancelled_is_kept(
+    standalone: ServerThread, cancels: int
+) -> None:
+    async def main() -> None:
+        async with trioclone.aio.connect(standalone.servers) as clone:
+            watch = clone.watch("/r/")
+            step = asyncio.create_task(anext(watch))
+            await until(lambda: watch._taking, "the step waiting")
+            await in_agent(clone, lambda c: None)
+            release = await hold_agent(clone)
+            event = SetEvent("/r/a", b"1", 1)
+            client = clone._agent.client
+            # an update the agent applies just as the cancel arrives
+            clone._agent.run_soon(lambda: clone._watches[watch._id].put(event, client))
+            for _ in range(cancels):
+                step.cancel()
+                await asyncio.sleep(0)
+            release.set()
+            with pytest.raises(asyncio.CancelledError):
+                await step
+            async with asyncio.timeout(5):
+                assert await anext(watch) == event
+
+    run(main)
+
+
+def test_a_set_cancelled_twice_is_forgotten_before_cancelled_error(
+    nowhere: list[str],
+) -> None:
+    async def main() -> None:
+        async with trioclone.aio.connect(nowhere, sync_timeout=None) as clone:
+            writing = asyncio.create_task(clone.set("/k", "v", timeout=60))
+            await until(lambda: tracked_writes(clone) == 2, "the write tracked")
+            release = await hold_agent(clone)
+            writing.cancel()
+            await asyncio.sleep(0)
+            writing.cancel()
+            asyncio.get_running_loop().call_soon(release.set)
+            with pytest.raises(asyncio.CancelledError):
+                await writing
+            assert tracked_writes(clone) == 0
+
+    run(main)
+
+
+@pytest.mark.parametrize("phase", ["starting", "syncing"])
+def test_a_cancelled_connect_leaves_no_agent_thread(
+    nowhere: list[str], phase: str
+) -> None:
+    async def main() -> None:
+        clone = trioclone.aio.connect(nowhere, sync_timeout=10)
+        opening = asyncio.create_task(clone.open())
+        if phase == "syncing":
+            await until(lambda: clone._agent._client is not None, "the agent runs")
+            await asyncio.sleep(0)
+        else:
+            await asyncio.sleep(0)
+        opening.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await opening
+        assert not clone._agent._thread.is_alive()
+
+    before = agent_threads()
+    run(main)
+    assert agent_threads() == before
+
+
+def test_a_set_cancelled_before_the_agent_began_it_is_not_sent(
+    standalone: ServerThread,
+) -> None:
+    async def main() -> None:
+        async with trioclone.aio.connect(standalone.servers) as clone:
+            release = await hold_agent(clone)
+            writing = asyncio.create_task(clone.set("/never", "x"))
+            await asyncio.sleep(0)  # submitted: begin() waits in the agent
+            writing.cancel()
+            await asyncio.sleep(0)
+            release.set()
+            with pytest.raises(asyncio.CancelledError):
+                await writing
+            after = await clone.set("/after", "y")
+            assert clone.get("/never") is None, after
+
+    run(main)
+
+
 # -- in an ASGI application ----------------------------------------------------
 
 

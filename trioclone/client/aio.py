@@ -94,35 +94,28 @@ class AsyncioClient:
             raise LocalProtocolError("this client was opened already")
         self._opened = True
         self._agent.start()
-        starting = asyncio.ensure_future(asyncio.to_thread(self._agent.wait_started))
         try:
-            await asyncio.shield(starting)
-        except asyncio.CancelledError:
-            self._agent.stop()  # it ends once started, without us
-            starting.add_done_callback(_retrieve)
-            raise
-        if self._sync_timeout is None:
-            return
-        try:
-            async with asyncio.timeout(self._sync_timeout):
-                await self.wait_synced()
-        except TimeoutError:
+            await asyncio.to_thread(self._agent.wait_started)
+            if self._sync_timeout is None:
+                return
+            try:
+                async with asyncio.timeout(self._sync_timeout):
+                    await self.wait_synced()
+            except TimeoutError:
+                raise NoServerError(
+                    f"no server answered within {self._sync_timeout} s"
+                ) from None
+        except BaseException:  # failed or cancelled: no thread left running
             await self.aclose()
-            raise NoServerError(
-                f"no server answered within {self._sync_timeout} s"
-            ) from None
-        except Exception:  # refused by a secured server: not left running
-            await self.aclose()
-            raise
-        except BaseException:  # cancelled: stopped without waiting for it
-            self._agent.stop()
             raise
 
     async def aclose(self) -> None:
         """Close the client: calls under way raise ``ClientClosedError``,
         watches end.  Returns once the agent thread has ended."""
         self._agent.stop()
-        await asyncio.to_thread(self._agent.join)
+        await _through_cancellation(
+            asyncio.ensure_future(asyncio.to_thread(self._agent.join))
+        )
 
     # -- reading ---------------------------------------------------------
 
@@ -217,9 +210,11 @@ class AsyncioClient:
             return await asyncio.shield(future)
         except asyncio.CancelledError:
             self._agent.run_soon_if_running(scope.cancel)
-            await asyncio.wait([future])
-            if salvage is not None and future.exception() is None:  # (never cancelled)
-                salvage(future.result())
+            try:  # (cancelled again meanwhile: still waits, then raises)
+                await _through_cancellation(future)
+            finally:
+                if salvage is not None and future.exception() is None:
+                    salvage(future.result())
             raise
 
     def _submit(
@@ -247,6 +242,7 @@ class AsyncioClient:
             settle: Callable[[], object] = partial(future.set_exception, closed)
             try:
                 with scope:
+                    await trio.lowlevel.checkpoint_if_cancelled()  # (not begun)
                     settle = partial(future.set_result, await fn(client))
             except Exception as exc:
                 settle = partial(future.set_exception, exc)
@@ -351,6 +347,22 @@ class AsyncioWatch:
         self._ended = True
         self._events.clear()
         self._finalizer()
+
+
+async def _through_cancellation(future: asyncio.Future[Any]) -> None:
+    """Wait until ``future`` is done, even if cancelled meanwhile (its
+    outcome is left in it); then raise ``CancelledError`` if cancelled.
+
+    For waits on the agent that must not be cut short: the agent always
+    settles the futures it was given, so this wait ends."""
+    cancelled = False
+    while not future.done():
+        try:
+            await asyncio.wait([future])
+        except asyncio.CancelledError:
+            cancelled = True
+    if cancelled:
+        raise asyncio.CancelledError
 
 
 def _retrieve(future: asyncio.Future[Any]) -> None:
