@@ -9,6 +9,7 @@ server points the client at a port where nothing listens.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import queue
 import re
@@ -44,6 +45,7 @@ from trioclone import (
     WriteTimeoutError,
 )
 from trioclone.aio import AsyncioClient
+from trioclone.client import agent as agent_module
 
 T = TypeVar("T")
 
@@ -503,6 +505,36 @@ def test_a_cancelled_connect_leaves_no_agent_thread(
     before = agent_threads()
     run(main)
     assert agent_threads() == before
+
+
+def test_an_agent_that_fails_is_not_silently_stale(
+    standalone: ServerThread,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An internal error ends the agent: the client must not go on
+    answering from a frozen map as if synced, and the error must show."""
+    original = agent_module.CloneClient._deliver
+
+    def failing(self: object, event: object) -> None:
+        if getattr(event, "key", b"") == b"/boom":
+            raise RuntimeError("agent bug")
+        original(self, event)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(agent_module.CloneClient, "_deliver", failing)
+
+    async def main() -> None:
+        async with trioclone.aio.connect(standalone.servers) as clone:
+            await clone.set("/a", "1")
+            with contextlib.suppress(trioclone.ClientClosedError):
+                await clone.set("/boom", "x")  # confirmed, then the agent fails
+            await asyncio.to_thread(clone._agent._thread.join, GUARD)
+            assert not clone._agent._thread.is_alive()
+            assert "agent bug" in caplog.text
+            with pytest.raises(trioclone.ClientClosedError):
+                clone.synced  # noqa: B018
+
+    run(main)
 
 
 def test_a_set_cancelled_before_the_agent_began_it_is_not_sent(

@@ -15,6 +15,7 @@ once (calls scheduled this way run in the order they were scheduled).
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
@@ -27,6 +28,8 @@ from trioclone.curve import Curve
 from trioclone.errors import ClientClosedError
 
 T = TypeVar("T")
+
+log = logging.getLogger("trioclone.client")
 
 
 class AgentThread:
@@ -68,9 +71,13 @@ class AgentThread:
     def _main(self, *args: Any) -> None:
         try:
             trio.run(self._agent, *args)
-        except BaseException as exc:  # reported by ``wait_started``
+        except BaseException as exc:  # before start: raised by ``wait_started``
             self._failure = exc
+            if self._started.is_set():  # the agent failed while in use
+                log.error("the client's agent failed: %r", exc, exc_info=exc)
         finally:
+            with self._lock:  # no more calls: the map is no longer kept
+                self._stopping = True
             self._started.set()
 
     async def _agent(
@@ -94,9 +101,13 @@ class AgentThread:
 
     @property
     def client(self) -> CloneClient:
-        """The running client; ``ClientClosedError`` once ``stop`` was called."""
+        """The running client; ``ClientClosedError`` once ``stop`` was called
+        or the agent ended (an error in the agent, logged)."""
         client = self._client
         if client is None or self._stopping:
+            failure = self._failure if client is not None else None
+            if failure is not None:
+                raise ClientClosedError(f"the client's agent failed: {failure!r}")
             raise ClientClosedError("the client is closed")
         return client
 
