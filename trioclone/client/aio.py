@@ -116,6 +116,7 @@ class AsyncioClient:
         await _through_cancellation(
             asyncio.ensure_future(asyncio.to_thread(self._agent.join))
         )
+        self._watches.clear()  # (the agent that used them has ended)
 
     # -- reading ---------------------------------------------------------
 
@@ -331,7 +332,7 @@ class AsyncioWatch:
             raise LocalProtocolError("another task is iterating this watch")
         self._taking = True
         try:
-            batch = await self._clone._take(self._id, self._events.extend)
+            batch = await self._clone._take(self._id, self._salvage)
         except ClientClosedError:
             batch = []
         finally:
@@ -341,6 +342,12 @@ class AsyncioWatch:
             raise StopAsyncIteration
         self._events.extend(batch)
         return self._events.popleft()
+
+    def _salvage(self, batch: list[CloneEvent]) -> None:
+        """Keep a batch the agent took as a step was cancelled, unless the
+        watch was closed meanwhile."""
+        if not self._ended:
+            self._events.extend(batch)
 
     async def aclose(self) -> None:
         """Stop the watch; the iteration ends (events not taken are dropped)."""
