@@ -64,6 +64,13 @@ def browser(tmp_path: Path) -> Iterator[Any]:
     driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
     try:
         yield driver
+        # the page threw nowhere (an uncaught error stops what it was doing)
+        thrown = [
+            entry["message"]
+            for entry in driver.get_log("browser")
+            if entry["source"] == "javascript" and entry["level"] == "SEVERE"
+        ]
+        assert not thrown, f"the page threw: {thrown}"
     finally:
         driver.quit()
 
