@@ -606,15 +606,21 @@ async def test_a_write_whose_body_is_not_a_json_object_is_refused(
             {"key": "k", "value": "v", "encoding": None},
             "encoding: text, base64 or hex, not None",
         ),
-        ({"key": "k", "value": "v", "ttl": 0}, "ttl: more than 0 seconds, got 0"),
-        ({"key": "k", "value": "v", "ttl": -5}, "ttl: more than 0 seconds, got -5"),
+        (
+            {"key": "k", "value": "v", "ttl": 0},
+            "ttl must be a finite number of seconds, at least 0.001 (shorter goes out as 0, which means never), got 0.0",
+        ),
+        (
+            {"key": "k", "value": "v", "ttl": -5},
+            "ttl must be a finite number of seconds, at least 0.001 (shorter goes out as 0, which means never), got -5.0",
+        ),
         ({"key": "k", "value": "v", "ttl": "5"}, "ttl: a number of seconds, got '5'"),
         ({"key": "k", "value": "v", "ttl": True}, "ttl: a number of seconds, got True"),
         ({"key": "k", "value": "v", "ttl": [5]}, "ttl: a number of seconds, got [5]"),
         # sent as ttl=0.000000, which servers read as "never expires"
         (
             {"key": "k", "value": "v", "ttl": 1e-7},
-            "ttl: at least 0.001 seconds, got 1e-07",
+            "ttl must be a finite number of seconds, at least 0.001 (shorter goes out as 0, which means never), got 1e-07",
         ),
         ({"key": "HUGZ", "value": "v"}, "b'HUGZ' is a reserved key"),
         ({"key": "KTHXBAI", "value": "v"}, "b'KTHXBAI' is a reserved key"),
@@ -631,11 +637,11 @@ async def test_a_bad_set_is_refused_with_its_reason(
     [
         (
             b'{"key": "k", "value": "v", "ttl": NaN}',
-            "ttl: more than 0 seconds, got nan",
+            "ttl must be a finite number of seconds, at least 0.001 (shorter goes out as 0, which means never), got nan",
         ),
         (
             b'{"key": "k", "value": "v", "ttl": Infinity}',
-            "ttl: more than 0 seconds, got inf",
+            "ttl must be a finite number of seconds, at least 0.001 (shorter goes out as 0, which means never), got inf",
         ),
         (
             b'{"key": "k", "value": "\\ud800"}',

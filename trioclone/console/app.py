@@ -26,7 +26,6 @@ import base64
 import binascii
 import json
 import logging
-import math
 from collections.abc import Awaitable, Callable, MutableMapping
 from contextlib import aclosing
 from pathlib import Path
@@ -46,7 +45,6 @@ from starlette.staticfiles import StaticFiles
 from trioclone.client.events import key_bytes
 from trioclone.console.hub import Console
 from trioclone.console.listing import entry_row, list_prefix
-from trioclone.core.chp import MIN_TTL
 from trioclone.errors import (
     ClientClosedError,
     LocalProtocolError,
@@ -293,15 +291,12 @@ def _value(body: dict[str, Any]) -> bytes:
 
 
 def _ttl(body: dict[str, Any]) -> float | None:
+    """The TTL asked for, or None; its range is the client's to check."""
     ttl = body.get("ttl")
     if ttl is None or ttl == "":
         return None
     if isinstance(ttl, bool) or not isinstance(ttl, int | float):
         raise BadRequest(f"ttl: a number of seconds, got {ttl!r}")
-    if not 0 < ttl < math.inf:
-        raise BadRequest(f"ttl: more than 0 seconds, got {ttl}")
-    if ttl < MIN_TTL:  # it would go out as ttl=0.000000: "never expires"
-        raise BadRequest(f"ttl: at least {MIN_TTL} seconds, got {ttl}")
     return float(ttl)
 
 
