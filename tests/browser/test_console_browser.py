@@ -73,6 +73,24 @@ def open_page(driver: Any, url: str, prefix: str = "") -> None:
     )
 
 
+def page_showing(
+    browser: Any,
+    procs: Processes,
+    servers: list[str],
+    key: str,
+    value: str,
+    prefix: str,
+    *console_args: str,
+) -> str:
+    """A console for ``servers``, ``key`` set from the CLI, and the page open
+    at ``prefix`` showing it; the console's URL."""
+    _console, url = start_console(procs, servers, *console_args)
+    assert cli("set", key, value, servers=servers).returncode == 0
+    open_page(browser, url, prefix)
+    wait(browser, lambda d: cell(d, key, 1) == value, 5, f"no row {key}")
+    return url
+
+
 @pytest.fixture
 def pair_servers(procs: Processes) -> Any:
     with Pair(procs, FAST_TIMING) as pair:
@@ -138,10 +156,7 @@ def test_editing_a_value_in_the_page_is_confirmed_and_seen_by_trioclone_get(
     browser: Any, procs: Processes, pair_servers: Any
 ) -> None:
     _pair, _primary, _backup, servers = pair_servers
-    _console, url = start_console(procs, servers)
-    assert cli("set", "/svc/port", "8080", servers=servers).returncode == 0
-    open_page(browser, url, "/svc/")
-    wait(browser, lambda d: cell(d, "/svc/port", 1) == "8080", 5, "no row")
+    page_showing(browser, procs, servers, "/svc/port", "8080", "/svc/")
 
     row(browser, "/svc/port").find_element("css selector", "button.edit").click()
     wait(
@@ -210,10 +225,7 @@ def test_killing_the_active_shows_the_failover_banner_and_the_page_keeps_updatin
     browser: Any, procs: Processes, pair_servers: Any
 ) -> None:
     _pair, primary, _backup, servers = pair_servers
-    _console, url = start_console(procs, servers)
-    assert cli("set", "/live/before", "1", servers=servers).returncode == 0
-    open_page(browser, url, "/live/")
-    wait(browser, lambda d: cell(d, "/live/before", 1) == "1", 5, "no row")
+    page_showing(browser, procs, servers, "/live/before", "1", "/live/")
     assert not by_id(browser, "banner").is_displayed()
 
     procs.kill(primary)  # SIGKILL the active
@@ -252,10 +264,7 @@ def test_a_read_only_console_has_no_writes(
     browser: Any, procs: Processes, pair_servers: Any
 ) -> None:
     _pair, _primary, _backup, servers = pair_servers
-    _console, url = start_console(procs, servers, "--read-only")
-    assert cli("set", "/ro/k", "v", servers=servers).returncode == 0
-    open_page(browser, url, "/ro/")
-    wait(browser, lambda d: cell(d, "/ro/k", 1) == "v", 5, "no row")
+    page_showing(browser, procs, servers, "/ro/k", "v", "/ro/", "--read-only")
     assert not by_id(browser, "set-form").is_displayed()
     assert by_id(browser, "read-only").is_displayed()
     assert not row(browser, "/ro/k").find_elements("css selector", "button")
