@@ -328,3 +328,18 @@ def test_a_busy_page_screenshot(
     )
     assert browser.save_screenshot(str(path))
     assert path.stat().st_size > 20_000  # a rendered page, not a blank one
+
+
+def test_binary_values_show_as_hex_when_short_and_base64_when_long(
+    browser: Any, procs: Processes, pair_servers: Any
+) -> None:
+    pair, _primary, _backup, servers = pair_servers
+    pair.probe(pair.sub_primary)  # the writer is connected: nothing is lost
+    pair.writer.send_multipart(kvset(b"/bin/short", b"\x00\x01\xfe\xff"))
+    pair.writer.send_multipart(kvset(b"/bin/long", bytes(range(200, 240))))
+    page_showing(browser, procs, servers, "/bin/text", "plain", "/bin/")
+    assert cell(browser, "/bin/short", 1) == "hex0001feff"
+    assert (
+        cell(browser, "/bin/long", 1)
+        == "b64yMnKy8zNzs/Q0dLT1NXW19jZ2tvc3d7f4OHi4+Tl5ufo6err7O3u7w=="
+    )
